@@ -1,0 +1,38 @@
+// Interface between the CPU op (policy_loss_cpu.cpp) and the CPU kernels, which are compiled once per
+// instruction set (policy_loss_cpu_kernel.h).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "../policy_loss.h"
+
+namespace ppo_ext::cpu {
+
+// A (B, T) view of an input: element strides; col_stride 0 broadcasts a per-row value along T.
+// data == nullptr means the input was not given.
+struct StridedInput {
+  const void* data = nullptr;
+  c10::ScalarType dtype = c10::kFloat;
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+};
+
+struct KernelArgs {
+  StridedInput log_probs, old_log_probs, advantages, mask, token_weights;
+  int64_t B = 0, T = 0;
+  LossOptions options{};
+  void* token_grad = nullptr;  // (B, T) contiguous, float32 (float64 for float64 log_probs); null: no gradient
+};
+
+// One instantiation per instruction set, in namespaces named as ATen's CPU_CAPABILITY.
+#define PPO_EXT_DECLARE_CPU_KERNELS(capability)                                                       \
+  namespace capability {                                                                              \
+  Partials policy_loss_kernel(const KernelArgs& args);                                                \
+  void policy_loss_backward_kernel(const void* token_grad, c10::ScalarType acc_dtype, double scale,   \
+                                   void* grad_log_probs, c10::ScalarType dtype, int64_t numel);       \
+  }
+PPO_EXT_DECLARE_CPU_KERNELS(DEFAULT)
+PPO_EXT_DECLARE_CPU_KERNELS(AVX2)
+#undef PPO_EXT_DECLARE_CPU_KERNELS
+
+}  // namespace ppo_ext::cpu

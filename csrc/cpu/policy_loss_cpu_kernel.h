@@ -1,0 +1,247 @@
+// The CPU kernels. Included by one source file per instruction set, each defining CPU_CAPABILITY
+// first (DEFAULT or AVX2), as ATen compiles its own CPU kernels; policy_loss_cpu.cpp picks one at run time.
+//
+// Work split: the rows are cut into chunks of about kChunkTokens tokens that depend only on (B, T);
+// threads take whole chunks, each chunk sums into its own Partials, and the chunks are combined in
+// order at the end. So the result is bitwise the same for any number of threads.
+// Within a row, tokens are processed in tiles of kTile: each input is converted (any dtype, any
+// stride) into a float buffer in L1, then the shared math of policy_loss.h runs on Vectorized lanes.
+#pragma once
+
+#include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../policy_loss.h"
+#include "policy_loss_cpu.h"
+
+namespace ppo_ext::cpu {
+namespace CPU_CAPABILITY {
+
+constexpr int64_t kTile = 512;
+constexpr int64_t kChunkTokens = 16384;
+
+template <typename acc_t>
+struct VecOps {
+  using V = at::vec::Vectorized<acc_t>;
+  using Mask = V;
+  static V select(const V& c, const V& a, const V& b) { return V::blendv(b, a, c); }
+  static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V minimum(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  static V exp(const V& x) { return x.exp(); }
+  static V neg(const V& x) { return x.neg(); }
+};
+
+template <typename V>
+double sum_lanes(const V& v) {
+  alignas(64) typename V::value_type lanes[V::size()];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t k = 0; k < V::size(); ++k) s += lanes[k];
+  return s;
+}
+
+template <typename V>
+int64_t count_lanes(const V& v) {
+  return static_cast<int64_t>(sum_lanes(v));  // per-lane counts of one tile are exact small integers
+}
+
+template <typename acc_t>
+class PolicyLossKernel {
+  using Ops = VecOps<acc_t>;
+  using V = typename Ops::V;
+  static constexpr int64_t kVec = V::size();
+  static_assert(kTile % kVec == 0, "a tile must hold whole vectors");
+
+  struct Tile {
+    alignas(64) acc_t log_probs[kTile];
+    alignas(64) acc_t old_log_probs[kTile];
+    alignas(64) acc_t advantages[kTile];
+    alignas(64) acc_t mask[kTile];
+    alignas(64) acc_t weights[kTile];
+  };
+
+ public:
+  explicit PolicyLossKernel(const KernelArgs& args) : a_(args), o_(args.options) {}
+
+  Partials run() const {
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkTokens / std::max<int64_t>(a_.T, 1));
+    const int64_t num_chunks = (a_.B + rows_per_chunk - 1) / rows_per_chunk;
+    std::vector<Partials> chunks(num_chunks);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
+      Tile tile;
+      for (int64_t c = c0; c < c1; ++c) {
+        math::init_partials(chunks[c]);
+        const int64_t row_end = std::min(a_.B, (c + 1) * rows_per_chunk);
+        for (int64_t i = c * rows_per_chunk; i < row_end; ++i) row(tile, i, chunks[c]);
+      }
+    });
+    Partials total;
+    math::init_partials(total);
+    for (const auto& p : chunks) math::combine_partials(total, p);
+    return total;
+  }
+
+ private:
+  // Converts n values of row i from t0 on into buf, and zero-fills the buffer up to whole vectors.
+  static void load(const StridedInput& in, int64_t i, int64_t t0, int64_t n, acc_t* buf, acc_t absent_value) {
+    if (in.data == nullptr) {
+      std::fill(buf, buf + n, absent_value);
+    } else {
+      AT_DISPATCH_V2(
+          in.dtype, "ppo_ext_cpu_load", AT_WRAP([&] {
+            const scalar_t* p = static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride;
+            const int64_t s = in.col_stride;
+            if (s == 1) {
+              for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j]);
+            } else {
+              for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * s]);
+            }
+          }),
+          AT_EXPAND(AT_ALL_TYPES), at::kBool, at::kHalf, at::kBFloat16);
+    }
+    std::fill(buf + n, buf + (n + kVec - 1) / kVec * kVec, acc_t(0));
+  }
+
+  void load_log_ratio_inputs(Tile& t, int64_t i, int64_t t0, int64_t n) const {
+    load(a_.log_probs, i, t0, n, t.log_probs, 0);
+    // On-policy (no old_log_probs): old = log_probs, so d = 0 (NaN where log_probs is inf, as eager).
+    if (a_.old_log_probs.data == nullptr) {
+      std::copy(t.log_probs, t.log_probs + kTile, t.old_log_probs);
+    } else {
+      load(a_.old_log_probs, i, t0, n, t.old_log_probs, 0);
+    }
+  }
+
+  // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratios.
+  void row_prepass(Tile& t, int64_t i, bool sum_log_ratio, int64_t& valid, double& log_ratio_sum) const {
+    valid = 0;
+    log_ratio_sum = 0;
+    const V zero(0), one(1);
+    for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
+      const int64_t n = std::min(kTile, a_.T - t0);
+      load(a_.mask, i, t0, n, t.mask, 1);
+      if (sum_log_ratio) load_log_ratio_inputs(t, i, t0, n);
+      V count(0), sum(0);
+      for (int64_t j = 0; j < n; j += kVec) {
+        const V is_valid = V::loadu(t.mask + j) != zero;
+        count += Ops::select(is_valid, one, zero);
+        if (sum_log_ratio) {
+          sum += Ops::select(is_valid, V::loadu(t.log_probs + j) - V::loadu(t.old_log_probs + j), zero);
+        }
+      }
+      valid += count_lanes(count);
+      log_ratio_sum += sum_lanes(sum);
+    }
+  }
+
+  void row(Tile& t, int64_t i, Partials& p) const {
+    const bool seq_level = o_.importance_sampling != ImportanceSampling::Token;
+    const bool seq_grad = o_.importance_sampling == ImportanceSampling::Seq && a_.token_grad != nullptr;
+    const bool needs_prepass = seq_level || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
+    int64_t valid = a_.T;
+    double log_ratio_sum = 0;
+    if (needs_prepass && (a_.mask.data != nullptr || seq_level)) row_prepass(t, i, seq_level, valid, log_ratio_sum);
+
+    // The sequence-level ratio of this row (unused at token level).
+    const auto row_ratio = math::clamped_exp<math::ScalarOps<acc_t>>(
+        static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, valid)), o_);
+    const V agg_weight(static_cast<acc_t>(math::row_agg_weight(o_.loss_agg_mode, valid)));
+    acc_t* grad_row = a_.token_grad ? static_cast<acc_t*>(a_.token_grad) + i * a_.T : nullptr;
+    const V zero(0), one(1), inf(INFINITY), minus_inf(-INFINITY);
+
+    int64_t row_valid = 0;
+    double row_dloss_sum = 0;  // sum of m * agg_weight * dl/dr, for the "seq" gradient
+    for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
+      const int64_t n = std::min(kTile, a_.T - t0);
+      load_log_ratio_inputs(t, i, t0, n);
+      load(a_.advantages, i, t0, n, t.advantages, 0);
+      load(a_.mask, i, t0, n, t.mask, 1);
+      load(a_.token_weights, i, t0, n, t.weights, 1);
+      V loss(0), ratio_sum(0), kl_sum(0), ratio_min(inf), ratio_max(minus_inf), dloss_sum(0);
+      V n_valid(0), n_low(0), n_high(0), n_active(0), n_dual(0);
+      for (int64_t j = 0; j < n; j += kVec) {
+        const V is_valid = V::loadu(t.mask + j) != zero;
+        const V log_ratio = V::loadu(t.log_probs + j) - V::loadu(t.old_log_probs + j);
+        const math::Ratio<V> r = seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)}
+                                           : math::clamped_exp<Ops>(log_ratio, o_);
+        const auto terms = math::token_terms<Ops>(r.ratio, V::loadu(t.advantages + j), V::loadu(t.weights + j), o_);
+        const V weighted_dloss = agg_weight * terms.dloss_dratio;
+        loss += Ops::select(is_valid, agg_weight * terms.loss, zero);
+        ratio_sum += Ops::select(is_valid, r.ratio, zero);
+        kl_sum += Ops::select(is_valid, math::neg_log_ratio<Ops>(log_ratio, o_), zero);
+        ratio_min = Ops::select(is_valid, Ops::minimum(ratio_min, r.ratio), ratio_min);
+        ratio_max = Ops::select(is_valid, Ops::maximum(ratio_max, r.ratio), ratio_max);
+        n_valid += Ops::select(is_valid, one, zero);
+        n_low += Ops::select(is_valid & terms.clipped_low, one, zero);
+        n_high += Ops::select(is_valid & terms.clipped_high, one, zero);
+        n_active += Ops::select(is_valid & terms.clip_active, one, zero);
+        n_dual += Ops::select(is_valid & terms.dual_clipped, one, zero);
+        if (seq_grad) {
+          dloss_sum += Ops::select(is_valid, weighted_dloss, zero);
+        } else if (grad_row != nullptr) {
+          const V g = Ops::select(is_valid, weighted_dloss * r.dratio, zero);
+          g.store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
+        }
+      }
+      p.loss += sum_lanes(loss);
+      p.ratio_sum += sum_lanes(ratio_sum);
+      p.neg_log_ratio_sum += sum_lanes(kl_sum);
+      alignas(64) acc_t lanes[kVec];
+      ratio_min.store(lanes);
+      for (int64_t k = 0; k < kVec; ++k) p.ratio_min = math::nan_minimum<double>(p.ratio_min, lanes[k]);
+      ratio_max.store(lanes);
+      for (int64_t k = 0; k < kVec; ++k) p.ratio_max = math::nan_maximum<double>(p.ratio_max, lanes[k]);
+      row_valid += count_lanes(n_valid);
+      p.counts[kClippedLow] += count_lanes(n_low);
+      p.counts[kClippedHigh] += count_lanes(n_high);
+      p.counts[kClippedActive] += count_lanes(n_active);
+      p.counts[kDualClipped] += count_lanes(n_dual);
+      row_dloss_sum += sum_lanes(dloss_sum);
+    }
+    p.counts[kValidTokens] += row_valid;
+    p.counts[kValidSeqs] += row_valid > 0 ? 1 : 0;
+
+    // "seq": every valid token u of the row gets dL/dlp[u] = (sum_t m agg_weight dl/dr) * dr/ddbar / n.
+    if (seq_grad) {
+      const V coefficient(valid > 0 ? static_cast<acc_t>(row_dloss_sum * row_ratio.dratio / valid) : acc_t(0));
+      for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
+        const int64_t n = std::min(kTile, a_.T - t0);
+        load(a_.mask, i, t0, n, t.mask, 1);
+        for (int64_t j = 0; j < n; j += kVec) {
+          const V g = Ops::select(V::loadu(t.mask + j) != zero, coefficient, zero);
+          g.store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
+        }
+      }
+    }
+  }
+
+  const KernelArgs& a_;
+  const LossOptions& o_;
+};
+
+Partials policy_loss_kernel(const KernelArgs& args) {
+  if (args.log_probs.dtype == at::kDouble) return PolicyLossKernel<double>(args).run();
+  return PolicyLossKernel<float>(args).run();
+}
+
+void policy_loss_backward_kernel(const void* token_grad, c10::ScalarType acc_dtype, double scale, void* grad_log_probs,
+                                 c10::ScalarType dtype, int64_t numel) {
+  AT_DISPATCH_V2(acc_dtype, "ppo_ext_cpu_backward_acc", AT_WRAP([&] {
+    using acc_t = scalar_t;
+    const acc_t* src = static_cast<const acc_t*>(token_grad);
+    const acc_t s = static_cast<acc_t>(scale);
+    AT_DISPATCH_V2(dtype, "ppo_ext_cpu_backward", AT_WRAP([&] {
+      scalar_t* dst = static_cast<scalar_t*>(grad_log_probs);
+      at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) dst[k] = static_cast<scalar_t>(src[k] * s);
+      });
+    }), at::kFloat, at::kDouble, at::kHalf, at::kBFloat16);
+  }), at::kFloat, at::kDouble);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ppo_ext::cpu

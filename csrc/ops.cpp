@@ -1,0 +1,156 @@
+// The schemas of every ppo_ext op, in one place, and the argument checks both backends share.
+#include "ops.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace ppo_ext {
+namespace {
+
+ImportanceSampling parse_importance_sampling(std::string_view s) {
+  if (s == "token") return ImportanceSampling::Token;
+  if (s == "seq") return ImportanceSampling::Seq;
+  if (s == "seq-token") return ImportanceSampling::SeqToken;
+  TORCH_CHECK_VALUE(false, "importance_sampling must be one of \"token\", \"seq\", \"seq-token\", got \"", s, "\"");
+}
+
+LossAggMode parse_loss_agg_mode(std::string_view s) {
+  if (s == "token-mean") return LossAggMode::TokenMean;
+  if (s == "token-sum") return LossAggMode::TokenSum;
+  if (s == "seq-mean-token-mean") return LossAggMode::SeqMeanTokenMean;
+  if (s == "seq-mean-token-sum") return LossAggMode::SeqMeanTokenSum;
+  if (s == "seq-mean-token-sum-norm") return LossAggMode::SeqMeanTokenSumNorm;
+  TORCH_CHECK_VALUE(false,
+                    "loss_agg_mode must be one of \"token-mean\", \"token-sum\", \"seq-mean-token-mean\", "
+                    "\"seq-mean-token-sum\", \"seq-mean-token-sum-norm\", got \"",
+                    s, "\"");
+}
+
+bool is_float(at::ScalarType t) { return at::isFloatingType(t); }
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& log_probs) {
+  TORCH_CHECK_VALUE(t.device() == log_probs.device(), name, " must be on the device of log_probs (",
+                    log_probs.device(), "), got ", t.device());
+}
+
+void check_token_tensor(const at::Tensor& t, const char* name, const at::Tensor& log_probs) {
+  check_device(t, name, log_probs);
+  TORCH_CHECK_VALUE(t.sizes() == log_probs.sizes(), name, " must have the shape of log_probs ", log_probs.sizes(),
+                    ", got ", t.sizes());
+}
+
+void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value, const char* name,
+                      const at::Tensor& log_probs) {
+  TORCH_CHECK_VALUE(!(tensor.has_value() && value.has_value()), name, " was given both as a tensor and as a number");
+  if (tensor.has_value()) {
+    check_device(*tensor, name, log_probs);
+    TORCH_CHECK_VALUE(tensor->dim() == 0, name, " must be a 0-dim tensor or a number, got a tensor of shape ",
+                      tensor->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(tensor->scalar_type()) || at::isIntegralType(tensor->scalar_type(), false),
+                     name, " must be a real number, got dtype ", tensor->scalar_type());
+  }
+  if (value.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*value) && *value >= 0, name, " must be a finite number >= 0, got ", *value);
+  }
+}
+
+}  // namespace
+
+LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs,
+                                   const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& token_weights,
+                                   const std::optional<at::Tensor>& num_tokens,
+                                   const std::optional<at::Tensor>& num_seqs,
+                                   const std::optional<at::Tensor>& loss_scale_factor,
+                                   std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
+                                   std::optional<double> loss_scale_factor_value, double clip_low, double clip_high,
+                                   std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+                                   std::string_view importance_sampling, std::string_view loss_agg_mode) {
+  TORCH_CHECK_VALUE(log_probs.dim() == 2, "log_probs must have shape (B, T), got ", log_probs.sizes());
+  const auto lp_dtype = log_probs.scalar_type();
+  TORCH_CHECK_TYPE(lp_dtype == at::kFloat || lp_dtype == at::kBFloat16 || lp_dtype == at::kHalf ||
+                       lp_dtype == at::kDouble,
+                   "log_probs must be float32, bfloat16, float16 or float64, got ", lp_dtype);
+  if (old_log_probs.has_value()) {
+    check_token_tensor(*old_log_probs, "old_log_probs", log_probs);
+    TORCH_CHECK_TYPE(is_float(old_log_probs->scalar_type()), "old_log_probs must be a floating dtype, got ",
+                     old_log_probs->scalar_type());
+  }
+  check_device(advantages, "advantages", log_probs);
+  const int64_t B = log_probs.size(0), T = log_probs.size(1);
+  const bool adv_shape_ok = (advantages.dim() == 1 && advantages.size(0) == B) ||
+                            (advantages.dim() == 2 && advantages.size(0) == B &&
+                             (advantages.size(1) == T || advantages.size(1) == 1));
+  TORCH_CHECK_VALUE(adv_shape_ok, "advantages must have shape (B, T), (B, 1) or (B,) with (B, T) = ",
+                    log_probs.sizes(), ", got ", advantages.sizes());
+  TORCH_CHECK_TYPE(is_float(advantages.scalar_type()), "advantages must be a floating dtype, got ",
+                   advantages.scalar_type());
+  if (mask.has_value()) {
+    check_token_tensor(*mask, "mask", log_probs);
+    const auto t = mask->scalar_type();
+    TORCH_CHECK_TYPE(t == at::kBool || at::isIntegralType(t, false) || is_float(t),
+                     "mask must be bool, integer or floating, got ", t);
+  }
+  if (token_weights.has_value()) {
+    check_token_tensor(*token_weights, "token_weights", log_probs);
+    TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()), "token_weights must be a floating dtype, got ",
+                     token_weights->scalar_type());
+  }
+  check_normaliser(num_tokens, num_tokens_value, "num_tokens", log_probs);
+  check_normaliser(num_seqs, num_seqs_value, "num_seqs", log_probs);
+  check_normaliser(loss_scale_factor, loss_scale_factor_value, "loss_scale_factor", log_probs);
+
+  TORCH_CHECK_VALUE(std::isfinite(clip_low) && clip_low >= 0, "clip_low must be a finite number >= 0, got ",
+                    clip_low);
+  TORCH_CHECK_VALUE(std::isfinite(clip_high) && clip_high >= 0, "clip_high must be a finite number >= 0, got ",
+                    clip_high);
+  if (dual_clip.has_value()) {
+    TORCH_CHECK_VALUE(*dual_clip > 1, "dual_clip must be > 1 (or None), got ", *dual_clip);
+  }
+  if (log_ratio_clamp.has_value()) {
+    TORCH_CHECK_VALUE(*log_ratio_clamp > 0, "log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
+  }
+  LossOptions o;
+  o.importance_sampling = parse_importance_sampling(importance_sampling);
+  o.loss_agg_mode = parse_loss_agg_mode(loss_agg_mode);
+  o.ratio_low = 1.0 - clip_low;
+  o.ratio_high = 1.0 + clip_high;
+  o.has_dual_clip = dual_clip.has_value();
+  o.dual_clip = dual_clip.value_or(0.0);
+  o.has_log_ratio_clamp = log_ratio_clamp.has_value();
+  o.log_ratio_clamp = log_ratio_clamp.value_or(0.0);
+  return o;
+}
+
+void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                     const at::Tensor& grad_scale) {
+  TORCH_CHECK_VALUE(grad_loss.dim() == 0, "grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(token_grad.dim() == 2,
+                    "token_grad must be the (B, T) gradient saved by policy_loss(compute_grad=True), got shape ",
+                    token_grad.sizes());
+  TORCH_CHECK_VALUE(token_grad.is_contiguous(), "token_grad must be contiguous");
+  TORCH_CHECK_VALUE(grad_scale.dim() == 0, "grad_scale must be a 0-dim tensor, got shape ", grad_scale.sizes());
+  TORCH_CHECK_TYPE(token_grad.scalar_type() == at::kFloat || token_grad.scalar_type() == at::kDouble,
+                   "token_grad must be float32 or float64, got ", token_grad.scalar_type());
+  TORCH_CHECK_TYPE(grad_scale.scalar_type() == token_grad.scalar_type(), "grad_scale must have the dtype of token_grad");
+  TORCH_CHECK_VALUE(grad_loss.device() == token_grad.device() && grad_scale.device() == token_grad.device(),
+                    "grad_loss, token_grad and grad_scale must be on one device");
+}
+
+TORCH_LIBRARY(ppo_ext, m) {
+  // Forward: loss, metrics (float32, METRIC_NAMES order), counts (int64, COUNT_NAMES order), the
+  // per-token gradient of the un-normalised loss sum when compute_grad (else an empty tensor), and
+  // the scale 1/denominator that the backward applies to it.
+  m.def(
+      "policy_loss(Tensor log_probs, Tensor? old_log_probs, Tensor advantages, Tensor? mask, "
+      "Tensor? token_weights, Tensor? num_tokens, Tensor? num_seqs, Tensor? loss_scale_factor, "
+      "float? num_tokens_value, float? num_seqs_value, float? loss_scale_factor_value, "
+      "float clip_low, float clip_high, float? dual_clip, float? log_ratio_clamp, "
+      "str importance_sampling, str loss_agg_mode, bool compute_grad) "
+      "-> (Tensor loss, Tensor metrics, Tensor counts, Tensor token_grad, Tensor grad_scale)");
+  // Backward: grad_log_probs = grad_loss * grad_scale * token_grad, in `dtype` (that of log_probs).
+  m.def("policy_loss_backward(Tensor grad_loss, Tensor token_grad, Tensor grad_scale, ScalarType dtype) -> Tensor");
+}
+
+}  // namespace ppo_ext

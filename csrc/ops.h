@@ -1,0 +1,39 @@
+// Argument checking shared by the CPU and CUDA implementations of the ops declared in ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+#include <string_view>
+
+#include "policy_loss.h"
+
+namespace ppo_ext {
+
+// Checks every argument of ppo_ext::policy_loss (shapes, dtypes, devices, ranges, modes) with an
+// error naming the argument, and returns the parsed scalar options.
+LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs,
+                                   const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& token_weights,
+                                   const std::optional<at::Tensor>& num_tokens,
+                                   const std::optional<at::Tensor>& num_seqs,
+                                   const std::optional<at::Tensor>& loss_scale_factor,
+                                   std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
+                                   std::optional<double> loss_scale_factor_value, double clip_low, double clip_high,
+                                   std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+                                   std::string_view importance_sampling, std::string_view loss_agg_mode);
+
+void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                     const at::Tensor& grad_scale);
+
+// float32 arithmetic, float64 for float64 log-probs.
+inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {
+  return log_probs_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Strides of an advantages tensor viewed as (B, T): (B,) and (B, 1) broadcast along T.
+inline std::pair<int64_t, int64_t> advantage_strides(const at::Tensor& advantages) {
+  if (advantages.dim() == 1) return {advantages.stride(0), 0};
+  return {advantages.stride(0), advantages.size(1) == 1 ? 0 : advantages.stride(1)};
+}
+
+}  // namespace ppo_ext

@@ -1,0 +1,229 @@
+// The per-token and per-batch math of the clipped PPO policy loss (../shared/SPEC.md), shared by
+// the CPU and the CUDA kernels. Everything here is __host__ __device__ and templated on an "Ops"
+// policy, so the CPU instantiates it with at::vec::Vectorized lanes and the GPU with plain floats:
+// what the GPU computes is the code the CPU tests check.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PPO_HD __host__ __device__ __forceinline__
+#else
+#define PPO_HD inline
+#endif
+
+namespace ppo_ext {
+
+enum class ImportanceSampling : int32_t { Token, Seq, SeqToken };
+
+enum class LossAggMode : int32_t {
+  TokenMean,
+  TokenSum,
+  SeqMeanTokenMean,
+  SeqMeanTokenSum,
+  SeqMeanTokenSumNorm,
+};
+
+// Layout of the `metrics` output (ppo_ext.METRIC_NAMES) and the `counts` output (ppo_ext.COUNT_NAMES).
+enum Metric : int {
+  kClipfrac,
+  kClipfracLow,
+  kClipfracHigh,
+  kClipfracActive,
+  kDualClipfrac,
+  kApproxKl,
+  kRatioMean,
+  kRatioMin,
+  kRatioMax,
+  kNumMetrics,
+};
+enum Count : int {
+  kValidTokens,
+  kValidSeqs,
+  kClippedLow,
+  kClippedHigh,
+  kClippedActive,
+  kDualClipped,
+  kNumCounts,
+};
+
+// Validated scalar options of one call.
+struct LossOptions {
+  ImportanceSampling importance_sampling;
+  LossAggMode loss_agg_mode;
+  double ratio_low;   // 1 - clip_low
+  double ratio_high;  // 1 + clip_high
+  bool has_dual_clip;
+  double dual_clip;
+  bool has_log_ratio_clamp;
+  double log_ratio_clamp;
+};
+
+// A normaliser given by the caller as a number (`value`), or not given (the default applies).
+// Tensor normalisers are read into `value` by the backend before `loss_denominator`.
+struct Normaliser {
+  bool given;
+  double value;
+};
+
+// Sums over the valid tokens of a chunk (CPU) or a block (CUDA), combined in a fixed order.
+struct Partials {
+  double loss;               // sum of m * agg_weight * l
+  double ratio_sum;          // sum of m * r
+  double neg_log_ratio_sum;  // sum of m * -clamp(d), for approx_kl
+  double ratio_min;
+  double ratio_max;
+  int64_t counts[kNumCounts];
+};
+
+namespace math {
+
+PPO_HD float exp_(float x) { return expf(x); }
+PPO_HD double exp_(double x) { return exp(x); }
+
+// torch.maximum / torch.minimum: NaN in either operand gives NaN.
+template <typename T>
+PPO_HD T nan_maximum(T a, T b) { return (a != a || a > b) ? a : b; }
+template <typename T>
+PPO_HD T nan_minimum(T a, T b) { return (a != a || a < b) ? a : b; }
+
+// The Ops policy for one value at a time (the CUDA kernels and the CPU's scalar steps).
+template <typename T>
+struct ScalarOps {
+  using V = T;
+  using Mask = bool;
+  static PPO_HD T select(bool c, T a, T b) { return c ? a : b; }
+  static PPO_HD T maximum(T a, T b) { return nan_maximum(a, b); }
+  static PPO_HD T minimum(T a, T b) { return nan_minimum(a, b); }
+  static PPO_HD T exp(T x) { return exp_(x); }
+  static PPO_HD T neg(T x) { return -x; }
+};
+
+template <typename V>
+struct Ratio {
+  V ratio;   // exp(clamp(log_ratio, -K, K))
+  V dratio;  // d ratio / d log_ratio: the ratio, or 0 where the clamp is active (as torch.clamp)
+};
+
+template <typename Ops, typename V>
+PPO_HD Ratio<V> clamped_exp(V log_ratio, const LossOptions& o) {
+  if (!o.has_log_ratio_clamp) {
+    const V r = Ops::exp(log_ratio);
+    return {r, r};
+  }
+  const V lo(-o.log_ratio_clamp), hi(o.log_ratio_clamp);
+  const V r = Ops::exp(Ops::minimum(Ops::maximum(log_ratio, lo), hi));
+  return {r, Ops::select((log_ratio >= lo) & (log_ratio <= hi), r, V(0))};
+}
+
+// approx_kl's per-token term: -d, with d clamped at token level whatever the ratio level.
+template <typename Ops, typename V>
+PPO_HD V neg_log_ratio(V log_ratio, const LossOptions& o) {
+  if (!o.has_log_ratio_clamp) return Ops::neg(log_ratio);
+  const V lo(-o.log_ratio_clamp), hi(o.log_ratio_clamp);
+  return Ops::neg(Ops::minimum(Ops::maximum(log_ratio, lo), hi));
+}
+
+template <typename V, typename Mask>
+struct TokenTerms {
+  V loss;          // w * l
+  V dloss_dratio;  // w * dl/dr
+  Mask clipped_low, clipped_high, clip_active, dual_clipped;
+};
+
+// The clipped surrogate of one token (SPEC "Per-token loss") and its derivative w.r.t. the ratio,
+// with the gradient an eager torch.maximum / torch.minimum / torch.clamp would give, ties included
+// (a tie splits the gradient evenly between the two operands).
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), half(0.5), one(1);
+  const V lo(o.ratio_low), hi(o.ratio_high);
+  const V neg_adv = Ops::neg(adv);
+  const V unclipped = neg_adv * ratio;                                      // L1
+  const V clipped = neg_adv * Ops::minimum(Ops::maximum(ratio, lo), hi);  // L2
+  V loss = Ops::maximum(unclipped, clipped);
+  const V share_unclipped = Ops::select(unclipped < clipped, zero, Ops::select(unclipped == clipped, half, one));
+  const V share_clipped = Ops::select(unclipped > clipped, zero, Ops::select(unclipped == clipped, half, one));
+  const V clamp_passes = Ops::select((ratio >= lo) & (ratio <= hi), one, zero);
+  V dloss = neg_adv * (share_unclipped + share_clipped * clamp_passes);
+  Mask dual_clipped(0);
+  if (o.has_dual_clip) {
+    const V cap = neg_adv * V(o.dual_clip);
+    const Mask negative = adv < zero;
+    const V share_loss = Ops::select(loss > cap, zero, Ops::select(loss == cap, half, one));
+    dual_clipped = negative & (loss > cap);
+    loss = Ops::select(negative, Ops::minimum(loss, cap), loss);
+    dloss = Ops::select(negative, dloss * share_loss, dloss);
+  }
+  return {weight * loss, weight * dloss, ratio < lo, ratio > hi, clipped > unclipped, dual_clipped};
+}
+
+// The weight of a row's tokens in the aggregated sum before the final division.
+PPO_HD double row_agg_weight(LossAggMode mode, int64_t valid_tokens) {
+  if (mode != LossAggMode::SeqMeanTokenMean) return 1.0;
+  return valid_tokens > 0 ? 1.0 / static_cast<double>(valid_tokens) : 0.0;
+}
+
+// Sequence-level log-ratio: the masked mean of d over the row, 0 for a row with no valid token.
+PPO_HD double row_mean_log_ratio(double sum_log_ratio, int64_t valid_tokens) {
+  return valid_tokens > 0 ? sum_log_ratio / static_cast<double>(valid_tokens) : 0.0;
+}
+
+// The denominator of the aggregated loss (SPEC "Aggregation").
+PPO_HD double loss_denominator(LossAggMode mode, Normaliser num_tokens, Normaliser num_seqs,
+                               Normaliser loss_scale_factor, int64_t valid_tokens, int64_t valid_seqs,
+                               int64_t seq_len) {
+  const double tokens = num_tokens.given ? num_tokens.value : static_cast<double>(valid_tokens);
+  const double seqs = num_seqs.given ? num_seqs.value : static_cast<double>(valid_seqs);
+  const double scale = loss_scale_factor.given ? loss_scale_factor.value : static_cast<double>(seq_len);
+  switch (mode) {
+    case LossAggMode::TokenMean: return tokens;
+    case LossAggMode::TokenSum: return 1.0;
+    case LossAggMode::SeqMeanTokenMean:
+    case LossAggMode::SeqMeanTokenSum: return seqs;
+    case LossAggMode::SeqMeanTokenSumNorm: return seqs * scale;
+  }
+  return 1.0;
+}
+
+PPO_HD void init_partials(Partials& p) {
+  p.loss = p.ratio_sum = p.neg_log_ratio_sum = 0.0;
+  p.ratio_min = INFINITY;
+  p.ratio_max = -INFINITY;
+  for (int k = 0; k < kNumCounts; ++k) p.counts[k] = 0;
+}
+
+PPO_HD void combine_partials(Partials& into, const Partials& p) {
+  into.loss += p.loss;
+  into.ratio_sum += p.ratio_sum;
+  into.neg_log_ratio_sum += p.neg_log_ratio_sum;
+  into.ratio_min = nan_minimum(into.ratio_min, p.ratio_min);
+  into.ratio_max = nan_maximum(into.ratio_max, p.ratio_max);
+  for (int k = 0; k < kNumCounts; ++k) into.counts[k] += p.counts[k];
+}
+
+// Loss, gradient scale (1/denominator, 0 for a zero denominator) and metrics from the batch sums.
+template <typename acc_t>
+PPO_HD void finalize(const Partials& s, double denominator, acc_t* loss, acc_t* grad_scale, float* metrics,
+                     int64_t* counts) {
+  const bool has_denominator = denominator != 0.0;
+  *loss = has_denominator ? static_cast<acc_t>(s.loss / denominator) : acc_t(0);
+  *grad_scale = has_denominator ? static_cast<acc_t>(1.0 / denominator) : acc_t(0);
+  const int64_t n = s.counts[kValidTokens];
+  const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
+  metrics[kClipfracLow] = static_cast<float>(s.counts[kClippedLow] * inv_n);
+  metrics[kClipfracHigh] = static_cast<float>(s.counts[kClippedHigh] * inv_n);
+  metrics[kClipfrac] = static_cast<float>((s.counts[kClippedLow] + s.counts[kClippedHigh]) * inv_n);
+  metrics[kClipfracActive] = static_cast<float>(s.counts[kClippedActive] * inv_n);
+  metrics[kDualClipfrac] = static_cast<float>(s.counts[kDualClipped] * inv_n);
+  metrics[kApproxKl] = static_cast<float>(s.neg_log_ratio_sum * inv_n);
+  metrics[kRatioMean] = n > 0 ? static_cast<float>(s.ratio_sum * inv_n) : 1.0f;
+  metrics[kRatioMin] = n > 0 ? static_cast<float>(s.ratio_min) : 1.0f;
+  metrics[kRatioMax] = n > 0 ? static_cast<float>(s.ratio_max) : 1.0f;
+  for (int k = 0; k < kNumCounts; ++k) counts[k] = s.counts[k];
+}
+
+}  // namespace math
+}  // namespace ppo_ext

@@ -1,0 +1,74 @@
+"""The ppo_ext ops as PyTorch sees them: fake (meta) kernels for tracing and the autograd formula.
+
+The kernels themselves are registered from C++ (csrc/ops.cpp declares the schemas, csrc/cpu and
+csrc/cuda implement them); importing ppo_ext._C runs those registrations.
+"""
+
+import torch
+
+from ppo_ext import _C  # noqa: F401  (registers the ops)
+
+METRIC_NAMES = (
+    "clipfrac",
+    "clipfrac_low",
+    "clipfrac_high",
+    "clipfrac_active",
+    "dual_clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+)
+COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
+
+_NUM_INPUTS = 18  # arguments of ppo_ext::policy_loss
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("ppo_ext::policy_loss")
+def _policy_loss_fake(log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs,
+                      loss_scale_factor, num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low,
+                      clip_high, dual_clip, log_ratio_clamp, importance_sampling, loss_agg_mode, compute_grad):
+    torch._check(log_probs.dim() == 2, lambda: f"log_probs must have shape (B, T), got {tuple(log_probs.shape)}")
+    acc = _acc_dtype(log_probs.dtype)
+    return (
+        log_probs.new_empty((), dtype=acc),
+        log_probs.new_empty((len(METRIC_NAMES),), dtype=torch.float32),
+        log_probs.new_empty((len(COUNT_NAMES),), dtype=torch.int64),
+        log_probs.new_empty(log_probs.shape if compute_grad else (0,), dtype=acc),
+        log_probs.new_empty((), dtype=acc),
+    )
+
+
+@torch.library.register_fake("ppo_ext::policy_loss_backward")
+def _policy_loss_backward_fake(grad_loss, token_grad, grad_scale, dtype):
+    return token_grad.new_empty(token_grad.shape, dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, token_grad, grad_scale = output
+    ctx.save_for_backward(token_grad, grad_scale)
+    ctx.log_probs_dtype = inputs[0].dtype
+    ctx.log_probs_shape = inputs[0].shape
+
+
+def _backward(ctx, grad_loss, *_):
+    token_grad, grad_scale = ctx.saved_tensors
+    if token_grad.dim() != 2:
+        raise RuntimeError(
+            "ppo_ext::policy_loss was called with compute_grad=False, so it saved no gradient to go backward "
+            "through; call it with compute_grad=True (ppo_ext.policy_loss does so when log_probs requires grad)"
+        )
+    grad_log_probs = torch.ops.ppo_ext.policy_loss_backward(grad_loss, token_grad, grad_scale, ctx.log_probs_dtype)
+    return (grad_log_probs,) + (None,) * (_NUM_INPUTS - 1)
+
+
+torch.library.register_autograd("ppo_ext::policy_loss", _backward, setup_context=_setup_context)
+
+
+def built_with_cuda() -> bool:
+    """Whether this build of ppo_ext has its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ppo_ext::policy_loss", "CUDA")
