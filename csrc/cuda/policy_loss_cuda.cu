@@ -1,0 +1,372 @@
+// The CUDA implementation of the ppo_ext ops (TORCH_LIBRARY_IMPL(ppo_ext, CUDA)).
+//
+// Forward, two launches on the current stream:
+//  1. policy_loss_rows_kernel: a block takes whole rows (grid-stride, so any B), computes each
+//     token's loss, counters and gradient with the shared math of policy_loss.h, writes the gradient,
+//     and leaves one Partials per block. Sequence-level ratios need the row's masked mean first, so
+//     a block reads a row in up to three passes (counts / log-ratio sum, loss, "seq" gradient); each
+//     pass streams the row once with coalesced loads.
+//  2. policy_loss_finalize_kernel: one block combines the per-block Partials in a fixed order, reads
+//     the normalisers (numbers or device tensors) and writes loss, metrics, counts and grad scale.
+// Backward, one launch: grad_log_probs = grad_loss * grad_scale * token_grad.
+// No atomics on floats, no host synchronisation: the result is bitwise the same from run to run on
+// a given GPU (the grid depends only on B and the GPU's SM count).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../ops.h"
+#include "../policy_loss.h"
+
+namespace ppo_ext::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+enum class DType : int32_t { F32, F64, F16, BF16, U8, I8, I16, I32, I64 };
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kBool:
+    case at::kByte: return DType::U8;
+    case at::kChar: return DType::I8;
+    case at::kShort: return DType::I16;
+    case at::kInt: return DType::I32;
+    case at::kLong: return DType::I64;
+    default: TORCH_CHECK_TYPE(false, "ppo_ext CUDA: unsupported dtype ", t);
+  }
+}
+
+// A (B, T) view of an input in element strides; col_stride 0 broadcasts a per-row value.
+struct StridedInput {
+  const void* data = nullptr;  // nullptr: not given
+  DType dtype = DType::F32;
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+};
+
+// A 0-dim tensor of any real dtype, or a number, or nothing (the default applies).
+struct DeviceNormaliser {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  bool given = false;
+  double value = 0.0;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_element(const void* p, DType dtype, int64_t k) {
+  switch (dtype) {
+    case DType::F32: return static_cast<acc_t>(static_cast<const float*>(p)[k]);
+    case DType::F64: return static_cast<acc_t>(static_cast<const double*>(p)[k]);
+    case DType::F16: return static_cast<acc_t>(__half2float(static_cast<const __half*>(p)[k]));
+    case DType::BF16: return static_cast<acc_t>(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[k]));
+    case DType::U8: return static_cast<acc_t>(static_cast<const uint8_t*>(p)[k]);
+    case DType::I8: return static_cast<acc_t>(static_cast<const int8_t*>(p)[k]);
+    case DType::I16: return static_cast<acc_t>(static_cast<const int16_t*>(p)[k]);
+    case DType::I32: return static_cast<acc_t>(static_cast<const int32_t*>(p)[k]);
+    case DType::I64: return static_cast<acc_t>(static_cast<const int64_t*>(p)[k]);
+  }
+  return acc_t(0);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load(const StridedInput& in, int64_t i, int64_t t, acc_t absent_value) {
+  if (in.data == nullptr) return absent_value;
+  return load_element<acc_t>(in.data, in.dtype, i * in.row_stride + t * in.col_stride);
+}
+
+__device__ __forceinline__ bool is_valid(const StridedInput& mask, int64_t i, int64_t t) {
+  return mask.data == nullptr || load_element<float>(mask.data, mask.dtype, i * mask.row_stride + t * mask.col_stride) != 0.0f;
+}
+
+struct RowsArgs {
+  StridedInput log_probs, old_log_probs, advantages, mask, token_weights;
+  int64_t B, T;
+  LossOptions options;
+  void* token_grad;     // (B, T) contiguous acc_t, or nullptr
+  Partials* partials;   // one per block
+};
+
+// Deterministic block-wide sum: warp shuffles, then warp 0 over the warp totals, in a fixed order.
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = T(0);
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kWarps; ++w) total += scratch[w];
+    scratch[0] = total;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+template <typename T, bool kMax>
+__device__ T block_extreme(T v, T* scratch) {
+  using math::nan_maximum;
+  using math::nan_minimum;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const T other = __shfl_down_sync(0xffffffffu, v, offset);
+    v = kMax ? nan_maximum(v, other) : nan_minimum(v, other);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    T r = scratch[0];
+    for (int w = 1; w < kWarps; ++w) r = kMax ? nan_maximum(r, scratch[w]) : nan_minimum(r, scratch[w]);
+    scratch[0] = r;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(const RowsArgs a) {
+  using Ops = math::ScalarOps<acc_t>;
+  __shared__ double scratch_d[kWarps];
+  __shared__ long long scratch_i[kWarps];
+  const LossOptions& o = a.options;
+  const bool seq_level = o.importance_sampling != ImportanceSampling::Token;
+  const bool seq_grad = o.importance_sampling == ImportanceSampling::Seq && a.token_grad != nullptr;
+  const bool needs_prepass = seq_level || (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
+
+  // This thread's sums over all the rows of this block.
+  acc_t loss = 0, ratio_sum = 0, kl_sum = 0;
+  acc_t ratio_min = INFINITY, ratio_max = -INFINITY;
+  long long n_valid_seqs = 0, n_valid = 0, n_low = 0, n_high = 0, n_active = 0, n_dual = 0;
+
+  for (int64_t i = blockIdx.x; i < a.B; i += gridDim.x) {
+    // Pass 1: the row's valid tokens and, at sequence level, the masked sum of its log-ratios.
+    long long row_valid = a.T;
+    double log_ratio_sum = 0;
+    if (needs_prepass) {
+      long long count = 0;
+      acc_t sum = 0;
+      for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
+        if (!is_valid(a.mask, i, t)) continue;
+        ++count;
+        if (seq_level) {
+          const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
+          sum += lp - load<acc_t>(a.old_log_probs, i, t, lp);
+        }
+      }
+      row_valid = block_sum<long long>(count, scratch_i);
+      if (seq_level) log_ratio_sum = block_sum<double>(static_cast<double>(sum), scratch_d);
+    }
+    const math::Ratio<acc_t> row_ratio =
+        math::clamped_exp<Ops>(static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, row_valid)), o);
+    const acc_t agg_weight = static_cast<acc_t>(math::row_agg_weight(o.loss_agg_mode, row_valid));
+    acc_t* grad_row = a.token_grad ? static_cast<acc_t*>(a.token_grad) + i * a.T : nullptr;
+
+    // Pass 2: the per-token loss, metrics, counters and (but for "seq") gradient.
+    long long row_count = 0;
+    acc_t dloss_sum = 0;
+    for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
+      const bool valid = is_valid(a.mask, i, t);
+      if (!valid) {
+        if (grad_row != nullptr && !seq_grad) grad_row[t] = acc_t(0);
+        continue;
+      }
+      const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
+      const acc_t log_ratio = lp - load<acc_t>(a.old_log_probs, i, t, lp);
+      const math::Ratio<acc_t> r = seq_level ? row_ratio : math::clamped_exp<Ops>(log_ratio, o);
+      const auto terms = math::token_terms<Ops>(r.ratio, load<acc_t>(a.advantages, i, t, 0),
+                                                load<acc_t>(a.token_weights, i, t, 1), o);
+      loss += agg_weight * terms.loss;
+      ratio_sum += r.ratio;
+      kl_sum += math::neg_log_ratio<Ops>(log_ratio, o);
+      ratio_min = math::nan_minimum(ratio_min, r.ratio);
+      ratio_max = math::nan_maximum(ratio_max, r.ratio);
+      ++row_count;
+      n_low += terms.clipped_low;
+      n_high += terms.clipped_high;
+      n_active += terms.clip_active;
+      n_dual += terms.dual_clipped;
+      if (seq_grad) {
+        dloss_sum += agg_weight * terms.dloss_dratio;
+      } else if (grad_row != nullptr) {
+        grad_row[t] = agg_weight * terms.dloss_dratio * r.dratio;
+      }
+    }
+    n_valid += row_count;
+    if (!needs_prepass) row_valid = block_sum<long long>(row_count, scratch_i);
+    if (threadIdx.x == 0) n_valid_seqs += row_valid > 0;
+
+    // Pass 3 ("seq"): every valid token u gets (sum_t m agg_weight dl/dr) * dr/ddbar / n.
+    if (seq_grad) {
+      const double row_dloss = block_sum<double>(static_cast<double>(dloss_sum), scratch_d);
+      const acc_t coefficient = row_valid > 0 ? static_cast<acc_t>(row_dloss * row_ratio.dratio / row_valid) : acc_t(0);
+      for (int64_t t = threadIdx.x; t < a.T; t += kThreads) grad_row[t] = is_valid(a.mask, i, t) ? coefficient : acc_t(0);
+    }
+  }
+
+  Partials p;
+  p.loss = block_sum<double>(static_cast<double>(loss), scratch_d);
+  p.ratio_sum = block_sum<double>(static_cast<double>(ratio_sum), scratch_d);
+  p.neg_log_ratio_sum = block_sum<double>(static_cast<double>(kl_sum), scratch_d);
+  p.ratio_min = block_extreme<double, false>(static_cast<double>(ratio_min), scratch_d);
+  p.ratio_max = block_extreme<double, true>(static_cast<double>(ratio_max), scratch_d);
+  p.counts[kValidTokens] = block_sum<long long>(n_valid, scratch_i);
+  p.counts[kValidSeqs] = block_sum<long long>(n_valid_seqs, scratch_i);
+  p.counts[kClippedLow] = block_sum<long long>(n_low, scratch_i);
+  p.counts[kClippedHigh] = block_sum<long long>(n_high, scratch_i);
+  p.counts[kClippedActive] = block_sum<long long>(n_active, scratch_i);
+  p.counts[kDualClipped] = block_sum<long long>(n_dual, scratch_i);
+  if (threadIdx.x == 0) a.partials[blockIdx.x] = p;
+}
+
+__device__ Normaliser read_normaliser(const DeviceNormaliser& n) {
+  if (n.data != nullptr) return {true, load_element<double>(n.data, n.dtype, 0)};
+  return {n.given, n.value};
+}
+
+template <typename acc_t>
+__global__ void policy_loss_finalize_kernel(const Partials* partials, int num_partials, LossAggMode mode, int64_t T,
+                                            DeviceNormaliser num_tokens, DeviceNormaliser num_seqs,
+                                            DeviceNormaliser loss_scale_factor, acc_t* loss, acc_t* grad_scale,
+                                            float* metrics, int64_t* counts) {
+  // Few partials (at most a few per SM): one thread combines them in order.
+  Partials total;
+  math::init_partials(total);
+  for (int b = 0; b < num_partials; ++b) math::combine_partials(total, partials[b]);
+  const double denominator =
+      math::loss_denominator(mode, read_normaliser(num_tokens), read_normaliser(num_seqs),
+                             read_normaliser(loss_scale_factor), total.counts[kValidTokens], total.counts[kValidSeqs], T);
+  math::finalize<acc_t>(total, denominator, loss, grad_scale, metrics, counts);
+}
+
+template <typename acc_t, typename out_t>
+__global__ void policy_loss_backward_kernel(const void* grad_loss, DType grad_loss_dtype, const acc_t* grad_scale,
+                                            const acc_t* token_grad, out_t* grad_log_probs, int64_t numel) {
+  const acc_t scale = load_element<acc_t>(grad_loss, grad_loss_dtype, 0) * grad_scale[0];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel; k += stride) {
+    grad_log_probs[k] = static_cast<out_t>(token_grad[k] * scale);
+  }
+}
+
+int sm_count(int device) {
+  static int counts[64] = {};
+  if (device >= 64) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
+StridedInput strided(const at::Tensor& t) {
+  return {t.const_data_ptr(), dtype_code(t.scalar_type()), t.stride(0), t.stride(1)};
+}
+StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
+
+DeviceNormaliser device_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value) {
+  if (tensor.has_value()) return {tensor->const_data_ptr(), dtype_code(tensor->scalar_type()), true, 0.0};
+  return {nullptr, DType::F32, value.has_value(), value.value_or(0.0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
+    const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& token_weights,
+    const std::optional<at::Tensor>& num_tokens, const std::optional<at::Tensor>& num_seqs,
+    const std::optional<at::Tensor>& loss_scale_factor, std::optional<double> num_tokens_value,
+    std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
+    double clip_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+    c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad) {
+  const LossOptions options = check_policy_loss_args(
+      log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
+      num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
+      std::string_view(importance_sampling.data(), importance_sampling.size()),
+      std::string_view(loss_agg_mode.data(), loss_agg_mode.size()));
+  const c10::cuda::CUDAGuard guard(log_probs.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = log_probs.size(0), T = log_probs.size(1);
+  const auto acc_dtype = acc_type_for(log_probs.scalar_type());
+  const auto on = log_probs.options();
+  at::Tensor loss = at::empty({}, on.dtype(acc_dtype));
+  at::Tensor metrics = at::empty({kNumMetrics}, on.dtype(at::kFloat));
+  at::Tensor counts = at::empty({kNumCounts}, on.dtype(at::kLong));
+  at::Tensor token_grad = at::empty(compute_grad ? at::IntArrayRef{B, T} : at::IntArrayRef{0}, on.dtype(acc_dtype));
+  at::Tensor grad_scale = at::empty({}, on.dtype(acc_dtype));
+
+  const int blocks = static_cast<int>(std::min<int64_t>(B, 4LL * sm_count(log_probs.get_device())));
+  at::Tensor partials = at::empty({std::max(blocks, 1) * static_cast<int64_t>(sizeof(Partials))}, on.dtype(at::kByte));
+  RowsArgs args;
+  args.log_probs = strided(log_probs);
+  args.old_log_probs = strided(old_log_probs);
+  const auto adv_strides = advantage_strides(advantages);
+  args.advantages = {advantages.const_data_ptr(), dtype_code(advantages.scalar_type()), adv_strides.first,
+                     adv_strides.second};
+  args.mask = strided(mask);
+  args.token_weights = strided(token_weights);
+  args.B = B;
+  args.T = T;
+  args.options = options;
+  args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
+  args.partials = reinterpret_cast<Partials*>(partials.mutable_data_ptr());
+
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "ppo_ext_policy_loss_cuda", [&] {
+    if (blocks > 0) {
+      policy_loss_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    policy_loss_finalize_kernel<scalar_t><<<1, 1, 0, stream>>>(
+        args.partials, blocks, options.loss_agg_mode, T, device_normaliser(num_tokens, num_tokens_value),
+        device_normaliser(num_seqs, num_seqs_value), device_normaliser(loss_scale_factor, loss_scale_factor_value),
+        loss.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(), metrics.mutable_data_ptr<float>(),
+        counts.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, metrics, counts, token_grad, grad_scale};
+}
+
+at::Tensor policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                     const at::Tensor& grad_scale, at::ScalarType dtype) {
+  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                   "dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  const c10::cuda::CUDAGuard guard(token_grad.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
+  const int64_t numel = token_grad.numel();
+  if (numel == 0) return grad_log_probs;
+  const int blocks = static_cast<int>(std::min<int64_t>((numel + 255) / 256, 8LL * sm_count(token_grad.get_device())));
+  AT_DISPATCH_FLOATING_TYPES(token_grad.scalar_type(), "ppo_ext_policy_loss_backward_cuda", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ppo_ext_policy_loss_backward_cuda_out", [&] {
+      policy_loss_backward_kernel<acc_t, scalar_t><<<blocks, 256, 0, stream>>>(
+          grad_loss.const_data_ptr(), dtype_code(grad_loss.scalar_type()), grad_scale.const_data_ptr<acc_t>(),
+          token_grad.const_data_ptr<acc_t>(), grad_log_probs.mutable_data_ptr<scalar_t>(), numel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_log_probs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ppo_ext, CUDA, m) {
+  m.impl("policy_loss", &policy_loss_cuda);
+  m.impl("policy_loss_backward", &policy_loss_backward_cuda);
+}
+
+}  // namespace ppo_ext::cuda
