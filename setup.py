@@ -57,10 +57,11 @@ def _want_cuda():
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fdiagnostics-color=always"]
+    cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]  # at::parallel_for is OpenMP, as in torch
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "ppo_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, py_limited_api=True
+            "ppo_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            py_limited_api=True,
         )
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -68,6 +69,7 @@ def _extension():
         "ppo_ext._C",
         sources,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
 

@@ -96,33 +96,38 @@ struct ScalarOps {
   static PPO_HD T select(bool c, T a, T b) { return c ? a : b; }
   static PPO_HD T maximum(T a, T b) { return nan_maximum(a, b); }
   static PPO_HD T minimum(T a, T b) { return nan_minimum(a, b); }
+  static PPO_HD T clamp(T x, T lo, T hi) { return nan_minimum(nan_maximum(x, lo), hi); }
   static PPO_HD T exp(T x) { return exp_(x); }
   static PPO_HD T neg(T x) { return -x; }
 };
 
-template <typename V>
-struct Ratio {
-  V ratio;   // exp(clamp(log_ratio, -K, K))
-  V dratio;  // d ratio / d log_ratio: the ratio, or 0 where the clamp is active (as torch.clamp)
+// The log-ratio that is exponentiated, clamped to [-K, K] when K is set, and whether the clamp lets the
+// gradient through (as torch.clamp: inside the interval, bounds included).
+template <typename V, typename Mask>
+struct ClampedLogRatio {
+  V value;
+  bool clamped;  // whether a clamp was applied; `passes` is meaningful only then
+  Mask passes;
 };
 
 template <typename Ops, typename V>
-PPO_HD Ratio<V> clamped_exp(V log_ratio, const LossOptions& o) {
-  if (!o.has_log_ratio_clamp) {
-    const V r = Ops::exp(log_ratio);
-    return {r, r};
-  }
+PPO_HD ClampedLogRatio<V, typename Ops::Mask> clamp_log_ratio(V log_ratio, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  if (!o.has_log_ratio_clamp) return {log_ratio, false, Mask(0)};
   const V lo(-o.log_ratio_clamp), hi(o.log_ratio_clamp);
-  const V r = Ops::exp(Ops::minimum(Ops::maximum(log_ratio, lo), hi));
-  return {r, Ops::select((log_ratio >= lo) & (log_ratio <= hi), r, V(0))};
+  return {Ops::clamp(log_ratio, lo, hi), true, static_cast<Mask>((log_ratio >= lo) & (log_ratio <= hi))};
 }
 
-// approx_kl's per-token term: -d, with d clamped at token level whatever the ratio level.
-template <typename Ops, typename V>
-PPO_HD V neg_log_ratio(V log_ratio, const LossOptions& o) {
-  if (!o.has_log_ratio_clamp) return Ops::neg(log_ratio);
-  const V lo(-o.log_ratio_clamp), hi(o.log_ratio_clamp);
-  return Ops::neg(Ops::minimum(Ops::maximum(log_ratio, lo), hi));
+template <typename V>
+struct Ratio {
+  V ratio;   // exp(clamped log-ratio)
+  V dratio;  // d ratio / d log-ratio: the ratio, or 0 where the clamp is active
+};
+
+template <typename Ops, typename V, typename Mask>
+PPO_HD Ratio<V> ratio_of(const ClampedLogRatio<V, Mask>& c) {
+  const V r = Ops::exp(c.value);
+  return {r, c.clamped ? Ops::select(c.passes, r, V(0)) : r};
 }
 
 template <typename V, typename Mask>
@@ -142,7 +147,7 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, c
   const V lo(o.ratio_low), hi(o.ratio_high);
   const V neg_adv = Ops::neg(adv);
   const V unclipped = neg_adv * ratio;                                      // L1
-  const V clipped = neg_adv * Ops::minimum(Ops::maximum(ratio, lo), hi);  // L2
+  const V clipped = neg_adv * Ops::clamp(ratio, lo, hi);                   // L2
   V loss = Ops::maximum(unclipped, clipped);
   const V share_unclipped = Ops::select(unclipped < clipped, zero, Ops::select(unclipped == clipped, half, one));
   const V share_clipped = Ops::select(unclipped > clipped, zero, Ops::select(unclipped == clipped, half, one));

@@ -49,13 +49,19 @@ def _policy_loss_backward_fake(grad_loss, token_grad, grad_scale, dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, token_grad, grad_scale = output
+    _, metrics, counts, token_grad, grad_scale = output
+    # Only the loss is differentiable, and autograd must not materialise zero gradients for the
+    # other outputs (token_grad is (B, T)).
+    ctx.mark_non_differentiable(metrics, counts, token_grad, grad_scale)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(token_grad, grad_scale)
     ctx.log_probs_dtype = inputs[0].dtype
     ctx.log_probs_shape = inputs[0].shape
 
 
 def _backward(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * _NUM_INPUTS
     token_grad, grad_scale = ctx.saved_tensors
     if token_grad.dim() != 2:
         raise RuntimeError(

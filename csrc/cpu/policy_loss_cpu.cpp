@@ -1,10 +1,11 @@
 // The CPU implementation of the ppo_ext ops (TORCH_LIBRARY_IMPL(ppo_ext, CPU)).
 #include <ATen/Dispatch_v2.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdlib>
-#include <cstring>
+#include <string_view>
 
 #include "../ops.h"
 #include "policy_loss_cpu.h"
@@ -18,15 +19,30 @@ StridedInput strided(const at::Tensor& t) {
 
 StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
 
-// AVX2 where the CPU has it, unless PPO_EXT_CPU_CAPABILITY=default asks for the portable kernels.
-bool use_avx2() {
+enum class Capability { Default, Avx2, Avx512 };
+
+// The widest instruction set the CPU has, unless PPO_EXT_CPU_CAPABILITY (default, avx2) asks for less.
+Capability capability() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const char* forced = std::getenv("PPO_EXT_CPU_CAPABILITY");
-  if (forced != nullptr && std::strcmp(forced, "default") == 0) return false;
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* forced_env = std::getenv("PPO_EXT_CPU_CAPABILITY");
+  const std::string_view forced = forced_env ? forced_env : "";
+  if (forced == "default") return Capability::Default;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && forced != "avx2") return Capability::Avx512;
+  return avx2 ? Capability::Avx2 : Capability::Default;
 #else
-  return false;
+  return Capability::Default;
 #endif
+}
+
+Partials run_policy_loss_kernel(const KernelArgs& args) {
+  switch (capability()) {
+    case Capability::Avx512: return AVX512::policy_loss_kernel(args);
+    case Capability::Avx2: return AVX2::policy_loss_kernel(args);
+    default: return DEFAULT::policy_loss_kernel(args);
+  }
 }
 
 Normaliser read_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value) {
@@ -67,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   args.T = T;
   args.options = options;
   args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
-  const Partials sums = use_avx2() ? AVX2::policy_loss_kernel(args) : DEFAULT::policy_loss_kernel(args);
+  const Partials sums = run_policy_loss_kernel(args);
 
   const double denominator = math::loss_denominator(
       options.loss_agg_mode, read_normaliser(num_tokens, num_tokens_value), read_normaliser(num_seqs, num_seqs_value),
@@ -86,9 +102,17 @@ at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
   check_policy_loss_backward_args(grad_loss, token_grad, grad_scale);
   at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
   const double scale = grad_loss.item<double>() * grad_scale.item<double>();
-  const auto kernel = use_avx2() ? AVX2::policy_loss_backward_kernel : DEFAULT::policy_loss_backward_kernel;
-  kernel(token_grad.const_data_ptr(), token_grad.scalar_type(), scale, grad_log_probs.mutable_data_ptr(), dtype,
-         token_grad.numel());
+  AT_DISPATCH_V2(token_grad.scalar_type(), "ppo_ext_cpu_backward", AT_WRAP([&] {
+    using acc_t = scalar_t;
+    const acc_t* src = token_grad.const_data_ptr<acc_t>();
+    const acc_t s = static_cast<acc_t>(scale);
+    AT_DISPATCH_V2(dtype, "ppo_ext_cpu_backward_out", AT_WRAP([&] {
+      scalar_t* dst = grad_log_probs.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, token_grad.numel(), 32768, [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) dst[k] = static_cast<scalar_t>(src[k] * s);
+      });
+    }), at::kFloat, at::kDouble, at::kHalf, at::kBFloat16);
+  }), at::kFloat, at::kDouble);
   return grad_log_probs;
 }
 

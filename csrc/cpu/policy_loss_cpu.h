@@ -28,11 +28,10 @@ struct KernelArgs {
 #define PPO_EXT_DECLARE_CPU_KERNELS(capability)                                                       \
   namespace capability {                                                                              \
   Partials policy_loss_kernel(const KernelArgs& args);                                                \
-  void policy_loss_backward_kernel(const void* token_grad, c10::ScalarType acc_dtype, double scale,   \
-                                   void* grad_log_probs, c10::ScalarType dtype, int64_t numel);       \
   }
 PPO_EXT_DECLARE_CPU_KERNELS(DEFAULT)
 PPO_EXT_DECLARE_CPU_KERNELS(AVX2)
+PPO_EXT_DECLARE_CPU_KERNELS(AVX512)
 #undef PPO_EXT_DECLARE_CPU_KERNELS
 
 }  // namespace ppo_ext::cpu

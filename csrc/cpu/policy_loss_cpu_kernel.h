@@ -31,6 +31,8 @@ struct VecOps {
   static V select(const V& c, const V& a, const V& b) { return V::blendv(b, a, c); }
   static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V minimum(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  // NaN in x propagates (bounds are never NaN): two instructions where maximum/minimum take more.
+  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
   static V exp(const V& x) { return x.exp(); }
   static V neg(const V& x) { return x.neg(); }
 };
@@ -56,12 +58,24 @@ class PolicyLossKernel {
   static constexpr int64_t kVec = V::size();
   static_assert(kTile % kVec == 0, "a tile must hold whole vectors");
 
+  // Per-thread buffers for the inputs of one tile, converted to acc_t. Absent weights keep their
+  // constant 1 from the start; an absent mask reads all_valid.
   struct Tile {
+    explicit Tile(const KernelArgs& a) {
+      std::fill(all_valid, all_valid + kTile, acc_t(1));
+      if (a.token_weights.data == nullptr) std::fill(weights, weights + kTile, acc_t(1));
+    }
+    alignas(64) acc_t all_valid[kTile];
     alignas(64) acc_t log_probs[kTile];
     alignas(64) acc_t old_log_probs[kTile];
     alignas(64) acc_t advantages[kTile];
     alignas(64) acc_t mask[kTile];
     alignas(64) acc_t weights[kTile];
+  };
+
+  // The tile's pointers: n values of row i from t0 on, as acc_t, readable in whole vectors.
+  struct TileView {
+    const acc_t *log_probs, *old_log_probs, *advantages, *mask, *weights;
   };
 
  public:
@@ -72,7 +86,7 @@ class PolicyLossKernel {
     const int64_t num_chunks = (a_.B + rows_per_chunk - 1) / rows_per_chunk;
     std::vector<Partials> chunks(num_chunks);
     at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
-      Tile tile;
+      Tile tile(a_);
       for (int64_t c = c0; c < c1; ++c) {
         math::init_partials(chunks[c]);
         const int64_t row_end = std::min(a_.B, (c + 1) * rows_per_chunk);
@@ -86,34 +100,47 @@ class PolicyLossKernel {
   }
 
  private:
-  // Converts n values of row i from t0 on into buf, and zero-fills the buffer up to whole vectors.
-  static void load(const StridedInput& in, int64_t i, int64_t t0, int64_t n, acc_t* buf, acc_t absent_value) {
-    if (in.data == nullptr) {
-      std::fill(buf, buf + n, absent_value);
-    } else {
-      AT_DISPATCH_V2(
-          in.dtype, "ppo_ext_cpu_load", AT_WRAP([&] {
-            const scalar_t* p = static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride;
-            const int64_t s = in.col_stride;
-            if (s == 1) {
-              for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j]);
-            } else {
-              for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * s]);
-            }
-          }),
-          AT_EXPAND(AT_ALL_TYPES), at::kBool, at::kHalf, at::kBFloat16);
+  // n values of input `in` in row i from t0 on: in place where the input is contiguous acc_t and n is
+  // whole vectors, else converted (any dtype, any stride) into buf and zero-padded to whole vectors.
+  // An absent input returns buf, which holds its constant.
+  static const acc_t* view(const StridedInput& in, int64_t i, int64_t t0, int64_t n, acc_t* buf) {
+    if (in.data == nullptr) return buf;
+    if (in.dtype == c10::CppTypeToScalarType<acc_t>::value && in.col_stride == 1 && n % kVec == 0) {
+      return static_cast<const acc_t*>(in.data) + i * in.row_stride + t0;
     }
+    AT_DISPATCH_V2(
+        in.dtype, "ppo_ext_cpu_load", AT_WRAP([&] {
+          const scalar_t* p = static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride;
+          const int64_t s = in.col_stride;
+          if (s == 1) {
+            for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j]);
+          } else if (s == 0) {
+            std::fill(buf, buf + n, static_cast<acc_t>(p[0]));
+          } else {
+            for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * s]);
+          }
+        }),
+        AT_EXPAND(AT_ALL_TYPES), at::kBool, at::kHalf, at::kBFloat16);
     std::fill(buf + n, buf + (n + kVec - 1) / kVec * kVec, acc_t(0));
+    return buf;
   }
 
-  void load_log_ratio_inputs(Tile& t, int64_t i, int64_t t0, int64_t n) const {
-    load(a_.log_probs, i, t0, n, t.log_probs, 0);
+  // The mask: an absent one means all valid, but the padding after a partial tile stays invalid.
+  const acc_t* mask_view(Tile& t, int64_t i, int64_t t0, int64_t n) const {
+    if (a_.mask.data != nullptr) return view(a_.mask, i, t0, n, t.mask);
+    if (n % kVec == 0) return t.all_valid;
+    std::fill(t.mask, t.mask + n, acc_t(1));
+    std::fill(t.mask + n, t.mask + (n + kVec - 1) / kVec * kVec, acc_t(0));
+    return t.mask;
+  }
+
+  TileView log_ratio_view(Tile& t, int64_t i, int64_t t0, int64_t n) const {
+    TileView v{};
+    v.log_probs = view(a_.log_probs, i, t0, n, t.log_probs);
     // On-policy (no old_log_probs): old = log_probs, so d = 0 (NaN where log_probs is inf, as eager).
-    if (a_.old_log_probs.data == nullptr) {
-      std::copy(t.log_probs, t.log_probs + kTile, t.old_log_probs);
-    } else {
-      load(a_.old_log_probs, i, t0, n, t.old_log_probs, 0);
-    }
+    v.old_log_probs = a_.old_log_probs.data == nullptr ? v.log_probs : view(a_.old_log_probs, i, t0, n, t.old_log_probs);
+    v.mask = mask_view(t, i, t0, n);
+    return v;
   }
 
   // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratios.
@@ -123,14 +150,14 @@ class PolicyLossKernel {
     const V zero(0), one(1);
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
-      load(a_.mask, i, t0, n, t.mask, 1);
-      if (sum_log_ratio) load_log_ratio_inputs(t, i, t0, n);
+      const TileView v = sum_log_ratio ? log_ratio_view(t, i, t0, n)
+                                       : TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr};
       V count(0), sum(0);
       for (int64_t j = 0; j < n; j += kVec) {
-        const V is_valid = V::loadu(t.mask + j) != zero;
-        count += Ops::select(is_valid, one, zero);
+        const V is_valid = V::loadu(v.mask + j) != zero;
+        count += is_valid & one;
         if (sum_log_ratio) {
-          sum += Ops::select(is_valid, V::loadu(t.log_probs + j) - V::loadu(t.old_log_probs + j), zero);
+          sum += Ops::select(is_valid, V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), zero);
         }
       }
       valid += count_lanes(count);
@@ -147,8 +174,9 @@ class PolicyLossKernel {
     if (needs_prepass && (a_.mask.data != nullptr || seq_level)) row_prepass(t, i, seq_level, valid, log_ratio_sum);
 
     // The sequence-level ratio of this row (unused at token level).
-    const auto row_ratio = math::clamped_exp<math::ScalarOps<acc_t>>(
-        static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, valid)), o_);
+    using ScalarOps = math::ScalarOps<acc_t>;
+    const auto row_ratio = math::ratio_of<ScalarOps>(math::clamp_log_ratio<ScalarOps>(
+        static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, valid)), o_));
     const V agg_weight(static_cast<acc_t>(math::row_agg_weight(o_.loss_agg_mode, valid)));
     acc_t* grad_row = a_.token_grad ? static_cast<acc_t*>(a_.token_grad) + i * a_.T : nullptr;
     const V zero(0), one(1), inf(INFINITY), minus_inf(-INFINITY);
@@ -157,29 +185,29 @@ class PolicyLossKernel {
     double row_dloss_sum = 0;  // sum of m * agg_weight * dl/dr, for the "seq" gradient
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
-      load_log_ratio_inputs(t, i, t0, n);
-      load(a_.advantages, i, t0, n, t.advantages, 0);
-      load(a_.mask, i, t0, n, t.mask, 1);
-      load(a_.token_weights, i, t0, n, t.weights, 1);
+      TileView v = log_ratio_view(t, i, t0, n);
+      v.advantages = view(a_.advantages, i, t0, n, t.advantages);
+      v.weights = view(a_.token_weights, i, t0, n, t.weights);
       V loss(0), ratio_sum(0), kl_sum(0), ratio_min(inf), ratio_max(minus_inf), dloss_sum(0);
       V n_valid(0), n_low(0), n_high(0), n_active(0), n_dual(0);
       for (int64_t j = 0; j < n; j += kVec) {
-        const V is_valid = V::loadu(t.mask + j) != zero;
-        const V log_ratio = V::loadu(t.log_probs + j) - V::loadu(t.old_log_probs + j);
-        const math::Ratio<V> r = seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)}
-                                           : math::clamped_exp<Ops>(log_ratio, o_);
-        const auto terms = math::token_terms<Ops>(r.ratio, V::loadu(t.advantages + j), V::loadu(t.weights + j), o_);
+        const V is_valid = V::loadu(v.mask + j) != zero;
+        const V valid_one = is_valid & one;  // a mask lane is all ones or all zeros
+        const auto log_ratio = math::clamp_log_ratio<Ops>(V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), o_);
+        const math::Ratio<V> r =
+            seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)} : math::ratio_of<Ops>(log_ratio);
+        const auto terms = math::token_terms<Ops>(r.ratio, V::loadu(v.advantages + j), V::loadu(v.weights + j), o_);
         const V weighted_dloss = agg_weight * terms.dloss_dratio;
         loss += Ops::select(is_valid, agg_weight * terms.loss, zero);
         ratio_sum += Ops::select(is_valid, r.ratio, zero);
-        kl_sum += Ops::select(is_valid, math::neg_log_ratio<Ops>(log_ratio, o_), zero);
+        kl_sum -= Ops::select(is_valid, log_ratio.value, zero);
         ratio_min = Ops::select(is_valid, Ops::minimum(ratio_min, r.ratio), ratio_min);
         ratio_max = Ops::select(is_valid, Ops::maximum(ratio_max, r.ratio), ratio_max);
-        n_valid += Ops::select(is_valid, one, zero);
-        n_low += Ops::select(is_valid & terms.clipped_low, one, zero);
-        n_high += Ops::select(is_valid & terms.clipped_high, one, zero);
-        n_active += Ops::select(is_valid & terms.clip_active, one, zero);
-        n_dual += Ops::select(is_valid & terms.dual_clipped, one, zero);
+        n_valid += valid_one;
+        n_low += terms.clipped_low & valid_one;
+        n_high += terms.clipped_high & valid_one;
+        n_active += terms.clip_active & valid_one;
+        n_dual += terms.dual_clipped & valid_one;
         if (seq_grad) {
           dloss_sum += Ops::select(is_valid, weighted_dloss, zero);
         } else if (grad_row != nullptr) {
@@ -210,9 +238,9 @@ class PolicyLossKernel {
       const V coefficient(valid > 0 ? static_cast<acc_t>(row_dloss_sum * row_ratio.dratio / valid) : acc_t(0));
       for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
         const int64_t n = std::min(kTile, a_.T - t0);
-        load(a_.mask, i, t0, n, t.mask, 1);
+        const acc_t* mask = mask_view(t, i, t0, n);
         for (int64_t j = 0; j < n; j += kVec) {
-          const V g = Ops::select(V::loadu(t.mask + j) != zero, coefficient, zero);
+          const V g = Ops::select(V::loadu(mask + j) != zero, coefficient, zero);
           g.store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
         }
       }
@@ -226,21 +254,6 @@ class PolicyLossKernel {
 Partials policy_loss_kernel(const KernelArgs& args) {
   if (args.log_probs.dtype == at::kDouble) return PolicyLossKernel<double>(args).run();
   return PolicyLossKernel<float>(args).run();
-}
-
-void policy_loss_backward_kernel(const void* token_grad, c10::ScalarType acc_dtype, double scale, void* grad_log_probs,
-                                 c10::ScalarType dtype, int64_t numel) {
-  AT_DISPATCH_V2(acc_dtype, "ppo_ext_cpu_backward_acc", AT_WRAP([&] {
-    using acc_t = scalar_t;
-    const acc_t* src = static_cast<const acc_t*>(token_grad);
-    const acc_t s = static_cast<acc_t>(scale);
-    AT_DISPATCH_V2(dtype, "ppo_ext_cpu_backward", AT_WRAP([&] {
-      scalar_t* dst = static_cast<scalar_t*>(grad_log_probs);
-      at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
-        for (int64_t k = begin; k < end; ++k) dst[k] = static_cast<scalar_t>(src[k] * s);
-      });
-    }), at::kFloat, at::kDouble, at::kHalf, at::kBFloat16);
-  }), at::kFloat, at::kDouble);
 }
 
 }  // namespace CPU_CAPABILITY

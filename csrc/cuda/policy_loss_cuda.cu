@@ -169,8 +169,8 @@ __global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(const RowsAr
       row_valid = block_sum<long long>(count, scratch_i);
       if (seq_level) log_ratio_sum = block_sum<double>(static_cast<double>(sum), scratch_d);
     }
-    const math::Ratio<acc_t> row_ratio =
-        math::clamped_exp<Ops>(static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, row_valid)), o);
+    const math::Ratio<acc_t> row_ratio = math::ratio_of<Ops>(
+        math::clamp_log_ratio<Ops>(static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, row_valid)), o));
     const acc_t agg_weight = static_cast<acc_t>(math::row_agg_weight(o.loss_agg_mode, row_valid));
     acc_t* grad_row = a.token_grad ? static_cast<acc_t*>(a.token_grad) + i * a.T : nullptr;
 
@@ -184,13 +184,13 @@ __global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(const RowsAr
         continue;
       }
       const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
-      const acc_t log_ratio = lp - load<acc_t>(a.old_log_probs, i, t, lp);
-      const math::Ratio<acc_t> r = seq_level ? row_ratio : math::clamped_exp<Ops>(log_ratio, o);
+      const auto log_ratio = math::clamp_log_ratio<Ops>(lp - load<acc_t>(a.old_log_probs, i, t, lp), o);
+      const math::Ratio<acc_t> r = seq_level ? row_ratio : math::ratio_of<Ops>(log_ratio);
       const auto terms = math::token_terms<Ops>(r.ratio, load<acc_t>(a.advantages, i, t, 0),
                                                 load<acc_t>(a.token_weights, i, t, 1), o);
       loss += agg_weight * terms.loss;
       ratio_sum += r.ratio;
-      kl_sum += math::neg_log_ratio<Ops>(log_ratio, o);
+      kl_sum -= log_ratio.value;
       ratio_min = math::nan_minimum(ratio_min, r.ratio);
       ratio_max = math::nan_maximum(ratio_max, r.ratio);
       ++row_count;
