@@ -6,7 +6,7 @@
 //     and leaves one Partials per block. Sequence-level ratios need the row's masked mean first, so
 //     a block reads a row in up to three passes (counts / log-ratio sum, loss, "seq" gradient); each
 //     pass streams the row once with coalesced loads.
-//  2. policy_loss_finalize_kernel: one block combines the per-block Partials in a fixed order, reads
+//  2. policy_loss_finalize_kernel: one warp combines the per-block Partials in a fixed order, reads
 //     the normalisers (numbers or device tensors) and writes loss, metrics, counts and grad scale.
 // Backward, one launch: grad_log_probs = grad_loss * grad_scale * token_grad.
 // No atomics on floats, no host synchronisation: the result is bitwise the same from run to run on
@@ -236,15 +236,21 @@ __device__ Normaliser read_normaliser(const DeviceNormaliser& n) {
   return {n.given, n.value};
 }
 
+// One warp: lane k combines partials k, k + 32, ... in order, then lane 0 combines the 32 lane
+// results in order, so the sum is the same on every run.
 template <typename acc_t>
-__global__ void policy_loss_finalize_kernel(const Partials* partials, int num_partials, LossAggMode mode, int64_t T,
-                                            DeviceNormaliser num_tokens, DeviceNormaliser num_seqs,
-                                            DeviceNormaliser loss_scale_factor, acc_t* loss, acc_t* grad_scale,
-                                            float* metrics, int64_t* counts) {
-  // Few partials (at most a few per SM): one thread combines them in order.
+__global__ void __launch_bounds__(32) policy_loss_finalize_kernel(
+    const Partials* partials, int num_partials, LossAggMode mode, int64_t T, DeviceNormaliser num_tokens,
+    DeviceNormaliser num_seqs, DeviceNormaliser loss_scale_factor, acc_t* loss, acc_t* grad_scale, float* metrics,
+    int64_t* counts) {
+  __shared__ Partials lane_totals[32];
   Partials total;
   math::init_partials(total);
-  for (int b = 0; b < num_partials; ++b) math::combine_partials(total, partials[b]);
+  for (int b = threadIdx.x; b < num_partials; b += 32) math::combine_partials(total, partials[b]);
+  lane_totals[threadIdx.x] = total;
+  __syncwarp();
+  if (threadIdx.x != 0) return;
+  for (int lane = 1; lane < 32; ++lane) math::combine_partials(total, lane_totals[lane]);
   const double denominator =
       math::loss_denominator(mode, read_normaliser(num_tokens), read_normaliser(num_seqs),
                              read_normaliser(loss_scale_factor), total.counts[kValidTokens], total.counts[kValidSeqs], T);
@@ -329,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
       policy_loss_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    policy_loss_finalize_kernel<scalar_t><<<1, 1, 0, stream>>>(
+    policy_loss_finalize_kernel<scalar_t><<<1, 32, 0, stream>>>(
         args.partials, blocks, options.loss_agg_mode, T, device_normaliser(num_tokens, num_tokens_value),
         device_normaliser(num_seqs, num_seqs_value), device_normaliser(loss_scale_factor, loss_scale_factor_value),
         loss.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(), metrics.mutable_data_ptr<float>(),

@@ -1,0 +1,150 @@
+"""CUDA-only properties: agreement with the CPU kernels, determinism, no host synchronisation, CUDA
+graphs, launch count, streams, grids beyond 65,535 rows. The device-generic suite (the other test
+files) runs on CUDA too, through the `device` parametrisation."""
+
+import itertools
+
+import pytest
+import torch
+
+import ppo_ext
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ppo_ext.built_with_cuda()),
+    reason="needs a GPU and ppo_ext built with its CUDA kernels (CI has neither; run on a lent GPU)",
+)
+
+IS_MODES = ("token", "seq", "seq-token")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def _inputs(B, T, device, dtype=torch.float32, seed=0, adv_shape="BT", mask_dtype=torch.bool, weights=False):
+    g = torch.Generator().manual_seed(seed)
+    lp = -5 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    old = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, T if adv_shape == "BT" else 1, generator=g, dtype=torch.float64)
+    if adv_shape == "B":
+        adv = adv[:, 0]
+    mask = torch.rand(B, T, generator=g) < 0.8
+    if B > 2:
+        mask[1] = False  # a row with no valid token
+    w = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5 if weights else None
+    cast = lambda t, dt: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
+    return (cast(lp, dtype), cast(old, torch.float32), cast(adv, torch.float32), cast(mask, mask_dtype),
+            cast(w, torch.float32))
+
+
+def _run(lp, old, adv, mask, w, **opts):
+    lp = lp.detach().clone().requires_grad_(True)
+    out = ppo_ext.policy_loss(lp, old, adv, mask, token_weights=w, **opts)
+    out.loss.backward()
+    return out, lp.grad
+
+
+@pytest.mark.parametrize("importance_sampling,loss_agg_mode", list(itertools.product(IS_MODES, AGG_MODES)))
+@pytest.mark.parametrize("dual_clip,log_ratio_clamp,weights,adv_shape", [
+    (None, None, False, "BT"), (3.0, 0.5, True, "B"), (2.0, None, False, "B1")])
+def test_cuda_matches_cpu(importance_sampling, loss_agg_mode, dual_clip, log_ratio_clamp, weights, adv_shape):
+    opts = dict(importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode, dual_clip=dual_clip,
+                log_ratio_clamp=log_ratio_clamp, clip_high=0.28)
+    cpu = _inputs(7, 1000, "cpu", adv_shape=adv_shape, weights=weights)
+    gpu = tuple(None if t is None else t.cuda() for t in cpu)
+    out_c, grad_c = _run(*cpu, **opts)
+    out_g, grad_g = _run(*gpu, **opts)
+    torch.testing.assert_close(out_g.loss.cpu(), out_c.loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(grad_g.cpu(), grad_c, rtol=2e-5, atol=1e-7)
+    assert torch.equal(out_g.counts.cpu(), out_c.counts)
+    for k in ppo_ext.METRIC_NAMES:
+        torch.testing.assert_close(out_g.metrics[k].cpu(), out_c.metrics[k], rtol=2e-5, atol=1e-6, msg=k)
+        assert out_g.metrics[k].device.type == "cuda" and out_g.metrics[k].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("importance_sampling", IS_MODES)
+def test_cuda_bitwise_deterministic(dtype, importance_sampling):
+    inputs = _inputs(300, 777, "cuda", dtype=dtype)
+    out1, grad1 = _run(*inputs, importance_sampling=importance_sampling, dual_clip=3.0)
+    out2, grad2 = _run(*inputs, importance_sampling=importance_sampling, dual_clip=3.0)
+    assert torch.equal(out1.loss, out2.loss) and torch.equal(grad1, grad2) and torch.equal(out1.counts, out2.counts)
+    assert grad1.dtype == dtype
+    for k in ppo_ext.METRIC_NAMES:
+        assert torch.equal(out1.metrics[k], out2.metrics[k]), k
+
+
+def test_no_host_synchronisation():
+    lp, old, adv, mask, _ = _inputs(64, 512, "cuda")
+    lp.requires_grad_(True)
+    num_tokens = mask.sum().float()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for kwargs in ({}, {"num_tokens": num_tokens}, {"num_tokens": 1234.0}, {"loss_agg_mode": "seq-mean-token-mean"}):
+            out = ppo_ext.policy_loss(lp, old, adv, mask, dual_clip=3.0, **kwargs)
+            out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(lp.grad).all()
+
+
+def test_launch_count():
+    lp, old, adv, mask, _ = _inputs(32, 1024, "cuda")
+    lp.requires_grad_(True)
+    for _ in range(2):  # warm up
+        ppo_ext.policy_loss(lp, old, adv, mask).loss.backward()
+    lp.grad = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ppo_ext.policy_loss(lp, old, adv, mask).loss.backward()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = sorted({e.name for e in kernels})
+    assert len(kernels) <= 3, names  # rows + finalize (forward), scale (backward)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_cuda(mode):
+    lp, old, adv, mask, _ = _inputs(16, 300, "cuda")
+
+    def step(lp):
+        out = ppo_ext.policy_loss(lp, old, adv, mask, dual_clip=3.0, num_tokens=100.0)
+        return out.loss, out.counts
+
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    for _ in range(3):  # CUDA graphs record on a later call
+        x = lp.detach().clone().requires_grad_(True)
+        loss_c, counts_c = compiled(x)
+        loss_c.backward()
+    y = lp.detach().clone().requires_grad_(True)
+    loss_e, counts_e = step(y)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(x.grad, y.grad)
+    assert torch.equal(counts_c, counts_e)
+
+
+def test_side_stream_and_second_device_guard():
+    lp, old, adv, mask, _ = _inputs(8, 257, "cuda")
+    expected = ppo_ext.policy_loss(lp, old, adv, mask).loss
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = ppo_ext.policy_loss(lp, old, adv, mask).loss
+    s.synchronize()
+    assert torch.equal(got, expected)
+
+
+def test_grid_beyond_65535_rows():
+    B = 70_000
+    lp, old, adv, mask, _ = _inputs(B, 3, "cuda", adv_shape="B")
+    out_g, grad_g = _run(lp, old, adv, mask, None, importance_sampling="seq")
+    out_c, grad_c = _run(lp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), None, importance_sampling="seq")
+    assert torch.equal(out_g.counts.cpu(), out_c.counts)
+    torch.testing.assert_close(grad_g.cpu(), grad_c, rtol=2e-5, atol=1e-8)
+    torch.testing.assert_close(out_g.loss.cpu(), out_c.loss, rtol=2e-5, atol=1e-7)
+
+
+def test_normaliser_tensor_on_device_and_zero():
+    lp, old, adv, mask, _ = _inputs(4, 50, "cuda")
+    lp.requires_grad_(True)
+    out = ppo_ext.policy_loss(lp, old, adv, mask, num_tokens=torch.zeros((), device="cuda"))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.count_nonzero(lp.grad).item() == 0
