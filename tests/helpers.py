@@ -1,0 +1,189 @@
+"""Shared helpers of the test suite: random inputs, running ppo_ext and the float64 reference, tolerances."""
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+import ppo_ext
+from ppo_ext.reference import policy_loss_reference
+
+IS_MODES = ("token", "seq", "seq-token")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+MASK_KINDS = ("bool", "uint8", "int64", "float32", None)
+ADV_SHAPES = ("BT", "B1", "B")
+MASK_DTYPES = {"bool": torch.bool, "uint8": torch.uint8, "int64": torch.int64, "float32": torch.float32}
+
+# The options the random inputs are made for (ties with their boundaries are kept away).
+CLIP_LOW, CLIP_HIGH, DUAL_CLIP, LOG_RATIO_CLAMP = 0.2, 0.28, 1.5, 0.45
+
+
+@dataclass
+class Inputs:
+    lp: torch.Tensor
+    old: Optional[torch.Tensor]
+    adv: torch.Tensor
+    mask: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor]
+
+    def to(self, device):
+        f = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Inputs(f(self.lp), f(self.old), f(self.adv), f(self.mask), f(self.weights))
+
+    def f64(self):
+        """float64 copies of the (already rounded) values: what the reference is run on."""
+        f = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
+        return Inputs(f(self.lp), f(self.old), f(self.adv), self.mask, f(self.weights))
+
+
+def _valid(mask, B, T):
+    return torch.ones(B, T, dtype=torch.bool) if mask is None else mask != 0
+
+
+def _near_boundary(x, boundaries, margin):
+    near = torch.zeros_like(x, dtype=torch.bool)
+    for b in boundaries:
+        near |= (x - b).abs() < margin
+    return near
+
+
+def make_inputs(B, T, *, seed, device="cpu", dtype=torch.float32, old_dtype=None, adv_shape="BT",
+                mask_kind="bool", weights=True, density=0.8, empty_row=True,
+                clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL_CLIP, log_ratio_clamp=LOG_RATIO_CLAMP,
+                margin=1e-4) -> Inputs:
+    """Fresh random inputs with realistic scales.
+
+    log-probs ~ -U(0, 5); old = lp + a per-row offset (spread over [-0.6, 0.6], so that whole rows clip
+    at the sequence level too) + N(0, 0.3) per token; advantages N(0, 1); mask of density ~0.8, row 1
+    fully masked when empty_row; weights U(0, 2). Tokens (and rows, for the sequence ratio) whose log
+    ratio lies within `margin` of a clip, dual-clip or clamp boundary are moved away, so that float32
+    and float64 agree on every comparison and counts can be compared exactly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    old_dtype = old_dtype or dtype
+    lp = (-5 * torch.rand(B, T, generator=g, dtype=torch.float64)).to(dtype)
+    offsets = torch.linspace(-0.6, 0.6, B, dtype=torch.float64)[torch.randperm(B, generator=g)] if B else torch.zeros(0)
+    offsets = offsets + 0.05 * torch.randn(B, generator=g, dtype=torch.float64)
+    noise = 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    old = (lp.double() - offsets[:, None] + noise).to(old_dtype)  # d = lp - old = offset - noise
+    adv_full = torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = {"BT": adv_full, "B1": adv_full[:, :1].clone(), "B": adv_full[:, 0].clone()}[adv_shape].to(old_dtype)
+    valid = torch.rand(B, T, generator=g) < density
+    if mask_kind is None:
+        valid = torch.ones(B, T, dtype=torch.bool)
+    elif empty_row and B >= 3:
+        valid[1] = False
+    w = (2 * torch.rand(B, T, generator=g, dtype=torch.float64)).to(old_dtype) if weights else None
+
+    bounds = [math.log(1 - clip_low), math.log(1 + clip_high)]
+    if dual_clip is not None:
+        bounds.append(math.log(dual_clip))
+    if log_ratio_clamp is not None:
+        bounds += [log_ratio_clamp, -log_ratio_clamp]
+    for _ in range(100):
+        d = lp.double() - old.double()
+        bad_tok = _near_boundary(d, bounds, margin)
+        dbar = torch.where(valid, d, 0).sum(1) / valid.sum(1).clamp(min=1)
+        bad_row = _near_boundary(dbar, bounds, margin)
+        if not bad_tok.any() and not bad_row.any():
+            break
+        shift = 10 * margin * (bad_tok | bad_row[:, None])
+        old = (old.double() + shift).to(old_dtype)
+    else:
+        raise AssertionError("could not move the inputs away from the boundaries")
+
+    mask = None if mask_kind is None else valid.to(MASK_DTYPES[mask_kind])
+    return Inputs(lp, old, adv, mask, w).to(device)
+
+
+def options(importance_sampling="token", loss_agg_mode="token-mean", dual=False, clamp=False, **extra):
+    kw = dict(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, importance_sampling=importance_sampling,
+              loss_agg_mode=loss_agg_mode, dual_clip=DUAL_CLIP if dual else None,
+              log_ratio_clamp=LOG_RATIO_CLAMP if clamp else None)
+    kw.update(extra)
+    return kw
+
+
+def run_ext(inp: Inputs, grad=True, **kw):
+    """ppo_ext.policy_loss on the inputs, with the gradient w.r.t. log_probs (None if grad=False)."""
+    lp = inp.lp.detach().clone().requires_grad_(grad)
+    out = ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **kw)
+    if grad:
+        out.loss.backward()
+    return out, lp.grad
+
+
+def run_ref(inp: Inputs, **kw):
+    """The reference on float64 copies of the (rounded) inputs, with its autograd gradient."""
+    x = inp.f64()
+    lp = x.lp.clone().requires_grad_(True)
+    out = policy_loss_reference(lp, x.old, x.adv, x.mask, token_weights=x.weights, **kw)
+    out.loss.backward()
+    return out, lp.grad
+
+
+# Tolerances by the dtype of log_probs: the kernels compute in float32 (float64 for float64) from the
+# rounded inputs; the reference computes in float64 from the same rounded values.
+LOSS_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-5, 1e-6), torch.float16: (1e-5, 1e-6),
+            torch.float64: (1e-10, 1e-12)}
+# The gradient is rounded to log_probs' dtype at the end.
+GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float64: 1e-10}
+METRIC_TOL = (1e-5, 1e-6)
+
+
+def assert_close_to_reference(ext, ext_grad, ref, ref_grad, dtype, what=""):
+    lp_dtype = dtype
+    acc = torch.float64 if lp_dtype == torch.float64 else torch.float32
+    assert ext.loss.dtype == acc, f"{what}: loss dtype {ext.loss.dtype}, expected {acc}"
+    assert ext.loss.shape == ()
+    rtol, atol = LOSS_TOL[lp_dtype]
+    torch.testing.assert_close(ext.loss.double().cpu(), ref.loss.detach().double().cpu(), rtol=rtol, atol=atol,
+                               equal_nan=True, msg=lambda m: f"{what}: loss\n{m}")
+    assert set(ext.metrics) == set(ppo_ext.METRIC_NAMES)
+    for k in ppo_ext.METRIC_NAMES:
+        v = ext.metrics[k]
+        assert v.dtype == torch.float32 and v.shape == () and not v.requires_grad, f"{what}: metric {k}: {v!r}"
+        torch.testing.assert_close(v.cpu(), ref.metrics[k].cpu(), rtol=METRIC_TOL[0], atol=METRIC_TOL[1],
+                                   equal_nan=True, msg=lambda m: f"{what}: metric {k}\n{m}")
+    assert ext.counts.dtype == torch.int64 and ext.counts.shape == (6,)
+    assert torch.equal(ext.counts.cpu(), ref.counts.cpu()), \
+        f"{what}: counts {ext.counts.tolist()} != reference {ref.counts.tolist()} ({ppo_ext.COUNT_NAMES})"
+    if ext_grad is not None:
+        assert ext_grad.dtype == lp_dtype, f"{what}: gradient dtype {ext_grad.dtype}, expected {lp_dtype}"
+        assert ext_grad.shape == ref_grad.shape
+        scale = ref_grad.abs().max().item() if ref_grad.numel() else 0.0
+        torch.testing.assert_close(ext_grad.double().cpu(), ref_grad.cpu(), rtol=GRAD_RTOL[lp_dtype],
+                                   atol=1e-6 * scale + 1e-12, equal_nan=True,
+                                   msg=lambda m: f"{what}: gradient\n{m}")
+
+
+def check_against_reference(inp: Inputs, what="", **kw):
+    ext, ext_grad = run_ext(inp, **kw)
+    ref, ref_grad = run_ref(inp, **kw)
+    assert_close_to_reference(ext, ext_grad, ref, ref_grad, inp.lp.dtype, what or str(kw))
+    return ext, ext_grad, ref, ref_grad
+
+
+def clone_inputs(inp: Inputs) -> Inputs:
+    f = lambda t: None if t is None else t.clone()  # noqa: E731
+    return Inputs(f(inp.lp), f(inp.old), f(inp.adv), f(inp.mask), f(inp.weights))
+
+
+def bitwise_equal_outputs(a, b):
+    """Asserts loss, metrics and counts bitwise equal (NaN equal to NaN)."""
+    assert torch.equal(a.counts, b.counts), (a.counts, b.counts)
+    assert _same_bits(a.loss, b.loss), (a.loss, b.loss)
+    for k in ppo_ext.METRIC_NAMES:
+        assert _same_bits(a.metrics[k], b.metrics[k]), (k, a.metrics[k], b.metrics[k])
+
+
+def _same_bits(x, y):
+    if x is None or y is None:
+        return x is None and y is None
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(
+        x.detach().cpu().contiguous().view(-1).view(torch.uint8), y.detach().cpu().contiguous().view(-1).view(torch.uint8))
+
+
+same_bits = _same_bits
+__all__ = ["Inputs", "make_inputs", "options", "run_ext", "run_ref", "check_against_reference", "replace"]
