@@ -1,0 +1,428 @@
+"""ppo_ext.policy_loss against the float64 reference of SPEC.md, on every device: every option,
+dtype, layout and normaliser; gradients (gradcheck and autograd of the reference); opcheck;
+torch.compile; the seed's worked examples; determinism."""
+
+import itertools
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppo_ext
+from helpers import (ADV_SHAPES, AGG_MODES, IS_MODES, MASK_KINDS, Inputs, bitwise_equal_outputs,
+                     check_against_reference, make_inputs, options, run_ext, run_ref, same_bits)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _seed(*parts):
+    """A fresh, reproducible seed per parametrisation."""
+    return abs(hash(tuple(str(p) for p in parts))) % (2 ** 31)
+
+
+# --------------------------------------------------------------------------------------------
+# Values and gradients against the reference.
+
+
+@pytest.mark.parametrize("clamp", [False, True], ids=["noclamp", "clamp"])
+@pytest.mark.parametrize("dual", [False, True], ids=["nodual", "dual"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("is_mode", IS_MODES)
+def test_every_option_matches_reference(device, is_mode, agg, dual, clamp):
+    kw = options(is_mode, agg, dual, clamp)
+    for B, T in [(6, 37), (3, 1), (4, 130)]:
+        inp = make_inputs(B, T, seed=_seed(is_mode, agg, dual, clamp, B, T), device=device)
+        check_against_reference(inp, what=f"{kw} B={B} T={T}", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("is_mode", IS_MODES)
+def test_dtypes(device, dtype, is_mode):
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        kw = options(is_mode, agg, dual=True, clamp=True)
+        # T = 1100 crosses the CPU tile and is not a multiple of any vector width.
+        inp = make_inputs(5, 1100, seed=_seed(dtype, is_mode, agg), device=device, dtype=dtype)
+        check_against_reference(inp, what=f"{dtype} {kw}", **kw)
+
+
+@pytest.mark.parametrize("old_dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_constant_inputs_in_other_dtypes(device, old_dtype):
+    """old_log_probs, advantages and token_weights may have their own floating dtype."""
+    inp = make_inputs(4, 50, seed=_seed(old_dtype), device=device, dtype=torch.bfloat16, old_dtype=old_dtype)
+    check_against_reference(inp, **options("token", dual=True))
+
+
+@pytest.mark.parametrize("mask_kind", MASK_KINDS, ids=str)
+@pytest.mark.parametrize("adv_shape", ADV_SHAPES)
+def test_mask_dtypes_and_advantage_shapes(device, mask_kind, adv_shape):
+    for is_mode in IS_MODES:
+        inp = make_inputs(5, 33, seed=_seed(mask_kind, adv_shape, is_mode), device=device, adv_shape=adv_shape,
+                          mask_kind=mask_kind)
+        check_against_reference(inp, **options(is_mode, "seq-mean-token-mean", dual=True))
+
+
+def test_without_token_weights(device):
+    for is_mode in IS_MODES:
+        inp = make_inputs(5, 40, seed=_seed("now", is_mode), device=device, weights=False)
+        check_against_reference(inp, **options(is_mode, dual=True))
+
+
+def test_on_policy_ratio_is_one(device):
+    """old_log_probs=None: ratio 1 everywhere, nothing clipped, loss = -weighted mean of A."""
+    inp = make_inputs(4, 25, seed=1, device=device)
+    inp.old = None
+    ext, grad, ref, ref_grad = check_against_reference(inp, **options("token"))
+    for k in ("ratio_mean", "ratio_min", "ratio_max"):
+        assert ext.metrics[k].item() == 1.0
+    assert ext.counts[2:].tolist() == [0, 0, 0, 0]
+    valid = inp.mask.cpu()
+    expected = -(inp.adv * inp.weights).double().cpu()[valid].sum() / valid.sum()
+    assert math.isclose(ext.loss.item(), expected.item(), rel_tol=1e-5)
+
+
+def test_asymmetric_clip_and_clip_high_default(device):
+    inp = make_inputs(6, 64, seed=2, device=device, clip_low=0.1, clip_high=0.1)
+    out_default = ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, clip_low=0.1)
+    out_explicit = ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, clip_low=0.1, clip_high=0.1)
+    bitwise_equal_outputs(out_default, out_explicit)
+    inp = make_inputs(6, 64, seed=3, device=device, clip_low=0.1, clip_high=0.4)
+    check_against_reference(inp, clip_low=0.1, clip_high=0.4)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["number", "tensor"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_global_normalisers(device, agg, as_tensor):
+    inp = make_inputs(5, 30, seed=_seed("norm", agg, as_tensor), device=device)
+    vals = dict(num_tokens=517, num_seqs=13, loss_scale_factor=2048.0)
+    if as_tensor:
+        vals = {k: torch.tensor(v, device=device) for k, v in vals.items()}
+    check_against_reference(inp, **options("token", agg, dual=True), **vals)
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_zero_denominator_gives_zero_loss_and_gradient(device, agg):
+    inp = make_inputs(4, 20, seed=4, device=device)
+    inp.mask = torch.zeros_like(inp.mask)
+    ext, grad = run_ext(inp, loss_agg_mode=agg)
+    assert ext.loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
+    assert ext.counts.tolist() == [0] * 6
+    assert [ext.metrics[k].item() for k in ppo_ext.METRIC_NAMES] == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    # A given normaliser of 0 too.
+    inp = make_inputs(4, 20, seed=5, device=device)
+    ext, grad = run_ext(inp, loss_agg_mode=agg, num_tokens=0, num_seqs=torch.tensor(0, device=device),
+                        loss_scale_factor=0.0)
+    if agg != "token-sum":
+        assert ext.loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 7), (3, 0), (1, 1)])
+def test_empty_and_tiny_shapes(device, shape):
+    B, T = shape
+    for is_mode, agg in itertools.product(IS_MODES, AGG_MODES):
+        inp = make_inputs(B, T, seed=6, device=device)
+        check_against_reference(inp, what=f"{shape} {is_mode} {agg}", **options(is_mode, agg, dual=True))
+
+
+def test_many_rows_and_chunks(device):
+    """Enough tokens for several CPU chunks and CUDA blocks, with B not a multiple of anything."""
+    for is_mode in IS_MODES:
+        inp = make_inputs(67, 1531, seed=_seed("big", is_mode), device=device, adv_shape="B")
+        check_against_reference(inp, **options(is_mode, "seq-mean-token-mean", dual=True, clamp=True))
+
+
+def _noncontiguous(inp: Inputs, device):
+    """The same values in non-contiguous layouts: transposed storage, strided slices, expanded advantages."""
+    B, T = inp.lp.shape
+
+    def transposed(t):
+        return None if t is None else t.t().contiguous().t()
+
+    def sliced(t):
+        if t is None:
+            return None
+        big = torch.zeros(B, 2 * T + 3, dtype=t.dtype, device=device)
+        big[:, 1:2 * T + 1:2] = t
+        return big[:, 1:2 * T + 1:2]
+
+    adv = inp.adv[:, :1].expand(B, T) if inp.adv.dim() == 2 else inp.adv
+    return Inputs(transposed(inp.lp), sliced(inp.old), adv, transposed(inp.mask), sliced(inp.weights))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_noncontiguous_inputs(device, dtype):
+    for is_mode in IS_MODES:
+        inp = make_inputs(7, 45, seed=_seed("nc", is_mode, dtype), device=device, dtype=dtype, adv_shape="B1")
+        nc = _noncontiguous(inp, device)
+        assert not nc.lp.is_contiguous() and not nc.old.is_contiguous() and nc.adv.stride(1) == 0
+        ext_nc, grad_nc = run_ext(nc, **options(is_mode, dual=True))
+        ext, grad = run_ext(inp, **options(is_mode, dual=True))
+        bitwise_equal_outputs(ext_nc, ext)
+        assert same_bits(grad_nc, grad)
+        check_against_reference(nc, **options(is_mode, dual=True))
+
+
+def test_sequence_gradients(device):
+    """seq and seq-token: same values; same gradient when w*A is constant within each row, different
+    (and both equal to their reference) otherwise."""
+    inp = make_inputs(6, 40, seed=7, device=device, adv_shape="B", weights=False)
+    seq, g_seq, _, _ = check_against_reference(inp, **options("seq"))
+    tok, g_tok, _, _ = check_against_reference(inp, **options("seq-token"))
+    torch.testing.assert_close(seq.loss, tok.loss)
+    torch.testing.assert_close(g_seq, g_tok, rtol=1e-5, atol=1e-7)
+    inp = make_inputs(6, 40, seed=8, device=device, adv_shape="BT")
+    _, g_seq, _, _ = check_against_reference(inp, **options("seq"))
+    _, g_tok, _, _ = check_against_reference(inp, **options("seq-token"))
+    assert (g_seq - g_tok).abs().max() > 1e-3
+
+
+def test_masked_positions_get_zero_gradient(device):
+    inp = make_inputs(5, 30, seed=9, device=device)
+    for is_mode in IS_MODES:
+        _, grad = run_ext(inp, **options(is_mode, dual=True))
+        assert torch.count_nonzero(grad[inp.mask == 0]).item() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# The seed's worked examples (seed/000_cd3f8a46b0f166e6.txt), numbers derived here from the formulas.
+
+SEED_LP = [[-0.5, -1.2, -0.8, -2.0], [-1.0, -0.4, -1.5, -0.9]]
+SEED_OLD = [[-0.6, -1.1, -1.1, -2.1], [-1.3, -0.5, -1.4, -0.9]]
+
+
+def test_seed_clipfrac_example(device):
+    ratio = torch.tensor([[1.10, 0.95, 1.25, 1.05], [0.75, 1.15, 0.82, 0.99]], dtype=torch.float64)
+    lp = ratio.log().to(device)
+    old = torch.zeros_like(lp)
+    out = ppo_ext.policy_loss(lp, old, torch.ones_like(lp), clip_low=0.2)
+    low, high = (ratio < 0.8).sum().item(), (ratio > 1.2).sum().item()
+    assert (low, high) == (1, 1)
+    assert out.counts[2:4].tolist() == [low, high]
+    assert out.metrics["clipfrac"].item() == pytest.approx((low + high) / 8)
+    assert out.metrics["clipfrac_low"].item() == pytest.approx(1 / 8)
+    assert out.metrics["clipfrac_high"].item() == pytest.approx(1 / 8)
+
+
+def test_seed_token_ratio_example(device):
+    lp = torch.tensor(SEED_LP, dtype=torch.float64, device=device)
+    old = torch.tensor(SEED_OLD, dtype=torch.float64, device=device)
+    out = ppo_ext.policy_loss(lp, old, torch.ones(2, device=device, dtype=torch.float64), clip_low=0.2)
+    r = [math.exp(a - b) for ra, rb in zip(SEED_LP, SEED_OLD) for a, b in zip(ra, rb)]
+    assert [round(x, 4) for x in r] == [1.1052, 0.9048, 1.3499, 1.1052, 1.3499, 1.1052, 0.9048, 1.0]
+    assert out.metrics["ratio_mean"].item() == pytest.approx(sum(r) / 8, rel=1e-6)
+    assert out.metrics["ratio_min"].item() == pytest.approx(min(r), rel=1e-6)
+    assert out.metrics["ratio_max"].item() == pytest.approx(max(r), rel=1e-6)
+    assert out.counts[3].item() == sum(x > 1.2 for x in r) == 2
+
+
+def test_seed_sequence_ratio_example(device):
+    lp = torch.tensor(SEED_LP, dtype=torch.float64, device=device)
+    old = torch.tensor(SEED_OLD, dtype=torch.float64, device=device)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], device=device)
+    out = ppo_ext.policy_loss(lp, old, torch.ones(2, device=device, dtype=torch.float64), mask,
+                              importance_sampling="seq")
+    means = [sum(SEED_LP[0][t] - SEED_OLD[0][t] for t in range(3)) / 3,
+             sum(SEED_LP[1][t] - SEED_OLD[1][t] for t in range(4)) / 4]
+    assert means == pytest.approx([0.1, 0.075])
+    r = [math.exp(x) for x in means]
+    assert [round(x, 4) for x in r] == [1.1052, 1.0779]
+    assert out.metrics["ratio_min"].item() == pytest.approx(r[1], rel=1e-6)
+    assert out.metrics["ratio_max"].item() == pytest.approx(r[0], rel=1e-6)
+    assert out.metrics["ratio_mean"].item() == pytest.approx((3 * r[0] + 4 * r[1]) / 7, rel=1e-6)
+    assert out.counts[:2].tolist() == [7, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients: gradcheck in float64 (the ops' own backward against finite differences).
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("is_mode", IS_MODES)
+def test_gradcheck(device, is_mode, agg):
+    # seq-token's gradient is by definition not the derivative of its value (SPEC: stop-gradient), except
+    # where w*A is constant within each row: there gradcheck applies to it too.
+    constant_row = is_mode == "seq-token"
+    inp = make_inputs(4, 9, seed=_seed("gc", is_mode, agg), device=device, dtype=torch.float64, margin=1e-3,
+                      adv_shape="B" if constant_row else "BT", weights=not constant_row)
+    kw = options(is_mode, agg, dual=True, clamp=True)
+
+    def loss(lp):
+        return ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **kw).loss
+
+    lp = inp.lp.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss, (lp,), eps=1e-6, atol=1e-7)
+
+
+def test_grad_scales_with_upstream_gradient(device):
+    inp = make_inputs(4, 30, seed=10, device=device)
+    lp = inp.lp.clone().requires_grad_(True)
+    out = ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, dual_clip=1.5)
+    (g,) = torch.autograd.grad(out.loss * 3.5, lp)
+    _, g1 = run_ext(inp, dual_clip=1.5)
+    torch.testing.assert_close(g, 3.5 * g1, rtol=1e-6, atol=0)
+
+
+def test_gradient_only_to_log_probs(device):
+    inp = make_inputs(3, 10, seed=11, device=device)
+    lp = inp.lp.clone().requires_grad_(True)
+    old, adv, w = (t.clone().requires_grad_(True) for t in (inp.old, inp.adv, inp.weights))
+    out = ppo_ext.policy_loss(lp, old, adv, inp.mask, token_weights=w)
+    out.loss.backward()
+    assert lp.grad is not None and old.grad is None and adv.grad is None and w.grad is None
+    assert all(not v.requires_grad for v in out.metrics.values()) and not out.counts.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# The ops as PyTorch sees them: opcheck (schema, fake kernels, autograd registration), compile.
+
+
+def _op_args(inp: Inputs, compute_grad=True, **kw):
+    kw = {**options(**kw)}
+    return (inp.lp, inp.old, inp.adv, inp.mask, inp.weights, None, None, None, None, None, None,
+            kw["clip_low"], kw["clip_high"], kw["dual_clip"], kw["log_ratio_clamp"], kw["importance_sampling"],
+            kw["loss_agg_mode"], compute_grad)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
+@pytest.mark.parametrize("is_mode", IS_MODES)
+def test_opcheck_policy_loss(device, is_mode, layout):
+    inp = make_inputs(5, 21, seed=_seed("oc", is_mode), device=device, adv_shape="B")
+    if layout == "noncontiguous":
+        inp = _noncontiguous(inp, device)
+    inp.lp.requires_grad_(True)
+    torch.library.opcheck(torch.ops.ppo_ext.policy_loss.default,
+                          _op_args(inp, importance_sampling=is_mode, dual=True, clamp=True))
+    # Tensor normalisers, and compute_grad=False (which saves nothing to go backward through).
+    inp.lp = inp.lp.detach()
+    args = list(_op_args(inp, compute_grad=False, loss_agg_mode="seq-mean-token-sum-norm"))
+    args[5:8] = [torch.tensor(100.0, device=device), torch.tensor(4, device=device), torch.tensor(7.0, device=device)]
+    torch.library.opcheck(torch.ops.ppo_ext.policy_loss.default, tuple(args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_opcheck_policy_loss_backward(device, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    token_grad = torch.randn(6, 13, dtype=acc, device=device)
+    grad_scale = torch.tensor(0.25, dtype=acc, device=device)
+    grad_loss = torch.tensor(2.0, dtype=acc, device=device)
+    torch.library.opcheck(torch.ops.ppo_ext.policy_loss_backward.default, (grad_loss, token_grad, grad_scale, dtype))
+    out = torch.ops.ppo_ext.policy_loss_backward(grad_loss, token_grad, grad_scale, dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, (token_grad * 0.5).to(dtype))
+
+
+def test_fake_kernel_matches_real_kernel(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    inp = make_inputs(5, 21, seed=12, device=device, dtype=torch.bfloat16)
+    real = torch.ops.ppo_ext.policy_loss(*_op_args(inp))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_inp = Inputs(*(None if t is None else mode.from_tensor(t) for t in
+                            (inp.lp, inp.old, inp.adv, inp.mask, inp.weights)))
+        fake = torch.ops.ppo_ext.policy_loss(*_op_args(fake_inp))
+    for r, f in zip(real, fake):
+        assert (r.shape, r.dtype, r.stride(), r.device) == (f.shape, f.dtype, f.stride(), f.device)
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    kw = options("seq-token", "seq-mean-token-mean", dual=True, clamp=True)
+
+    def step(lp, old, adv, mask, w, num_tokens):
+        out = ppo_ext.policy_loss(lp, old, adv, mask, token_weights=w, num_tokens=num_tokens, **kw)
+        return out.loss * 2, out.metrics["clipfrac"], out.counts
+
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in (13, 14):  # the second call re-uses the compiled graph
+        inp = make_inputs(6, 40, seed=seed, device=device)
+        lp1 = inp.lp.clone().requires_grad_(True)
+        lp2 = inp.lp.clone().requires_grad_(True)
+        nt = torch.tensor(300.0, device=device)
+        a = compiled(lp1, inp.old, inp.adv, inp.mask, inp.weights, nt)
+        b = step(lp2, inp.old, inp.adv, inp.mask, inp.weights, nt)
+        a[0].backward()
+        b[0].backward()
+        for x, y in zip(a, b):
+            assert same_bits(x, y)
+        assert same_bits(lp1.grad, lp2.grad)
+
+
+def test_module(device):
+    module = ppo_ext.PolicyLoss(clip_low=0.2, clip_high=0.28, dual_clip=1.5, importance_sampling="seq")
+    assert "dual_clip=1.5" in repr(module)
+    inp = make_inputs(4, 20, seed=15, device=device)
+    out = module(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, num_tokens=50)
+    ref = ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, num_tokens=50,
+                              clip_low=0.2, clip_high=0.28, dual_clip=1.5, importance_sampling="seq")
+    bitwise_equal_outputs(out, ref)
+    with pytest.raises(TypeError, match="num_tokens"):
+        ppo_ext.PolicyLoss(num_tokens=3)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        ppo_ext.PolicyLoss(loss_agg_mode="mean")
+
+
+def test_no_grad_saves_no_gradient(device):
+    inp = make_inputs(4, 20, seed=16, device=device)
+    args = list(_op_args(inp, compute_grad=False))
+    *_, token_grad, _ = torch.ops.ppo_ext.policy_loss(*args)
+    assert token_grad.shape == (0,)
+    with torch.no_grad():
+        out = ppo_ext.policy_loss(inp.lp.requires_grad_(True), inp.old, inp.adv, inp.mask)
+    assert not out.loss.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism.
+
+
+def test_bitwise_deterministic(device):
+    inp = make_inputs(37, 3001, seed=17, device=device)
+    for is_mode in IS_MODES:
+        kw = options(is_mode, "seq-mean-token-mean", dual=True)
+        a, ga = run_ext(inp, **kw)
+        b, gb = run_ext(inp, **kw)
+        bitwise_equal_outputs(a, b)
+        assert same_bits(ga, gb)
+
+
+def test_cpu_result_does_not_depend_on_thread_count():
+    inp = make_inputs(41, 4099, seed=18)  # about 10 chunks of work
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append([run_ext(inp, **options(m, "seq-mean-token-mean", dual=True)) for m in IS_MODES])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for (a, ga), (b, gb) in zip(results[0], other):
+            bitwise_equal_outputs(a, b)
+            assert same_bits(ga, gb)
+
+
+_ISA_SCRIPT = r"""
+import itertools, torch
+from helpers import IS_MODES, AGG_MODES, make_inputs, options, check_against_reference
+for i, (dtype, is_mode, agg) in enumerate(itertools.product(
+        (torch.float32, torch.bfloat16, torch.float16, torch.float64), IS_MODES, AGG_MODES)):
+    for B, T in ((3, 1), (4, 17), (2, 1100)):
+        inp = make_inputs(B, T, seed=1000 + i, dtype=dtype)
+        check_against_reference(inp, **options(is_mode, agg, dual=True, clamp=True))
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "native"])
+def test_cpu_instruction_sets(capability):
+    """Each CPU kernel (scalar, AVX2, the widest the machine has) against the reference."""
+    env = dict(os.environ)
+    env.pop("PPO_EXT_CPU_CAPABILITY", None)
+    if capability != "native":
+        env["PPO_EXT_CPU_CAPABILITY"] = capability
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
