@@ -23,7 +23,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$
   "$PY" -m pip install -q --disable-pip-version-check "torch==$PPO_EXT_TORCH"
 fi
 "$PY" -m pip install -q --disable-pip-version-check ninja setuptools wheel pytest numpy expecttest hypothesis \
-  tabulate matplotlib 2>&1 | grep -v "^WARNING: Location" || true
+  tabulate matplotlib 2>&1 | { grep -v "^WARNING: Location" || true; }
 
 # CUDA kernels are compiled (not run: there may be no GPU) wherever torch is a CUDA build and nvcc exists.
 if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import torch, sys; sys.exit(torch.version.cuda is None)"; then
@@ -31,6 +31,7 @@ if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import torch, sys; sys.exit(torc
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 fi
 echo "== building ppo_ext (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
+# pip's exit status counts (pipefail); grep only drops the noise of the offline index.
 MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . \
-  2>&1 | grep -v "^WARNING: Location" || true
+  2>&1 | { grep -v "^WARNING: Location" || true; }
 "$PY" -c "import ppo_ext; print('== ppo_ext', ppo_ext.__version__, 'built with CUDA:', ppo_ext.built_with_cuda())"

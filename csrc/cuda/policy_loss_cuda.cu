@@ -1,16 +1,19 @@
 // The CUDA implementation of the ppo_ext ops (TORCH_LIBRARY_IMPL(ppo_ext, CUDA)).
 //
-// Forward, two launches on the current stream:
-//  1. policy_loss_rows_kernel: a block takes whole rows (grid-stride, so any B), computes each
-//     token's loss, counters and gradient with the shared math of policy_loss.h, writes the gradient,
-//     and leaves one Partials per block. Sequence-level ratios need the row's masked mean first, so
-//     a block reads a row in up to three passes (counts / log-ratio sum, loss, "seq" gradient); each
-//     pass streams the row once with coalesced loads.
-//  2. policy_loss_finalize_kernel: one warp combines the per-block Partials in a fixed order, reads
-//     the normalisers (numbers or device tensors) and writes loss, metrics, counts and grad scale.
+// Forward, one kernel (after a 4-byte memset of its block counter) on the current stream:
+// policy_loss_kernel: a block takes whole rows (grid-stride, so any B), computes each token's loss,
+// counters and gradient with the shared math of policy_loss.h, writes the gradient, and leaves one
+// Partials per block. Sequence-level ratios need the row's masked mean first, so a block reads a row
+// in up to three passes (counts / log-ratio sum, loss, "seq" gradient); each pass streams the row once
+// with coalesced loads. The last block to finish (it takes the last ticket of the block counter) then
+// combines every block's Partials in block order, reads the normalisers (numbers or device tensors)
+// and writes loss, metrics, counts and grad scale.
 // Backward, one launch: grad_log_probs = grad_loss * grad_scale * token_grad.
 // No atomics on floats, no host synchronisation: the result is bitwise the same from run to run on
 // a given GPU (the grid depends only on B and the GPU's SM count).
+#include <algorithm>
+#include <cstring>
+
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -90,12 +93,18 @@ __device__ __forceinline__ bool is_valid(const StridedInput& mask, int64_t i, in
   return mask.data == nullptr || load_element<float>(mask.data, mask.dtype, i * mask.row_stride + t * mask.col_stride) != 0.0f;
 }
 
-struct RowsArgs {
+struct PolicyLossArgs {
   StridedInput log_probs, old_log_probs, advantages, mask, token_weights;
   int64_t B, T;
   LossOptions options;
-  void* token_grad;     // (B, T) contiguous acc_t, or nullptr
-  Partials* partials;   // one per block
+  DeviceNormaliser num_tokens, num_seqs, loss_scale_factor;
+  void* token_grad;            // (B, T) contiguous acc_t, or nullptr
+  Partials* partials;          // one per block
+  unsigned int* blocks_done;   // 0 at launch
+  void* loss;                  // acc_t
+  void* grad_scale;            // acc_t
+  float* metrics;
+  int64_t* counts;
 };
 
 // Deterministic block-wide sum: warp shuffles, then warp 0 over the warp totals, in a fixed order.
@@ -136,8 +145,44 @@ __device__ T block_extreme(T v, T* scratch) {
   return scratch[0];
 }
 
+__device__ Normaliser read_normaliser(const DeviceNormaliser& n) {
+  if (n.data != nullptr) return {true, load_element<double>(n.data, n.dtype, 0)};
+  return {n.given, n.value};
+}
+
+// Another block's Partials, read from L2 (bypassing this SM's L1, which is not coherent).
+__device__ Partials load_partials(const Partials* p) {
+  static_assert(sizeof(Partials) % sizeof(unsigned long long) == 0, "Partials is read in 8-byte words");
+  constexpr int kWords = sizeof(Partials) / sizeof(unsigned long long);
+  unsigned long long words[kWords];
+  const auto* src = reinterpret_cast<const unsigned long long*>(p);
+  for (int k = 0; k < kWords; ++k) words[k] = __ldcg(src + k);
+  Partials r;
+  memcpy(&r, words, sizeof(Partials));
+  return r;
+}
+
+// Run by the first warp of the last block: lane k combines partials k, k + 32, ... in order, then
+// lane 0 combines the 32 lane results in order, so the sum is the same on every run.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(const RowsArgs a) {
+__device__ void finalize_warp(const PolicyLossArgs& a, int num_partials) {
+  __shared__ Partials lane_totals[32];
+  Partials total;
+  math::init_partials(total);
+  for (int b = threadIdx.x; b < num_partials; b += 32) math::combine_partials(total, load_partials(a.partials + b));
+  lane_totals[threadIdx.x] = total;
+  __syncwarp();
+  if (threadIdx.x != 0) return;
+  for (int lane = 1; lane < 32; ++lane) math::combine_partials(total, lane_totals[lane]);
+  const double denominator = math::loss_denominator(
+      a.options.loss_agg_mode, read_normaliser(a.num_tokens), read_normaliser(a.num_seqs),
+      read_normaliser(a.loss_scale_factor), total.counts[kValidTokens], total.counts[kValidSeqs], a.T);
+  math::finalize<acc_t>(total, denominator, static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.grad_scale),
+                        a.metrics, a.counts);
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossArgs a) {
   using Ops = math::ScalarOps<acc_t>;
   __shared__ double scratch_d[kWarps];
   __shared__ long long scratch_i[kWarps];
@@ -228,33 +273,17 @@ __global__ void __launch_bounds__(kThreads) policy_loss_rows_kernel(const RowsAr
   p.counts[kClippedHigh] = block_sum<long long>(n_high, scratch_i);
   p.counts[kClippedActive] = block_sum<long long>(n_active, scratch_i);
   p.counts[kDualClipped] = block_sum<long long>(n_dual, scratch_i);
-  if (threadIdx.x == 0) a.partials[blockIdx.x] = p;
-}
 
-__device__ Normaliser read_normaliser(const DeviceNormaliser& n) {
-  if (n.data != nullptr) return {true, load_element<double>(n.data, n.dtype, 0)};
-  return {n.given, n.value};
-}
-
-// One warp: lane k combines partials k, k + 32, ... in order, then lane 0 combines the 32 lane
-// results in order, so the sum is the same on every run.
-template <typename acc_t>
-__global__ void __launch_bounds__(32) policy_loss_finalize_kernel(
-    const Partials* partials, int num_partials, LossAggMode mode, int64_t T, DeviceNormaliser num_tokens,
-    DeviceNormaliser num_seqs, DeviceNormaliser loss_scale_factor, acc_t* loss, acc_t* grad_scale, float* metrics,
-    int64_t* counts) {
-  __shared__ Partials lane_totals[32];
-  Partials total;
-  math::init_partials(total);
-  for (int b = threadIdx.x; b < num_partials; b += 32) math::combine_partials(total, partials[b]);
-  lane_totals[threadIdx.x] = total;
-  __syncwarp();
-  if (threadIdx.x != 0) return;
-  for (int lane = 1; lane < 32; ++lane) math::combine_partials(total, lane_totals[lane]);
-  const double denominator =
-      math::loss_denominator(mode, read_normaliser(num_tokens), read_normaliser(num_seqs),
-                             read_normaliser(loss_scale_factor), total.counts[kValidTokens], total.counts[kValidSeqs], T);
-  math::finalize<acc_t>(total, denominator, loss, grad_scale, metrics, counts);
+  // Publish this block's partials, then take a ticket; the block with the last ticket sees every
+  // block's partials (each was fenced before its ticket) and finalizes.
+  __shared__ bool is_last_block;
+  if (threadIdx.x == 0) {
+    a.partials[blockIdx.x] = p;
+    __threadfence();
+    is_last_block = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (is_last_block && threadIdx.x < 32) finalize_warp<acc_t>(a, gridDim.x);
 }
 
 template <typename acc_t, typename out_t>
@@ -314,9 +343,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   at::Tensor token_grad = at::empty(compute_grad ? at::IntArrayRef{B, T} : at::IntArrayRef{0}, on.dtype(acc_dtype));
   at::Tensor grad_scale = at::empty({}, on.dtype(acc_dtype));
 
-  const int blocks = static_cast<int>(std::min<int64_t>(B, 4LL * sm_count(log_probs.get_device())));
-  at::Tensor partials = at::empty({std::max(blocks, 1) * static_cast<int64_t>(sizeof(Partials))}, on.dtype(at::kByte));
-  RowsArgs args;
+  // At least one block, which finalizes even when B = 0.
+  const int blocks = static_cast<int>(std::clamp<int64_t>(B, 1, 4LL * sm_count(log_probs.get_device())));
+  // One Partials per block, then the block counter.
+  const int64_t partials_bytes = blocks * static_cast<int64_t>(sizeof(Partials));
+  at::Tensor workspace = at::empty({partials_bytes + static_cast<int64_t>(sizeof(unsigned int))}, on.dtype(at::kByte));
+  auto* workspace_bytes = static_cast<uint8_t*>(workspace.mutable_data_ptr());
+  PolicyLossArgs args;
   args.log_probs = strided(log_probs);
   args.old_log_probs = strided(old_log_probs);
   const auto adv_strides = advantage_strides(advantages);
@@ -328,18 +361,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   args.T = T;
   args.options = options;
   args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
-  args.partials = reinterpret_cast<Partials*>(partials.mutable_data_ptr());
+  args.partials = reinterpret_cast<Partials*>(workspace_bytes);
+  args.blocks_done = reinterpret_cast<unsigned int*>(workspace_bytes + partials_bytes);
+  args.num_tokens = device_normaliser(num_tokens, num_tokens_value);
+  args.num_seqs = device_normaliser(num_seqs, num_seqs_value);
+  args.loss_scale_factor = device_normaliser(loss_scale_factor, loss_scale_factor_value);
+  args.loss = loss.mutable_data_ptr();
+  args.grad_scale = grad_scale.mutable_data_ptr();
+  args.metrics = metrics.mutable_data_ptr<float>();
+  args.counts = counts.mutable_data_ptr<int64_t>();
 
+  // A memset, not a kernel; capturable in a CUDA graph.
+  C10_CUDA_CHECK(cudaMemsetAsync(args.blocks_done, 0, sizeof(unsigned int), stream));
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "ppo_ext_policy_loss_cuda", [&] {
-    if (blocks > 0) {
-      policy_loss_rows_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    policy_loss_finalize_kernel<scalar_t><<<1, 32, 0, stream>>>(
-        args.partials, blocks, options.loss_agg_mode, T, device_normaliser(num_tokens, num_tokens_value),
-        device_normaliser(num_seqs, num_seqs_value), device_normaliser(loss_scale_factor, loss_scale_factor_value),
-        loss.mutable_data_ptr<scalar_t>(), grad_scale.mutable_data_ptr<scalar_t>(), metrics.mutable_data_ptr<float>(),
-        counts.mutable_data_ptr<int64_t>());
+    policy_loss_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, metrics, counts, token_grad, grad_scale};
