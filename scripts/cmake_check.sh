@@ -5,6 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PPO_EXT_VENV:-$ROOT/.venv}/bin/python"
 BUILD="$ROOT/build/cmake"
+mkdir -p "$BUILD"
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
   -DPython3_EXECUTABLE="$PY" > "$BUILD.log" 2>&1 || { cat "$BUILD.log"; exit 1; }
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}" >> "$BUILD.log" 2>&1 || { tail -50 "$BUILD.log"; exit 1; }
