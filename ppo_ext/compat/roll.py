@@ -1,0 +1,277 @@
+"""ROLL adapter: the policy-gradient part of ROLL's ``ActorWorker.loss_func`` on ppo_ext's kernel.
+
+``compute_policy_loss`` takes ROLL's config vocabulary (``pg_clip``, ``pg_clip_low``, ``pg_clip_high``,
+``use_pg_clip_range``, ``dual_clip_loss``, ``importance_sampling`` "token"/"seq", ``loss_agg_mode``),
+from ROLL's ``pipeline_config`` or as keywords, and returns ``(pg_loss, metrics)``: the loss ROLL's
+``agg_loss`` gives (``weighted_pg_loss`` when ``sample_weights`` are given), computed with its gradient
+by one fused ``ppo_ext.policy_loss`` call, and the metrics of ROLL's actor worker (and of the seed
+document) under their keys. Inside ``loss_func``::
+
+    from ppo_ext.compat.roll import compute_policy_loss
+
+    pg_loss, pg_metrics = compute_policy_loss(
+        log_probs, old_log_probs, advantages, final_response_mask, self.pipeline_config,
+        sample_weights=sample_weights)
+
+How ROLL's options map onto ppo_ext's (SPEC.md):
+
+- clip: ``clip_low = pg_clip_low if use_pg_clip_range else pg_clip`` (``clip_high`` likewise);
+- ``importance_sampling="token"``: ``exp(log_probs - old_log_probs)``; ``"seq"``: ``exp`` of the masked
+  mean log-ratio of the row, the gradient flowing through the mean (ppo_ext's ``"seq"``);
+- ``dual_clip_loss``: ROLL's ``-max(-loss, (1 + 2 * pg_clip) * A)`` for ``A < 0`` is ppo_ext's dual clip
+  with ``c = 1 + 2 * pg_clip`` (``pg_clip``, not ``pg_clip_low``; it must be > 0 so that ``c > 1``);
+- ``loss_agg_mode`` (ROLL's ``agg_loss``; ROLL's default is ``seq-mean-token-mean``):
+  ``token-mean``: sum / ``batch_num_tokens`` (default: the valid tokens here);
+  ``seq-mean-token-mean`` and ``seq-mean-token-sum``: sum over rows / ``global_valid_samples`` (default:
+  *all* rows ``B``, empty ones included: ROLL's convention, not verl's);
+  ``seq-mean-token-sum-norm``: sum / ``T`` (``num_seqs=1``, ``loss_scale_factor=T``);
+- ``sample_weights`` (B,) (ROLL's ``weighted_pg_loss``) and ``token_weights`` (B, T) (e.g. a clamped
+  train/infer importance ratio) multiply the per-token loss (ppo_ext's ``token_weights``).
+
+The metrics, and how each differs from the core API's masked metric (``ppo_ext.policy_loss(...).metrics``,
+over valid tokens only, token-weighted). ``m`` is the mask, ``r`` the ratio ROLL computes at *every*
+position (token level: ``exp(log_probs - old_log_probs)``, padding included; sequence level: the row's
+ratio broadcast over the row, 1 for a row without valid token), ``B x T`` the shape:
+
+``actor/ppo_ratio_high_clipfrac``  mean of ``r > 1 + clip_high`` over all ``B*T`` positions, padding
+    included (the seed's ``clipped_high.mean()``). Core ``clipfrac_high`` divides the count over valid
+    tokens by the valid tokens ``N``. At the sequence level ROLL's value is the fraction of the ``B``
+    rows that clip (each row counts ``T`` times), the core's the fraction of valid tokens in such rows.
+``actor/ppo_ratio_low_clipfrac``   the same for ``r < 1 - clip_low`` (core ``clipfrac_low``).
+``actor/ppo_ratio_clipfrac``       their sum (the seed's ``clipped.mean()``; core ``clipfrac``).
+``actor/clipfrac``    the fraction where the clip is in force (``surr2 < surr1``, core's
+    ``clipfrac_active``) aggregated like the loss (ROLL's ``agg_loss`` with ``loss_agg_mode``, local
+    counts): equal to the core's only for ``token-mean``; ``seq-mean-token-mean`` averages the per-row
+    fractions over all ``B`` rows, ``seq-mean-token-sum`` is count / ``B``, ``-norm`` count / ``T``.
+    (ROLL's ``token-mean`` numerator also sums padding positions, where its zero advantages make
+    ``surr1 == surr2``; here only valid tokens count.)
+``actor/ratio_mean``  the mean over valid tokens of each row, then the mean over all ``B`` rows, empty
+    rows counting 0 (``masked_mean(r, m, dim=-1).mean()``). Core ``ratio_mean`` is the token-weighted
+    mean over valid tokens (1 when there is none).
+``actor/ratio_max``   ``max(r * m)``: the core ``ratio_max`` when there is a valid token, 0 when
+    there is none (core: 1).
+``actor/ratio_min``   ``min(r * m + (1 - m) * 1e10)``: the core ``ratio_min``, 1e10 when there is no
+    valid token (core: 1).
+``actor/approxkl``    ``0.5 * (log_probs - old_log_probs)**2`` (ROLL's "mse" estimator) aggregated
+    like the loss. Not a core metric: core ``approx_kl`` is the k1 estimator ``mean(old - new)``.
+``actor/policykl``    ``log_probs - old_log_probs`` (ROLL's "kl") aggregated like the loss. With
+    ``token-mean`` it is ``-approx_kl`` of the core (opposite sign); other modes aggregate per row.
+
+Where ppo_ext's numbers differ from ROLL's on purpose: a zero denominator (no valid token) gives 0,
+not NaN; masked positions never reach the loss or its gradient (ROLL's ``token-mean`` numerator sums
+the loss matrix unmasked, which only matters if the per-token loss is non-zero at padding, i.e. if the
+advantages are; ROLL's open PR #444 masks it too); ROLL's ``1e-8`` in denominators is left out.
+
+The loss path has no host synchronisation. Metrics are Python floats as ROLL's (``.item()`` each): one
+``.tolist()`` synchronises once for all; ``return_tensors=True`` keeps 0-dim tensors. The metrics the
+kernel does not give (``ratio_mean``, ``approxkl``, ``policykl``, the per-row forms of ``clipfrac``,
+the sequence-level seed fractions) are computed under ``torch.no_grad()`` with plain torch ops, as
+ROLL computes them; the token-level seed fractions come from a second, gradient-free kernel pass over
+all positions.
+"""
+
+from collections.abc import Mapping
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+import ppo_ext
+
+__all__ = ["compute_policy_loss", "ROLL_DEFAULTS", "METRIC_KEYS"]
+
+# ROLL's PPOConfig / RLVRConfig defaults.
+ROLL_DEFAULTS = {
+    "pg_clip": 0.2,
+    "pg_clip_low": 0.2,
+    "pg_clip_high": 0.2,
+    "use_pg_clip_range": False,
+    "dual_clip_loss": False,
+    "importance_sampling": "token",
+    "loss_agg_mode": "seq-mean-token-mean",
+}
+METRIC_KEYS = (
+    "actor/ppo_ratio_high_clipfrac",
+    "actor/ppo_ratio_low_clipfrac",
+    "actor/ppo_ratio_clipfrac",
+    "actor/clipfrac",
+    "actor/ratio_mean",
+    "actor/ratio_max",
+    "actor/ratio_min",
+    "actor/approxkl",
+    "actor/policykl",
+)
+_LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _option(name: str, explicit, config):
+    if explicit is not None:
+        return explicit
+    if config is not None:
+        if isinstance(config, Mapping):
+            value = config.get(name, None)
+        else:
+            value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return ROLL_DEFAULTS[name]
+
+
+def _div(num: torch.Tensor, den) -> torch.Tensor:
+    """num / den, 0 where den == 0 (ROLL gives NaN there)."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _roll_agg(x: torch.Tensor, n: torch.Tensor, mode: str) -> torch.Tensor:
+    """ROLL's agg_loss of a per-token quantity that is already 0 at masked positions, with the local
+    counts (no batch_num_tokens / global_valid_samples, as ROLL's metric calls)."""
+    B, T = x.shape
+    if mode == "token-mean":
+        return _div(x.sum(), n.sum())
+    if mode == "seq-mean-token-sum":
+        return _div(x.sum(), B)
+    if mode == "seq-mean-token-mean":
+        return _div(_div(x.sum(-1), n).sum(), B)
+    return _div(x.sum(), T)  # seq-mean-token-sum-norm
+
+
+def compute_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Optional[Any] = None,
+    *,
+    pg_clip: Optional[float] = None,
+    pg_clip_low: Optional[float] = None,
+    pg_clip_high: Optional[float] = None,
+    use_pg_clip_range: Optional[bool] = None,
+    dual_clip_loss: Optional[bool] = None,
+    importance_sampling: Optional[str] = None,
+    loss_agg_mode: Optional[str] = None,
+    sample_weights: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    batch_num_tokens=None,
+    global_valid_samples=None,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """ROLL's clipped policy-gradient loss and its metrics, the loss and its gradient by ppo_ext's kernel.
+
+    log_probs, old_log_probs (None: on-policy), response_mask: (B, T); advantages (B, T), (B, 1) or
+    (B,). Options come from the keywords, else from ``config`` (ROLL's ``pipeline_config``: attributes
+    or a mapping), else ROLL's defaults (``ROLL_DEFAULTS``). ``sample_weights`` (B,) and
+    ``token_weights`` (B, T) multiply the per-token loss. ``batch_num_tokens`` (token-mean) and
+    ``global_valid_samples`` (the seq-mean modes) are ROLL's global normalisers (numbers or 0-dim
+    tensors; see ``ppo_ext.distributed.global_normalisers``); they change the loss, not the metrics.
+
+    Returns ``(pg_loss, metrics)``, the keys ``METRIC_KEYS``, documented (with how each differs from
+    the core API's metric) in the module docstring. Floats cost one host synchronisation (ROLL calls
+    ``.item()`` on each); ``return_tensors=True`` returns 0-dim tensors and synchronises nothing.
+    """
+    pg_clip = float(_option("pg_clip", pg_clip, config))
+    use_range = bool(_option("use_pg_clip_range", use_pg_clip_range, config))
+    clip_low = float(_option("pg_clip_low", pg_clip_low, config)) if use_range else pg_clip
+    clip_high = float(_option("pg_clip_high", pg_clip_high, config)) if use_range else pg_clip
+    dual = bool(_option("dual_clip_loss", dual_clip_loss, config))
+    level = _option("importance_sampling", importance_sampling, config)
+    mode = _option("loss_agg_mode", loss_agg_mode, config)
+    if level not in ("token", "seq"):
+        raise ValueError(f"importance_sampling must be 'token' or 'seq' (ROLL's values), got {level!r}")
+    if mode not in _LOSS_AGG_MODES:
+        raise ValueError(f"Invalid loss_agg_mode: {mode!r} (ROLL's agg_loss takes {list(_LOSS_AGG_MODES)})")
+    if dual and not pg_clip > 0:
+        raise ValueError(f"dual_clip_loss needs pg_clip > 0 (ROLL's dual-clip constant is 1 + 2 * pg_clip), "
+                         f"got {pg_clip}")
+    if log_probs.dim() != 2:
+        raise ValueError(f"log_probs must have shape (B, T), got {tuple(log_probs.shape)}")
+    B, T = log_probs.shape
+
+    weights = token_weights
+    if sample_weights is not None:
+        if sample_weights.shape != (B,):
+            raise ValueError(f"sample_weights must have shape ({B},), got {tuple(sample_weights.shape)}")
+        per_row = sample_weights.reshape(B, 1).expand(B, T)  # a view: no copy
+        weights = per_row if weights is None else weights * per_row
+
+    if mode == "token-mean":
+        normalisers = {"num_tokens": batch_num_tokens}
+    elif mode == "seq-mean-token-sum-norm":
+        normalisers = {"num_seqs": 1, "loss_scale_factor": T}
+    else:
+        normalisers = {"num_seqs": B if global_valid_samples is None else global_valid_samples}
+
+    out = ppo_ext.policy_loss(
+        log_probs, old_log_probs, advantages, response_mask,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=(1.0 + 2.0 * pg_clip) if dual else None,
+        importance_sampling=level, loss_agg_mode=mode, token_weights=weights, **normalisers,
+    )
+    metrics = _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high)
+    if return_tensors:
+        return out.loss, metrics
+    values = torch.stack(list(metrics.values())).tolist()  # the one synchronisation
+    return out.loss, dict(zip(metrics.keys(), values))
+
+
+@torch.no_grad()
+def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high):
+    B, T = log_probs.shape
+    acc = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
+    lp = log_probs.detach()
+    old = lp if old_log_probs is None else old_log_probs.detach()
+    valid = response_mask != 0
+    n = valid.sum(-1).to(acc)  # valid tokens per row
+    N = out.counts[0]
+    d = torch.where(valid, lp.to(acc) - old.to(acc), torch.zeros((), dtype=acc, device=lp.device))
+    positions = B * T
+
+    # The seed's clip fractions, over all B*T positions.
+    if level == "token":
+        # Every position counts, padding included: the kernel's counters with no mask.
+        every = ppo_ext.policy_loss(lp, old_log_probs, lp.new_zeros(B, dtype=acc), None,
+                                    clip_low=clip_low, clip_high=clip_high)
+        low = _div(every.counts[2].to(acc), positions)
+        high = _div(every.counts[3].to(acc), positions)
+        row_ratio = None
+    else:
+        # Each row's ratio fills its T positions; a row without valid token has ratio 1.
+        row_ratio = torch.exp(_div(d.sum(-1), n))
+        low = _div((row_ratio < 1 - clip_low).sum().to(acc), B)
+        high = _div((row_ratio > 1 + clip_high).sum().to(acc), B)
+
+    # actor/clipfrac: the clip-in-force indicator aggregated like the loss.
+    active = out.counts[4].to(acc)
+    if mode == "token-mean":
+        clipfrac = out.metrics["clipfrac_active"].to(acc)
+    elif mode == "seq-mean-token-sum":
+        clipfrac = _div(active, B)
+    elif mode == "seq-mean-token-sum-norm":
+        clipfrac = _div(active, T)
+    else:  # seq-mean-token-mean needs the count of every row
+        ratio = torch.exp(d) if row_ratio is None else row_ratio.unsqueeze(-1)
+        adv = advantages.detach().to(acc)
+        adv = adv.reshape(B, 1) if adv.dim() == 1 else adv
+        surr1 = ratio * adv
+        surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+        clipfrac = _roll_agg((valid & (surr2 < surr1)).to(acc), n, mode)
+
+    # actor/ratio_mean: per-row mean over valid tokens, then the mean over all B rows.
+    if row_ratio is None:
+        row_mean = _div(torch.where(valid, torch.exp(d), torch.zeros((), dtype=acc, device=d.device)).sum(-1), n)
+    else:
+        row_mean = torch.where(n > 0, row_ratio, torch.zeros_like(row_ratio))
+    ratio_mean = _div(row_mean.sum(), B)
+
+    any_valid = N > 0
+    zero = torch.zeros((), dtype=acc, device=lp.device)
+    metrics = {
+        "actor/ppo_ratio_high_clipfrac": high,
+        "actor/ppo_ratio_low_clipfrac": low,
+        "actor/ppo_ratio_clipfrac": low + high,
+        "actor/clipfrac": clipfrac,
+        "actor/ratio_mean": ratio_mean,
+        "actor/ratio_max": torch.where(any_valid, out.metrics["ratio_max"].to(acc), zero),
+        "actor/ratio_min": torch.where(any_valid, out.metrics["ratio_min"].to(acc), zero + 1e10),
+        "actor/approxkl": _roll_agg(0.5 * d * d, n, mode),
+        "actor/policykl": _roll_agg(d, n, mode),
+    }
+    return {k: v.to(torch.float32) for k, v in metrics.items()}

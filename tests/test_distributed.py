@@ -1,0 +1,207 @@
+"""Data parallelism: two real processes (torch.distributed, gloo, CPU, loopback) split a batch; with the
+global normalisers of ppo_ext.distributed.global_normalisers the per-rank losses add up to the
+single-process loss and the per-rank gradients are its gradient, for every aggregation mode and ratio
+level, and the all-reduced int64 counts give exactly the single-process clip fractions.
+
+This file is also the worker: the test runs `python test_distributed.py --worker RANK ...` twice.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ppo_ext
+import ppo_ext.distributed as ppo_dist
+from ppo_ext.compat import verl as pv
+from helpers import AGG_MODES, CLIP_HIGH, CLIP_LOW, DUAL_CLIP, IS_MODES, LOG_RATIO_CLAMP, make_inputs
+
+WORLD = 2
+B, T, SEED = 12, 40, 2024
+ROWS = [slice(0, 5), slice(5, B)]  # uneven split; the empty row 1 is on rank 0
+TIMEOUT_S = 90
+FRACTION_KEYS = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", "dual_clipfrac")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _batch():
+    return make_inputs(B, T, seed=SEED)  # the same batch on every rank; each takes its rows
+
+
+def _options(importance_sampling, loss_agg_mode):
+    return dict(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL_CLIP, log_ratio_clamp=LOG_RATIO_CLAMP,
+                importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the worker process
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    try:
+        inp = _batch()
+        rows = ROWS[rank]
+        lp, old, adv, mask, w = inp.lp[rows], inp.old[rows], inp.adv[rows], inp.mask[rows], inp.weights[rows]
+        g = ppo_dist.global_normalisers(mask)  # one collective
+        results = {"normalisers": torch.stack(list(g))}
+        for level in IS_MODES:
+            for mode in AGG_MODES:
+                x = lp.clone().requires_grad_(True)
+                out = ppo_ext.policy_loss(x, old, adv, mask, token_weights=w, num_tokens=g.num_tokens,
+                                          num_seqs=g.num_seqs, **_options(level, mode))
+                out.loss.backward()
+                counts = ppo_dist.all_reduce_counts(out.counts)
+                results[level, mode] = {"loss": out.loss.detach(), "grad": x.grad, "counts": counts,
+                                        "local_counts": out.counts, "fractions": ppo_dist.clip_fractions(counts)}
+        # verl's vanilla loss with its global_batch_info filled from the same normalisers
+        info = dict(dp_size=WORLD, batch_num_tokens=g.num_tokens, global_batch_size=g.num_seqs)
+        config = dict(clip_ratio=CLIP_LOW, clip_ratio_high=CLIP_HIGH, clip_ratio_c=3.0, global_batch_info=info)
+        for mode in AGG_MODES:
+            x = lp.clone().requires_grad_(True)
+            loss, _ = pv.compute_policy_loss_vanilla(old, x, adv, mask, mode, config, w, return_tensors=True)
+            loss.backward()
+            results["verl", mode] = {"loss": loss.detach(), "grad": x.grad}
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the test
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(outdir):
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    port = _free_port()
+    script = os.path.abspath(__file__)
+    procs = [subprocess.Popen([sys.executable, script, "--worker", str(rank), str(port), str(outdir)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(WORLD)]
+    deadline = time.monotonic() + TIMEOUT_S
+    logs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            logs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"worker {rank} exited with {p.returncode}:\n{log}"
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory):
+    return _run_workers(tmp_path_factory.mktemp("gloo"))
+
+
+def test_global_normalisers_across_ranks(rank_results):
+    inp = _batch()
+    n = (inp.mask != 0).sum(-1)
+    expected = torch.tensor([n.sum(), (n > 0).sum(), B])
+    for r in rank_results:
+        assert torch.equal(r["normalisers"], expected), (r["normalisers"], expected)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("level", IS_MODES)
+def test_ranks_add_up_to_one_process(rank_results, level, mode):
+    inp = _batch()
+    x = inp.lp.clone().requires_grad_(True)
+    whole = ppo_ext.policy_loss(x, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **_options(level, mode))
+    whole.loss.backward()
+    parts = [r[level, mode] for r in rank_results]
+    assert parts[0]["local_counts"][0] > 0 and parts[1]["local_counts"][0] > 0
+    assert not torch.equal(parts[0]["local_counts"], parts[1]["local_counts"])
+    torch.testing.assert_close(sum(p["loss"].double() for p in parts), whole.loss.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([p["grad"] for p in parts]), x.grad, rtol=1e-5, atol=1e-7)
+    for p in parts:
+        assert torch.equal(p["counts"], whole.counts), (p["counts"], whole.counts)
+        for k in FRACTION_KEYS:
+            torch.testing.assert_close(p["fractions"][k], whole.metrics[k], rtol=1e-6, atol=0, msg=k)
+    # the global fractions are not simply the mean of the per-rank ones (uneven token counts)
+    local = [ppo_dist.clip_fractions(p["local_counts"])["clipfrac"] for p in parts]
+    if whole.metrics["clipfrac"] > 0:
+        assert abs((local[0] + local[1]).item() / 2 - whole.metrics["clipfrac"].item()) > 1e-4
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_verl_adapter_across_ranks(rank_results, mode):
+    """verl scales each rank's loss by dp_size (FSDP averages gradients): the mean over the ranks is
+    the loss of the whole batch on one rank, and the mean of the gradients its gradient."""
+    inp = _batch()
+    x = inp.lp.clone().requires_grad_(True)
+    config = dict(clip_ratio=CLIP_LOW, clip_ratio_high=CLIP_HIGH, clip_ratio_c=3.0)
+    whole, _ = pv.compute_policy_loss_vanilla(inp.old, x, inp.adv, inp.mask, mode, config, inp.weights)
+    whole.backward()
+    parts = [r["verl", mode] for r in rank_results]
+    torch.testing.assert_close(sum(p["loss"].double() for p in parts) / WORLD, whole.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([p["grad"] for p in parts]) / WORLD, x.grad, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# in one process
+
+
+def test_without_process_group_values_are_local():
+    assert not dist.is_initialized()
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0]], dtype=torch.uint8)
+    g = ppo_dist.global_normalisers(mask)
+    assert [int(v) for v in g] == [3, 2, 3] and all(v.dtype == torch.int64 and v.shape == () for v in g)
+    counts = torch.tensor([8, 3, 1, 2, 4, 1])
+    assert torch.equal(ppo_dist.all_reduce_counts(counts), counts)
+    f = ppo_dist.clip_fractions(counts)
+    assert f["clipfrac"].item() == pytest.approx(3 / 8) and f["dual_clipfrac"].item() == pytest.approx(1 / 8)
+    assert all(v.item() == 0 for v in ppo_dist.clip_fractions(torch.zeros(6, dtype=torch.int64)).values())
+    with pytest.raises(ValueError, match="counts"):
+        ppo_dist.all_reduce_counts(counts.float())
+    with pytest.raises(ValueError, match="mask"):
+        ppo_dist.global_normalisers(mask[0])
+
+
+def test_one_collective(monkeypatch):
+    """global_normalisers does its all-reduce in one collective (one int64 tensor of 3 numbers)."""
+    calls = []
+
+    def fake_all_reduce(tensor, op=None, group=None):
+        calls.append((tensor.dtype, tuple(tensor.shape), group))
+        tensor.mul_(2)  # as if a second rank had the same batch
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    g = ppo_dist.global_normalisers(mask, group="g")
+    assert calls == [(torch.int64, (3,), "g")]
+    assert [int(v) for v in g] == [4, 2, 4]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --worker RANK PORT OUTDIR (run by pytest)")
