@@ -1,7 +1,8 @@
-"""The ppo_ext ops as PyTorch sees them: fake (meta) kernels for tracing and the autograd formula.
+"""The ppo_ext ops as PyTorch sees them: fake (meta) kernels, for tracing and torch.compile.
 
 The kernels themselves are registered from C++ (csrc/ops.cpp declares the schemas, csrc/cpu and
-csrc/cuda implement them); importing ppo_ext._C runs those registrations.
+csrc/cuda implement them, csrc/autograd.cpp the autograd formula); importing ppo_ext._C runs those
+registrations.
 """
 
 import torch
@@ -20,8 +21,6 @@ METRIC_NAMES = (
     "ratio_max",
 )
 COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
-
-_NUM_INPUTS = 18  # arguments of ppo_ext::policy_loss
 
 
 def _acc_dtype(dtype):
@@ -46,33 +45,6 @@ def _policy_loss_fake(log_probs, old_log_probs, advantages, mask, token_weights,
 @torch.library.register_fake("ppo_ext::policy_loss_backward")
 def _policy_loss_backward_fake(grad_loss, token_grad, grad_scale, dtype):
     return token_grad.new_empty(token_grad.shape, dtype=dtype)
-
-
-def _setup_context(ctx, inputs, output):
-    _, metrics, counts, token_grad, grad_scale = output
-    # Only the loss is differentiable, and autograd must not materialise zero gradients for the
-    # other outputs (token_grad is (B, T)).
-    ctx.mark_non_differentiable(metrics, counts, token_grad, grad_scale)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(token_grad, grad_scale)
-    ctx.log_probs_dtype = inputs[0].dtype
-    ctx.log_probs_shape = inputs[0].shape
-
-
-def _backward(ctx, grad_loss, *_):
-    if grad_loss is None:
-        return (None,) * _NUM_INPUTS
-    token_grad, grad_scale = ctx.saved_tensors
-    if token_grad.dim() != 2:
-        raise RuntimeError(
-            "ppo_ext::policy_loss was called with compute_grad=False, so it saved no gradient to go backward "
-            "through; call it with compute_grad=True (ppo_ext.policy_loss does so when log_probs requires grad)"
-        )
-    grad_log_probs = torch.ops.ppo_ext.policy_loss_backward(grad_loss, token_grad, grad_scale, ctx.log_probs_dtype)
-    return (grad_log_probs,) + (None,) * (_NUM_INPUTS - 1)
-
-
-torch.library.register_autograd("ppo_ext::policy_loss", _backward, setup_context=_setup_context)
 
 
 def built_with_cuda() -> bool:

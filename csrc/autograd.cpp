@@ -1,0 +1,90 @@
+// The autograd formula of ppo_ext::policy_loss (TORCH_LIBRARY_IMPL(ppo_ext, Autograd)), for every
+// device: the forward saves the per-token gradient it computed and the scale 1/denominator, the
+// backward is the ppo_ext::policy_loss_backward op. Registered in C++ rather than with
+// torch.library.register_autograd, whose Python wrapper costs ~60 us a call; torch.compile traces
+// through it all the same (both ops have fake kernels, see ppo_ext/_ops.py).
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace ppo_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using PolicyLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr int kNumInputs = 18;  // arguments of ppo_ext::policy_loss
+
+class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& log_probs, const OptTensor& old_log_probs,
+                               const at::Tensor& advantages, const OptTensor& mask, const OptTensor& token_weights,
+                               const OptTensor& num_tokens, const OptTensor& num_seqs,
+                               const OptTensor& loss_scale_factor, std::optional<double> num_tokens_value,
+                               std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value,
+                               double clip_low, double clip_high, std::optional<double> dual_clip,
+                               std::optional<double> log_ratio_clamp, c10::string_view importance_sampling,
+                               c10::string_view loss_agg_mode, bool compute_grad) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ppo_ext::policy_loss", "")
+                               .typed<PolicyLossOutputs(const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                                        const OptTensor&, const OptTensor&, const OptTensor&,
+                                                        const OptTensor&, const OptTensor&, std::optional<double>,
+                                                        std::optional<double>, std::optional<double>, double, double,
+                                                        std::optional<double>, std::optional<double>,
+                                                        c10::string_view, c10::string_view, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, metrics, counts, token_grad, grad_scale] =
+        op.call(log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
+                num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip,
+                log_ratio_clamp, importance_sampling, loss_agg_mode, compute_grad);
+    // Only the loss is differentiable; no zero gradients are materialised for the other outputs
+    // (token_grad is (B, T)).
+    ctx->mark_non_differentiable({metrics, counts, token_grad, grad_scale});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({token_grad, grad_scale});
+    ctx->saved_data["dtype"] = log_probs.scalar_type();
+    return {loss, metrics, counts, token_grad, grad_scale};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grad_inputs(kNumInputs);
+    const at::Tensor& grad_loss = grad_outputs[0];
+    if (!grad_loss.defined()) return grad_inputs;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& token_grad = saved[0];
+    TORCH_CHECK(token_grad.dim() == 2,
+                "ppo_ext::policy_loss was called with compute_grad=False, so it saved no gradient to go backward "
+                "through; call it with compute_grad=True (ppo_ext.policy_loss does so when log_probs requires grad)");
+    static const auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("ppo_ext::policy_loss_backward", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
+    grad_inputs[0] = backward_op.call(grad_loss, token_grad, saved[1], ctx->saved_data["dtype"].toScalarType());
+    return grad_inputs;
+  }
+};
+
+PolicyLossOutputs policy_loss_autograd(
+    const at::Tensor& log_probs, const OptTensor& old_log_probs, const at::Tensor& advantages, const OptTensor& mask,
+    const OptTensor& token_weights, const OptTensor& num_tokens, const OptTensor& num_seqs,
+    const OptTensor& loss_scale_factor, std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
+    std::optional<double> loss_scale_factor_value, double clip_low, double clip_high, std::optional<double> dual_clip,
+    std::optional<double> log_ratio_clamp, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
+    bool compute_grad) {
+  const variable_list out = PolicyLossFunction::apply(
+      log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
+      num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
+      importance_sampling, loss_agg_mode, compute_grad);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ppo_ext, Autograd, m) { m.impl("policy_loss", &policy_loss_autograd); }
+
+}  // namespace ppo_ext
