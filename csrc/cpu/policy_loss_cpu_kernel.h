@@ -101,6 +101,19 @@ class PolicyLossKernel {
   }
 
  private:
+  // n values from p (element stride s) into buf as acc_t. __restrict__: a 1-byte input may alias anything,
+  // and without it the compiler would not vectorise the copy.
+  template <typename scalar_t>
+  static void convert(const scalar_t* __restrict__ p, int64_t s, int64_t n, acc_t* __restrict__ buf) {
+    if (s == 1) {
+      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j]);
+    } else if (s == 0) {
+      std::fill(buf, buf + n, static_cast<acc_t>(p[0]));
+    } else {
+      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * s]);
+    }
+  }
+
   // n values of input `in` in row i from t0 on: in place where the input is contiguous acc_t and n is
   // whole vectors, else converted (any dtype, any stride) into buf and zero-padded to whole vectors.
   // An absent input returns buf, which holds its constant.
@@ -109,19 +122,14 @@ class PolicyLossKernel {
     if (in.dtype == c10::CppTypeToScalarType<acc_t>::value && in.col_stride == 1 && n % kVec == 0) {
       return static_cast<const acc_t*>(in.data) + i * in.row_stride + t0;
     }
+    // bool is read as its bytes (0/1): the same values, and a loop the compiler vectorises.
+    const at::ScalarType dtype = in.dtype == at::kBool ? at::kByte : in.dtype;
     AT_DISPATCH_V2(
-        in.dtype, "ppo_ext_cpu_load", AT_WRAP([&] {
-          const scalar_t* p = static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride;
-          const int64_t s = in.col_stride;
-          if (s == 1) {
-            for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j]);
-          } else if (s == 0) {
-            std::fill(buf, buf + n, static_cast<acc_t>(p[0]));
-          } else {
-            for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * s]);
-          }
+        dtype, "ppo_ext_cpu_load", AT_WRAP([&] {
+          convert(static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride, in.col_stride, n,
+                  buf);
         }),
-        AT_EXPAND(AT_ALL_TYPES), at::kBool, at::kHalf, at::kBFloat16);
+        AT_EXPAND(AT_ALL_TYPES), at::kHalf, at::kBFloat16);
     std::fill(buf + n, buf + (n + kVec - 1) / kVec * kVec, acc_t(0));
     return buf;
   }
