@@ -64,7 +64,7 @@ def _extension():
             py_limited_api=True,
         )
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return cpp_extension.CUDAExtension(
         "ppo_ext._C",
         sources,

@@ -64,7 +64,14 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("ppo_ext::policy_loss_backward", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
-    grad_inputs[0] = backward_op.call(grad_loss, token_grad, saved[1], ctx->saved_data["dtype"].toScalarType());
+    // create_graph=True would ask for a gradient that is differentiable again; it is not (the saved
+    // gradient is a constant), so say so now rather than return a silently constant gradient.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "ppo_ext.policy_loss is differentiable once: backward with create_graph=True (double backward) "
+                "is not supported");
+    const at::Tensor grad_log_probs =
+        backward_op.call(grad_loss, token_grad, saved[1], ctx->saved_data["dtype"].toScalarType());
+    grad_inputs[0] = grad_log_probs;
     return grad_inputs;
   }
 };
@@ -76,8 +83,12 @@ PolicyLossOutputs policy_loss_autograd(
     std::optional<double> loss_scale_factor_value, double clip_low, double clip_high, std::optional<double> dual_clip,
     std::optional<double> log_ratio_clamp, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
     bool compute_grad) {
+  // Only log_probs is differentiable: the others are constants of the loss (SPEC), so that a loss
+  // whose log_probs do not require grad is not attached to their graph either.
+  const auto constant = [](const OptTensor& t) { return t.has_value() ? OptTensor(t->detach()) : t; };
   const variable_list out = PolicyLossFunction::apply(
-      log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
+      log_probs, constant(old_log_probs), advantages.detach(), constant(mask), constant(token_weights),
+      constant(num_tokens), constant(num_seqs), constant(loss_scale_factor),
       num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
       importance_sampling, loss_agg_mode, compute_grad);
   return {out[0], out[1], out[2], out[3], out[4]};

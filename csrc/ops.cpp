@@ -27,7 +27,15 @@ LossAggMode parse_loss_agg_mode(std::string_view s) {
                     s, "\"");
 }
 
-bool is_float(at::ScalarType t) { return at::isFloatingType(t); }
+// The floating dtypes the kernels read (float8 and complex are refused by name).
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool is_mask_dtype(at::ScalarType t) {
+  return t == at::kBool || t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong ||
+         is_float(t);
+}
 
 void check_device(const at::Tensor& t, const char* name, const at::Tensor& log_probs) {
   TORCH_CHECK_VALUE(t.device() == log_probs.device(), name, " must be on the device of log_probs (",
@@ -40,6 +48,10 @@ void check_token_tensor(const at::Tensor& t, const char* name, const at::Tensor&
                     ", got ", t.sizes());
 }
 
+void check_normaliser_value(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be a finite number >= 0, got ", value);
+}
+
 void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value, const char* name,
                       const at::Tensor& log_probs) {
   TORCH_CHECK_VALUE(!(tensor.has_value() && value.has_value()), name, " was given both as a tensor and as a number");
@@ -47,15 +59,20 @@ void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<dou
     check_device(*tensor, name, log_probs);
     TORCH_CHECK_VALUE(tensor->dim() == 0, name, " must be a 0-dim tensor or a number, got a tensor of shape ",
                       tensor->sizes());
-    TORCH_CHECK_TYPE(at::isFloatingType(tensor->scalar_type()) || at::isIntegralType(tensor->scalar_type(), false),
-                     name, " must be a real number, got dtype ", tensor->scalar_type());
+    TORCH_CHECK_TYPE(is_mask_dtype(tensor->scalar_type()) && tensor->scalar_type() != at::kBool, name,
+                     " must be a real number (an integer or float32/float64/float16/bfloat16 tensor), got dtype ",
+                     tensor->scalar_type());
   }
-  if (value.has_value()) {
-    TORCH_CHECK_VALUE(std::isfinite(*value) && *value >= 0, name, " must be a finite number >= 0, got ", *value);
-  }
+  if (value.has_value()) check_normaliser_value(*value, name);
 }
 
 }  // namespace
+
+double checked_cpu_normaliser(const at::Tensor& tensor, const char* name) {
+  const double value = tensor.item<double>();
+  check_normaliser_value(value, name);
+  return value;
+}
 
 LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs,
                                    const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
@@ -74,7 +91,7 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
                    "log_probs must be float32, bfloat16, float16 or float64, got ", lp_dtype);
   if (old_log_probs.has_value()) {
     check_token_tensor(*old_log_probs, "old_log_probs", log_probs);
-    TORCH_CHECK_TYPE(is_float(old_log_probs->scalar_type()), "old_log_probs must be a floating dtype, got ",
+    TORCH_CHECK_TYPE(is_float(old_log_probs->scalar_type()), "old_log_probs must be float32, float64, float16 or bfloat16, got ",
                      old_log_probs->scalar_type());
   }
   check_device(advantages, "advantages", log_probs);
@@ -84,17 +101,18 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
                              (advantages.size(1) == T || advantages.size(1) == 1));
   TORCH_CHECK_VALUE(adv_shape_ok, "advantages must have shape (B, T), (B, 1) or (B,) with (B, T) = ",
                     log_probs.sizes(), ", got ", advantages.sizes());
-  TORCH_CHECK_TYPE(is_float(advantages.scalar_type()), "advantages must be a floating dtype, got ",
+  TORCH_CHECK_TYPE(is_float(advantages.scalar_type()), "advantages must be float32, float64, float16 or bfloat16, got ",
                    advantages.scalar_type());
   if (mask.has_value()) {
     check_token_tensor(*mask, "mask", log_probs);
     const auto t = mask->scalar_type();
-    TORCH_CHECK_TYPE(t == at::kBool || at::isIntegralType(t, false) || is_float(t),
-                     "mask must be bool, integer or floating, got ", t);
+    TORCH_CHECK_TYPE(is_mask_dtype(t),
+                     "mask must be bool, uint8, int8, int16, int32, int64, float32, float64, float16 or bfloat16, got ",
+                     t);
   }
   if (token_weights.has_value()) {
     check_token_tensor(*token_weights, "token_weights", log_probs);
-    TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()), "token_weights must be a floating dtype, got ",
+    TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()), "token_weights must be float32, float64, float16 or bfloat16, got ",
                      token_weights->scalar_type());
   }
   check_normaliser(num_tokens, num_tokens_value, "num_tokens", log_probs);
@@ -124,7 +142,11 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
 }
 
 void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
-                                     const at::Tensor& grad_scale) {
+                                     const at::Tensor& grad_scale, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(is_float(dtype), "dtype must be float32, float64, float16 or bfloat16 (that of log_probs), got ",
+                   dtype);
+  TORCH_CHECK_TYPE(is_float(grad_loss.scalar_type()), "grad_loss must be float32, float64, float16 or bfloat16, got ",
+                   grad_loss.scalar_type());
   TORCH_CHECK_VALUE(grad_loss.dim() == 0, "grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
   TORCH_CHECK_VALUE(token_grad.dim() == 2,
                     "token_grad must be the (B, T) gradient saved by policy_loss(compute_grad=True), got shape ",

@@ -23,7 +23,10 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
                                    std::string_view importance_sampling, std::string_view loss_agg_mode);
 
 void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
-                                     const at::Tensor& grad_scale);
+                                     const at::Tensor& grad_scale, at::ScalarType dtype);
+
+// Reads a normaliser tensor on the CPU (no synchronisation there) and checks it as numbers are checked.
+double checked_cpu_normaliser(const at::Tensor& tensor, const char* name);
 
 // float32 arithmetic, float64 for float64 log-probs.
 inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {

@@ -152,7 +152,8 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, c
   const V share_unclipped = Ops::select(unclipped < clipped, zero, Ops::select(unclipped == clipped, half, one));
   const V share_clipped = Ops::select(unclipped > clipped, zero, Ops::select(unclipped == clipped, half, one));
   const V clamp_passes = Ops::select((ratio >= lo) & (ratio <= hi), one, zero);
-  V dloss = neg_adv * (share_unclipped + share_clipped * clamp_passes);
+  // The share of dl/dr = -A that reaches the ratio: 1, 0.5 at a tie, 0 where the clip or the cap is in force.
+  V share = share_unclipped + share_clipped * clamp_passes;
   Mask dual_clipped(0);
   if (o.has_dual_clip) {
     const V cap = neg_adv * V(o.dual_clip);
@@ -160,9 +161,12 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, c
     const V share_loss = Ops::select(loss > cap, zero, Ops::select(loss == cap, half, one));
     dual_clipped = negative & (loss > cap);
     loss = Ops::select(negative, Ops::minimum(loss, cap), loss);
-    dloss = Ops::select(negative, dloss * share_loss, dloss);
+    share = Ops::select(negative, share * share_loss, share);
   }
-  return {weight * loss, weight * dloss, ratio < lo, ratio > hi, clipped > unclipped, dual_clipped};
+  // Where no share reaches the ratio the derivative is exactly 0, as eager autograd's masked backward
+  // gives it, even for a non-finite weight or advantage.
+  const V dloss = Ops::select(share != zero, weight * neg_adv * share, zero);
+  return {weight * loss, dloss, ratio < lo, ratio > hi, clipped > unclipped, dual_clipped};
 }
 
 // The weight of a row's tokens in the aggregated sum before the final division.
@@ -176,13 +180,21 @@ PPO_HD double row_mean_log_ratio(double sum_log_ratio, int64_t valid_tokens) {
   return valid_tokens > 0 ? sum_log_ratio / static_cast<double>(valid_tokens) : 0.0;
 }
 
+// A given normaliser's value, else the default. One read from a device tensor cannot be checked on the
+// host without a synchronisation: an invalid one (negative, NaN, inf) makes the loss NaN instead of
+// silently wrong. (Numbers, and tensors on the CPU, are checked before they get here.)
+PPO_HD double given_or(Normaliser n, double otherwise) {
+  if (!n.given) return otherwise;
+  return n.value >= 0 && n.value < INFINITY ? n.value : NAN;
+}
+
 // The denominator of the aggregated loss (SPEC "Aggregation").
 PPO_HD double loss_denominator(LossAggMode mode, Normaliser num_tokens, Normaliser num_seqs,
                                Normaliser loss_scale_factor, int64_t valid_tokens, int64_t valid_seqs,
                                int64_t seq_len) {
-  const double tokens = num_tokens.given ? num_tokens.value : static_cast<double>(valid_tokens);
-  const double seqs = num_seqs.given ? num_seqs.value : static_cast<double>(valid_seqs);
-  const double scale = loss_scale_factor.given ? loss_scale_factor.value : static_cast<double>(seq_len);
+  const double tokens = given_or(num_tokens, static_cast<double>(valid_tokens));
+  const double seqs = given_or(num_seqs, static_cast<double>(valid_seqs));
+  const double scale = given_or(loss_scale_factor, static_cast<double>(seq_len));
   switch (mode) {
     case LossAggMode::TokenMean: return tokens;
     case LossAggMode::TokenSum: return 1.0;

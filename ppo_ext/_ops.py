@@ -27,10 +27,21 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_devices(reference_name, reference, **tensors):
+    """The device check of the real kernels, for calls that reach the fake kernel instead (e.g. one
+    argument on the meta device): without it they would return uninitialised values."""
+    for name, t in tensors.items():
+        if t is not None and t.device != reference.device:
+            raise ValueError(f"{name} must be on the device of {reference_name} ({reference.device}), got {t.device}")
+
+
 @torch.library.register_fake("ppo_ext::policy_loss")
 def _policy_loss_fake(log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs,
                       loss_scale_factor, num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low,
                       clip_high, dual_clip, log_ratio_clamp, importance_sampling, loss_agg_mode, compute_grad):
+    _check_devices("log_probs", log_probs, old_log_probs=old_log_probs, advantages=advantages, mask=mask,
+                   token_weights=token_weights, num_tokens=num_tokens, num_seqs=num_seqs,
+                   loss_scale_factor=loss_scale_factor)
     torch._check(log_probs.dim() == 2, lambda: f"log_probs must have shape (B, T), got {tuple(log_probs.shape)}")
     acc = _acc_dtype(log_probs.dtype)
     return (
@@ -44,6 +55,7 @@ def _policy_loss_fake(log_probs, old_log_probs, advantages, mask, token_weights,
 
 @torch.library.register_fake("ppo_ext::policy_loss_backward")
 def _policy_loss_backward_fake(grad_loss, token_grad, grad_scale, dtype):
+    _check_devices("token_grad", token_grad, grad_loss=grad_loss, grad_scale=grad_scale)
     return token_grad.new_empty(token_grad.shape, dtype=dtype)
 
 

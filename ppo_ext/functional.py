@@ -27,6 +27,27 @@ def _split_normaliser(name: str, value: Normaliser):
     raise TypeError(f"{name} must be a number, a 0-dim tensor or None, got {type(value).__name__}")
 
 
+def _check_tensor(name: str, value, optional: bool) -> None:
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def _float_option(name: str, value, optional: bool = False) -> Optional[float]:
+    if value is None and optional:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    expected = "a number or None" if optional else "a number"
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+
+
+def _str_option(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
 def policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: Optional[torch.Tensor],
@@ -50,8 +71,13 @@ def policy_loss(
     tokens; old_log_probs (B, T) or None (on-policy: ratio 1); advantages (B, T), (B, 1) or (B,);
     mask (B, T), non-zero = the token counts. See SPEC.md for every option. No host synchronisation.
     """
-    if clip_high is None:
-        clip_high = clip_low
+    _check_tensor("log_probs", log_probs, optional=False)
+    _check_tensor("old_log_probs", old_log_probs, optional=True)
+    _check_tensor("advantages", advantages, optional=False)
+    _check_tensor("mask", mask, optional=True)
+    _check_tensor("token_weights", token_weights, optional=True)
+    clip_low = _float_option("clip_low", clip_low)
+    clip_high = clip_low if clip_high is None else _float_option("clip_high", clip_high)
     num_tokens_tensor, num_tokens_value = _split_normaliser("num_tokens", num_tokens)
     num_seqs_tensor, num_seqs_value = _split_normaliser("num_seqs", num_seqs)
     scale_tensor, scale_value = _split_normaliser("loss_scale_factor", loss_scale_factor)
@@ -59,10 +85,10 @@ def policy_loss(
     loss, metrics, counts, _, _ = torch.ops.ppo_ext.policy_loss(
         log_probs, old_log_probs, advantages, mask, token_weights,
         num_tokens_tensor, num_seqs_tensor, scale_tensor, num_tokens_value, num_seqs_value, scale_value,
-        float(clip_low), float(clip_high),
-        None if dual_clip is None else float(dual_clip),
-        None if log_ratio_clamp is None else float(log_ratio_clamp),
-        importance_sampling, loss_agg_mode, compute_grad,
+        clip_low, clip_high, _float_option("dual_clip", dual_clip, optional=True),
+        _float_option("log_ratio_clamp", log_ratio_clamp, optional=True),
+        _str_option("importance_sampling", importance_sampling), _str_option("loss_agg_mode", loss_agg_mode),
+        compute_grad,
     )
     return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts)
 

@@ -184,8 +184,10 @@ def bitwise_equal_outputs(a, b):
 def _same_bits(x, y):
     if x is None or y is None:
         return x is None and y is None
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(
-        x.detach().cpu().contiguous().view(-1).view(torch.uint8), y.detach().cpu().contiguous().view(-1).view(torch.uint8))
+    def as_bytes(t):  # a fresh stride-1 copy: a size-1 tensor may be "contiguous" with any stride
+        return t.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8)
+
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(as_bytes(x), as_bytes(y))
 
 
 same_bits = _same_bits

@@ -45,8 +45,8 @@ Partials run_policy_loss_kernel(const KernelArgs& args) {
   }
 }
 
-Normaliser read_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value) {
-  if (tensor.has_value()) return {true, tensor->item<double>()};  // a CPU tensor: no synchronisation
+Normaliser read_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value, const char* name) {
+  if (tensor.has_value()) return {true, checked_cpu_normaliser(*tensor, name)};
   return {value.has_value(), value.value_or(0.0)};
 }
 
@@ -83,12 +83,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   args.T = T;
   args.options = options;
   args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
+  const Normaliser tokens = read_normaliser(num_tokens, num_tokens_value, "num_tokens");
+  const Normaliser seqs = read_normaliser(num_seqs, num_seqs_value, "num_seqs");
+  const Normaliser scale = read_normaliser(loss_scale_factor, loss_scale_factor_value, "loss_scale_factor");
   const Partials sums = run_policy_loss_kernel(args);
 
-  const double denominator = math::loss_denominator(
-      options.loss_agg_mode, read_normaliser(num_tokens, num_tokens_value), read_normaliser(num_seqs, num_seqs_value),
-      read_normaliser(loss_scale_factor, loss_scale_factor_value), sums.counts[kValidTokens],
-      sums.counts[kValidSeqs], T);
+  const double denominator = math::loss_denominator(options.loss_agg_mode, tokens, seqs, scale,
+                                                    sums.counts[kValidTokens], sums.counts[kValidSeqs], T);
   AT_DISPATCH_V2(acc_dtype, "ppo_ext_cpu_finalize", AT_WRAP([&] {
     math::finalize<scalar_t>(sums, denominator, loss.mutable_data_ptr<scalar_t>(),
                              grad_scale.mutable_data_ptr<scalar_t>(), metrics.mutable_data_ptr<float>(),
@@ -99,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
 
 at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                     const at::Tensor& grad_scale, at::ScalarType dtype) {
-  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale);
+  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, dtype);
   at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
   const double scale = grad_loss.item<double>() * grad_scale.item<double>();
   AT_DISPATCH_V2(token_grad.scalar_type(), "ppo_ext_cpu_backward", AT_WRAP([&] {

@@ -101,22 +101,28 @@ class PolicyLossKernel {
   }
 
  private:
-  // n values from p (element stride s) into buf as acc_t. __restrict__: a 1-byte input may alias anything,
-  // and without it the compiler would not vectorise the copy.
-  template <typename scalar_t>
+  // n values from p (element stride s) into buf as acc_t, or as 1/0 for non-zero/zero (kNonZero: a mask,
+  // tested in its own dtype, where a float64 1e-300 would be 0 as a float32). __restrict__: a 1-byte
+  // input may alias anything, and without it the compiler would not vectorise the copy.
+  template <bool kNonZero, typename scalar_t>
   static void convert(const scalar_t* __restrict__ p, int64_t s, int64_t n, acc_t* __restrict__ buf) {
+    const auto value = [](scalar_t x) {
+      if constexpr (kNonZero) return x != scalar_t(0) ? acc_t(1) : acc_t(0);
+      else return static_cast<acc_t>(x);
+    };
     if (s == 1) {
-      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j]);
+      for (int64_t j = 0; j < n; ++j) buf[j] = value(p[j]);
     } else if (s == 0) {
-      std::fill(buf, buf + n, static_cast<acc_t>(p[0]));
+      std::fill(buf, buf + n, value(p[0]));
     } else {
-      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<acc_t>(p[j * s]);
+      for (int64_t j = 0; j < n; ++j) buf[j] = value(p[j * s]);
     }
   }
 
   // n values of input `in` in row i from t0 on: in place where the input is contiguous acc_t and n is
   // whole vectors, else converted (any dtype, any stride) into buf and zero-padded to whole vectors.
   // An absent input returns buf, which holds its constant.
+  template <bool kNonZero = false>
   static const acc_t* view(const StridedInput& in, int64_t i, int64_t t0, int64_t n, acc_t* buf) {
     if (in.data == nullptr) return buf;
     if (in.dtype == c10::CppTypeToScalarType<acc_t>::value && in.col_stride == 1 && n % kVec == 0) {
@@ -126,8 +132,8 @@ class PolicyLossKernel {
     const at::ScalarType dtype = in.dtype == at::kBool ? at::kByte : in.dtype;
     AT_DISPATCH_V2(
         dtype, "ppo_ext_cpu_load", AT_WRAP([&] {
-          convert(static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride, in.col_stride, n,
-                  buf);
+          convert<kNonZero>(static_cast<const scalar_t*>(in.data) + i * in.row_stride + t0 * in.col_stride,
+                            in.col_stride, n, buf);
         }),
         AT_EXPAND(AT_ALL_TYPES), at::kHalf, at::kBFloat16);
     std::fill(buf + n, buf + (n + kVec - 1) / kVec * kVec, acc_t(0));
@@ -136,7 +142,7 @@ class PolicyLossKernel {
 
   // The mask: an absent one means all valid, but the padding after a partial tile stays invalid.
   const acc_t* mask_view(Tile& t, int64_t i, int64_t t0, int64_t n) const {
-    if (a_.mask.data != nullptr) return view(a_.mask, i, t0, n, t.mask);
+    if (a_.mask.data != nullptr) return view</*kNonZero=*/true>(a_.mask, i, t0, n, t.mask);
     if (n % kVec == 0) return t.all_valid;
     std::fill(t.mask, t.mask + n, acc_t(1));
     std::fill(t.mask + n, t.mask + (n + kVec - 1) / kVec * kVec, acc_t(0));

@@ -89,8 +89,13 @@ __device__ __forceinline__ acc_t load(const StridedInput& in, int64_t i, int64_t
   return load_element<acc_t>(in.data, in.dtype, i * in.row_stride + t * in.col_stride);
 }
 
+// Non-zero = valid, compared in a precision that keeps every non-zero value of the mask's dtype non-zero
+// (a float64 1e-300 is 0 as a float32).
 __device__ __forceinline__ bool is_valid(const StridedInput& mask, int64_t i, int64_t t) {
-  return mask.data == nullptr || load_element<float>(mask.data, mask.dtype, i * mask.row_stride + t * mask.col_stride) != 0.0f;
+  if (mask.data == nullptr) return true;
+  const int64_t k = i * mask.row_stride + t * mask.col_stride;
+  if (mask.dtype == DType::F64) return static_cast<const double*>(mask.data)[k] != 0.0;
+  return load_element<float>(mask.data, mask.dtype, k) != 0.0f;
 }
 
 struct PolicyLossArgs {
@@ -382,9 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
 
 at::Tensor policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                      const at::Tensor& grad_scale, at::ScalarType dtype) {
-  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "dtype must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, dtype);
   const c10::cuda::CUDAGuard guard(token_grad.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
