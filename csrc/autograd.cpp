@@ -8,13 +8,14 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "ops.h"
+
 namespace ppo_ext {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using PolicyLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 
 constexpr int kNumInputs = 18;  // arguments of ppo_ext::policy_loss

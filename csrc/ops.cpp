@@ -1,6 +1,7 @@
 // The schemas of every ppo_ext op, in one place, and the argument checks both backends share.
 #include "ops.h"
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -67,6 +68,13 @@ void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<dou
 }
 
 }  // namespace
+
+PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool compute_grad) {
+  const auto acc = log_probs.options().dtype(acc_type_for(log_probs.scalar_type()));
+  at::Tensor token_grad = compute_grad ? at::empty(log_probs.sizes(), acc) : at::empty({0}, acc);
+  return {at::empty({}, acc), at::empty({kNumMetrics}, log_probs.options().dtype(at::kFloat)),
+          at::empty({kNumCounts}, log_probs.options().dtype(at::kLong)), std::move(token_grad), at::empty({}, acc)};
+}
 
 double checked_cpu_normaliser(const at::Tensor& tensor, const char* name) {
   const double value = tensor.item<double>();

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #include "policy_loss.h"
 
@@ -27,6 +28,12 @@ void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tens
 
 // Reads a normaliser tensor on the CPU (no synchronisation there) and checks it as numbers are checked.
 double checked_cpu_normaliser(const at::Tensor& tensor, const char* name);
+
+// loss, metrics, counts, token_grad, grad_scale: the outputs of ppo_ext::policy_loss (schema in ops.cpp).
+using PolicyLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The outputs, uninitialised, on log_probs' device: token_grad is (B, T) when compute_grad, else (0,).
+PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool compute_grad);
 
 // float32 arithmetic, float64 for float64 log-probs.
 inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {

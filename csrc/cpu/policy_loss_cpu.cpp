@@ -11,17 +11,7 @@
 #include "policy_loss_cpu.h"
 
 namespace ppo_ext::cpu {
-namespace {
 
-StridedInput strided(const at::Tensor& t) {
-  return {t.const_data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
-}
-
-StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
-
-enum class Capability { Default, Avx2, Avx512 };
-
-// The widest instruction set the CPU has, unless PPO_EXT_CPU_CAPABILITY (default, avx2) asks for less.
 Capability capability() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   const char* forced_env = std::getenv("PPO_EXT_CPU_CAPABILITY");
@@ -37,6 +27,14 @@ Capability capability() {
 #endif
 }
 
+namespace {
+
+StridedInput strided(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
+}
+
+StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
+
 Partials run_policy_loss_kernel(const KernelArgs& args) {
   switch (capability()) {
     case Capability::Avx512: return AVX512::policy_loss_kernel(args);
@@ -50,7 +48,7 @@ Normaliser read_normaliser(const std::optional<at::Tensor>& tensor, std::optiona
   return {value.has_value(), value.value_or(0.0)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cpu(
+PolicyLossOutputs policy_loss_cpu(
     const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs, const at::Tensor& advantages,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& token_weights,
     const std::optional<at::Tensor>& num_tokens, const std::optional<at::Tensor>& num_seqs,
@@ -65,12 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
       std::string_view(loss_agg_mode.data(), loss_agg_mode.size()));
   const int64_t B = log_probs.size(0), T = log_probs.size(1);
   const auto acc_dtype = acc_type_for(log_probs.scalar_type());
-  const auto on = log_probs.options();
-  at::Tensor loss = at::empty({}, on.dtype(acc_dtype));
-  at::Tensor metrics = at::empty({kNumMetrics}, on.dtype(at::kFloat));
-  at::Tensor counts = at::empty({kNumCounts}, on.dtype(at::kLong));
-  at::Tensor token_grad = at::empty(compute_grad ? at::IntArrayRef{B, T} : at::IntArrayRef{0}, on.dtype(acc_dtype));
-  at::Tensor grad_scale = at::empty({}, on.dtype(acc_dtype));
+  at::Tensor loss, metrics, counts, token_grad, grad_scale;
+  std::tie(loss, metrics, counts, token_grad, grad_scale) = empty_policy_loss_outputs(log_probs, compute_grad);
 
   KernelArgs args;
   args.log_probs = strided(log_probs);

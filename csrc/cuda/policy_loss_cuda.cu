@@ -324,7 +324,7 @@ DeviceNormaliser device_normaliser(const std::optional<at::Tensor>& tensor, std:
   return {nullptr, DType::F32, value.has_value(), value.value_or(0.0)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_loss_cuda(
+PolicyLossOutputs policy_loss_cuda(
     const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs, const at::Tensor& advantages,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& token_weights,
     const std::optional<at::Tensor>& num_tokens, const std::optional<at::Tensor>& num_seqs,
@@ -341,18 +341,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_lo
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = log_probs.size(0), T = log_probs.size(1);
   const auto acc_dtype = acc_type_for(log_probs.scalar_type());
-  const auto on = log_probs.options();
-  at::Tensor loss = at::empty({}, on.dtype(acc_dtype));
-  at::Tensor metrics = at::empty({kNumMetrics}, on.dtype(at::kFloat));
-  at::Tensor counts = at::empty({kNumCounts}, on.dtype(at::kLong));
-  at::Tensor token_grad = at::empty(compute_grad ? at::IntArrayRef{B, T} : at::IntArrayRef{0}, on.dtype(acc_dtype));
-  at::Tensor grad_scale = at::empty({}, on.dtype(acc_dtype));
+  at::Tensor loss, metrics, counts, token_grad, grad_scale;
+  std::tie(loss, metrics, counts, token_grad, grad_scale) = empty_policy_loss_outputs(log_probs, compute_grad);
 
   // At least one block, which finalizes even when B = 0.
   const int blocks = static_cast<int>(std::clamp<int64_t>(B, 1, 4LL * sm_count(log_probs.get_device())));
   // One Partials per block, then the block counter.
   const int64_t partials_bytes = blocks * static_cast<int64_t>(sizeof(Partials));
-  at::Tensor workspace = at::empty({partials_bytes + static_cast<int64_t>(sizeof(unsigned int))}, on.dtype(at::kByte));
+  at::Tensor workspace = at::empty({partials_bytes + static_cast<int64_t>(sizeof(unsigned int))}, log_probs.options().dtype(at::kByte));
   auto* workspace_bytes = static_cast<uint8_t*>(workspace.mutable_data_ptr());
   PolicyLossArgs args;
   args.log_probs = strided(log_probs);
