@@ -95,8 +95,89 @@ PolicyLossOutputs policy_loss_autograd(
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+// ppo_ext::token_log_probs: only log_probs is differentiable (logsumexp is saved for the backward, the
+// entropy is a metric, not a loss term). The forward saves the logits themselves (no copy) and the per-row
+// log-sum-exp; the backward is ppo_ext::token_log_probs_backward, or, with inplace_backward, the
+// token_log_probs_backward_inplace op, which overwrites the saved logits with their gradient and returns
+// them as the gradient (anything else that saved the logits then fails autograd's version check).
+using TokenLogProbsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& labels,
+                               double temperature, bool compute_entropy, bool inplace_backward) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ppo_ext::token_log_probs", "")
+                               .typed<TokenLogProbsOutputs(const at::Tensor&, const at::Tensor&, double, bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [log_probs, logsumexp, entropy] = op.call(logits, labels, temperature, compute_entropy, inplace_backward);
+    ctx->mark_non_differentiable({logsumexp, entropy});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({logits, labels, logsumexp});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["inplace_backward"] = inplace_backward;
+    return {log_probs, logsumexp, entropy};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grad_inputs(5);
+    const at::Tensor& grad_log_probs = grad_outputs[0];
+    if (!grad_log_probs.defined()) return grad_inputs;
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "ppo_ext.token_log_probs is differentiable once: backward with create_graph=True (double backward) "
+                "is not supported");
+    const variable_list saved = ctx->get_saved_variables();
+    const double temperature = ctx->saved_data["temperature"].toDouble();
+    if (ctx->saved_data["inplace_backward"].toBool()) {
+      static const auto inplace_op =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("ppo_ext::token_log_probs_backward_inplace", "")
+              .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+      inplace_op.call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
+      grad_inputs[0] = saved[0].detach();  // the same buffer, now holding the gradient
+      return grad_inputs;
+    }
+    static const auto backward_op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("ppo_ext::token_log_probs_backward", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    grad_inputs[0] = backward_op.call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
+    return grad_inputs;
+  }
+};
+
+TokenLogProbsOutputs token_log_probs_autograd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                                              bool compute_entropy, bool inplace_backward) {
+  const variable_list out =
+      TokenLogProbsFunction::apply(logits, labels.detach(), temperature, compute_entropy, inplace_backward);
+  return {out[0], out[1], out[2]};
+}
+
+// The in-place backward mutates its `logits`: bump their version counter, as PyTorch's own in-place ops do,
+// so that autograd notices any other use of the overwritten values.
+void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_log_probs, const at::Tensor& logits,
+                                                        const at::Tensor& labels, const at::Tensor& logsumexp,
+                                                        double temperature) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ppo_ext::token_log_probs_backward_inplace", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(grad_log_probs, logits, labels, logsumexp, temperature);
+  }
+  torch::autograd::impl::bump_version(logits);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ppo_ext, Autograd, m) { m.impl("policy_loss", &policy_loss_autograd); }
+TORCH_LIBRARY_IMPL(ppo_ext, Autograd, m) {
+  m.impl("policy_loss", &policy_loss_autograd);
+  m.impl("token_log_probs", &token_log_probs_autograd);
+}
+
+TORCH_LIBRARY_IMPL(ppo_ext, ADInplaceOrView, m) {
+  m.impl("token_log_probs_backward_inplace", &token_log_probs_backward_inplace_ad_inplace_or_view);
+}
 
 }  // namespace ppo_ext

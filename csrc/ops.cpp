@@ -1,6 +1,7 @@
 // The schemas of every ppo_ext op, in one place, and the argument checks both backends share.
 #include "ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -168,6 +169,83 @@ void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tens
                     "grad_loss, token_grad and grad_scale must be on one device");
 }
 
+LogitsLayout check_token_log_probs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "logits must have shape (B, T, V) or (N, V), got ",
+                    logits.sizes());
+  TORCH_CHECK_TYPE(is_float(logits.scalar_type()), "logits must be float32, bfloat16, float16 or float64, got ",
+                   logits.scalar_type());
+  const int64_t V = logits.size(-1);
+  TORCH_CHECK_VALUE(logits.stride(-1) == 1 || V <= 1,
+                    "logits must be contiguous along the vocabulary (last) dimension, got strides ",
+                    logits.strides(), " (rows may have any stride, e.g. a slice of (B, T + 1, V))");
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels must be on the device of logits (", logits.device(),
+                    "), got ", labels.device());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64 token ids, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
+                    "labels must have the shape of logits without its last dimension, ",
+                    logits.sizes().slice(0, logits.dim() - 1), ", got ", labels.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
+                    temperature);
+  LogitsLayout l{};
+  l.V = V;
+  if (logits.dim() == 3) {
+    l.B = logits.size(0), l.T = logits.size(1);
+    l.stride_b = logits.stride(0), l.stride_t = logits.stride(1);
+    l.label_stride_b = labels.stride(0), l.label_stride_t = labels.stride(1);
+  } else {
+    l.B = logits.size(0), l.T = 1;
+    l.stride_b = logits.stride(0), l.stride_t = 0;
+    l.label_stride_b = labels.stride(0), l.label_stride_t = 0;
+  }
+  return l;
+}
+
+LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_probs, const at::Tensor& logits,
+                                                 const at::Tensor& labels, const at::Tensor& logsumexp,
+                                                 double temperature) {
+  const LogitsLayout layout = check_token_log_probs_args(logits, labels, temperature);
+  const auto acc = acc_type_for(logits.scalar_type());
+  for (const auto& [t, name] : {std::pair{&grad_log_probs, "grad_log_probs"}, std::pair{&logsumexp, "logsumexp"}}) {
+    TORCH_CHECK_VALUE(t->device() == logits.device(), name, " must be on the device of logits (", logits.device(),
+                      "), got ", t->device());
+    TORCH_CHECK_VALUE(t->sizes() == labels.sizes(), name, " must have the shape of labels ", labels.sizes(), ", got ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(is_float(t->scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
+                     t->scalar_type());
+  }
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc, "logsumexp must be the ", acc,
+                   " tensor saved by token_log_probs, got ", logsumexp.scalar_type());
+  return layout;
+}
+
+void check_labels_in_range_cpu(const at::Tensor& labels, const LogitsLayout& l) {
+  const int64_t* p = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < l.B; ++i) {
+    for (int64_t t = 0; t < l.T; ++t) {
+      const int64_t label = p[i * l.label_stride_b + t * l.label_stride_t];
+      if (label >= 0 && label < l.V) continue;
+      if (labels.dim() == 2) {
+        TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
+                          " (the last dimension of logits), got labels[", i, ", ", t, "] = ", label);
+      }
+      TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
+                        " (the last dimension of logits), got labels[", i, "] = ", label);
+    }
+  }
+}
+
+void check_writable_logits(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+                    "logits must not have overlapping rows (e.g. an expanded tensor) to take their gradient in place");
+}
+
+TokenLogProbsOutputs empty_token_log_probs_outputs(const at::Tensor& logits, const at::Tensor& labels,
+                                                   bool compute_entropy) {
+  const auto acc = logits.options().dtype(acc_type_for(logits.scalar_type()));
+  at::Tensor entropy = compute_entropy ? at::empty(labels.sizes(), acc) : at::empty({0}, acc);
+  return {at::empty(labels.sizes(), acc), at::empty(labels.sizes(), acc), std::move(entropy)};
+}
+
 TORCH_LIBRARY(ppo_ext, m) {
   // Forward: loss, metrics (float32, METRIC_NAMES order), counts (int64, COUNT_NAMES order), the
   // per-token gradient of the un-normalised loss sum when compute_grad (else an empty tensor), and
@@ -181,6 +259,25 @@ TORCH_LIBRARY(ppo_ext, m) {
       "-> (Tensor loss, Tensor metrics, Tensor counts, Tensor token_grad, Tensor grad_scale)");
   // Backward: grad_log_probs = grad_loss * grad_scale * token_grad, in `dtype` (that of log_probs).
   m.def("policy_loss_backward(Tensor grad_loss, Tensor token_grad, Tensor grad_scale, ScalarType dtype) -> Tensor");
+
+  // From logits (B, T, V) or (N, V) (V contiguous) and int64 labels of their shape without V: per row of
+  // x = logits / temperature, log_probs = log_softmax(x)[label], logsumexp = logsumexp(x) (saved for the
+  // backward) and, when compute_entropy, the entropy -sum softmax(x) log_softmax(x) (else a (0,) tensor);
+  // all float32 (float64 for float64 logits), contiguous. Online max / sum-exp: no log-softmax is
+  // materialised. Only log_probs is differentiable; inplace_backward makes the autograd formula write the
+  // gradient into the logits' buffer (token_log_probs_backward_inplace): the logits are then gone.
+  m.def(
+      "token_log_probs(Tensor logits, Tensor labels, float temperature, bool compute_entropy, "
+      "bool inplace_backward) -> (Tensor log_probs, Tensor logsumexp, Tensor entropy)");
+  // grad_logits = grad_log_probs * (onehot(label) - exp(x - logsumexp)) / temperature, in logits' dtype and
+  // shape (contiguous); rows with grad_log_probs == 0 are zeros, written without reading their logits.
+  m.def(
+      "token_log_probs_backward(Tensor grad_log_probs, Tensor logits, Tensor labels, Tensor logsumexp, "
+      "float temperature) -> Tensor");
+  // The same gradient, written over the logits (which are read once, row by row, before being overwritten).
+  m.def(
+      "token_log_probs_backward_inplace(Tensor grad_log_probs, Tensor(a!) logits, Tensor labels, "
+      "Tensor logsumexp, float temperature) -> ()");
 }
 
 }  // namespace ppo_ext

@@ -35,6 +35,36 @@ using PolicyLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 // The outputs, uninitialised, on log_probs' device: token_grad is (B, T) when compute_grad, else (0,).
 PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool compute_grad);
 
+// ppo_ext::token_log_probs: logits (B, T, V) or (N, V) with the V dimension contiguous (rows of any
+// stride), labels int64 of the logits' shape without V. The layout in elements; a (N, V) tensor is
+// B = N, T = 1.
+struct LogitsLayout {
+  int64_t B, T, V;
+  int64_t stride_b, stride_t;
+  int64_t label_stride_b, label_stride_t;
+};
+
+// Checks the arguments of ppo_ext::token_log_probs (shapes, dtypes, devices, temperature) with an error
+// naming the argument. Labels are checked for range separately (check_labels_in_range_cpu on the CPU).
+LogitsLayout check_token_log_probs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature);
+
+// The same, and grad_log_probs / logsumexp of the labels' shape (float32, float64 for float64 logits).
+LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_probs, const at::Tensor& logits,
+                                                 const at::Tensor& labels, const at::Tensor& logsumexp,
+                                                 double temperature);
+
+// Raises a ValueError naming labels and the first position out of [0, V) (CPU tensors: no synchronisation).
+void check_labels_in_range_cpu(const at::Tensor& labels, const LogitsLayout& layout);
+
+// The in-place backward writes every row of the logits: they must not overlap (e.g. an expand()ed tensor).
+void check_writable_logits(const at::Tensor& logits);
+
+// log_probs, logsumexp, entropy: the outputs of ppo_ext::token_log_probs, uninitialised, contiguous, of the
+// labels' shape (entropy (0,) when not asked for).
+using TokenLogProbsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+TokenLogProbsOutputs empty_token_log_probs_outputs(const at::Tensor& logits, const at::Tensor& labels,
+                                                   bool compute_entropy);
+
 // float32 arithmetic, float64 for float64 log-probs.
 inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {
   return log_probs_dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -81,6 +81,8 @@ namespace math {
 
 PPO_HD float exp_(float x) { return expf(x); }
 PPO_HD double exp_(double x) { return exp(x); }
+PPO_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
+PPO_HD double fma_(double a, double b, double c) { return fma(a, b, c); }
 
 // torch.maximum / torch.minimum: NaN in either operand gives NaN.
 template <typename T>
@@ -99,6 +101,9 @@ struct ScalarOps {
   static PPO_HD T clamp(T x, T lo, T hi) { return nan_minimum(nan_maximum(x, lo), hi); }
   static PPO_HD T exp(T x) { return exp_(x); }
   static PPO_HD T neg(T x) { return -x; }
+  // a * b + c rounded once (the online softmax of log_softmax.h, whose results must not depend on what the
+  // compiler chose to contract).
+  static PPO_HD T fmadd(T a, T b, T c) { return fma_(a, b, c); }
 };
 
 // The log-ratio that is exponentiated, clamped to [-K, K] when K is set, and whether the clamp lets the

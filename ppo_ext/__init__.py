@@ -2,7 +2,9 @@
 fused CPU and CUDA kernels, with its clip counters. See README.md and SPEC.md."""
 
 from ppo_ext._ops import COUNT_NAMES, METRIC_NAMES, built_with_cuda
-from ppo_ext.functional import PolicyLoss, PolicyLossOutput, policy_loss
+from ppo_ext.functional import (PolicyLoss, PolicyLossFromLogitsOutput, PolicyLossOutput, log_probs_from_logits,
+                                policy_loss, policy_loss_from_logits)
 
-__all__ = ["policy_loss", "PolicyLoss", "PolicyLossOutput", "COUNT_NAMES", "METRIC_NAMES", "built_with_cuda"]
+__all__ = ["policy_loss", "PolicyLoss", "PolicyLossOutput", "policy_loss_from_logits", "PolicyLossFromLogitsOutput",
+           "log_probs_from_logits", "COUNT_NAMES", "METRIC_NAMES", "built_with_cuda"]
 __version__ = "0.1.0"

@@ -59,6 +59,40 @@ def _policy_loss_backward_fake(grad_loss, token_grad, grad_scale, dtype):
     return token_grad.new_empty(token_grad.shape, dtype=dtype)
 
 
+def _check_logits(logits, labels):
+    _check_devices("logits", logits, labels=labels)
+    torch._check(logits.dim() in (2, 3),
+                 lambda: f"logits must have shape (B, T, V) or (N, V), got {tuple(logits.shape)}")
+    torch._check(tuple(labels.shape) == tuple(logits.shape[:-1]),
+                 lambda: f"labels must have the shape of logits without its last dimension, got {tuple(labels.shape)}")
+
+
+@torch.library.register_fake("ppo_ext::token_log_probs")
+def _token_log_probs_fake(logits, labels, temperature, compute_entropy, inplace_backward):
+    _check_logits(logits, labels)
+    acc = _acc_dtype(logits.dtype)
+    shape = logits.shape[:-1]
+    return (
+        logits.new_empty(shape, dtype=acc),
+        logits.new_empty(shape, dtype=acc),
+        logits.new_empty(shape if compute_entropy else (0,), dtype=acc),
+    )
+
+
+@torch.library.register_fake("ppo_ext::token_log_probs_backward")
+def _token_log_probs_backward_fake(grad_log_probs, logits, labels, logsumexp, temperature):
+    _check_logits(logits, labels)
+    _check_devices("logits", logits, grad_log_probs=grad_log_probs, logsumexp=logsumexp)
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("ppo_ext::token_log_probs_backward_inplace")
+def _token_log_probs_backward_inplace_fake(grad_log_probs, logits, labels, logsumexp, temperature):
+    _check_logits(logits, labels)
+    _check_devices("logits", logits, grad_log_probs=grad_log_probs, logsumexp=logsumexp)
+    return None
+
+
 def built_with_cuda() -> bool:
     """Whether this build of ppo_ext has its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("ppo_ext::policy_loss", "CUDA")

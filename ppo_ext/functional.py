@@ -1,7 +1,7 @@
 """The public API: ppo_ext.policy_loss and the PolicyLoss module (see ../shared/SPEC.md)."""
 
 import numbers
-from typing import Dict, NamedTuple, Optional, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -91,6 +91,103 @@ def policy_loss(
         compute_grad,
     )
     return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts)
+
+
+class PolicyLossFromLogitsOutput(NamedTuple):
+    loss: torch.Tensor  # 0-dim, differentiable w.r.t. logits
+    metrics: Dict[str, torch.Tensor]  # METRIC_NAMES, and "entropy" (mean over valid tokens) when asked for
+    counts: torch.Tensor  # int64 (6,), names COUNT_NAMES
+    log_probs: torch.Tensor  # (B, T) float32 log-probs of the labels, detached
+    entropy: Optional[torch.Tensor]  # (B, T) float32 per-token entropy (not differentiable), or None
+
+
+def log_probs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    check_labels: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log_softmax(logits / temperature) at the labels, and optionally the entropy, without materialising
+    the log-softmax: one pass over the logits forward, one backward (see README "From logits").
+
+    logits (B, T, V) or (N, V), float32/bfloat16/float16/float64, the V dimension contiguous, rows of any
+    stride (e.g. ``full_logits[:, :-1]`` of a (B, T + 1, V) tensor, without a copy); labels int64 (B, T)
+    (or (N,), or (B, T) with N = B * T). Returns (log_probs, entropy): float32 (float64 for float64
+    logits) of the labels' shape; log_probs is differentiable w.r.t. the logits, entropy (None unless
+    return_entropy) is not. inplace_backward=True writes the gradient into the logits' buffer: after
+    backward the logits hold their gradient, not their values. Labels must lie in [0, V): on the CPU
+    anything else raises ValueError; on a GPU it is not checked (a check would synchronise with the host)
+    and gives a NaN log-prob, unless check_labels=True (a debugging aid: one host synchronisation).
+    """
+    _check_tensor("logits", logits, optional=False)
+    _check_tensor("labels", labels, optional=False)
+    temperature = _float_option("temperature", temperature)
+    out_shape = labels.shape
+    if check_labels and labels.numel():
+        vocab = logits.shape[-1]
+        bad = (labels < 0) | (labels >= vocab)
+        if bool(bad.any()):  # one host synchronisation: a debugging aid
+            first = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"labels must be token ids in [0, V) with V = {vocab} (the last dimension of "
+                             f"logits), got labels{list(first)} = {labels[first].item()}")
+    if logits.dim() == 2 and labels.dim() == 2:  # (N, V) logits of (B, T) labels
+        if labels.numel() != logits.shape[0]:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
+                             f"{tuple(logits.shape)}: expected N = B * T")
+        labels = labels.reshape(-1)
+    log_probs, _, entropy = torch.ops.ppo_ext.token_log_probs(
+        logits, labels, temperature, bool(return_entropy), bool(inplace_backward))
+    log_probs = log_probs.view(out_shape)
+    return log_probs, entropy.view(out_shape) if return_entropy else None
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_log_probs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    importance_sampling: str = "token",
+    loss_agg_mode: str = "token-mean",
+    log_ratio_clamp: Optional[float] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
+    loss_scale_factor: Normaliser = None,
+    return_entropy: bool = False,
+    inplace_backward: bool = False,
+    check_labels: bool = False,
+) -> PolicyLossFromLogitsOutput:
+    """The clipped PPO policy loss from the policy's logits: ``log_probs_from_logits`` (log_softmax of
+    logits / temperature at the labels, online, no log-softmax materialised), then ``policy_loss`` on
+    them with every option as there. The loss is differentiable w.r.t. the logits.
+
+    logits (B, T, V) or (B * T, V); labels int64 (B, T); old_log_probs, advantages, mask and the options
+    as in policy_loss. Returns loss, metrics, counts (as policy_loss), the detached (B, T) log-probs and,
+    with return_entropy, the (B, T) entropy and its mean over valid tokens as metrics["entropy"].
+    inplace_backward and check_labels: see log_probs_from_logits.
+    """
+    log_probs, entropy = log_probs_from_logits(
+        logits, labels, temperature=temperature, return_entropy=return_entropy,
+        inplace_backward=inplace_backward, check_labels=check_labels)
+    out = policy_loss(
+        log_probs, old_log_probs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode, log_ratio_clamp=log_ratio_clamp,
+        token_weights=token_weights, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale_factor=loss_scale_factor)
+    metrics = out.metrics
+    if entropy is not None:
+        valid_tokens = out.counts[0]
+        entropy_sum = entropy.sum() if mask is None else torch.where(mask != 0, entropy, 0).sum()
+        metrics = {**metrics, "entropy": (entropy_sum / valid_tokens.clamp(min=1)).float()}
+    return PolicyLossFromLogitsOutput(out.loss, metrics, out.counts, log_probs.detach(), entropy)
 
 
 class PolicyLoss(torch.nn.Module):

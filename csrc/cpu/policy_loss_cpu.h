@@ -34,4 +34,8 @@ PPO_EXT_DECLARE_CPU_KERNELS(AVX2)
 PPO_EXT_DECLARE_CPU_KERNELS(AVX512)
 #undef PPO_EXT_DECLARE_CPU_KERNELS
 
+// The widest instruction set the CPU has, unless PPO_EXT_CPU_CAPABILITY (default, avx2) asks for less.
+enum class Capability { Default, Avx2, Avx512 };
+Capability capability();
+
 }  // namespace ppo_ext::cpu

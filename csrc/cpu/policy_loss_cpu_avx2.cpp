@@ -1,4 +1,4 @@
-// The CPU kernels with AVX2 + FMA (ATen's AVX2 capability: 8 float lanes, SLEEF's vector exp).
+// The CPU kernels (policy_loss, token_log_probs) with AVX2 + FMA (ATen's AVX2 capability: 8 float lanes, SLEEF's vector exp).
 // policy_loss_cpu.cpp calls them only where the CPU reports AVX2 and FMA at run time, so the build
 // does not depend on the build machine. The target pragma enables the instructions for this file
 // alone; the feature macros are set by hand because a pragma does not set them, and ATen's and
@@ -21,3 +21,4 @@
 #endif
 #define CPU_CAPABILITY AVX2
 #include "policy_loss_cpu_kernel.h"
+#include "log_probs_cpu_kernel.h"

@@ -1,4 +1,4 @@
-// The CPU kernels with AVX-512 (F, BW, VL, DQ: ATen's AVX512 capability, 16 float lanes). See
+// The CPU kernels (policy_loss, token_log_probs) with AVX-512 (F, BW, VL, DQ: ATen's AVX512 capability, 16 float lanes). See
 // policy_loss_cpu_avx2.cpp for why the target pragma and the feature macros.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq")
@@ -30,3 +30,4 @@
 #endif
 #define CPU_CAPABILITY AVX512
 #include "policy_loss_cpu_kernel.h"
+#include "log_probs_cpu_kernel.h"

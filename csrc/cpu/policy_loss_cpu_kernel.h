@@ -17,25 +17,13 @@
 
 #include "../policy_loss.h"
 #include "policy_loss_cpu.h"
+#include "vec_ops.h"
 
 namespace ppo_ext::cpu {
 namespace CPU_CAPABILITY {
 
 constexpr int64_t kTile = 512;
 constexpr int64_t kChunkTokens = 16384;
-
-template <typename acc_t>
-struct VecOps {
-  using V = at::vec::Vectorized<acc_t>;
-  using Mask = V;
-  static V select(const V& c, const V& a, const V& b) { return V::blendv(b, a, c); }
-  static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
-  static V minimum(const V& a, const V& b) { return at::vec::minimum(a, b); }
-  // NaN in x propagates (bounds are never NaN): two instructions where maximum/minimum take more.
-  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
-  static V exp(const V& x) { return x.exp(); }
-  static V neg(const V& x) { return x.neg(); }
-};
 
 template <typename V>
 double sum_lanes(const V& v) {

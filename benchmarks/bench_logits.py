@@ -1,0 +1,409 @@
+#!/usr/bin/env python
+"""Benchmark the PPO loss from logits: ppo_ext.policy_loss_from_logits against eager PyTorch, torch.compile and
+a chunked eager variant.
+
+Contenders, each computing the log-probs of the taken tokens from (B, T, V) logits and verl 0.9's vanilla PPO loss
+(clip 0.2 / 0.28, dual clip 3, token-mean), then its gradient w.r.t. the logits:
+
+  eager            logits.float() -> log_softmax -> gather, then verl's loss (bench_policy_loss.py's copy)
+  compiled         torch.compile of eager (dynamic=False, one compile per shape)
+  chunked          TRL's selective_log_softmax (logsumexp row by row for float32 logits; log_softmax row by row,
+                   here upcast to float32 per row, for bf16 ones), then verl's loss
+  ppo_ext          ppo_ext.policy_loss_from_logits (same loss; plus all of ppo_ext's metrics and the log-probs)
+  ppo_ext-inplace  the same with inplace_backward=True: the gradient is written over the logits
+
+First every contender is checked against a float64 reference (log_softmax in float64, computed in row chunks):
+loss and gradient. Then timed, interleaved, forward+backward ("fwd+bwd") and the log-probs alone under no_grad
+("logprobs", as for the old policy's log-probs; eager/compiled/chunked without the loss, ppo_ext's
+log_probs_from_logits). Then the peak memory allocated during one fwd+bwd beyond what existed before, with and
+without the gradient (which every contender returns: logits-sized, except in place), as a fraction of the logits.
+
+    python benchmarks/bench_logits.py --quick            # ~1-2 minutes on 2 CPU cores
+    python benchmarks/bench_logits.py                    # CPU: N = 1024, 4096 at V = 32000 (and 151936)
+    python benchmarks/bench_logits.py --device cuda      # GPU: N = 8192, 32768 at V = 32000, 128256, 151936
+
+Writes <out-dir>/logits-<device>-<date>[-quick].{json,md} (out-dir: benchmarks/results) unless --no-write, and
+exits with 2 if a contender does not match the reference.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # a checkout where ppo_ext was built in place
+sys.path.insert(0, HERE)
+
+import ppo_ext  # noqa: E402
+from bench_policy_loss import (OtherLoad, compute_policy_loss_vanilla, copy_bandwidth, environment,  # noqa: E402
+                               peak_extra_bytes, quantile, time_interleaved)
+
+CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0, importance_sampling="token",
+               loss_agg_mode="token-mean")
+CONTENDERS = ("eager", "compiled", "chunked", "ppo_ext", "ppo_ext-inplace")
+PASSES = ("fwd+bwd", "logprobs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def eager_log_probs(logits, labels):
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def selective_log_softmax(logits, index):
+    """TRL's (trl/trainer/utils.py), but for the float32 upcast of each row in the bf16 branch (TRL keeps bf16
+    there, which would not pass the float64 check)."""
+    if logits.dtype in (torch.float32, torch.float64):
+        selected_logits = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+        logsumexp_values = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])  # loop to reduce peak memory
+        return selected_logits - logsumexp_values
+    per_token_logps = []
+    for row_logits, row_labels in zip(logits, index):
+        row_logps = F.log_softmax(row_logits.float(), dim=-1)
+        per_token_logps.append(row_logps.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(per_token_logps)
+
+
+def with_verl_loss(log_probs_fn):
+    def loss(logits, labels, old, adv, mask):
+        lp = log_probs_fn(logits, labels)
+        pg_loss, _, _, _ = compute_policy_loss_vanilla(old, lp, adv, mask, **CLIP)
+        return pg_loss
+
+    return loss
+
+
+def ppo_ext_loss(inplace):
+    def loss(logits, labels, old, adv, mask):
+        return ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask, inplace_backward=inplace,
+                                               **OPTIONS).loss
+
+    return loss
+
+
+def ppo_ext_log_probs(logits, labels):
+    return ppo_ext.log_probs_from_logits(logits, labels)[0]
+
+
+def make_contenders():
+    eager = with_verl_loss(eager_log_probs)
+    return {
+        "eager": (eager, eager_log_probs),
+        "compiled": (torch.compile(eager, dynamic=False), torch.compile(eager_log_probs, dynamic=False)),
+        "chunked": (with_verl_loss(selective_log_softmax), selective_log_softmax),
+        "ppo_ext": (ppo_ext_loss(False), ppo_ext_log_probs),
+        "ppo_ext-inplace": (ppo_ext_loss(True), None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases, inputs, reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    B: int
+    T: int
+    V: int
+    dtype: str  # "bf16" | "fp32"
+
+    @property
+    def tokens(self):
+        return self.B * self.T
+
+    @property
+    def name(self):
+        return f"N={self.tokens} V={self.V} {self.dtype}"
+
+    @property
+    def torch_dtype(self):
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def logits_bytes(self):
+        return self.tokens * self.V * self.torch_dtype.itemsize
+
+
+def all_cases(quick, device):
+    if device == "cpu":
+        if quick:
+            return [Case(2, 512, 32000, "fp32"), Case(2, 512, 32000, "bf16")]
+        return [Case(B, 512, 32000, dt) for B in (2, 8) for dt in ("fp32", "bf16")] + [Case(2, 512, 151936, "bf16")]
+    if quick:
+        return [Case(16, 512, 32000, "bf16"), Case(16, 512, 151936, "bf16")]
+    return [Case(N // 1024, 1024, V, "bf16") for N in (8192, 32768) for V in (32000, 128256, 151936)]
+
+
+@dataclass
+class Inputs:
+    logits: torch.Tensor  # leaf, requires grad
+    labels: torch.Tensor
+    old: torch.Tensor
+    adv: torch.Tensor
+    mask: torch.Tensor
+
+
+def make_inputs(case, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (case.B, case.T, case.V)
+    logits = (2.0 * torch.randn(shape, generator=g, device=device, dtype=torch.float32)).to(case.torch_dtype)
+    labels = torch.randint(0, case.V, (case.B, case.T), generator=g, device=device)
+    with torch.no_grad():
+        lp = ppo_ext.log_probs_from_logits(logits, labels)[0]
+    old = lp + 0.1 * torch.randn(lp.shape, generator=g, device=device)
+    adv = torch.randn(lp.shape, generator=g, device=device)
+    mask = torch.rand(lp.shape, generator=g, device=device) < 0.9
+    return Inputs(logits.requires_grad_(True), labels, old, adv, mask)
+
+
+def reference(inp, rows_per_chunk):
+    """float64: the loss, the log-probs, and the gradient w.r.t. the logits, built in row chunks (no float64 copy
+    of the whole logits): grad = dL/dlp * (onehot - softmax)."""
+    B, T, V = inp.logits.shape
+    flat = inp.logits.detach().view(-1, V)
+    labels = inp.labels.reshape(-1)
+    lp = torch.empty(B * T, dtype=torch.float64, device=flat.device)
+    for r0 in range(0, B * T, rows_per_chunk):
+        x = flat[r0:r0 + rows_per_chunk].double()
+        lp[r0:r0 + rows_per_chunk] = torch.log_softmax(x, -1).gather(-1, labels[r0:r0 + rows_per_chunk, None])[:, 0]
+    lp = lp.view(B, T).requires_grad_(True)
+    loss, _, _, _ = compute_policy_loss_vanilla(inp.old.double(), lp, inp.adv.double(), inp.mask, **CLIP)
+    (g,) = torch.autograd.grad(loss, lp)
+    return loss.item(), lp.detach(), g.reshape(-1)
+
+
+def grad_error(grad, inp, g_lp, rows_per_chunk):
+    """max |grad - reference| / max |reference| over the logits, chunk by chunk."""
+    V = inp.logits.shape[-1]
+    flat = inp.logits.detach().view(-1, V)
+    labels = inp.labels.reshape(-1)
+    grad = grad.reshape(-1, V)
+    err = scale = 0.0
+    for r0 in range(0, flat.shape[0], rows_per_chunk):
+        x = flat[r0:r0 + rows_per_chunk].double()
+        ref = -torch.softmax(x, -1) * g_lp[r0:r0 + rows_per_chunk, None]
+        ref.scatter_add_(1, labels[r0:r0 + rows_per_chunk, None], g_lp[r0:r0 + rows_per_chunk, None])
+        err = max(err, (grad[r0:r0 + rows_per_chunk].double() - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+    return err / max(scale, 1e-30)
+
+
+def fwd_bwd_call(fn, inp):
+    """One forward + backward; returns the gradient."""
+
+    def call():
+        inp.logits.grad = None
+        loss = fn(inp.logits, inp.labels, inp.old, inp.adv, inp.mask)
+        loss.backward()
+        return inp.logits.grad
+
+    return call
+
+
+def logprobs_call(fn, inp):
+    def call():
+        with torch.no_grad():
+            return fn(inp.logits, inp.labels)
+
+    return call
+
+
+def check(name, loss_fn, inp, ref, device, rows_per_chunk):
+    source = inp.logits.detach().clone()
+    with torch.no_grad():
+        inp.logits.copy_(source)
+    inp.logits.grad = None
+    loss = loss_fn(inp.logits, inp.labels, inp.old, inp.adv, inp.mask)
+    loss.backward()
+    grad = inp.logits.grad.clone() if name != "ppo_ext-inplace" else inp.logits.detach().clone()
+    with torch.no_grad():
+        inp.logits.copy_(source)  # the in-place contender overwrote them
+    inp.logits.grad = None
+    ref_loss, _, g_lp = ref
+    loss_err = abs(loss.item() - ref_loss) / max(abs(ref_loss), 1e-12)
+    g_err = grad_error(grad, inp, g_lp, rows_per_chunk)
+    tol = 1e-2 if inp.logits.dtype == torch.bfloat16 else 1e-4
+    ok = loss_err < 1e-4 and g_err < tol
+    return dict(ok=ok, loss_rel_err=loss_err, grad_rel_err=g_err, grad_tol=tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_case(case, device, threads, budget, rounds, load):
+    res = dict(case=case.name, B=case.B, T=case.T, V=case.V, dtype=case.dtype, tokens=case.tokens,
+               logits_bytes=case.logits_bytes())
+    fns = make_contenders()
+    inp = make_inputs(case, device, seed=case.tokens + case.V)
+    rows_per_chunk = max(1, (64 << 20) // (8 * case.V))
+    ref = reference(inp, rows_per_chunk)
+    source = inp.logits.detach().clone()
+
+    checks = {}
+    for name, (loss_fn, _) in fns.items():
+        t0 = time.time()
+        try:
+            checks[name] = check(name, loss_fn, inp, ref, device, rows_per_chunk)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            checks[name] = dict(ok=False, skipped=f"out of memory: {str(exc).splitlines()[0][:100]}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        checks[name]["first_call_s"] = time.time() - t0
+    res["check"] = checks
+    runnable = [n for n in fns if "skipped" not in checks[n]]
+
+    res["timing"] = {}
+    for pas in PASSES:
+        if pas == "fwd+bwd":
+            # (the in-place contender leaves its gradient in the logits: later calls read those values instead,
+            # which costs the same; they are restored after the pass)
+            calls = {n: fwd_bwd_call(fns[n][0], inp) for n in runnable}
+        else:
+            calls = {n: logprobs_call(fns[n][1], inp) for n in runnable if fns[n][1] is not None}
+        for call in calls.values():
+            for _ in range(2):
+                call()
+        with load.measure():
+            samples = time_interleaved(calls, device, threads, budget, rounds, None)
+        # the bytes the op must move: the logits read once forward; backward read once more and the gradient written
+        floor_bytes = case.logits_bytes() * (3 if pas == "fwd+bwd" else 1)
+        row = {}
+        for n, xs in samples.items():
+            med = quantile(xs, 0.5)
+            row[n] = dict(median_s=med, p25_s=quantile(xs, 0.25), p75_s=quantile(xs, 0.75), n_samples=len(xs),
+                          floor_bytes=floor_bytes, GBps=floor_bytes / med / 1e9)
+        for n in row:
+            for base in ("eager", "compiled", "chunked"):
+                if base in row:
+                    row[n][f"speedup_vs_{base}"] = row[base]["median_s"] / row[n]["median_s"]
+        res["timing"][pas] = row
+        with torch.no_grad():
+            inp.logits.copy_(source)
+
+    memory = {}
+    grad_bytes = case.logits_bytes()
+    for n in runnable:
+        inp.logits.grad = None  # freed before, not during, the measured call
+        peak = peak_extra_bytes(fwd_bwd_call(fns[n][0], inp), device)
+        with torch.no_grad():
+            inp.logits.copy_(source)
+        beyond_grad = peak - (0 if n == "ppo_ext-inplace" else grad_bytes)
+        size = case.logits_bytes()
+        memory[n] = dict(peak_extra_bytes=peak, peak_extra_fraction=peak / size, peak_beyond_grad_bytes=beyond_grad,
+                         peak_beyond_grad_fraction=beyond_grad / size)
+    res["memory"] = memory
+    inp.logits.grad = None
+    return res
+
+
+def fmt_time(s):
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.0f} us"
+
+
+def table(result):
+    lines = []
+    for pas in PASSES:
+        lines.append(f"\n### {pas}: median time (speed-up of ppo_ext vs eager / compiled / chunked)\n")
+        lines.append("| case | " + " | ".join(CONTENDERS) + " | ppo_ext vs eager | vs compiled | vs chunked |")
+        lines.append("|" + " --- |" * (len(CONTENDERS) + 4))
+        for res in result["cases"]:
+            row = res.get("timing", {}).get(pas, {})
+            cells = [fmt_time(row[n]["median_s"]) if n in row else "-" for n in CONTENDERS]
+            p = row.get("ppo_ext", {})
+            ratios = [f"{p[k]:.2f}x" if k in p else "-" for k in ("speedup_vs_eager", "speedup_vs_compiled",
+                                                                   "speedup_vs_chunked")]
+            lines.append(f"| {res['case']} | " + " | ".join(cells + ratios) + " |")
+    lines.append("\n### fwd+bwd: peak extra memory / logits size (beyond the logits-sized gradient in brackets)\n")
+    lines.append("| case | " + " | ".join(CONTENDERS) + " |")
+    lines.append("|" + " --- |" * (len(CONTENDERS) + 1))
+    for res in result["cases"]:
+        mem = res.get("memory", {})
+        cells = [f"{mem[n]['peak_extra_fraction']:.2f} ({mem[n]['peak_beyond_grad_fraction']:+.3f})" if n in mem
+                 else "-" for n in CONTENDERS]
+        lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
+    lines.append("\n### check against float64 (relative error of the loss; of the gradient, max over max)\n")
+    lines.append("| case | " + " | ".join(CONTENDERS) + " |")
+    lines.append("|" + " --- |" * (len(CONTENDERS) + 1))
+    for res in result["cases"]:
+        c = res.get("check", {})
+        cells = [("ok " if c[n]["ok"] else "FAIL ") + (f"{c[n]['loss_rel_err']:.1e} / {c[n]['grad_rel_err']:.1e}"
+                                                        if "loss_rel_err" in c[n] else c[n].get("skipped", ""))
+                 if n in c else "-" for n in CONTENDERS]
+        lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="two cases, short timings")
+    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--no-write", action="store_true", help="print the tables only")
+    args = p.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not (torch.cuda.is_available() and ppo_ext.built_with_cuda()):
+        if args.device == "cuda":
+            p.error("no GPU, or ppo_ext was built without its CUDA kernels")
+        devices.remove("cuda")
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+
+    mismatch = False
+    t0 = time.time()
+    for device in devices:
+        meta = environment(device, args.threads, args.quick)
+        meta["copy_bandwidth_GBps"] = copy_bandwidth(
+            device, args.threads, torch.empty(256 << 20, dtype=torch.int8, device="cuda") if device == "cuda" else None
+        ) / 1e9
+        print(f"== {device}: {meta['device_name']}, torch {meta['torch']}, copy bandwidth "
+              f"{meta['copy_bandwidth_GBps']:.1f} GB/s", flush=True)
+        load = OtherLoad()
+        budget, rounds = (0.3, 2) if args.quick else (1.0, 3)
+        cases = []
+        for case in all_cases(args.quick, device):
+            print(f"   {case.name} ...", flush=True)
+            try:
+                cases.append(run_case(case, device, args.threads, budget, rounds, load))
+            except (torch.OutOfMemoryError, MemoryError) as exc:
+                cases.append(dict(case=case.name, skipped=f"out of memory: {str(exc).splitlines()[0][:100]}"))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        meta["other_cpu_load"] = load.fraction()
+        result = dict(meta=meta, cases=cases)
+        text = table(result)
+        print(text)
+        mismatch |= any(not c["ok"] for r in cases for c in r.get("check", {}).values() if "skipped" not in c)
+        if not args.no_write:
+            os.makedirs(args.out_dir, exist_ok=True)
+            stem = os.path.join(args.out_dir, f"logits-{device}-{datetime.date.today().isoformat()}"
+                                              f"{'-quick' if args.quick else ''}")
+            with open(stem + ".json", "w") as f:
+                json.dump(result, f, indent=1)
+            with open(stem + ".md", "w") as f:
+                f.write(f"# ppo_ext.policy_loss_from_logits: {meta['device_name']}, torch {meta['torch']}, "
+                        f"{meta['date']}, {meta['mode']}\n{text}\n")
+            print(f"\nwrote {stem}.json, {stem}.md")
+    print(f"done in {time.time() - t0:.0f} s")
+    return 2 if mismatch else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+// The Ops policy of the shared math (policy_loss.h, log_softmax.h) on at::vec::Vectorized lanes, for the
+// CPU kernels. Included by the kernel headers, which are compiled once per instruction set with
+// CPU_CAPABILITY defined (see policy_loss_cpu_{default,avx2,avx512}.cpp).
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+namespace ppo_ext::cpu {
+namespace CPU_CAPABILITY {
+
+template <typename acc_t>
+struct VecOps {
+  using V = at::vec::Vectorized<acc_t>;
+  using Mask = V;
+  static V select(const V& c, const V& a, const V& b) { return V::blendv(b, a, c); }
+  static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  static V minimum(const V& a, const V& b) { return at::vec::minimum(a, b); }
+  // NaN in x propagates (bounds are never NaN): two instructions where maximum/minimum take more.
+  static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
+  static V exp(const V& x) { return x.exp(); }
+  static V neg(const V& x) { return x.neg(); }
+  static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+};
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ppo_ext::cpu

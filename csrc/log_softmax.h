@@ -1,0 +1,107 @@
+// The per-row math of log_softmax without materialising it, shared by the CPU and the CUDA kernels of
+// ppo_ext::token_log_probs (as policy_loss.h is for the loss): an online max / sum-exp over a row of
+// logits x (already divided by the temperature), from which come the log-sum-exp, the log-prob of the
+// taken token and the entropy, and the per-element gradient of the backward.
+//
+// Stats of a set of values x: max M, S = sum exp(x - M), W = sum exp(x - M) * (x - M). Then
+//   logsumexp = M + log S,   log_prob(label) = (x_label - M) - log S,   entropy = log S - W / S
+// (entropy = lse - sum p x = log S - sum p (x - M)): W is taken relative to the running max, so the
+// entropy has no cancellation between two large numbers. Stats combine in any grouping (per lane, per
+// tile, per thread, per warp), which is what the kernels do, in a fixed order (deterministic).
+// -inf logits (masked vocabulary) contribute nothing, NaN propagates, as in eager log_softmax.
+//
+// Everything is templated on an "Ops" policy (policy_loss.h's ScalarOps, the CPU's Vectorized lanes,
+// the GPU's fast exp) and __host__ __device__.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+
+#include "policy_loss.h"
+
+namespace ppo_ext::softmax {
+
+template <typename V>
+struct Stats {
+  V max;  // M: the largest value seen (-inf: none, or all -inf)
+  V sum;  // S = sum exp(x - M)
+  V xsum; // W = sum exp(x - M) * (x - M); only kept when the entropy is asked for
+};
+
+template <typename V>
+PPO_HD Stats<V> empty_stats() {
+  return {V(-INFINITY), V(0), V(0)};
+}
+
+// The shift subtracted before exp: M, or 0 where M = -inf (so that -inf - M is not NaN).
+template <typename Ops, typename V>
+PPO_HD V shift_of(const V& max) {
+  return Ops::select(max == V(-INFINITY), V(0), max);
+}
+
+// x - shift floored at -FLT_MAX, so that exp(d) * d is 0 (not NaN) for x = -inf (below the floor exp(d)
+// is 0 anyway, in float64 too). NaN stays NaN.
+template <typename Ops, typename V>
+PPO_HD V finite_offset(const V& d) {
+  return Ops::maximum(d, V(-FLT_MAX));
+}
+
+// Adds a value x <= s.max to the stats, given as its offset d = x - shift_of(s.max) (the kernels compute d
+// as one fused multiply-add of the raw logit, 1 / temperature and -shift: the same bits whatever the
+// compiler contracts, so that the log-probs do not depend on whether the entropy is computed).
+template <bool kEntropy, typename Ops, typename V>
+PPO_HD void accumulate(Stats<V>& s, const V& d) {
+  const V e = Ops::exp(d);
+  s.sum = s.sum + e;
+  if (kEntropy) s.xsum = s.xsum + e * finite_offset<Ops>(d);
+}
+
+// The stats of a single value.
+template <typename Ops, typename V>
+PPO_HD Stats<V> single(const V& x) {
+  return {x, Ops::select(x == V(-INFINITY), V(0), V(1)), V(0)};
+}
+
+// The stats of the union: both moved to the larger max (sums rescaled by exp(max - new max)) and added.
+// The sum is one explicit fused multiply-add, so that it is the same bits whichever instantiation (with
+// or without the entropy) the compiler contracted how: log-probs do not depend on compute_entropy.
+template <bool kEntropy, typename Ops, typename V>
+PPO_HD Stats<V> combine(const Stats<V>& a, const Stats<V>& b) {
+  const V m = Ops::maximum(a.max, b.max);
+  const V shift = shift_of<Ops>(m);
+  const V da = a.max - shift, db = b.max - shift;
+  const V sa = Ops::exp(da), sb = Ops::exp(db);  // 0 for max = -inf, 1 for max = m
+  Stats<V> r{m, Ops::fmadd(a.sum, sa, b.sum * sb), V(0)};
+  if (kEntropy) {
+    r.xsum = sa * (a.xsum + finite_offset<Ops>(da) * a.sum) + sb * (b.xsum + finite_offset<Ops>(db) * b.sum);
+  }
+  return r;
+}
+
+PPO_HD float log_(float x) { return logf(x); }
+PPO_HD double log_(double x) { return log(x); }
+
+template <typename T>
+struct RowResult {
+  T log_prob;   // log softmax(x)[label]
+  T logsumexp;  // saved for the backward
+  T entropy;    // -sum p log p (meaningful when the stats kept W)
+};
+
+// label_offset: x_label - s.max, the taken token's (temperature-scaled) logit less the max (one fused
+// multiply-add of the raw logit, as for accumulate); NaN for a label out of range.
+template <typename T>
+PPO_HD RowResult<T> finish(const Stats<T>& s, T label_offset) {
+  const T log_sum = log_(s.sum);
+  return {label_offset - log_sum, s.max + log_sum, log_sum - s.xsum / s.sum};
+}
+
+// d log_prob / d x_v = onehot(label) - softmax(x)_v: the softmax part of an element's gradient,
+// -coefficient * exp(x - lse) (coefficient = upstream gradient / temperature); the caller adds
+// `coefficient` at the label.
+template <typename Ops, typename V>
+PPO_HD V softmax_grad(const V& x, const V& lse, const V& neg_coefficient) {
+  return neg_coefficient * Ops::exp(x - lse);
+}
+
+}  // namespace ppo_ext::softmax
