@@ -1,8 +1,8 @@
 """A plain eager PyTorch implementation of the loss defined in SPEC.md.
 
 It is written for reading, not for speed: every line is a formula of SPEC.md, with the usual eager
-ops (torch.clamp, torch.maximum, torch.minimum, torch.where), so that ties, NaN and autograd behave
-as they do in eager PyTorch. The tests compare ppo_ext's kernels with it (on float64 copies of the
+ops (torch.maximum, torch.minimum, torch.where, and a clamp whose gradient passes at its bounds), so
+that ties, NaN and autograd behave as they do in eager PyTorch. The tests compare ppo_ext's kernels with it (on float64 copies of the
 inputs) and the benchmarks use it as the eager baseline. It imports nothing but torch.
 
 Arithmetic is done in float32 for float32/bfloat16/float16 log_probs and in float64 for float64 ones,
@@ -33,6 +33,13 @@ def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
     """num / den, and 0 (with gradient 0) where den == 0."""
     den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """torch.clamp's value, with the gradient passing inside the interval *bounds included* (torch.clamp's
+    backward up to 2.13; 2.14 stopped it at the bounds). Written out so that the reference, and so the
+    contract, does not change with the installed torch."""
+    return torch.where((x >= lo) & (x <= hi), x, torch.clamp(x, lo, hi).detach())
 
 
 def policy_loss_reference(
@@ -80,7 +87,7 @@ def policy_loss_reference(
 
     # Importance ratio.
     d = lp - old  # 0 at masked positions
-    d_tok = d if K is None else torch.clamp(d, -K, K)
+    d_tok = d if K is None else _clamp(d, -K, K)
     if importance_sampling == "token":
         r = torch.exp(d_tok)
     else:
@@ -90,12 +97,12 @@ def policy_loss_reference(
         else:  # "seq-token": same value, gradient local to each token
             log_r = lp - lp.detach() + dbar.detach()
         if K is not None:
-            log_r = torch.clamp(log_r, -K, K)
+            log_r = _clamp(log_r, -K, K)
         r = torch.exp(log_r).expand(B, T)
 
     # Per-token loss.
     L1 = -A * r
-    L2 = -A * torch.clamp(r, 1 - eps_lo, 1 + eps_hi)
+    L2 = -A * _clamp(r, 1 - eps_lo, 1 + eps_hi)
     l_clip = torch.maximum(L1, L2)
     l = l_clip
     if c is not None:
