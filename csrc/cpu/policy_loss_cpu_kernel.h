@@ -23,7 +23,7 @@ namespace ppo_ext::cpu {
 namespace CPU_CAPABILITY {
 
 constexpr int64_t kTile = 512;
-constexpr int64_t kChunkTokens = 16384;
+constexpr int64_t kChunkTokens = 4096;
 
 template <typename V>
 double sum_lanes(const V& v) {
@@ -73,8 +73,7 @@ class PolicyLossKernel {
     const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkTokens / std::max<int64_t>(a_.T, 1));
     const int64_t num_chunks = (a_.B + rows_per_chunk - 1) / rows_per_chunk;
     std::vector<Partials> chunks(num_chunks);
-    // Grain 2: a single chunk runs on the calling thread without waking the pool.
-    at::parallel_for(0, num_chunks, 2, [&](int64_t c0, int64_t c1) {
+    at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
       Tile tile(a_);
       for (int64_t c = c0; c < c1; ++c) {
         math::init_partials(chunks[c]);
