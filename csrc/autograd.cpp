@@ -102,6 +102,16 @@ PolicyLossOutputs policy_loss_autograd(
 // them as the gradient (anything else that saved the logits then fails autograd's version check).
 using TokenLogProbsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// The dispatcher handle of ppo_ext::token_log_probs_backward_inplace, looked up once (used by the
+// autograd backward and by the ADInplaceOrView kernel below).
+const auto& token_log_probs_backward_inplace_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ppo_ext::token_log_probs_backward_inplace", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op;
+}
+
 class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& labels,
@@ -129,11 +139,7 @@ class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunc
     const variable_list saved = ctx->get_saved_variables();
     const double temperature = ctx->saved_data["temperature"].toDouble();
     if (ctx->saved_data["inplace_backward"].toBool()) {
-      static const auto inplace_op =
-          c10::Dispatcher::singleton()
-              .findSchemaOrThrow("ppo_ext::token_log_probs_backward_inplace", "")
-              .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-      inplace_op.call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
+      token_log_probs_backward_inplace_op().call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
       grad_inputs[0] = saved[0].detach();  // the same buffer, now holding the gradient
       return grad_inputs;
     }
@@ -158,13 +164,9 @@ TokenLogProbsOutputs token_log_probs_autograd(const at::Tensor& logits, const at
 void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_log_probs, const at::Tensor& logits,
                                                         const at::Tensor& labels, const at::Tensor& logsumexp,
                                                         double temperature) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ppo_ext::token_log_probs_backward_inplace", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.call(grad_log_probs, logits, labels, logsumexp, temperature);
+    token_log_probs_backward_inplace_op().call(grad_log_probs, logits, labels, logsumexp, temperature);
   }
   torch::autograd::impl::bump_version(logits);
 }

@@ -100,8 +100,8 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
                    "log_probs must be float32, bfloat16, float16 or float64, got ", lp_dtype);
   if (old_log_probs.has_value()) {
     check_token_tensor(*old_log_probs, "old_log_probs", log_probs);
-    TORCH_CHECK_TYPE(is_float(old_log_probs->scalar_type()), "old_log_probs must be float32, float64, float16 or bfloat16, got ",
-                     old_log_probs->scalar_type());
+    TORCH_CHECK_TYPE(is_float(old_log_probs->scalar_type()),
+                     "old_log_probs must be float32, float64, float16 or bfloat16, got ", old_log_probs->scalar_type());
   }
   check_device(advantages, "advantages", log_probs);
   const int64_t B = log_probs.size(0), T = log_probs.size(1);
@@ -110,8 +110,8 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
                              (advantages.size(1) == T || advantages.size(1) == 1));
   TORCH_CHECK_VALUE(adv_shape_ok, "advantages must have shape (B, T), (B, 1) or (B,) with (B, T) = ",
                     log_probs.sizes(), ", got ", advantages.sizes());
-  TORCH_CHECK_TYPE(is_float(advantages.scalar_type()), "advantages must be float32, float64, float16 or bfloat16, got ",
-                   advantages.scalar_type());
+  TORCH_CHECK_TYPE(is_float(advantages.scalar_type()),
+                   "advantages must be float32, float64, float16 or bfloat16, got ", advantages.scalar_type());
   if (mask.has_value()) {
     check_token_tensor(*mask, "mask", log_probs);
     const auto t = mask->scalar_type();
@@ -121,8 +121,8 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
   }
   if (token_weights.has_value()) {
     check_token_tensor(*token_weights, "token_weights", log_probs);
-    TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()), "token_weights must be float32, float64, float16 or bfloat16, got ",
-                     token_weights->scalar_type());
+    TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()),
+                     "token_weights must be float32, float64, float16 or bfloat16, got ", token_weights->scalar_type());
   }
   check_normaliser(num_tokens, num_tokens_value, "num_tokens", log_probs);
   check_normaliser(num_seqs, num_seqs_value, "num_seqs", log_probs);
