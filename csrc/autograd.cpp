@@ -8,7 +8,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include "ops.h"
+#include "checks.h"
 
 namespace ppo_ext {
 namespace {

@@ -1,17 +1,23 @@
 // The per-row math of log_softmax without materialising it, shared by the CPU and the CUDA kernels of
-// ppo_ext::token_log_probs (as policy_loss.h is for the loss): an online max / sum-exp over a row of
-// logits x (already divided by the temperature), from which come the log-sum-exp, the log-prob of the
-// taken token and the entropy, and the per-element gradient of the backward.
+// ppo_ext::token_log_probs (as policy_loss.h is for the loss): an online max / sum-exp over a row of raw
+// logits x at temperature T (inv_t = 1 / T), from which come the log-sum-exp, the log-prob of the taken
+// token and the entropy of softmax(x / T), and the per-element gradient of the backward.
 //
-// Stats of a set of values x: max M, S = sum exp(x - M), W = sum exp(x - M) * (x - M). Then
-//   logsumexp = M + log S,   log_prob(label) = (x_label - M) - log S,   entropy = log S - W / S
-// (entropy = lse - sum p x = log S - sum p (x - M)): W is taken relative to the running max, so the
-// entropy has no cancellation between two large numbers. Stats combine in any grouping (per lane, per
-// tile, per thread, per warp), which is what the kernels do, in a fixed order (deterministic).
+// Stats of a set of raw values x: their max M (raw units), and with offsets d = (x - M) * inv_t,
+// S = sum exp(d), W = sum exp(d) * d. Then
+//   logsumexp = M * inv_t + log S,   log_prob(label) = (x_label - M) * inv_t - log S,   entropy = log S - W / S.
+// The max is taken, and the offsets formed, on the raw logits: x - M is <= 0 for every x <= M (and exactly 0
+// at the max) however large the logits, so no exp overflows; scaling the max first (M * inv_t rounded)
+// and each offset unrounded made the largest offset up to half an ulp of M / T, which overflows exp for
+// logits of ~1.5e9 (float32) at T != 1. W is taken relative to the max, so the entropy has no
+// cancellation between two large numbers. Stats combine in any grouping (per lane, per tile, per
+// thread, per warp), which is what the kernels do, in a fixed order (deterministic).
 // -inf logits (masked vocabulary) contribute nothing, NaN propagates, as in eager log_softmax.
 //
 // Everything is templated on an "Ops" policy (policy_loss.h's ScalarOps, the CPU's Vectorized lanes,
-// the GPU's fast exp) and __host__ __device__.
+// the GPU's fast exp) and __host__ __device__. Where an offset meets a multiply-add it is one explicit
+// fused multiply-add, so that the results do not depend on what the compiler chose to contract (the
+// log-probs are the same bits with and without the entropy).
 #pragma once
 
 #include <cfloat>
@@ -23,9 +29,9 @@ namespace ppo_ext::softmax {
 
 template <typename V>
 struct Stats {
-  V max;  // M: the largest value seen (-inf: none, or all -inf)
-  V sum;  // S = sum exp(x - M)
-  V xsum; // W = sum exp(x - M) * (x - M); only kept when the entropy is asked for
+  V max;  // M: the largest raw logit seen (-inf: none, or all -inf)
+  V sum;  // S = sum exp((x - M) * inv_t)
+  V xsum; // W = sum exp(d) * d, d = (x - M) * inv_t; only kept when the entropy is asked for
 };
 
 template <typename V>
@@ -46,9 +52,13 @@ PPO_HD V finite_offset(const V& d) {
   return Ops::maximum(d, V(-FLT_MAX));
 }
 
-// Adds a value x <= s.max to the stats, given as its offset d = x - shift_of(s.max) (the kernels compute d
-// as one fused multiply-add of the raw logit, 1 / temperature and -shift: the same bits whatever the
-// compiler contracts, so that the log-probs do not depend on whether the entropy is computed).
+// The offset d = (x - shift) * inv_t of a raw logit x <= the max (shift = shift_of(max)): <= 0, 0 at the max.
+template <typename V>
+PPO_HD V offset_of(const V& x, const V& shift, const V& inv_t) {
+  return (x - shift) * inv_t;
+}
+
+// Adds a value x <= s.max to the stats, given as its offset d = offset_of(x, shift_of(s.max), inv_t).
 template <bool kEntropy, typename Ops, typename V>
 PPO_HD void accumulate(Stats<V>& s, const V& d) {
   const V e = Ops::exp(d);
@@ -62,20 +72,28 @@ PPO_HD Stats<V> single(const V& x) {
   return {x, Ops::select(x == V(-INFINITY), V(0), V(1)), V(0)};
 }
 
-// The stats of the union: both moved to the larger max (sums rescaled by exp(max - new max)) and added.
-// The sum is one explicit fused multiply-add, so that it is the same bits whichever instantiation (with
-// or without the entropy) the compiler contracted how: log-probs do not depend on compute_entropy.
+// The stats of the union: both moved to the larger max (sums rescaled by exp((max - new max) * inv_t)) and
+// added. The sum is one explicit fused multiply-add, so that it is the same bits whichever instantiation
+// (with or without the entropy) the compiler contracted how: log-probs do not depend on compute_entropy.
 template <bool kEntropy, typename Ops, typename V>
-PPO_HD Stats<V> combine(const Stats<V>& a, const Stats<V>& b) {
+PPO_HD Stats<V> combine(const Stats<V>& a, const Stats<V>& b, const V& inv_t) {
   const V m = Ops::maximum(a.max, b.max);
   const V shift = shift_of<Ops>(m);
-  const V da = a.max - shift, db = b.max - shift;
+  const V da = offset_of(a.max, shift, inv_t), db = offset_of(b.max, shift, inv_t);
   const V sa = Ops::exp(da), sb = Ops::exp(db);  // 0 for max = -inf, 1 for max = m
   Stats<V> r{m, Ops::fmadd(a.sum, sa, b.sum * sb), V(0)};
   if (kEntropy) {
     r.xsum = sa * (a.xsum + finite_offset<Ops>(da) * a.sum) + sb * (b.xsum + finite_offset<Ops>(db) * b.sum);
   }
   return r;
+}
+
+// x * inv_t rounded once, never fused with what follows (an explicit fma with a zero addend): the backward's
+// scaled logits and the saved log-sum-exp's scaled max are rounded alike, so that at the max their
+// difference is exactly -log S however large the logits.
+template <typename T>
+PPO_HD T scaled(T x, T inv_t) {
+  return math::fma_(x, inv_t, T(0));
 }
 
 PPO_HD float log_(float x) { return logf(x); }
@@ -88,17 +106,16 @@ struct RowResult {
   T entropy;    // -sum p log p (meaningful when the stats kept W)
 };
 
-// label_offset: x_label - s.max, the taken token's (temperature-scaled) logit less the max (one fused
-// multiply-add of the raw logit, as for accumulate); NaN for a label out of range.
+// label_diff: x_label - s.max, the taken token's raw logit less the max; NaN for a label out of range.
 template <typename T>
-PPO_HD RowResult<T> finish(const Stats<T>& s, T label_offset) {
+PPO_HD RowResult<T> finish(const Stats<T>& s, T label_diff, T inv_t) {
   const T log_sum = log_(s.sum);
-  return {label_offset - log_sum, s.max + log_sum, log_sum - s.xsum / s.sum};
+  return {math::fma_(label_diff, inv_t, -log_sum), scaled(s.max, inv_t) + log_sum, log_sum - s.xsum / s.sum};
 }
 
 // d log_prob / d x_v = onehot(label) - softmax(x)_v: the softmax part of an element's gradient,
-// -coefficient * exp(x - lse) (coefficient = upstream gradient / temperature); the caller adds
-// `coefficient` at the label.
+// -coefficient * exp(x - lse), x the scaled logit (softmax::scaled, Ops::fmadd(raw, inv_t, 0) in vector
+// code; coefficient = upstream gradient / temperature); the caller adds `coefficient` at the label.
 template <typename Ops, typename V>
 PPO_HD V softmax_grad(const V& x, const V& lse, const V& neg_coefficient) {
   return neg_coefficient * Ops::exp(x - lse);

@@ -9,7 +9,7 @@
 #include <sys/mman.h>
 #endif
 
-#include "../ops.h"
+#include "../checks.h"
 #include "log_probs_cpu.h"
 #include "policy_loss_cpu.h"
 

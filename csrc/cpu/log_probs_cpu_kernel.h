@@ -72,11 +72,9 @@ class LogProbsKernel {
     return r_.labels[i * r_.label_stride_b + t * r_.label_stride_t];
   }
 
-  // The label's scaled logit less `shift`, x[label] / temperature - shift as one fused multiply-add; NaN for
-  // a label out of range (checked before the kernel on the CPU).
-  acc_t label_offset(const scalar_t* x, int64_t label, acc_t shift) const {
-    if (label < 0 || label >= r_.V) return static_cast<acc_t>(NAN);
-    return ScalarOps::fmadd(static_cast<acc_t>(x[label]), inv_t_, -shift);
+  // The label's raw logit, NaN for a label out of range (checked before the kernel on the CPU).
+  acc_t label_logit(const scalar_t* x, int64_t label) const {
+    return label >= 0 && label < r_.V ? static_cast<acc_t>(x[label]) : static_cast<acc_t>(NAN);
   }
 
   // The Stats of one row of logits (scaled by 1 / temperature).
@@ -91,23 +89,22 @@ class LogProbsKernel {
       const acc_t* tile = as_acc<acc_t>(x + v0, n, buf);
       Vec m(-INFINITY);
       for (int64_t j = 0; j < n; j += kVec) m = Ops::maximum(m, Vec::loadu(tile + j));
-      // x * inv_t is monotone in x (inv_t > 0), so the max of the scaled tile is its scaled max.
-      softmax::Stats<Vec> tile_stats{m * inv_t, Vec(0), Vec(0)};
-      const Vec neg_shift = Vec(0) - softmax::shift_of<Ops>(tile_stats.max);
+      softmax::Stats<Vec> tile_stats{m, Vec(0), Vec(0)};
+      const Vec shift = softmax::shift_of<Ops>(m);
       for (int64_t j = 0; j < n; j += kVec) {
-        softmax::accumulate<kEntropy, Ops>(tile_stats, Ops::fmadd(Vec::loadu(tile + j), inv_t, neg_shift));
+        softmax::accumulate<kEntropy, Ops>(tile_stats, softmax::offset_of(Vec::loadu(tile + j), shift, inv_t));
       }
       // Sums of a tile, then of tiles: float32 rounding grows with kTile / kVec + V / kTile terms, not V / kVec.
-      lanes = softmax::combine<kEntropy, Ops>(lanes, tile_stats);
+      lanes = softmax::combine<kEntropy, Ops>(lanes, tile_stats, inv_t);
     }
     alignas(64) acc_t max[kVec], sum[kVec], xsum[kVec];
     lanes.max.store(max);
     lanes.sum.store(sum);
     lanes.xsum.store(xsum);
     softmax::Stats<acc_t> s = softmax::empty_stats<acc_t>();
-    for (int64_t k = 0; k < kVec; ++k) s = softmax::combine<kEntropy, ScalarOps>(s, {max[k], sum[k], xsum[k]});
+    for (int64_t k = 0; k < kVec; ++k) s = softmax::combine<kEntropy, ScalarOps>(s, {max[k], sum[k], xsum[k]}, inv_t_);
     for (int64_t v = v_vec; v < V; ++v) {
-      s = softmax::combine<kEntropy, ScalarOps>(s, softmax::single<ScalarOps>(static_cast<acc_t>(x[v]) * inv_t_));
+      s = softmax::combine<kEntropy, ScalarOps>(s, softmax::single<ScalarOps>(static_cast<acc_t>(x[v])), inv_t_);
     }
     return s;
   }
@@ -124,7 +121,7 @@ class LogProbsKernel {
       for (int64_t k = k0; k < k1; ++k) {
         const scalar_t* x = row(k);
         const auto s = row_stats<kEntropy>(x, buf);
-        const auto out = softmax::finish<acc_t>(s, label_offset(x, label(k), s.max));
+        const auto out = softmax::finish<acc_t>(s, label_logit(x, label(k)) - s.max, inv_t_);
         log_probs[k] = out.log_prob;
         lse[k] = out.logsumexp;
         if (kEntropy) entropy[k] = out.entropy;
@@ -156,20 +153,22 @@ class LogProbsKernel {
         // The label's entry, computed before the loop overwrites it (in place).
         const bool has_label = lbl >= 0 && lbl < V;
         const acc_t label_grad =
-            has_label ? coefficient - coefficient * std::exp(label_offset(x, lbl, row_lse)) : acc_t(0);
+            has_label ? coefficient - coefficient * std::exp(softmax::scaled(label_logit(x, lbl), inv_t_) - row_lse)
+                      : acc_t(0);
         const Vec lse_v(row_lse), inv_t(inv_t_), neg_coefficient(-coefficient);
         for (int64_t v0 = 0; v0 < v_vec; v0 += kTile) {
           const int64_t n = std::min(kTile, v_vec - v0);
           const acc_t* tile = as_acc<acc_t>(x + v0, n, buf);
           acc_t* g_out = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + v0) : gbuf;
           for (int64_t j = 0; j < n; j += kVec) {
-            softmax::softmax_grad<Ops>(Vec::loadu(tile + j) * inv_t, lse_v, neg_coefficient).store(g_out + j);
+            softmax::softmax_grad<Ops>(Ops::fmadd(Vec::loadu(tile + j), inv_t, Vec(0)), lse_v, neg_coefficient)
+                .store(g_out + j);
           }
           if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gbuf, out + v0, n);
         }
         for (int64_t v = v_vec; v < V; ++v) {
           out[v] = static_cast<scalar_t>(
-              softmax::softmax_grad<ScalarOps>(static_cast<acc_t>(x[v]) * inv_t_, row_lse, -coefficient));
+              softmax::softmax_grad<ScalarOps>(softmax::scaled(static_cast<acc_t>(x[v]), inv_t_), row_lse, -coefficient));
         }
         if (has_label) out[lbl] = static_cast<scalar_t>(label_grad);
       }

@@ -7,7 +7,7 @@
 #include <cstdlib>
 #include <string_view>
 
-#include "../ops.h"
+#include "../checks.h"
 #include "policy_loss_cpu.h"
 
 namespace ppo_ext::cpu {

@@ -1,6 +1,8 @@
-// The CUDA implementation of the ppo_ext ops (TORCH_LIBRARY_IMPL(ppo_ext, CUDA)).
+// The CUDA kernels of ppo_ext::policy_loss and its backward, and their launch configuration. Device code
+// and plain host functions only, with no ATen (see kernel_common.cuh): nvcc compiles them for the GPU
+// (ops_cuda.cu), the CPU simulator of tests/cuda_sim runs the same source on every test run.
 //
-// Forward, one kernel (after a 4-byte memset of its block counter) on the current stream:
+// Forward, one kernel (after a 4-byte memset of its block counter):
 // policy_loss_kernel: a block takes whole rows (grid-stride, so any B), computes each token's loss,
 // counters and gradient with the shared math of policy_loss.h, writes the gradient, and leaves one
 // Partials per block. Sequence-level ratios need the row's masked mean first, so a block reads a row
@@ -11,45 +13,20 @@
 // Backward, one launch: grad_log_probs = grad_loss * grad_scale * token_grad.
 // No atomics on floats, no host synchronisation: the result is bitwise the same from run to run on
 // a given GPU (the grid depends only on B and the GPU's SM count).
+#pragma once
+
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "../ops.h"
 #include "../policy_loss.h"
+#include "kernel_common.cuh"
 
 namespace ppo_ext::cuda {
-namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-enum class DType : int32_t { F32, F64, F16, BF16, U8, I8, I16, I32, I64 };
-
-DType dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::F32;
-    case at::kDouble: return DType::F64;
-    case at::kHalf: return DType::F16;
-    case at::kBFloat16: return DType::BF16;
-    case at::kBool:
-    case at::kByte: return DType::U8;
-    case at::kChar: return DType::I8;
-    case at::kShort: return DType::I16;
-    case at::kInt: return DType::I32;
-    case at::kLong: return DType::I64;
-    default: TORCH_CHECK_TYPE(false, "ppo_ext CUDA: unsupported dtype ", t);
-  }
-}
+constexpr int kThreads = 512;  // of the forward kernel
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kBackwardThreads = 256;
 
 // A (B, T) view of an input in element strides; col_stride 0 broadcasts a per-row value.
 struct StridedInput {
@@ -66,22 +43,6 @@ struct DeviceNormaliser {
   bool given = false;
   double value = 0.0;
 };
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t load_element(const void* p, DType dtype, int64_t k) {
-  switch (dtype) {
-    case DType::F32: return static_cast<acc_t>(static_cast<const float*>(p)[k]);
-    case DType::F64: return static_cast<acc_t>(static_cast<const double*>(p)[k]);
-    case DType::F16: return static_cast<acc_t>(__half2float(static_cast<const __half*>(p)[k]));
-    case DType::BF16: return static_cast<acc_t>(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[k]));
-    case DType::U8: return static_cast<acc_t>(static_cast<const uint8_t*>(p)[k]);
-    case DType::I8: return static_cast<acc_t>(static_cast<const int8_t*>(p)[k]);
-    case DType::I16: return static_cast<acc_t>(static_cast<const int16_t*>(p)[k]);
-    case DType::I32: return static_cast<acc_t>(static_cast<const int32_t*>(p)[k]);
-    case DType::I64: return static_cast<acc_t>(static_cast<const int64_t*>(p)[k]);
-  }
-  return acc_t(0);
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t load(const StridedInput& in, int64_t i, int64_t t, acc_t absent_value) {
@@ -292,121 +253,37 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossA
 }
 
 template <typename acc_t, typename out_t>
-__global__ void policy_loss_backward_kernel(const void* grad_loss, DType grad_loss_dtype, const acc_t* grad_scale,
-                                            const acc_t* token_grad, out_t* grad_log_probs, int64_t numel) {
+__global__ void __launch_bounds__(kBackwardThreads)
+    policy_loss_backward_kernel(const void* grad_loss, DType grad_loss_dtype, const acc_t* grad_scale,
+                                const acc_t* token_grad, out_t* grad_log_probs, int64_t numel) {
   const acc_t scale = load_element<acc_t>(grad_loss, grad_loss_dtype, 0) * grad_scale[0];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < numel; k += stride) {
-    grad_log_probs[k] = static_cast<out_t>(token_grad[k] * scale);
+    grad_log_probs[k] = narrow<out_t>(token_grad[k] * scale);
   }
 }
 
-int sm_count(int device) {
-  static int counts[64] = {};
-  if (device >= 64) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }
-  if (counts[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
-  }
-  return counts[device];
+// Launch configuration, shared by the host code (policy_loss_host.h) and the simulator's tests.
+
+// Blocks of the forward: one per row up to 4 per multiprocessor (grid-stride beyond), and at least one,
+// which finalizes even when B = 0.
+inline int policy_loss_blocks(int64_t B, int sm_count) {
+  return static_cast<int>(std::clamp<int64_t>(B, 1, 4LL * sm_count));
 }
 
-StridedInput strided(const at::Tensor& t) {
-  return {t.const_data_ptr(), dtype_code(t.scalar_type()), t.stride(0), t.stride(1)};
-}
-StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
-
-DeviceNormaliser device_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value) {
-  if (tensor.has_value()) return {tensor->const_data_ptr(), dtype_code(tensor->scalar_type()), true, 0.0};
-  return {nullptr, DType::F32, value.has_value(), value.value_or(0.0)};
-}
-
-PolicyLossOutputs policy_loss_cuda(
-    const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& token_weights,
-    const std::optional<at::Tensor>& num_tokens, const std::optional<at::Tensor>& num_seqs,
-    const std::optional<at::Tensor>& loss_scale_factor, std::optional<double> num_tokens_value,
-    std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
-    double clip_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
-    c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad) {
-  const LossOptions options = check_policy_loss_args(
-      log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
-      num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
-      std::string_view(importance_sampling.data(), importance_sampling.size()),
-      std::string_view(loss_agg_mode.data(), loss_agg_mode.size()));
-  const c10::cuda::CUDAGuard guard(log_probs.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = log_probs.size(0), T = log_probs.size(1);
-  const auto acc_dtype = acc_type_for(log_probs.scalar_type());
-  at::Tensor loss, metrics, counts, token_grad, grad_scale;
-  std::tie(loss, metrics, counts, token_grad, grad_scale) = empty_policy_loss_outputs(log_probs, compute_grad);
-
-  // At least one block, which finalizes even when B = 0.
-  const int blocks = static_cast<int>(std::clamp<int64_t>(B, 1, 4LL * sm_count(log_probs.get_device())));
-  // One Partials per block, then the block counter.
-  const int64_t partials_bytes = blocks * static_cast<int64_t>(sizeof(Partials));
-  at::Tensor workspace = at::empty({partials_bytes + static_cast<int64_t>(sizeof(unsigned int))}, log_probs.options().dtype(at::kByte));
-  auto* workspace_bytes = static_cast<uint8_t*>(workspace.mutable_data_ptr());
-  PolicyLossArgs args;
-  args.log_probs = strided(log_probs);
-  args.old_log_probs = strided(old_log_probs);
-  const auto adv_strides = advantage_strides(advantages);
-  args.advantages = {advantages.const_data_ptr(), dtype_code(advantages.scalar_type()), adv_strides.first,
-                     adv_strides.second};
-  args.mask = strided(mask);
-  args.token_weights = strided(token_weights);
-  args.B = B;
-  args.T = T;
-  args.options = options;
-  args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
-  args.partials = reinterpret_cast<Partials*>(workspace_bytes);
-  args.blocks_done = reinterpret_cast<unsigned int*>(workspace_bytes + partials_bytes);
-  args.num_tokens = device_normaliser(num_tokens, num_tokens_value);
-  args.num_seqs = device_normaliser(num_seqs, num_seqs_value);
-  args.loss_scale_factor = device_normaliser(loss_scale_factor, loss_scale_factor_value);
-  args.loss = loss.mutable_data_ptr();
-  args.grad_scale = grad_scale.mutable_data_ptr();
-  args.metrics = metrics.mutable_data_ptr<float>();
-  args.counts = counts.mutable_data_ptr<int64_t>();
-
-  // A memset, not a kernel; capturable in a CUDA graph.
-  C10_CUDA_CHECK(cudaMemsetAsync(args.blocks_done, 0, sizeof(unsigned int), stream));
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "ppo_ext_policy_loss_cuda", [&] {
-    policy_loss_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, metrics, counts, token_grad, grad_scale};
+// The forward's workspace: one Partials per block, then the 4-byte block counter, zeroed before the launch.
+struct PolicyLossWorkspace {
+  int64_t counter_offset;  // bytes from the start; the Partials start at 0
+  int64_t bytes;
+};
+inline PolicyLossWorkspace policy_loss_workspace(int blocks) {
+  const int64_t partials = blocks * static_cast<int64_t>(sizeof(Partials));
+  return {partials, partials + static_cast<int64_t>(sizeof(unsigned int))};
 }
 
-at::Tensor policy_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& token_grad,
-                                     const at::Tensor& grad_scale, at::ScalarType dtype) {
-  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, dtype);
-  const c10::cuda::CUDAGuard guard(token_grad.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
-  const int64_t numel = token_grad.numel();
-  if (numel == 0) return grad_log_probs;
-  const int blocks = static_cast<int>(std::min<int64_t>((numel + 255) / 256, 8LL * sm_count(token_grad.get_device())));
-  AT_DISPATCH_FLOATING_TYPES(token_grad.scalar_type(), "ppo_ext_policy_loss_backward_cuda", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ppo_ext_policy_loss_backward_cuda_out", [&] {
-      policy_loss_backward_kernel<acc_t, scalar_t><<<blocks, 256, 0, stream>>>(
-          grad_loss.const_data_ptr(), dtype_code(grad_loss.scalar_type()), grad_scale.const_data_ptr<acc_t>(),
-          token_grad.const_data_ptr<acc_t>(), grad_log_probs.mutable_data_ptr<scalar_t>(), numel);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return grad_log_probs;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ppo_ext, CUDA, m) {
-  m.impl("policy_loss", &policy_loss_cuda);
-  m.impl("policy_loss_backward", &policy_loss_backward_cuda);
+// Blocks of the backward (numel > 0): one element per thread up to 8 blocks per multiprocessor, grid-stride beyond.
+inline int policy_loss_backward_blocks(int64_t numel, int sm_count) {
+  return static_cast<int>(std::min<int64_t>((numel + kBackwardThreads - 1) / kBackwardThreads, 8LL * sm_count));
 }
 
 }  // namespace ppo_ext::cuda

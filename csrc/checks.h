@@ -1,4 +1,5 @@
-// Argument checking shared by the CPU and CUDA implementations of the ops declared in ops.cpp.
+// Argument checking shared by the CPU and CUDA implementations of the ops declared in ops.cpp (defined in
+// checks.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

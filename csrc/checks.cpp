@@ -1,0 +1,249 @@
+// The argument checks and output allocations of the ppo_ext ops (declared in checks.h), shared by the CPU and
+// CUDA backends and by the CUDA simulator of tests/cuda_sim. The schemas are in ops.cpp.
+#include "checks.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+
+#include <cmath>
+
+namespace ppo_ext {
+namespace {
+
+ImportanceSampling parse_importance_sampling(std::string_view s) {
+  if (s == "token") return ImportanceSampling::Token;
+  if (s == "seq") return ImportanceSampling::Seq;
+  if (s == "seq-token") return ImportanceSampling::SeqToken;
+  TORCH_CHECK_VALUE(false, "importance_sampling must be one of \"token\", \"seq\", \"seq-token\", got \"", s, "\"");
+}
+
+LossAggMode parse_loss_agg_mode(std::string_view s) {
+  if (s == "token-mean") return LossAggMode::TokenMean;
+  if (s == "token-sum") return LossAggMode::TokenSum;
+  if (s == "seq-mean-token-mean") return LossAggMode::SeqMeanTokenMean;
+  if (s == "seq-mean-token-sum") return LossAggMode::SeqMeanTokenSum;
+  if (s == "seq-mean-token-sum-norm") return LossAggMode::SeqMeanTokenSumNorm;
+  TORCH_CHECK_VALUE(false,
+                    "loss_agg_mode must be one of \"token-mean\", \"token-sum\", \"seq-mean-token-mean\", "
+                    "\"seq-mean-token-sum\", \"seq-mean-token-sum-norm\", got \"",
+                    s, "\"");
+}
+
+// The floating dtypes the kernels read (float8 and complex are refused by name).
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool is_mask_dtype(at::ScalarType t) {
+  return t == at::kBool || t == at::kByte || t == at::kChar || t == at::kShort || t == at::kInt || t == at::kLong ||
+         is_float(t);
+}
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& log_probs) {
+  TORCH_CHECK_VALUE(t.device() == log_probs.device(), name, " must be on the device of log_probs (",
+                    log_probs.device(), "), got ", t.device());
+}
+
+void check_token_tensor(const at::Tensor& t, const char* name, const at::Tensor& log_probs) {
+  check_device(t, name, log_probs);
+  TORCH_CHECK_VALUE(t.sizes() == log_probs.sizes(), name, " must have the shape of log_probs ", log_probs.sizes(),
+                    ", got ", t.sizes());
+}
+
+void check_normaliser_value(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be a finite number >= 0, got ", value);
+}
+
+void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value, const char* name,
+                      const at::Tensor& log_probs) {
+  TORCH_CHECK_VALUE(!(tensor.has_value() && value.has_value()), name, " was given both as a tensor and as a number");
+  if (tensor.has_value()) {
+    check_device(*tensor, name, log_probs);
+    TORCH_CHECK_VALUE(tensor->dim() == 0, name, " must be a 0-dim tensor or a number, got a tensor of shape ",
+                      tensor->sizes());
+    TORCH_CHECK_TYPE(is_mask_dtype(tensor->scalar_type()) && tensor->scalar_type() != at::kBool, name,
+                     " must be a real number (an integer or float32/float64/float16/bfloat16 tensor), got dtype ",
+                     tensor->scalar_type());
+  }
+  if (value.has_value()) check_normaliser_value(*value, name);
+}
+
+}  // namespace
+
+PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool compute_grad) {
+  const auto acc = log_probs.options().dtype(acc_type_for(log_probs.scalar_type()));
+  at::Tensor token_grad = compute_grad ? at::empty(log_probs.sizes(), acc) : at::empty({0}, acc);
+  return {at::empty({}, acc), at::empty({kNumMetrics}, log_probs.options().dtype(at::kFloat)),
+          at::empty({kNumCounts}, log_probs.options().dtype(at::kLong)), std::move(token_grad), at::empty({}, acc)};
+}
+
+double checked_cpu_normaliser(const at::Tensor& tensor, const char* name) {
+  const double value = tensor.item<double>();
+  check_normaliser_value(value, name);
+  return value;
+}
+
+LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs,
+                                   const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& token_weights,
+                                   const std::optional<at::Tensor>& num_tokens,
+                                   const std::optional<at::Tensor>& num_seqs,
+                                   const std::optional<at::Tensor>& loss_scale_factor,
+                                   std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
+                                   std::optional<double> loss_scale_factor_value, double clip_low, double clip_high,
+                                   std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+                                   std::string_view importance_sampling, std::string_view loss_agg_mode) {
+  TORCH_CHECK_VALUE(log_probs.dim() == 2, "log_probs must have shape (B, T), got ", log_probs.sizes());
+  const auto lp_dtype = log_probs.scalar_type();
+  TORCH_CHECK_TYPE(lp_dtype == at::kFloat || lp_dtype == at::kBFloat16 || lp_dtype == at::kHalf ||
+                       lp_dtype == at::kDouble,
+                   "log_probs must be float32, bfloat16, float16 or float64, got ", lp_dtype);
+  if (old_log_probs.has_value()) {
+    check_token_tensor(*old_log_probs, "old_log_probs", log_probs);
+    TORCH_CHECK_TYPE(is_float(old_log_probs->scalar_type()),
+                     "old_log_probs must be float32, float64, float16 or bfloat16, got ", old_log_probs->scalar_type());
+  }
+  check_device(advantages, "advantages", log_probs);
+  const int64_t B = log_probs.size(0), T = log_probs.size(1);
+  const bool adv_shape_ok = (advantages.dim() == 1 && advantages.size(0) == B) ||
+                            (advantages.dim() == 2 && advantages.size(0) == B &&
+                             (advantages.size(1) == T || advantages.size(1) == 1));
+  TORCH_CHECK_VALUE(adv_shape_ok, "advantages must have shape (B, T), (B, 1) or (B,) with (B, T) = ",
+                    log_probs.sizes(), ", got ", advantages.sizes());
+  TORCH_CHECK_TYPE(is_float(advantages.scalar_type()),
+                   "advantages must be float32, float64, float16 or bfloat16, got ", advantages.scalar_type());
+  if (mask.has_value()) {
+    check_token_tensor(*mask, "mask", log_probs);
+    const auto t = mask->scalar_type();
+    TORCH_CHECK_TYPE(is_mask_dtype(t),
+                     "mask must be bool, uint8, int8, int16, int32, int64, float32, float64, float16 or bfloat16, got ",
+                     t);
+  }
+  if (token_weights.has_value()) {
+    check_token_tensor(*token_weights, "token_weights", log_probs);
+    TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()),
+                     "token_weights must be float32, float64, float16 or bfloat16, got ", token_weights->scalar_type());
+  }
+  check_normaliser(num_tokens, num_tokens_value, "num_tokens", log_probs);
+  check_normaliser(num_seqs, num_seqs_value, "num_seqs", log_probs);
+  check_normaliser(loss_scale_factor, loss_scale_factor_value, "loss_scale_factor", log_probs);
+
+  TORCH_CHECK_VALUE(std::isfinite(clip_low) && clip_low >= 0, "clip_low must be a finite number >= 0, got ",
+                    clip_low);
+  TORCH_CHECK_VALUE(std::isfinite(clip_high) && clip_high >= 0, "clip_high must be a finite number >= 0, got ",
+                    clip_high);
+  if (dual_clip.has_value()) {
+    TORCH_CHECK_VALUE(*dual_clip > 1, "dual_clip must be > 1 (or None), got ", *dual_clip);
+  }
+  if (log_ratio_clamp.has_value()) {
+    TORCH_CHECK_VALUE(*log_ratio_clamp > 0, "log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
+  }
+  LossOptions o;
+  o.importance_sampling = parse_importance_sampling(importance_sampling);
+  o.loss_agg_mode = parse_loss_agg_mode(loss_agg_mode);
+  o.ratio_low = 1.0 - clip_low;
+  o.ratio_high = 1.0 + clip_high;
+  o.has_dual_clip = dual_clip.has_value();
+  o.dual_clip = dual_clip.value_or(0.0);
+  o.has_log_ratio_clamp = log_ratio_clamp.has_value();
+  o.log_ratio_clamp = log_ratio_clamp.value_or(0.0);
+  return o;
+}
+
+void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                     const at::Tensor& grad_scale, at::ScalarType dtype) {
+  TORCH_CHECK_TYPE(is_float(dtype), "dtype must be float32, float64, float16 or bfloat16 (that of log_probs), got ",
+                   dtype);
+  TORCH_CHECK_TYPE(is_float(grad_loss.scalar_type()), "grad_loss must be float32, float64, float16 or bfloat16, got ",
+                   grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.dim() == 0, "grad_loss must be a 0-dim tensor, got shape ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(token_grad.dim() == 2,
+                    "token_grad must be the (B, T) gradient saved by policy_loss(compute_grad=True), got shape ",
+                    token_grad.sizes());
+  TORCH_CHECK_VALUE(token_grad.is_contiguous(), "token_grad must be contiguous");
+  TORCH_CHECK_VALUE(grad_scale.dim() == 0, "grad_scale must be a 0-dim tensor, got shape ", grad_scale.sizes());
+  TORCH_CHECK_TYPE(token_grad.scalar_type() == at::kFloat || token_grad.scalar_type() == at::kDouble,
+                   "token_grad must be float32 or float64, got ", token_grad.scalar_type());
+  TORCH_CHECK_TYPE(grad_scale.scalar_type() == token_grad.scalar_type(), "grad_scale must have the dtype of token_grad");
+  TORCH_CHECK_VALUE(grad_loss.device() == token_grad.device() && grad_scale.device() == token_grad.device(),
+                    "grad_loss, token_grad and grad_scale must be on one device");
+}
+
+LogitsLayout check_token_log_probs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, "logits must have shape (B, T, V) or (N, V), got ",
+                    logits.sizes());
+  TORCH_CHECK_TYPE(is_float(logits.scalar_type()), "logits must be float32, bfloat16, float16 or float64, got ",
+                   logits.scalar_type());
+  const int64_t V = logits.size(-1);
+  TORCH_CHECK_VALUE(logits.stride(-1) == 1 || V <= 1,
+                    "logits must be contiguous along the vocabulary (last) dimension, got strides ",
+                    logits.strides(), " (rows may have any stride, e.g. a slice of (B, T + 1, V))");
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels must be on the device of logits (", logits.device(),
+                    "), got ", labels.device());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64 token ids, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.sizes() == logits.sizes().slice(0, logits.dim() - 1),
+                    "labels must have the shape of logits without its last dimension, ",
+                    logits.sizes().slice(0, logits.dim() - 1), ", got ", labels.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
+                    temperature);
+  LogitsLayout l{};
+  l.V = V;
+  if (logits.dim() == 3) {
+    l.B = logits.size(0), l.T = logits.size(1);
+    l.stride_b = logits.stride(0), l.stride_t = logits.stride(1);
+    l.label_stride_b = labels.stride(0), l.label_stride_t = labels.stride(1);
+  } else {
+    l.B = logits.size(0), l.T = 1;
+    l.stride_b = logits.stride(0), l.stride_t = 0;
+    l.label_stride_b = labels.stride(0), l.label_stride_t = 0;
+  }
+  return l;
+}
+
+LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_probs, const at::Tensor& logits,
+                                                 const at::Tensor& labels, const at::Tensor& logsumexp,
+                                                 double temperature) {
+  const LogitsLayout layout = check_token_log_probs_args(logits, labels, temperature);
+  const auto acc = acc_type_for(logits.scalar_type());
+  for (const auto& [t, name] : {std::pair{&grad_log_probs, "grad_log_probs"}, std::pair{&logsumexp, "logsumexp"}}) {
+    TORCH_CHECK_VALUE(t->device() == logits.device(), name, " must be on the device of logits (", logits.device(),
+                      "), got ", t->device());
+    TORCH_CHECK_VALUE(t->sizes() == labels.sizes(), name, " must have the shape of labels ", labels.sizes(), ", got ",
+                      t->sizes());
+    TORCH_CHECK_TYPE(is_float(t->scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
+                     t->scalar_type());
+  }
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc, "logsumexp must be the ", acc,
+                   " tensor saved by token_log_probs, got ", logsumexp.scalar_type());
+  return layout;
+}
+
+void check_labels_in_range_cpu(const at::Tensor& labels, const LogitsLayout& l) {
+  const int64_t* p = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < l.B; ++i) {
+    for (int64_t t = 0; t < l.T; ++t) {
+      const int64_t label = p[i * l.label_stride_b + t * l.label_stride_t];
+      if (label >= 0 && label < l.V) continue;
+      if (labels.dim() == 2) {
+        TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
+                          " (the last dimension of logits), got labels[", i, ", ", t, "] = ", label);
+      }
+      TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
+                        " (the last dimension of logits), got labels[", i, "] = ", label);
+    }
+  }
+}
+
+void check_writable_logits(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
+                    "logits must not have overlapping rows (e.g. an expanded tensor) to take their gradient in place");
+}
+
+TokenLogProbsOutputs empty_token_log_probs_outputs(const at::Tensor& logits, const at::Tensor& labels,
+                                                   bool compute_entropy) {
+  const auto acc = logits.options().dtype(acc_type_for(logits.scalar_type()));
+  at::Tensor entropy = compute_entropy ? at::empty(labels.sizes(), acc) : at::empty({0}, acc);
+  return {at::empty(labels.sizes(), acc), at::empty(labels.sizes(), acc), std::move(entropy)};
+}
+
+}  // namespace ppo_ext
