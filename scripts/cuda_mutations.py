@@ -87,7 +87,8 @@ def run(name, python):
         failed = re.findall(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", out, re.M)
         if not failed:
             return False, "pytest failed without a failing test:\n" + out[-2000:]
-        return True, f"caught by {failed[0][0]}: {(failed[0][1] or '')[:160]}"
+        errors = re.findall(r"^E +(\S.*)$", out, re.M)
+        return True, f"caught by {failed[0][0]}: {(errors[0] if errors else failed[0][1] or '')[:200]}"
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

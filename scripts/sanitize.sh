@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs ppo_ext's CPU tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+# Runs ppo_ext's CPU tests, and the CUDA kernels in the CPU simulator (tests/test_cuda_simulated.py: out-of-bounds
+# reads and writes by the kernels), under AddressSanitizer + UndefinedBehaviorSanitizer.
 #
 #   scripts/sanitize.sh                      # the default subset (below)
 #   scripts/sanitize.sh tests/test_errors.py -k meta   # any pytest arguments instead
@@ -48,6 +49,15 @@ echo "== building ppo_ext with $SAN_FLAGS (CPU kernels only) in $SRC"
    MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace --build-temp "$WORK/build") >"$WORK/build.log" 2>&1 ||
   { tail -50 "$WORK/build.log"; echo "SANITIZE: FAIL (build failed, log $WORK/build.log)"; exit 1; }
 
+# The CUDA simulator (tests/cuda_sim), instrumented too; built now, before libasan is preloaded, and imported
+# prebuilt by the tests. (Importing it here without the preload fails after the build: that is expected.)
+echo "== building the CUDA simulator with the same flags"
+(cd "$SRC/tests" && PPO_EXT_SANITIZER=1 ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 \
+   MAX_JOBS="${MAX_JOBS:-2}" "$PY" -c "import cuda_sim; cuda_sim.load()") >"$WORK/build_sim.log" 2>&1 || true
+SIM_SO="$(ls "$SRC"/build/cuda_sim-*-asan/ppo_ext_cuda_sim_asan.so 2>/dev/null || true)"
+[ -n "$SIM_SO" ] || { tail -50 "$WORK/build_sim.log"; echo "SANITIZE: FAIL (the CUDA simulator did not build, log $WORK/build_sim.log)"; exit 1; }
+export PPO_EXT_SIM_PREBUILT=1
+
 SO="$(ls "$SRC"/ppo_ext/_C*.so)"
 SYMS="$(nm -D "$SO")"  # (not piped into grep -q: under pipefail, nm's SIGPIPE would read as a failure)
 if ! grep -q __asan_report <<<"$SYMS" || ! grep -q __ubsan_handle <<<"$SYMS"; then
@@ -78,7 +88,7 @@ else
   # The tests that drive the kernels hardest (every option, dtype, layout, extreme and bad call), in the
   # bounded "ci" hypothesis profile; the RSS/timing tests skip themselves under PPO_EXT_SANITIZER=1.
   TESTS=(tests/test_policy_loss.py tests/test_errors.py tests/test_extremes.py tests/test_fuzz.py
-         tests/test_hygiene.py)
+         tests/test_hygiene.py tests/test_cuda_simulated.py)
 fi
 echo "== LD_PRELOAD=$LD_PRELOAD $PY -m pytest ${TESTS[*]}"
 set +e

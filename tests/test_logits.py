@@ -233,6 +233,28 @@ def test_extreme_logits(device):
     assert lp[1, 2].isnan() and entropy[1, 2].isnan() and not lp[1, :2].isnan().any()
 
 
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e30), (torch.float32, 2e9), (torch.bfloat16, 1e30),
+                                       (torch.float16, 6e4), (torch.float64, 1e300)])
+@pytest.mark.parametrize("temperature", [0.7, 1.9])
+def test_huge_logits_at_a_temperature(device, dtype, big, temperature):
+    """Logits of 1e30 (float64: 1e300) at T != 1: finite log-probs <= 0 and entropies, as eager
+    log_softmax(x / T). (The max used to be scaled before the offsets were taken, unrounded: the largest
+    offset was half an ulp of max / T, not 0, and its exp overflowed: a log-prob of +1.2e22 for float32.)"""
+    logits, labels = make_logits(2, 3, 50, seed=18, device=device, dtype=dtype)
+    logits[0, 0, 7], labels[0, 0] = big, 7         # the max, taken
+    logits[0, 1, 7], labels[0, 1] = big, 8         # the max, not taken
+    logits[0, 2, 9] = -big
+    logits[1, 0, :] = big                          # a uniform row
+    logits[1, 1, :2] = big                         # two tied maxima
+    lp, entropy = ppo_ext.log_probs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    ref = torch.log_softmax(logits.double().cpu() / temperature, -1)
+    ref_lp = ref.gather(-1, labels.cpu()[..., None])[..., 0]
+    ref_entropy = -(ref.exp() * ref).nan_to_num().sum(-1)
+    assert torch.isfinite(entropy).all() and (lp <= 0).all(), (lp, entropy)
+    torch.testing.assert_close(lp.double().cpu().clamp(min=-1e6), ref_lp.clamp(min=-1e6), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy, rtol=1e-5, atol=1e-4)
+
+
 def test_bitwise_deterministic_and_thread_independent(device):
     logits, labels = make_logits(5, 7, 4099, seed=15, device=device, dtype=torch.bfloat16)
     old, adv, mask, w = loss_inputs(5, 7, seed=15, device=device)

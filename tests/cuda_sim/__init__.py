@@ -8,9 +8,13 @@ host code and kernels compiled by the host C++ compiler and run on the CPU (see 
 
 Environment: PPO_EXT_SIM_BUILD_DIR (default build/cuda_sim-<torch version> in the checkout),
 PPO_EXT_SANITIZER=1 (scripts/sanitize.sh: built with AddressSanitizer + UBSan in its own directory) and
-PPO_EXT_SIM_CSRC (another csrc/ to build from: scripts/cuda_mutations.py builds mutated copies).
+PPO_EXT_SIM_CSRC (another csrc/ to build from: scripts/cuda_mutations.py builds mutated copies) and
+PPO_EXT_SIM_PREBUILT=1 (import the module already built in the build directory without running the build:
+scripts/sanitize.sh builds first, then runs the tests with AddressSanitizer preloaded, where no compiler
+should run).
 """
 
+import importlib.util
 import os
 
 import torch
@@ -42,10 +46,19 @@ def load(verbose=False):
     flags, sanitize = _flags()
     tag = torch.__version__.replace("+", "_") + ("-asan" if sanitize else "")
     build_dir = os.environ.get("PPO_EXT_SIM_BUILD_DIR") or os.path.join(ROOT, "build", f"cuda_sim-{tag}")
+    name = "ppo_ext_cuda_sim" + ("_asan" if sanitize else "")
+    if os.environ.get("PPO_EXT_SIM_PREBUILT") == "1":
+        path = os.path.join(build_dir, name + ".so")
+        if not os.path.exists(path):
+            raise RuntimeError(f"PPO_EXT_SIM_PREBUILT=1 but {path} has not been built")
+        spec = importlib.util.spec_from_file_location(name, path)
+        _module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_module)
+        return _module
     os.makedirs(build_dir, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
     _module = cpp_extension.load(
-        name="ppo_ext_cuda_sim" + ("_asan" if sanitize else ""),
+        name=name,
         sources=SOURCES,
         extra_include_paths=[CSRC],
         extra_cflags=flags,
