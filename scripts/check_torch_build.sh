@@ -8,7 +8,8 @@
 # Downloads torch==VERSION's wheel with pip (cached in $PPO_EXT_TORCH_WHEELS, default ~/.cache/ppo_ext/wheels),
 # unpacks its headers, and compiles csrc/*.cpp, csrc/cpu/*.cpp (g++, the C++ standard torch's cpp_extension
 # uses for that release) and csrc/cuda/*.cu (nvcc of CUDA_HOME, sm_90, the flags cpp_extension passes) to
-# object files, in parallel (MAX_JOBS, default 2). Exit status 0 and "TORCH BUILD: PASS" when all compile.
+# object files, in parallel (MAX_JOBS, default 2), and links them into one shared library (torch's symbols
+# undefined). Exit status 0 and "TORCH BUILD: PASS" when all compile and link.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VERSION="${1:-2.11.0}"
@@ -22,8 +23,7 @@ mkdir -p "$WHEELS"
 WHEEL="$(ls "$WHEELS"/torch-"$VERSION"-*.whl 2>/dev/null | head -1 || true)"
 if [ -z "$WHEEL" ]; then
   echo "== downloading torch==$VERSION (wheel only)"
-  # the machine's pip constraint file may cap torch at its on-disk release: not for a download of headers
-  PIP_CONSTRAINT= "$PY" -m pip download -q --disable-pip-version-check --no-deps "torch==$VERSION" -d "$WHEELS" \
+  "$PY" -m pip download -q --disable-pip-version-check --no-deps "torch==$VERSION" -d "$WHEELS" \
     2>&1 | { grep -v "^WARNING: Location" || true; }
   WHEEL="$(ls "$WHEELS"/torch-"$VERSION"-*.whl | head -1)"
 fi
@@ -69,4 +69,10 @@ while [ "$running" -gt 0 ]; do
   running=$((running - 1))
 done
 if [ "$STATUS" -ne 0 ]; then echo "TORCH BUILD: FAIL (against torch $VERSION)"; exit 1; fi
-echo "TORCH BUILD: PASS (every source compiles against torch $VERSION)"
+# Linked into one shared library (torch's symbols left undefined): catches a definition made twice.
+if ! g++ -shared -fopenmp "$WORK"/obj/*.o -o "$WORK/libppo_ext_check.so" >"$WORK/link.log" 2>&1; then
+  head -20 "$WORK/link.log"
+  echo "TORCH BUILD: FAIL (the objects do not link)"
+  exit 1
+fi
+echo "TORCH BUILD: PASS (every source compiles against torch $VERSION, and the objects link)"

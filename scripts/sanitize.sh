@@ -56,6 +56,7 @@ echo "== building the CUDA simulator with the same flags"
    MAX_JOBS="${MAX_JOBS:-2}" "$PY" -c "import cuda_sim; cuda_sim.load()") >"$WORK/build_sim.log" 2>&1 || true
 SIM_SO="$(ls "$SRC"/build/cuda_sim-*-asan/ppo_ext_cuda_sim_asan.so 2>/dev/null || true)"
 [ -n "$SIM_SO" ] || { tail -50 "$WORK/build_sim.log"; echo "SANITIZE: FAIL (the CUDA simulator did not build, log $WORK/build_sim.log)"; exit 1; }
+grep -q __asan_report <<<"$(nm -D "$SIM_SO")" || { echo "SANITIZE: FAIL ($SIM_SO is not instrumented)"; exit 1; }
 export PPO_EXT_SIM_PREBUILT=1
 
 SO="$(ls "$SRC"/ppo_ext/_C*.so)"

@@ -1,6 +1,6 @@
 // The CUDA kernels of ppo_ext::token_log_probs and its backward ops, and their launch configuration. Device
 // code and plain host functions only, with no ATen (see kernel_common.cuh): nvcc compiles them for the GPU
-// (ops_cuda.cu), the CPU simulator of tests/cuda_sim runs the same source on every test run.
+// (log_probs_cuda.cu), the CPU simulator of tests/cuda_sim runs the same source on every test run.
 //
 // Forward, one kernel: a block takes whole rows (grid-stride, any number), its threads stream the row's
 // vocabulary with 16-byte loads (8 bf16/fp16, 4 float32, 2 float64 values) through registers, each

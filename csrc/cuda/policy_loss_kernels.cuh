@@ -1,6 +1,6 @@
 // The CUDA kernels of ppo_ext::policy_loss and its backward, and their launch configuration. Device code
 // and plain host functions only, with no ATen (see kernel_common.cuh): nvcc compiles them for the GPU
-// (ops_cuda.cu), the CPU simulator of tests/cuda_sim runs the same source on every test run.
+// (policy_loss_cuda.cu), the CPU simulator of tests/cuda_sim runs the same source on every test run.
 //
 // Forward, one kernel (after a 4-byte memset of its block counter):
 // policy_loss_kernel: a block takes whole rows (grid-stride, so any B), computes each token's loss,
@@ -111,13 +111,13 @@ __device__ T block_extreme(T v, T* scratch) {
   return scratch[0];
 }
 
-__device__ Normaliser read_normaliser(const DeviceNormaliser& n) {
+__device__ __forceinline__ Normaliser read_normaliser(const DeviceNormaliser& n) {
   if (n.data != nullptr) return {true, load_element<double>(n.data, n.dtype, 0)};
   return {n.given, n.value};
 }
 
 // Another block's Partials, read from L2 (bypassing this SM's L1, which is not coherent).
-__device__ Partials load_partials(const Partials* p) {
+__device__ __forceinline__ Partials load_partials(const Partials* p) {
   static_assert(sizeof(Partials) % sizeof(unsigned long long) == 0, "Partials is read in 8-byte words");
   constexpr int kWords = sizeof(Partials) / sizeof(unsigned long long);
   unsigned long long words[kWords];

@@ -1,5 +1,5 @@
 // The CUDA ops of ppo_ext run on the CPU by the simulator of cuda_sim.h: the host code of
-// csrc/cuda/ops_host.h and the kernels of csrc/cuda/*.cuh, exactly as ops_cuda.cu builds them for the GPU,
+// csrc/cuda/ops_host.h and the kernels of csrc/cuda/*.cuh, exactly as csrc/cuda/*_cuda.cu build them for the GPU,
 // with a launcher that runs each launch in the simulator on CPU tensors. Built and loaded by
 // tests/cuda_sim/__init__.py; used by tests/test_cuda_simulated.py.
 //

@@ -1,21 +1,19 @@
-// The CUDA implementation of the ppo_ext ops (TORCH_LIBRARY_IMPL(ppo_ext, CUDA)): the host code of
-// ops_host.h with the launcher that runs the kernels on the GPU, on the current stream under a device guard.
-// The kernels are policy_loss_kernels.cuh and log_probs_kernels.cuh; tests/cuda_sim runs the same host code
-// and kernels on the CPU.
+// The launcher of the CUDA ops' host code (ops_host.h) on the GPU: kernels on the current stream, under a
+// device guard, with a launch check; memsets in stream order; the grid sized for the device's multiprocessors.
+// (tests/cuda_sim has the simulator's launcher, with the same three members.)
+#pragma once
+
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <utility>
 
-#include "ops_host.h"
-
 namespace ppo_ext::cuda {
-namespace {
 
-int sm_count(int device) {
-  static int counts[64] = {};
+inline int sm_count(int device) {
+  static int counts[64] = {};  // read once per device
   int n = device < 64 ? counts[device] : 0;
   if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
@@ -45,15 +43,5 @@ class CudaLauncher {
   const cudaStream_t stream_;
   const int device_;
 };
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ppo_ext, CUDA, m) {
-  m.impl("policy_loss", &policy_loss_device<CudaLauncher>);
-  m.impl("policy_loss_backward", &policy_loss_backward_device<CudaLauncher>);
-  m.impl("token_log_probs", &token_log_probs_device<CudaLauncher>);
-  m.impl("token_log_probs_backward", &token_log_probs_backward_device<CudaLauncher>);
-  m.impl("token_log_probs_backward_inplace", &token_log_probs_backward_inplace_device<CudaLauncher>);
-}
 
 }  // namespace ppo_ext::cuda
