@@ -1,8 +1,8 @@
 // The host side of the CUDA ops: the checked arguments turned into the kernels' argument structs,
 // outputs and workspace allocated, grid sized, kernels launched. Generic over the Launcher that runs the
-// kernels, so that the same lines serve the GPU (CudaLauncher of cuda_launcher.h, in policy_loss_cuda.cu and log_probs_cuda.cu) and the CPU simulator of
-// tests/cuda_sim (every test run executes this code and the kernels on the CPU). A Launcher is built from
-// the op's first tensor and provides
+// kernels, so that the same lines serve the GPU (CudaLauncher of cuda_launcher.h, registered in
+// policy_loss_cuda.cu and log_probs_cuda.cu) and the CPU simulator of tests/cuda_sim (every test run executes
+// this code and the kernels on the CPU). A Launcher is built from the op's first tensor and provides
 //   int sm_count() const;                       the multiprocessor count the grid is sized for
 //   void zero(void* p, size_t bytes) const;     zero device memory, in stream order
 //   void launch(kernel, blocks, threads, args...) const;
