@@ -20,6 +20,7 @@
 #endif
 #endif
 #if defined(CUDA_SIM_ASAN)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -109,6 +110,7 @@ constexpr size_t kStackBytes = 256 << 10;
 constexpr size_t kGuardBytes = 4096;
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kMaxParamBytes = 4096;
+constexpr int64_t kMaxYieldsInARow = 10'000'000;
 
 // A fibre's stack, with an inaccessible guard page below it (an overflow faults instead of corrupting).
 struct Stack {
@@ -232,6 +234,7 @@ class RunQueue {
 
 struct Simulator {
   Schedule schedule;
+  int64_t launches_in_schedule = 0;  // the random schedule of a launch depends on its seed and this count
   Stats stats;
   std::vector<Stack> stacks;
 
@@ -258,7 +261,8 @@ struct Simulator {
       << ") of grid (" << grid.x << "," << grid.y << "," << grid.z << "), block (" << block.x << "," << block.y << ","
       << block.z << "), schedule "
       << (schedule.order == Order::Forward ? "forward" : schedule.order == Order::Reverse ? "reverse" : "random")
-      << " seed " << schedule.seed << ", in " << kernel_name << "]";
+      << " seed " << schedule.seed << ", launch " << launches_in_schedule << " since set_schedule, in "
+      << kernel_name << "]";
     throw Error(s.str());
   }
 
@@ -382,6 +386,10 @@ struct Simulator {
     resolve_warp(warp);
   }
 
+  // Releases every group of the warp whose lanes all wait at the same collective (op, mask, width). A lane
+  // of a complete mask that has exited or waits at __syncthreads is an error now; lanes that wait at
+  // different collectives may still be released by other groups, so they are reported only when nothing
+  // can run (diagnose_warps).
   void resolve_warp(unsigned warp) {
     const unsigned base = warp * 32;
     for (bool released = true; released;) {
@@ -390,14 +398,14 @@ struct Simulator {
       for (unsigned lane = 0; lane < 32 && base + lane < n_threads(); ++lane) {
         Thread& t = threads[base + lane];
         if (t.wait != Wait::Warp || (t.mask & ~blocked) != 0) continue;  // some lane of its mask still runs
+        bool ready = true;
         for (unsigned m = t.mask; m != 0; m &= m - 1) {
           const Thread& o = threads[base + __builtin_ctz(m)];
           if (o.wait == Wait::Exited) fail(describe(t) + " waits for lane " + std::to_string(o.tid % 32) + ", which has exited");
           if (o.wait == Wait::Barrier) fail("warp collective in divergent code: " + describe(t) + ", " + describe(o));
-          if (o.op != t.op || o.mask != t.mask || (t.op != WarpOp::Sync && o.width != t.width)) {
-            fail("lanes of a warp disagree on a collective: " + describe(t) + ", " + describe(o));
-          }
+          ready = ready && o.op == t.op && o.mask == t.mask && (t.op == WarpOp::Sync || o.width == t.width);
         }
+        if (!ready) continue;
         const unsigned group = t.mask;
         for (unsigned m = group; m != 0; m &= m - 1) shuffle_result(threads[base + __builtin_ctz(m)], group);
         for (unsigned m = group; m != 0; m &= m - 1) make_runnable(threads[base + __builtin_ctz(m)]);
@@ -407,16 +415,33 @@ struct Simulator {
     }
   }
 
+  // Nothing can run: a warp whose lanes wait at collectives that disagree says so, before the generic dump.
+  void diagnose_warps() {
+    for (unsigned base = 0; base < n_threads(); base += 32) {
+      for (unsigned lane = 0; lane < 32 && base + lane < n_threads(); ++lane) {
+        const Thread& t = threads[base + lane];
+        if (t.wait != Wait::Warp) continue;
+        for (unsigned m = t.mask; m != 0; m &= m - 1) {
+          const Thread& o = threads[base + __builtin_ctz(m)];
+          if (o.wait == Wait::Warp && (o.op != t.op || o.mask != t.mask || (t.op != WarpOp::Sync && o.width != t.width))) {
+            fail("lanes of a warp disagree on a collective: " + describe(t) + ", " + describe(o));
+          }
+        }
+      }
+    }
+  }
+
   void shuffle_result(Thread& t, unsigned group) {
     if (t.op == WarpOp::Sync) return;
     const int lane = static_cast<int>(t.tid % 32), w = t.width;
     const int segment = lane / w * w;
+    const int b = t.param & 31;  // PTX reads the lane operand's low 5 bits
     int src = lane;
     switch (t.op) {
       case WarpOp::Idx: src = segment + ((t.param % w) + w) % w; break;
-      case WarpOp::Up: src = lane - segment >= t.param ? lane - t.param : lane; break;
-      case WarpOp::Down: src = lane - segment + t.param < w ? lane + t.param : lane; break;
-      case WarpOp::Xor: src = (lane ^ t.param) < segment + w ? lane ^ t.param : lane; break;
+      case WarpOp::Up: src = lane - segment >= b ? lane - b : lane; break;
+      case WarpOp::Down: src = lane - segment + b < w ? lane + b : lane; break;
+      case WarpOp::Xor: src = (lane ^ b) < segment + w ? lane ^ b : lane; break;
       case WarpOp::Sync: break;
     }
     const unsigned src_tid = t.tid / 32 * 32 + static_cast<unsigned>(src);
@@ -453,12 +478,32 @@ struct Simulator {
     }
     ++stats.blocks;
     stats.threads += n;
+    int yielded = -1;  // a thread that yielded, back in the queue once another has run
+    int64_t yields_in_a_row = 0;
     while (n_exited < n) {
-      if (run_queue.empty()) fail("deadlock: no thread can run" + dump());
+      if (run_queue.empty() && yielded >= 0) {
+        run_queue.add(static_cast<unsigned>(yielded));
+        yielded = -1;
+      }
+      if (run_queue.empty()) {
+        diagnose_warps();
+        fail("deadlock: no thread can run" + dump());
+      }
       Thread& t = threads[run_queue.pick(schedule.order, rng)];
+      if (yielded >= 0) {
+        run_queue.add(static_cast<unsigned>(yielded));
+        yielded = -1;
+      }
       resume(t);
+      if (t.wait != Wait::None) yields_in_a_row = 0;
       switch (t.wait) {
-        case Wait::None: run_queue.add(t.tid); break;  // a yield
+        case Wait::None:  // a yield: the others get a turn first
+          yielded = static_cast<int>(t.tid);
+          if (++yields_in_a_row > kMaxYieldsInARow) {
+            fail("no progress: threads have only spun on memory for " + std::to_string(kMaxYieldsInARow) +
+                 " turns (a spin-wait that is never released?)" + dump());
+          }
+          break;
         case Wait::Barrier:
           ++n_at_barrier;
           resolve_warp(t.tid / 32);  // lanes of its warp may wait for it at a collective
@@ -488,15 +533,26 @@ struct Simulator {
     if (param_bytes > kMaxParamBytes) fail("invalid launch: " + std::to_string(param_bytes) + " bytes of parameters");
     ++stats.launches;
     body = &f;
-    rng.seed(schedule.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(stats.launches)));
+    ++launches_in_schedule;
+    rng.seed(schedule.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(launches_in_schedule)));
     const uint64_t n_blocks = uint64_t{g.x} * g.y * g.z;
     std::vector<uint64_t> order(n_blocks);
     for (uint64_t k = 0; k < n_blocks; ++k) order[k] = k;
     if (schedule.order == Order::Reverse) std::reverse(order.begin(), order.end());
     if (schedule.order == Order::Random) std::shuffle(order.begin(), order.end(), rng);
-    for (uint64_t k : order) {
-      run_block({static_cast<unsigned>(k % g.x), static_cast<unsigned>(k / g.x % g.y),
-                 static_cast<unsigned>(k / (uint64_t{g.x} * g.y))});
+    try {
+      for (uint64_t k : order) {
+        run_block({static_cast<unsigned>(k % g.x), static_cast<unsigned>(k / g.x % g.y),
+                   static_cast<unsigned>(k / (uint64_t{g.x} * g.y))});
+      }
+    } catch (...) {
+#if defined(CUDA_SIM_ASAN)
+      // fibres abandoned mid-kernel leave their frames' poison on stacks the next launch reuses
+      for (const Stack& stack : stacks) __asan_unpoison_memory_region(stack.lo(), kStackBytes);
+#endif
+      threads.clear();
+      body = nullptr;
+      throw;
     }
     threads.clear();
     body = nullptr;
@@ -569,7 +625,10 @@ void run(dim3 grid, dim3 block, size_t param_bytes, const void* kernel, const st
 
 }  // namespace detail
 
-void set_schedule(Schedule schedule) { detail::sim().schedule = schedule; }
+void set_schedule(Schedule schedule) {
+  detail::sim().schedule = schedule;
+  detail::sim().launches_in_schedule = 0;
+}
 Schedule schedule() { return detail::sim().schedule; }
 Stats stats() { return detail::sim().stats; }
 void reset_stats() { detail::sim().stats = {}; }

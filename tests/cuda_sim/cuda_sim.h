@@ -19,14 +19,18 @@
 //     the calling lane in its mask, every lane of the mask present in the block, not exited, not waiting
 //     at a block barrier or another kind of collective, the same mask on every lane; a shuffle reading
 //     a lane outside the mask; a width that is not a power of two <= 32;
-//   - deadlock: no thread can run and none can be released (a dump says where each waits);
+//   - deadlock: no thread can run and none can be released (a dump says where each waits); a thread that
+//     spins on memory (atomics, fences) lets the others run first, and 10 million such turns in a row with
+//     no other progress are reported as a spin-wait that is never released;
 //   - the launch: grid and block dimensions within CUDA's limits (a grid of 0 blocks is an error), the
 //     kernel's parameters within 4 KiB.
 // What it cannot see: no memory model or caches (a missing __threadfence or a stale L1 read is not caught:
 // every load sees the last store), no timing, no compiler or PTX (nvcc's code is not the code run here),
 // no shared-memory bank conflicts; shared memory is one static instance reused by each block in turn
-// (zeroed once, not poisoned between blocks); a thread that spins waiting for another thread or block
-// without a synchronisation point hangs.
+// (zeroed once, not poisoned between blocks); a thread that spins on plain loads (no atomic or fence)
+// waiting for another thread hangs, and one waiting for another block is reported (blocks run in turn).
+// Stricter than CUDA on purpose: a lane named in a collective's mask must not have exited, and no thread may
+// exit while others will still reach a __syncthreads.
 //
 // The device functions are the host's (libm's expf, logf, exp, fma), except __expf, emulated as the GPU
 // computes it: exp2f of the float32 product x * log2(e) with subnormal inputs and results flushed to zero
@@ -114,8 +118,7 @@ template <typename... Params, typename... Args>
 void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "a kernel takes exactly its parameters");
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
-  constexpr size_t param_bytes = (size_t{0} + ... + sizeof(std::decay_t<Params>));
-  detail::run(grid, block, param_bytes, reinterpret_cast<const void*>(kernel), [&] { std::apply(kernel, params); });
+  detail::run(grid, block, sizeof(params), reinterpret_cast<const void*>(kernel), [&] { std::apply(kernel, params); });
 }
 
 }  // namespace cuda_sim

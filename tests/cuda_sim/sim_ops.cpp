@@ -129,6 +129,28 @@ __global__ void shuffle_beside_barrier_kernel(int* out) {  // a warp collective 
   }
 }
 
+__global__ void disjoint_syncwarp_kernel(int* out) {  // correct: a partial __syncwarp, then a full-warp shuffle
+  const unsigned lane = threadIdx.x % 32;
+  if (lane >= 16) __syncwarp(0xffff0000u);
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(lane), 16);
+}
+
+__global__ void spin_on_flag_kernel(int* out) {  // correct: thread 0 waits (atomics) until thread 5 raises a flag
+  if (threadIdx.x == 0) {
+    while (atomicAdd(out + 1, 0) == 0) {
+    }
+    out[0] = 1;
+  }
+  if (threadIdx.x == 5) atomicAdd(out + 1, 1);
+}
+
+__global__ void spin_forever_kernel(int* out) {  // a flag nobody raises
+  if (threadIdx.x == 0) {
+    while (atomicAdd(out + 2, 0) == 0) {
+    }
+  }
+}
+
 __global__ void warp_sum_kernel(int* out) {  // correct: a reduction with every shuffle kind
   const int lane = static_cast<int>(threadIdx.x % 32);
   int v = lane;
@@ -167,6 +189,9 @@ void run_example(const std::string& name, at::Tensor out, int64_t blocks, int64_
   if (name == "masks_disagree") return cuda_sim::launch(grid, block, &masks_disagree_kernel, p);
   if (name == "shuffle_beside_barrier") return cuda_sim::launch(grid, block, &shuffle_beside_barrier_kernel, p);
   if (name == "warp_sum") return cuda_sim::launch(grid, block, &warp_sum_kernel, p);
+  if (name == "disjoint_syncwarp") return cuda_sim::launch(grid, block, &disjoint_syncwarp_kernel, p);
+  if (name == "spin_on_flag") return cuda_sim::launch(grid, block, &spin_on_flag_kernel, p);
+  if (name == "spin_forever") return cuda_sim::launch(grid, block, &spin_forever_kernel, p);
   TORCH_CHECK_VALUE(false, "no example kernel \"", name, "\"");
 }
 
