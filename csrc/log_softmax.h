@@ -91,9 +91,9 @@ PPO_HD Stats<V> combine(const Stats<V>& a, const Stats<V>& b, const V& inv_t) {
 // x * inv_t rounded once, never fused with what follows (an explicit fma with a zero addend): the backward's
 // scaled logits and the saved log-sum-exp's scaled max are rounded alike, so that at the max their
 // difference is exactly -log S however large the logits.
-template <typename T>
-PPO_HD T scaled(T x, T inv_t) {
-  return math::fma_(x, inv_t, T(0));
+template <typename Ops, typename V>
+PPO_HD V scaled(const V& x, const V& inv_t) {
+  return Ops::fmadd(x, inv_t, V(0));
 }
 
 PPO_HD float log_(float x) { return logf(x); }
@@ -110,12 +110,13 @@ struct RowResult {
 template <typename T>
 PPO_HD RowResult<T> finish(const Stats<T>& s, T label_diff, T inv_t) {
   const T log_sum = log_(s.sum);
-  return {math::fma_(label_diff, inv_t, -log_sum), scaled(s.max, inv_t) + log_sum, log_sum - s.xsum / s.sum};
+  return {math::fma_(label_diff, inv_t, -log_sum), scaled<math::ScalarOps<T>>(s.max, inv_t) + log_sum,
+          log_sum - s.xsum / s.sum};
 }
 
 // d log_prob / d x_v = onehot(label) - softmax(x)_v: the softmax part of an element's gradient,
-// -coefficient * exp(x - lse), x the scaled logit (softmax::scaled, Ops::fmadd(raw, inv_t, 0) in vector
-// code; coefficient = upstream gradient / temperature); the caller adds `coefficient` at the label.
+// -coefficient * exp(x - lse), x the scaled logit (softmax::scaled; coefficient = upstream gradient /
+// temperature); the caller adds `coefficient` at the label.
 template <typename Ops, typename V>
 PPO_HD V softmax_grad(const V& x, const V& lse, const V& neg_coefficient) {
   return neg_coefficient * Ops::exp(x - lse);

@@ -152,23 +152,23 @@ class LogProbsKernel {
         const acc_t coefficient = g * inv_t_;
         // The label's entry, computed before the loop overwrites it (in place).
         const bool has_label = lbl >= 0 && lbl < V;
-        const acc_t label_grad =
-            has_label ? coefficient - coefficient * std::exp(softmax::scaled(label_logit(x, lbl), inv_t_) - row_lse)
-                      : acc_t(0);
+        const acc_t label_softmax =
+            has_label ? std::exp(softmax::scaled<ScalarOps>(label_logit(x, lbl), inv_t_) - row_lse) : acc_t(0);
+        const acc_t label_grad = has_label ? coefficient - coefficient * label_softmax : acc_t(0);
         const Vec lse_v(row_lse), inv_t(inv_t_), neg_coefficient(-coefficient);
         for (int64_t v0 = 0; v0 < v_vec; v0 += kTile) {
           const int64_t n = std::min(kTile, v_vec - v0);
           const acc_t* tile = as_acc<acc_t>(x + v0, n, buf);
           acc_t* g_out = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + v0) : gbuf;
           for (int64_t j = 0; j < n; j += kVec) {
-            softmax::softmax_grad<Ops>(Ops::fmadd(Vec::loadu(tile + j), inv_t, Vec(0)), lse_v, neg_coefficient)
+            softmax::softmax_grad<Ops>(softmax::scaled<Ops>(Vec::loadu(tile + j), inv_t), lse_v, neg_coefficient)
                 .store(g_out + j);
           }
           if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gbuf, out + v0, n);
         }
         for (int64_t v = v_vec; v < V; ++v) {
-          out[v] = static_cast<scalar_t>(
-              softmax::softmax_grad<ScalarOps>(softmax::scaled(static_cast<acc_t>(x[v]), inv_t_), row_lse, -coefficient));
+          const acc_t scaled = softmax::scaled<ScalarOps>(static_cast<acc_t>(x[v]), inv_t_);
+          out[v] = static_cast<scalar_t>(softmax::softmax_grad<ScalarOps>(scaled, row_lse, -coefficient));
         }
         if (has_label) out[lbl] = static_cast<scalar_t>(label_grad);
       }

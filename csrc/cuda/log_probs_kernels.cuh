@@ -188,14 +188,16 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
       P q;
 #pragma unroll
       for (int j = 0; j < P::kSize; ++j) {
-        acc_t grad = softmax::softmax_grad<Ops>(softmax::scaled(static_cast<acc_t>(widen(p.v[j])), inv_t), lse, neg_coefficient);
+        const acc_t scaled = softmax::scaled<Ops>(static_cast<acc_t>(widen(p.v[j])), inv_t);
+        acc_t grad = softmax::softmax_grad<Ops>(scaled, lse, neg_coefficient);
         if (v + j == label) grad += coefficient;
         q.v[j] = narrow<scalar_t>(grad);
       }
       *reinterpret_cast<P*>(out + v) = q;
     }
     for (int64_t v = v_vec + threadIdx.x; v < V; v += blockDim.x) {
-      acc_t grad = softmax::softmax_grad<Ops>(softmax::scaled(static_cast<acc_t>(widen(x[v])), inv_t), lse, neg_coefficient);
+      const acc_t scaled = softmax::scaled<Ops>(static_cast<acc_t>(widen(x[v])), inv_t);
+      acc_t grad = softmax::softmax_grad<Ops>(scaled, lse, neg_coefficient);
       if (v == label) grad += coefficient;
       out[v] = narrow<scalar_t>(grad);
     }
