@@ -99,6 +99,12 @@ def main(argv):
     if unknown:
         sys.exit(f"unknown mutation(s) {unknown}; known: {list(MUTATIONS)}")
     python = sys.executable
+    # The tests import ppo_ext (its float64 reference): an in-place build for another torch fails every run
+    # with an ImportError that would read as "mutation missed".
+    probe = subprocess.run([python, "-c", "import ppo_ext"], cwd=ROOT, capture_output=True, text=True)
+    if probe.returncode != 0:
+        sys.exit(f"MUTATIONS: cannot start: `import ppo_ext` fails with {python} (build ppo_ext for this "
+                 f"interpreter's torch first, e.g. ./scripts/test.sh):\n{probe.stderr[-1500:]}")
     all_caught = True
     for name in names:
         start = time.time()
