@@ -25,6 +25,7 @@ except ImportError:
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(HERE, "include")  # the C++ API header, include/ppo_ext/ppo_ext.h
 
 
 def _cuda_build_reason():
@@ -60,14 +61,15 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp", "-fdiagnostics-color=always"]  # at::parallel_for is OpenMP, as in torch
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "ppo_ext._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
-            py_limited_api=True,
+            "ppo_ext._C", sources, include_dirs=[INCLUDE], extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"], py_limited_api=True,
         )
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return cpp_extension.CUDAExtension(
         "ppo_ext._C",
         sources,
+        include_dirs=[INCLUDE],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
         py_limited_api=True,

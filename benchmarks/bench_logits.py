@@ -5,10 +5,10 @@ a chunked eager variant.
 Contenders, each computing the log-probs of the taken tokens from (B, T, V) logits and verl 0.9's vanilla PPO loss
 (clip 0.2 / 0.28, dual clip 3, token-mean), then its gradient w.r.t. the logits:
 
-  eager            logits.float() -> log_softmax -> gather, then verl's loss (bench_policy_loss.py's copy)
+  eager            logits.float() -> log_softmax -> gather, then verl's loss (baselines/verl.py)
   compiled         torch.compile of eager (dynamic=False, one compile per shape)
-  chunked          TRL's selective_log_softmax (logsumexp row by row for float32 logits; log_softmax row by row,
-                   here upcast to float32 per row, for bf16 ones), then verl's loss
+  chunked          TRL's selective_log_softmax (baselines/trl.py: logsumexp row by row for float32 logits;
+                   log_softmax row by row, here upcast to float32 per row, for bf16 ones), then verl's loss
   ppo_ext          ppo_ext.policy_loss_from_logits (same loss; plus all of ppo_ext's metrics and the log-probs)
   ppo_ext-inplace  the same with inplace_backward=True: the gradient is written over the logits
 
@@ -27,25 +27,20 @@ exits with 2 if a contender does not match the reference.
 """
 
 import argparse
-import datetime
-import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo
-import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # a checkout where ppo_ext was built in place
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # a checkout where ppo_ext was built in place; the benchmarks package
 
 import ppo_ext  # noqa: E402
-from bench_policy_loss import (OtherLoad, compute_policy_loss_vanilla, copy_bandwidth, environment,  # noqa: E402
-                               peak_extra_bytes, quantile, time_interleaved)
+from benchmarks import harness  # noqa: E402
+from benchmarks.baselines.trl import selective_log_softmax  # noqa: E402
+from benchmarks.baselines.verl import compute_policy_loss_vanilla  # noqa: E402
 
 CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
 OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0, importance_sampling="token",
@@ -62,20 +57,6 @@ PASSES = ("fwd+bwd", "logprobs")
 def eager_log_probs(logits, labels):
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def selective_log_softmax(logits, index):
-    """TRL's (trl/trainer/utils.py), but for the float32 upcast of each row in the bf16 branch (TRL keeps bf16
-    there, which would not pass the float64 check)."""
-    if logits.dtype in (torch.float32, torch.float64):
-        selected_logits = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
-        logsumexp_values = torch.stack([torch.logsumexp(lg, dim=-1) for lg in logits])  # loop to reduce peak memory
-        return selected_logits - logsumexp_values
-    per_token_logps = []
-    for row_logits, row_labels in zip(logits, index):
-        row_logps = F.log_softmax(row_logits.float(), dim=-1)
-        per_token_logps.append(row_logps.gather(dim=-1, index=row_labels.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(per_token_logps)
 
 
 def with_verl_loss(log_probs_fn):
@@ -246,7 +227,7 @@ def check(name, loss_fn, inp, ref, device, rows_per_chunk):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_case(case, device, threads, budget, rounds, load):
+def run_case(case, device, threads, budget, rounds, flush, load):
     res = dict(case=case.name, B=case.B, T=case.T, V=case.V, dtype=case.dtype, tokens=case.tokens,
                logits_bytes=case.logits_bytes())
     fns = make_contenders()
@@ -260,8 +241,8 @@ def run_case(case, device, threads, budget, rounds, load):
         t0 = time.time()
         try:
             checks[name] = check(name, loss_fn, inp, ref, device, rows_per_chunk)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            checks[name] = dict(ok=False, skipped=f"out of memory: {str(exc).splitlines()[0][:100]}")
+        except harness.OUT_OF_MEMORY as exc:
+            checks[name] = dict(ok=False, skipped=harness.out_of_memory(exc))
             if device == "cuda":
                 torch.cuda.empty_cache()
         checks[name]["first_call_s"] = time.time() - t0
@@ -276,22 +257,16 @@ def run_case(case, device, threads, budget, rounds, load):
             calls = {n: fwd_bwd_call(fns[n][0], inp) for n in runnable}
         else:
             calls = {n: logprobs_call(fns[n][1], inp) for n in runnable if fns[n][1] is not None}
-        for call in calls.values():
-            for _ in range(2):
-                call()
-        with load.measure():
-            samples = time_interleaved(calls, device, threads, budget, rounds, None)
+        samples = harness.warm_up_and_time(calls, device, threads, budget, rounds, flush, load)
         # the bytes the op must move: the logits read once forward; backward read once more and the gradient written
         floor_bytes = case.logits_bytes() * (3 if pas == "fwd+bwd" else 1)
         row = {}
         for n, xs in samples.items():
-            med = quantile(xs, 0.5)
-            row[n] = dict(median_s=med, p25_s=quantile(xs, 0.25), p75_s=quantile(xs, 0.75), n_samples=len(xs),
+            med = harness.quantile(xs, 0.5)
+            row[n] = dict(median_s=med, p25_s=harness.quantile(xs, 0.25), p75_s=harness.quantile(xs, 0.75),
+                          n_samples=len(xs),
                           floor_bytes=floor_bytes, GBps=floor_bytes / med / 1e9)
-        for n in row:
-            for base in ("eager", "compiled", "chunked"):
-                if base in row:
-                    row[n][f"speedup_vs_{base}"] = row[base]["median_s"] / row[n]["median_s"]
+        harness.add_speedups(row, ("eager", "compiled", "chunked"))
         res["timing"][pas] = row
         with torch.no_grad():
             inp.logits.copy_(source)
@@ -300,7 +275,7 @@ def run_case(case, device, threads, budget, rounds, load):
     grad_bytes = case.logits_bytes()
     for n in runnable:
         inp.logits.grad = None  # freed before, not during, the measured call
-        peak = peak_extra_bytes(fwd_bwd_call(fns[n][0], inp), device)
+        peak = harness.peak_extra_bytes(fwd_bwd_call(fns[n][0], inp), device)
         with torch.no_grad():
             inp.logits.copy_(source)
         beyond_grad = peak - (0 if n == "ppo_ext-inplace" else grad_bytes)
@@ -320,89 +295,75 @@ def table(result):
     lines = []
     for pas in PASSES:
         lines.append(f"\n### {pas}: median time (speed-up of ppo_ext vs eager / compiled / chunked)\n")
-        lines.append("| case | " + " | ".join(CONTENDERS) + " | ppo_ext vs eager | vs compiled | vs chunked |")
-        lines.append("|" + " --- |" * (len(CONTENDERS) + 4))
+        rows = []
         for res in result["cases"]:
             row = res.get("timing", {}).get(pas, {})
             cells = [fmt_time(row[n]["median_s"]) if n in row else "-" for n in CONTENDERS]
             p = row.get("ppo_ext", {})
             ratios = [f"{p[k]:.2f}x" if k in p else "-" for k in ("speedup_vs_eager", "speedup_vs_compiled",
                                                                    "speedup_vs_chunked")]
-            lines.append(f"| {res['case']} | " + " | ".join(cells + ratios) + " |")
+            rows.append([res["case"], *cells, *ratios])
+        lines += harness.markdown_table(["case", *CONTENDERS, "ppo_ext vs eager", "vs compiled", "vs chunked"], rows)
     lines.append("\n### fwd+bwd: peak extra memory / logits size (beyond the logits-sized gradient in brackets)\n")
-    lines.append("| case | " + " | ".join(CONTENDERS) + " |")
-    lines.append("|" + " --- |" * (len(CONTENDERS) + 1))
+    rows = []
     for res in result["cases"]:
         mem = res.get("memory", {})
         cells = [f"{mem[n]['peak_extra_fraction']:.2f} ({mem[n]['peak_beyond_grad_fraction']:+.3f})" if n in mem
                  else "-" for n in CONTENDERS]
-        lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
+        rows.append([res["case"], *cells])
+    lines += harness.markdown_table(["case", *CONTENDERS], rows)
     lines.append("\n### check against float64 (relative error of the loss; of the gradient, max over max)\n")
-    lines.append("| case | " + " | ".join(CONTENDERS) + " |")
-    lines.append("|" + " --- |" * (len(CONTENDERS) + 1))
+    rows = []
     for res in result["cases"]:
         c = res.get("check", {})
         cells = [("ok " if c[n]["ok"] else "FAIL ") + (f"{c[n]['loss_rel_err']:.1e} / {c[n]['grad_rel_err']:.1e}"
                                                         if "loss_rel_err" in c[n] else c[n].get("skipped", ""))
                  if n in c else "-" for n in CONTENDERS]
-        lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
+        rows.append([res["case"], *cells])
+    lines += harness.markdown_table(["case", *CONTENDERS], rows)
     return "\n".join(lines)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="two cases, short timings")
-    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p = harness.parser(__doc__, "two cases, short timings", "logits-<device>-<date>[-quick].{json,md}",
+                       argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     args = p.parse_args()
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not (torch.cuda.is_available() and ppo_ext.built_with_cuda()):
-        if args.device == "cuda":
-            p.error("no GPU, or ppo_ext was built without its CUDA kernels")
-        devices.remove("cuda")
-    torch.set_num_threads(args.threads)
-    torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    devices = harness.devices(p, args)
+    harness.configure_torch(args.threads)
 
     mismatch = False
     t0 = time.time()
     for device in devices:
-        meta = environment(device, args.threads, args.quick)
-        meta["copy_bandwidth_GBps"] = copy_bandwidth(
-            device, args.threads, torch.empty(256 << 20, dtype=torch.int8, device="cuda") if device == "cuda" else None
-        ) / 1e9
+        meta = harness.environment(device, args.threads, args.quick)
+        flush = harness.l2_flush_buffer(device)
+        meta["copy_bandwidth_GBps"] = harness.copy_bandwidth(device, args.threads, flush) / 1e9
         print(f"== {device}: {meta['device_name']}, torch {meta['torch']}, copy bandwidth "
               f"{meta['copy_bandwidth_GBps']:.1f} GB/s", flush=True)
-        load = OtherLoad()
+        load = harness.OtherLoad()
         budget, rounds = (0.3, 2) if args.quick else (1.0, 3)
         cases = []
         for case in all_cases(args.quick, device):
             print(f"   {case.name} ...", flush=True)
             try:
-                cases.append(run_case(case, device, args.threads, budget, rounds, load))
-            except (torch.OutOfMemoryError, MemoryError) as exc:
-                cases.append(dict(case=case.name, skipped=f"out of memory: {str(exc).splitlines()[0][:100]}"))
+                cases.append(run_case(case, device, args.threads, budget, rounds, flush, load))
+            except harness.OUT_OF_MEMORY as exc:
+                cases.append(dict(case=case.name, skipped=harness.out_of_memory(exc)))
             if device == "cuda":
                 torch.cuda.empty_cache()
-        meta["other_cpu_load"] = load.fraction()
+        harness.record_other_load(meta, load)
         result = dict(meta=meta, cases=cases)
         text = table(result)
         print(text)
         mismatch |= any(not c["ok"] for r in cases for c in r.get("check", {}).values() if "skipped" not in c)
         if not args.no_write:
-            os.makedirs(args.out_dir, exist_ok=True)
-            stem = os.path.join(args.out_dir, f"logits-{device}-{datetime.date.today().isoformat()}"
-                                              f"{'-quick' if args.quick else ''}")
-            with open(stem + ".json", "w") as f:
-                json.dump(result, f, indent=1)
+            stem = harness.result_stem(args.out_dir, "logits-", device, args.quick)
+            harness.write_json(result, stem + ".json")
             with open(stem + ".md", "w") as f:
                 f.write(f"# ppo_ext.policy_loss_from_logits: {meta['device_name']}, torch {meta['torch']}, "
                         f"{meta['date']}, {meta['mode']}\n{text}\n")
             print(f"\nwrote {stem}.json, {stem}.md")
-    print(f"done in {time.time() - t0:.0f} s")
-    return 2 if mismatch else 0
+    return harness.exit_status(mismatch, t0)
 
 
 if __name__ == "__main__":

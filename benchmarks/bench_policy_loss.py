@@ -15,29 +15,21 @@ Writes benchmarks/results/<device>-<date>[-quick].{json,md,png} and exits with 2
 the reference. See benchmarks/README.md.
 """
 
-import argparse
-import contextlib
-import datetime
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import List
 
 import torch
-import torch.utils.benchmark as tbench
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # a checkout where ppo_ext was built in place
+sys.path.insert(0, ROOT)  # a checkout where ppo_ext was built in place; the benchmarks package
 
 import ppo_ext  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.baselines import verl  # noqa: E402
 from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
 CONTENDERS = ("eager+item", "eager", "compiled", "ppo_ext")
@@ -45,103 +37,26 @@ PASSES = ("fwd+bwd", "fwd")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The eager contender: verl 0.9's code, copied (verl/utils/torch_functional.py masked_sum and masked_mean,
-# verl/trainer/ppo/core_algos.py agg_loss, compute_policy_loss_vanilla and compute_policy_loss_gspo), with the
-# config object replaced by arguments and without rollout_is_weights (None in every case here). verl's loss
-# functions end with `pg_metrics = {"actor/pg_clipfrac": pg_clipfrac.detach().item(), ...}`: three .item()
-# calls, each a host synchronisation on a GPU. "eager+item" makes them, "eager" returns the tensors.
+# Contenders: verl's eager code (baselines/verl.py) with its .item() calls ("eager+item") and without ("eager"),
+# torch.compile of it, ppo_ext
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def masked_sum(values, mask, axis=None):
-    valid_values = torch.where(mask.bool(), values, 0.0)
-    return (valid_values * mask).sum(axis=axis)
-
-
-def masked_mean(values, mask, axis=None):
-    s = masked_sum(values, mask, axis)
-    return s / (mask.sum(axis=axis) + 1e-8)
-
-
-def agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None):
-    if loss_agg_mode == "token-mean":
-        if batch_num_tokens is None:
-            batch_num_tokens = loss_mask.sum()
-        loss = masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    elif loss_agg_mode == "seq-mean-token-mean":
-        seq_mask = torch.sum(loss_mask, dim=-1)  # per-sequence token count
-        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)  # token-mean
-        seq_mask = (seq_mask > 0).float()  # exclude fully masked sequences
-        if global_batch_size is None:
-            global_batch_size = seq_mask.sum()
-        loss = masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size  # seq-mean
-    else:
-        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
-    return loss
-
-
-def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, clip_ratio_low, clip_ratio_high,
-                                clip_ratio_c=3.0, loss_agg_mode="token-mean"):
-    negative_approx_kl = log_prob - old_log_prob
-    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
-    ratio = torch.exp(negative_approx_kl)
-    ppo_kl = masked_mean(-negative_approx_kl, response_mask)
-
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
-
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    pg_clipfrac_lower = masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float(), response_mask)
-
-    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
-    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode)
-    return pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
-
-
-def compute_policy_loss_gspo(old_log_prob, log_prob, advantages, response_mask, clip_ratio_low, clip_ratio_high,
-                             token_level_grad=True):
-    """token_level_grad=False is not verl: it drops verl's detach trick so that the gradient flows through
-    the sequence mean (ppo_ext's importance_sampling="seq", the seed's and ROLL's sequence-level ratio)."""
-    negative_approx_kl = log_prob - old_log_prob
-    seq_lengths = torch.sum(response_mask, dim=-1).clamp(min=1)
-    negative_approx_kl_seq = torch.sum(negative_approx_kl * response_mask, dim=-1) / seq_lengths
-    if token_level_grad:
-        log_seq_importance_ratio = log_prob - log_prob.detach() + negative_approx_kl_seq.detach().unsqueeze(-1)
-    else:
-        log_seq_importance_ratio = negative_approx_kl_seq.unsqueeze(-1)
-    log_seq_importance_ratio = torch.clamp(log_seq_importance_ratio, max=10.0)  # clamp for numerical stability
-    seq_importance_ratio = torch.exp(log_seq_importance_ratio)
-
-    pg_losses1 = -advantages * seq_importance_ratio
-    pg_losses2 = -advantages * torch.clamp(seq_importance_ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)
-    pg_losses = torch.maximum(pg_losses1, pg_losses2)
-    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode="seq-mean-token-mean")
-
-    pg_clipfrac = masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
-    pg_clipfrac_lower = torch.tensor(0.0, device=pg_loss.device)
-    ppo_kl = masked_mean(-negative_approx_kl, response_mask)
-    return pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
-
 
 # The losses benchmarked: verl's function and arguments, and the ppo_ext options that compute the same thing.
 # (ppo_ext's log_ratio_clamp=10 clamps to [-10, 10] where verl's GSPO clamps to (-inf, 10]: the same here,
 # where |log ratio| stays far below 10.)
 KINDS = {
     "ppo": dict(
-        label="token", eager=compute_policy_loss_vanilla,
+        label="token", eager=verl.compute_policy_loss_vanilla,
         eager_kwargs=dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0),
         options=dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0,
                      importance_sampling="token", loss_agg_mode="token-mean")),
     "gspo": dict(
-        label="seq-token (GSPO)", eager=compute_policy_loss_gspo,
+        label="seq-token (GSPO)", eager=verl.compute_policy_loss_gspo,
         eager_kwargs=dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4),
         options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=10.0,
                      importance_sampling="seq-token", loss_agg_mode="seq-mean-token-mean")),
     "seq": dict(
-        label="seq", eager=compute_policy_loss_gspo,
+        label="seq", eager=verl.compute_policy_loss_gspo,
         eager_kwargs=dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4, token_level_grad=False),
         options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=10.0,
                      importance_sampling="seq", loss_agg_mode="seq-mean-token-mean")),
@@ -377,244 +292,8 @@ def check_contender(fn, inp, ref, near):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    pos = (len(xs) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def cpu_times(call, threads, budget_s):
-    """Seconds per call, one sample per block of calls (torch.utils.benchmark picks the block size)."""
-    timer = tbench.Timer(stmt="call()", globals={"call": call}, num_threads=threads)
-    return list(timer.blocked_autorange(min_run_time=budget_s).times)
-
-
-def cuda_times(call, budget_s, flush):
-    """Seconds per call from CUDA events around each call, as triton's do_bench measures: before each call 256 MiB
-    are written to flush the L2 cache, and the call is enqueued behind that write, so that the host-side launch
-    overhead of a call is hidden up to the write's duration (~0.1 ms on an H100), as it is in training where the
-    loss is enqueued behind the model's forward; what a call launches beyond that, or after a host
-    synchronisation of its own (.item()), shows. The GPU is drained after each call."""
-    times, deadline = [], time.perf_counter() + budget_s
-    while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 2000):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush.zero_()
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-class OtherLoad:
-    """How busy other processes keep the CPUs while we time (Linux /proc/stat less this process's own CPU time),
-    as a fraction of all CPUs: a shared machine makes timings noisy, and threads that wait for each other (an
-    OpenMP barrier) lose whole scheduler ticks."""
-
-    def __init__(self):
-        self.busy = self.total = self.own = 0
-
-    @staticmethod
-    def sample():
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        t = os.times()
-        return sum(ticks) - ticks[3] - ticks[4], sum(ticks), (t.user + t.system) * os.sysconf("SC_CLK_TCK")
-
-    @contextlib.contextmanager
-    def measure(self):
-        try:
-            start = self.sample()
-        except (OSError, ValueError, AttributeError):
-            start = None
-        yield
-        if start is not None:
-            busy, total, own = (e - s for e, s in zip(self.sample(), start))
-            self.busy, self.total, self.own = self.busy + busy, self.total + total, self.own + own
-
-    def fraction(self):
-        return max(0.0, (self.busy - self.own) / self.total) if self.total else None
-
-
-def time_interleaved(calls: Dict[str, Callable], device, threads, budget_s, rounds, flush):
-    """Per-call times of each contender, in `rounds` rounds with the order rotated every round, so that a noisy
-    machine does not bias a ratio."""
-    names = list(calls)
-    samples = {n: [] for n in names}
-    for r in range(rounds):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            if device == "cpu":
-                samples[n] += cpu_times(calls[n], threads, budget_s / rounds)
-            else:
-                samples[n] += cuda_times(calls[n], budget_s / rounds, flush)
-    return samples
-
-
-def copy_bandwidth(device, threads, flush):
-    """Measured copy bandwidth in bytes/s (read + write) of a 256 MiB buffer (1 GiB on a GPU)."""
-    n = (1 << 30) if device == "cuda" else (256 << 20)
-    x = torch.ones(n // 4, dtype=torch.float32, device=device)
-    y = torch.empty_like(x)
-    if device == "cpu":
-        sec = quantile(cpu_times(lambda: y.copy_(x), threads, 0.5), 0.5)
-    else:
-        for _ in range(3):
-            y.copy_(x)
-        sec = min(cuda_times(lambda: y.copy_(x), 0.5, flush))  # the best: what the memory sustains
-    return 2 * n / sec
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory, ops and kernels, host synchronisations
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """The CPU-only torch's profiler prints two 'USDT: ... profiler_start/stop' lines to fd 2 per session."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def saved_bytes(fn, inp: Inputs):
-    """Bytes autograd keeps for the backward beyond the inputs (distinct storages, via saved_tensors_hooks)."""
-    inputs = {t.untyped_storage().data_ptr() for t in inp.tensors()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*inp.tensors())
-    del out
-    return sum(seen.values())
-
-
-def peak_extra_bytes(call, device):
-    """Peak of the memory allocated during one call above what was allocated before it, the returned gradient
-    included. CUDA: the caching allocator's statistics. CPU: the allocation and free events of PyTorch's CPU
-    allocator recorded by the profiler (tensors only: no malloc of a kernel's own scratch), replayed in order."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = call()
-        torch.cuda.synchronize()
-        del out
-        return torch.cuda.max_memory_allocated() - base
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = call()
-        del out
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
-
-
-def count_cpu_ops(call):
-    """Top-level dispatcher ops (aten::, ppo_ext::, ...) of one call: for eager, each one a pass over memory."""
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        call()
-
-    def is_op(e):
-        ns = e.name.split("::")[0] if "::" in e.name else None
-        return ns is not None and ns not in ("autograd", "torch")
-
-    n = 0
-    for e in prof.events():
-        if is_op(e):
-            p = e.cpu_parent
-            while p is not None and not is_op(p):
-                p = p.cpu_parent
-            n += p is None
-    return dict(ops=n)
-
-
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-
-
-def count_cuda_launches(call):
-    """Kernels launched by one call (memsets included, copies apart), and host synchronisations: blocking CUDA
-    runtime calls the profiler saw during the call, and torch.cuda's sync debug mode warnings (the larger)."""
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with record_function("bench::call"):
-            call()
-        torch.cuda.synchronize()
-    events = prof.events()
-    window = next(e.time_range for e in events if e.name == "bench::call" and e.device_type == DeviceType.CPU)
-    kernels = copies = runtime_syncs = 0
-    for e in events:
-        # (record_function ranges, ours and inductor's, are mirrored on the GPU as annotations: not kernels)
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
-            if e.name.startswith("Memcpy"):
-                copies += 1
-            else:
-                kernels += 1
-        elif e.name in SYNC_CALLS and window.start <= e.time_range.start <= window.end:
-            runtime_syncs += 1
-
-    torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            call()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    torch.cuda.synchronize()
-    debug_syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
-    return dict(kernels=kernels, copies=copies, syncs=max(runtime_syncs, debug_syncs), runtime_syncs=runtime_syncs,
-                sync_debug_warnings=debug_syncs)
-
-
-def count_launches(call, device):
-    return count_cpu_ops(call) if device == "cpu" else count_cuda_launches(call)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Running the cases of one device
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
-
-    def __init__(self, total, desc):
-        self.total, self.done, self.desc, self.t0 = total, 0, desc, time.time()
-        self.tty = sys.stderr.isatty()
-
-    def step(self, what):
-        self.done += 1
-        fill = 30 * self.done // self.total
-        line = (f"{self.desc} [{'#' * fill}{'.' * (30 - fill)}] {self.done}/{self.total} "
-                f"{time.time() - self.t0:4.0f}s {what}")
-        sys.stderr.write("\r" + line[:120].ljust(120) if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.tty:
-            sys.stderr.write("\n")
-
 
 STEPS_PER_CASE = 4  # checked, timed fwd+bwd, timed fwd, memory and launches
 
@@ -649,34 +328,27 @@ def run_case(case, seed, device, threads, budget, rounds, flush, load, res, prog
     for pas in PASSES:
         backward = pas == "fwd+bwd"
         calls = {n: make_call(fns[n], sets, backward) for n in runnable}
-        for call in calls.values():  # warm-up
-            for _ in range(2):
-                call()
-        with load.measure():
-            samples = time_interleaved(calls, device, threads, budget, rounds, flush)
+        samples = harness.warm_up_and_time(calls, device, threads, budget, rounds, flush, load)
         nbytes = min_bytes(first, backward)
         row = {}
         for n, xs in samples.items():
-            med = quantile(xs, 0.5)
-            row[n] = dict(median_s=med, p25_s=quantile(xs, 0.25), p75_s=quantile(xs, 0.75), min_s=min(xs),
-                          n_samples=len(xs), min_bytes=nbytes, GBps=nbytes / med / 1e9,
+            med = harness.quantile(xs, 0.5)
+            row[n] = dict(median_s=med, p25_s=harness.quantile(xs, 0.25), p75_s=harness.quantile(xs, 0.75),
+                          min_s=min(xs), n_samples=len(xs), min_bytes=nbytes, GBps=nbytes / med / 1e9,
                           copy_bw_fraction=nbytes / med / res["copy_bandwidth"], ns_per_token=med / case.tokens * 1e9)
-        for n in row:
-            for base in ("eager", "compiled"):
-                if base in row:
-                    row[n][f"speedup_vs_{base}"] = row[base]["median_s"] / row[n]["median_s"]
+        harness.add_speedups(row, ("eager", "compiled"))
         res["timing"][pas] = row
         progress.step(f"{case.name}: timed {pas}")
 
     # 3. memory (forward+backward), ops or kernels and host synchronisations (forward+backward, and forward)
     resources = {}
     for n in runnable:
-        r = dict(saved_bytes=saved_bytes(fns[n], first), peak_extra_bytes=peak_extra_bytes(
+        r = dict(saved_bytes=harness.saved_bytes(fns[n], first.tensors()), peak_extra_bytes=harness.peak_extra_bytes(
             make_call(fns[n], sets[:1], True), device))
         r["saved_bytes_per_token"] = r["saved_bytes"] / case.tokens
         r["peak_extra_bytes_per_token"] = r["peak_extra_bytes"] / case.tokens
-        r.update(count_launches(make_call(fns[n], sets[:1], True), device))
-        r.update({f"fwd_{k}": v for k, v in count_launches(make_call(fns[n], sets[:1], False), device).items()})
+        r.update(harness.count_launches(make_call(fns[n], sets[:1], True), device))
+        r.update({f"fwd_{k}": v for k, v in harness.count_launches(make_call(fns[n], sets[:1], False), device).items()})
         resources[n] = r
     res["resources"] = resources
     progress.step(f"{case.name}: memory and launches")
@@ -686,31 +358,26 @@ def run_device(device, args, cases):
     threads = args.threads
     budget = 0.2 if args.quick else 0.8  # seconds of timing per contender and pass
     rounds = 3 if args.quick else 4
-    import torch._dynamo
+    flush = harness.l2_flush_buffer(device)
 
-    # one compile per shape and grad mode (dynamic=False), all of one code object: no fallback to eager after 8
-    torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.accumulated_recompile_limit = 4096
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda") if device == "cuda" else None
-
-    meta = environment(device, threads, args.quick)
+    meta = harness.environment(device, threads, args.quick)
     where = f"CUDA {meta['cuda']}" if device == "cuda" else f"{threads} threads"
     print(f"== {device}: {meta['device_name']}, torch {meta['torch']}, {where}", flush=True)
-    bw = copy_bandwidth(device, threads, flush)
+    bw = harness.copy_bandwidth(device, threads, flush)
     meta["copy_bandwidth_GBps"] = bw / 1e9
     print(f"   measured copy bandwidth {bw / 1e9:.1f} GB/s", flush=True)
 
     results = []
-    load = OtherLoad()
-    progress = Progress(len(cases) * STEPS_PER_CASE, device)
+    load = harness.OtherLoad()
+    progress = harness.Progress(len(cases) * STEPS_PER_CASE, device)
     for ci, case in enumerate(cases):
         res = dict(case=case.name, B=case.B, T=case.T, tokens=case.tokens, kind=case.kind, adv=case.adv,
                    mask=case.mask, series=case.series, ppo_ext_options=KINDS[case.kind]["options"], copy_bandwidth=bw)
         results.append(res)
         try:
             run_case(case, 1000 * ci, device, threads, budget, rounds, flush, load, res, progress)
-        except (torch.OutOfMemoryError, MemoryError) as exc:  # the bandwidth-bound shapes, as far as memory allows
-            res["skipped"] = f"out of memory: {str(exc).splitlines()[0][:100]}"
+        except harness.OUT_OF_MEMORY as exc:  # the bandwidth-bound shapes, as far as memory allows
+            res["skipped"] = harness.out_of_memory(exc)
             res.pop("timing", None)
             res.pop("resources", None)
             if device == "cuda":
@@ -718,44 +385,10 @@ def run_device(device, args, cases):
         while progress.done < STEPS_PER_CASE * (ci + 1):
             progress.step(f"{case.name}: skipped")
     progress.close()
-    meta["other_cpu_load"] = load.fraction()
-    if meta["other_cpu_load"] is not None and meta["other_cpu_load"] > 0.05:
-        print(f"   WARNING: other processes kept {100 * meta['other_cpu_load']:.0f}% of the CPUs busy while timing: "
-              "the times are noisy, rerun on a quiet machine", flush=True)
+    harness.record_other_load(meta, load)
     result = dict(meta=meta, cases=results)
     result["targets"] = targets(result)
     return result
-
-
-def environment(device, threads, quick):
-    cpu_model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
-
-    def git(*cmd):
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        return ""
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    meta = dict(
-        device=device,
-        device_name=torch.cuda.get_device_name() if device == "cuda" else cpu_model,
-        cpu_model=cpu_model, cpu_count=os.cpu_count(), threads=threads if device == "cpu" else None,
-        torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-        ppo_ext=ppo_ext.__version__, ppo_ext_built_with_cuda=ppo_ext.built_with_cuda(), git_commit=commit or None,
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        mode="quick" if quick else "full", argv=sys.argv[1:],
-        timer=("torch.utils.benchmark.Timer.blocked_autorange" if device == "cpu"
-               else "CUDA events around each call, L2 flushed before each (as triton's do_bench)"),
-    )
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        meta.update(gpu_memory_GiB=props.total_memory / 2**30, sm_count=props.multi_processor_count,
-                    capability=f"{props.major}.{props.minor}")
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -898,21 +531,8 @@ def render(result, tablefmt):
     parts = []
     for headers, rows in (timing_table(result), resource_table(result)):
         parts.append(tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True))
-    verdict = {True: "met", False: "NOT met", None: "not measured in this run"}
-    rows = [[t["target"], t["measured"] or "-", verdict[t["met"]]] for t in result["targets"]]
-    parts.append("Targets\n\n" + tabulate(rows, headers=["target", "measured", "verdict"], tablefmt=tablefmt,
-                                          disable_numparse=True))
+    parts.append("Targets\n\n" + harness.targets_table(result["targets"], tablefmt))
     return "\n\n".join(parts)
-
-
-def setting(meta):
-    """One line: where, what, when, and how busy the machine was."""
-    where = (f"{meta['device_name']}, {meta['threads']} threads" if meta["device"] == "cpu"
-             else f"{meta['device_name']}, CUDA {meta['cuda']}")
-    load = meta.get("other_cpu_load")
-    load = "" if load is None else f"; other processes' CPU load while timing {100 * load:.0f}%"
-    return (f"{where}; torch {meta['torch']}; ppo_ext {meta['ppo_ext']} ({meta['git_commit']}); {meta['date']}; "
-            f"{meta['mode']} run; measured copy bandwidth {meta['copy_bandwidth_GBps']:.1f} GB/s{load}.")
 
 
 def legend(meta):
@@ -928,45 +548,19 @@ def legend(meta):
 
 
 def plot(result, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("   matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
     series = sorted((r for r in result["cases"] if r["series"] and "timing" in r), key=lambda r: r["tokens"])
-    if not series:
-        return None
     meta = result["meta"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    where = f"{meta['threads']} threads" if meta["device"] == "cpu" else f"CUDA {meta['cuda']}"
     styles = {"eager+item": ("tab:gray", ":"), "eager": ("tab:blue", "-"), "compiled": ("tab:orange", "-"),
               "ppo_ext": ("tab:green", "-")}
-    for ax, pas in zip(axes, PASSES):
-        for n in CONTENDERS:
-            pts = [(r["tokens"], r["timing"][pas][n]["median_s"] * 1e3) for r in series if n in r["timing"][pas]]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", color=styles[n][0], linestyle=styles[n][1], label=n)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens (B x T)")
-        ax.set_title(pas)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("median time per call (ms)")
-    axes[0].legend()
-    where = f"{meta['threads']} threads" if meta["device"] == "cpu" else f"CUDA {meta['cuda']}"
-    fig.suptitle(f"PPO policy loss (token ratio, dual clip, A (B,T), mask 0.9): {meta['device_name']}, {where}, "
-                 f"torch {meta['torch']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    title = (f"PPO policy loss (token ratio, dual clip, A (B,T), mask 0.9): {meta['device_name']}, {where}, "
+             f"torch {meta['torch']}")
+    return harness.plot_time_against_tokens(series, PASSES, styles, title, path)
 
 
 def write_markdown(result, path, png):
     meta = result["meta"]
-    lines = [f"# ppo_ext policy loss benchmark: {meta['device']} ({meta['mode']} run)", "", setting(meta), "",
+    lines = [f"# ppo_ext policy loss benchmark: {meta['device']} ({meta['mode']} run)", "", harness.setting(meta), "",
              f"Command: `python benchmarks/bench_policy_loss.py {' '.join(meta['argv'])}`. "
              "Method and columns: [benchmarks/README.md](../README.md).", "",
              legend(meta).replace("\n", "\n\n"), "", render(result, "github"), ""]
@@ -977,24 +571,12 @@ def write_markdown(result, path, png):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="4 cases (5 on a GPU), short timings: under a minute on 2 CPU cores")
-    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all", help="default: every device present")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                   help="CPU threads (default 2, the targets' setting)")
-    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"),
-                   help="where <device>-<date>[-quick].{json,md,png} go (default: benchmarks/results)")
+    p = harness.parser(__doc__.split("\n\n")[0], "4 cases (5 on a GPU), short timings: under a minute on 2 CPU cores",
+                       "<device>-<date>[-quick].{json,md,png}")
     p.add_argument("--cases", help="only the cases whose name contains this, e.g. '128x8192'")
     args = p.parse_args(argv)
-
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not (torch.cuda.is_available() and ppo_ext.built_with_cuda()):
-        why = "no GPU visible" if not torch.cuda.is_available() else "ppo_ext was built without its CUDA kernels"
-        if args.device == "cuda":
-            p.error(f"--device cuda: {why}")
-        print(f"(no cuda run: {why})")
-        devices.remove("cuda")
-    torch.set_num_threads(args.threads)
+    devices = harness.devices(p, args)
+    harness.configure_torch(args.threads)
 
     t0 = time.time()
     mismatch = False
@@ -1003,22 +585,18 @@ def main(argv=None):
         if not cases:
             p.error(f"no case of the {'quick' if args.quick else 'full'} run matches --cases {args.cases!r}")
         result = run_device(device, args, cases)
-        name = f"{device}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}"
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, name)
+        stem = harness.result_stem(args.out_dir, "", device, args.quick)
         png = plot(result, stem + ".png")
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=1)
+        harness.write_json(result, stem + ".json")
         write_markdown(result, stem + ".md", png)
         print()
-        print(setting(result["meta"]))
+        print(harness.setting(result["meta"]))
         print(legend(result["meta"]))
         print()
         print(render(result, "simple_grid" if sys.stdout.isatty() else "github"))
         print(f"\nwrote {stem}.json, {stem}.md" + (f", {png}" if png else ""))
         mismatch |= any(not c["ok"] for r in result["cases"] for c in r.get("check", {}).values())
-    print(f"done in {time.time() - t0:.0f} s")
-    return 2 if mismatch else 0
+    return harness.exit_status(mismatch, t0)
 
 
 if __name__ == "__main__":

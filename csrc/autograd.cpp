@@ -6,8 +6,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include "checks.h"
 
 namespace ppo_ext {
@@ -16,33 +14,27 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using OptTensor = std::optional<at::Tensor>;
+// Only log_probs is differentiable: the other tensors are constants of the loss (docs/SPEC.md), detached so
+// that a loss whose log_probs do not require grad is not attached to their graph either.
+at::Tensor constant(const at::Tensor& t) { return t.detach(); }
+OptionalTensor constant(const OptionalTensor& t) { return t.has_value() ? OptionalTensor(t->detach()) : t; }
+template <typename T>
+T constant(T value) {
+  return value;
+}
 
-constexpr int kNumInputs = 18;  // arguments of ppo_ext::policy_loss
-
-class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> {
+// The autograd formula of a policy_loss whose first argument is log_probs: spelled over the op's signature
+// (PolicyLossSignature), so that it forwards every argument without naming them.
+template <typename Signature>
+class PolicyLossFunction;
+template <typename... Rest>
+class PolicyLossFunction<PolicyLossOutputs(const at::Tensor&, Rest...)>
+    : public torch::autograd::Function<PolicyLossFunction<PolicyLossOutputs(const at::Tensor&, Rest...)>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& log_probs, const OptTensor& old_log_probs,
-                               const at::Tensor& advantages, const OptTensor& mask, const OptTensor& token_weights,
-                               const OptTensor& num_tokens, const OptTensor& num_seqs,
-                               const OptTensor& loss_scale_factor, std::optional<double> num_tokens_value,
-                               std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value,
-                               double clip_low, double clip_high, std::optional<double> dual_clip,
-                               std::optional<double> log_ratio_clamp, c10::string_view importance_sampling,
-                               c10::string_view loss_agg_mode, bool compute_grad) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ppo_ext::policy_loss", "")
-                               .typed<PolicyLossOutputs(const at::Tensor&, const OptTensor&, const at::Tensor&,
-                                                        const OptTensor&, const OptTensor&, const OptTensor&,
-                                                        const OptTensor&, const OptTensor&, std::optional<double>,
-                                                        std::optional<double>, std::optional<double>, double, double,
-                                                        std::optional<double>, std::optional<double>,
-                                                        c10::string_view, c10::string_view, bool)>();
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& log_probs, Rest... rest) {
+    static const auto op = typed_op<PolicyLossSignature>("ppo_ext::policy_loss");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, metrics, counts, token_grad, grad_scale] =
-        op.call(log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
-                num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip,
-                log_ratio_clamp, importance_sampling, loss_agg_mode, compute_grad);
+    auto [loss, metrics, counts, token_grad, grad_scale] = op.call(log_probs, rest...);
     // Only the loss is differentiable; no zero gradients are materialised for the other outputs
     // (token_grad is (B, T)).
     ctx->mark_non_differentiable({metrics, counts, token_grad, grad_scale});
@@ -53,7 +45,7 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grad_inputs(kNumInputs);
+    variable_list grad_inputs(1 + sizeof...(Rest));
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grad_inputs;
     const variable_list saved = ctx->get_saved_variables();
@@ -61,54 +53,32 @@ class PolicyLossFunction : public torch::autograd::Function<PolicyLossFunction> 
     TORCH_CHECK(token_grad.dim() == 2,
                 "ppo_ext::policy_loss was called with compute_grad=False, so it saved no gradient to go backward "
                 "through; call it with compute_grad=True (ppo_ext.policy_loss does so when log_probs requires grad)");
-    static const auto backward_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("ppo_ext::policy_loss_backward", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>();
     // create_graph=True would ask for a gradient that is differentiable again; it is not (the saved
     // gradient is a constant), so say so now rather than return a silently constant gradient.
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "ppo_ext.policy_loss is differentiable once: backward with create_graph=True (double backward) "
                 "is not supported");
-    const at::Tensor grad_log_probs =
-        backward_op.call(grad_loss, token_grad, saved[1], ctx->saved_data["dtype"].toScalarType());
-    grad_inputs[0] = grad_log_probs;
+    static const auto backward_op = typed_op<PolicyLossBackwardSignature>("ppo_ext::policy_loss_backward");
+    grad_inputs[0] = backward_op.call(grad_loss, token_grad, saved[1], ctx->saved_data["dtype"].toScalarType());
     return grad_inputs;
   }
-};
 
-PolicyLossOutputs policy_loss_autograd(
-    const at::Tensor& log_probs, const OptTensor& old_log_probs, const at::Tensor& advantages, const OptTensor& mask,
-    const OptTensor& token_weights, const OptTensor& num_tokens, const OptTensor& num_seqs,
-    const OptTensor& loss_scale_factor, std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
-    std::optional<double> loss_scale_factor_value, double clip_low, double clip_high, std::optional<double> dual_clip,
-    std::optional<double> log_ratio_clamp, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
-    bool compute_grad) {
-  // Only log_probs is differentiable: the others are constants of the loss (SPEC), so that a loss
-  // whose log_probs do not require grad is not attached to their graph either.
-  const auto constant = [](const OptTensor& t) { return t.has_value() ? OptTensor(t->detach()) : t; };
-  const variable_list out = PolicyLossFunction::apply(
-      log_probs, constant(old_log_probs), advantages.detach(), constant(mask), constant(token_weights),
-      constant(num_tokens), constant(num_seqs), constant(loss_scale_factor),
-      num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
-      importance_sampling, loss_agg_mode, compute_grad);
-  return {out[0], out[1], out[2], out[3], out[4]};
-}
+  // The Autograd kernel of ppo_ext::policy_loss.
+  static PolicyLossOutputs call(const at::Tensor& log_probs, Rest... rest) {
+    const variable_list out = PolicyLossFunction::apply(log_probs, constant(rest)...);
+    return {out[0], out[1], out[2], out[3], out[4]};
+  }
+};
 
 // ppo_ext::token_log_probs: only log_probs is differentiable (logsumexp is saved for the backward, the
 // entropy is a metric, not a loss term). The forward saves the logits themselves (no copy) and the per-row
 // log-sum-exp; the backward is ppo_ext::token_log_probs_backward, or, with inplace_backward, the
 // token_log_probs_backward_inplace op, which overwrites the saved logits with their gradient and returns
 // them as the gradient (anything else that saved the logits then fails autograd's version check).
-using TokenLogProbsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
 // The dispatcher handle of ppo_ext::token_log_probs_backward_inplace, looked up once (used by the
 // autograd backward and by the ADInplaceOrView kernel below).
 const auto& token_log_probs_backward_inplace_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("ppo_ext::token_log_probs_backward_inplace", "")
-          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  static const auto op = typed_op<TokenLogProbsBackwardInplaceSignature>("ppo_ext::token_log_probs_backward_inplace");
   return op;
 }
 
@@ -116,9 +86,7 @@ class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunc
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& labels,
                                double temperature, bool compute_entropy, bool inplace_backward) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ppo_ext::token_log_probs", "")
-                               .typed<TokenLogProbsOutputs(const at::Tensor&, const at::Tensor&, double, bool, bool)>();
+    static const auto op = typed_op<TokenLogProbsSignature>("ppo_ext::token_log_probs");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [log_probs, logsumexp, entropy] = op.call(logits, labels, temperature, compute_entropy, inplace_backward);
     ctx->mark_non_differentiable({logsumexp, entropy});
@@ -143,10 +111,7 @@ class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunc
       grad_inputs[0] = saved[0].detach();  // the same buffer, now holding the gradient
       return grad_inputs;
     }
-    static const auto backward_op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("ppo_ext::token_log_probs_backward", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    static const auto backward_op = typed_op<TokenLogProbsBackwardSignature>("ppo_ext::token_log_probs_backward");
     grad_inputs[0] = backward_op.call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
     return grad_inputs;
   }
@@ -174,7 +139,7 @@ void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_ext, Autograd, m) {
-  m.impl("policy_loss", &policy_loss_autograd);
+  m.impl("policy_loss", &PolicyLossFunction<PolicyLossSignature>::call);
   m.impl("token_log_probs", &token_log_probs_autograd);
 }
 

@@ -6,27 +6,27 @@
 #include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <string>
+#include <string_view>
 
 namespace ppo_ext {
 namespace {
 
-ImportanceSampling parse_importance_sampling(std::string_view s) {
-  if (s == "token") return ImportanceSampling::Token;
-  if (s == "seq") return ImportanceSampling::Seq;
-  if (s == "seq-token") return ImportanceSampling::SeqToken;
-  TORCH_CHECK_VALUE(false, "importance_sampling must be one of \"token\", \"seq\", \"seq-token\", got \"", s, "\"");
-}
+// The option names, in the order of their enums (policy_loss.h); ppo_ext/names.py is the Python list.
+constexpr std::string_view kImportanceSamplingNames[] = {"token", "seq", "seq-token"};
+constexpr std::string_view kLossAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
+                                                  "seq-mean-token-sum", "seq-mean-token-sum-norm"};
 
-LossAggMode parse_loss_agg_mode(std::string_view s) {
-  if (s == "token-mean") return LossAggMode::TokenMean;
-  if (s == "token-sum") return LossAggMode::TokenSum;
-  if (s == "seq-mean-token-mean") return LossAggMode::SeqMeanTokenMean;
-  if (s == "seq-mean-token-sum") return LossAggMode::SeqMeanTokenSum;
-  if (s == "seq-mean-token-sum-norm") return LossAggMode::SeqMeanTokenSumNorm;
-  TORCH_CHECK_VALUE(false,
-                    "loss_agg_mode must be one of \"token-mean\", \"token-sum\", \"seq-mean-token-mean\", "
-                    "\"seq-mean-token-sum\", \"seq-mean-token-sum-norm\", got \"",
-                    s, "\"");
+// The enum value named `s`, or an error: `<argument> must be one of "a", "b", got "s"`.
+template <typename Enum, size_t N>
+Enum parse_name(const std::string_view (&names)[N], c10::string_view s, const char* argument) {
+  const std::string_view name(s.data(), s.size());
+  for (size_t k = 0; k < N; ++k) {
+    if (names[k] == name) return static_cast<Enum>(k);
+  }
+  std::string expected;
+  for (size_t k = 0; k < N; ++k) expected += (k ? ", \"" : "\"") + std::string(names[k]) + "\"";
+  TORCH_CHECK_VALUE(false, argument, " must be one of ", expected, ", got \"", name, "\"");
 }
 
 // The floating dtypes the kernels read (float8 and complex are refused by name).
@@ -50,10 +50,6 @@ void check_token_tensor(const at::Tensor& t, const char* name, const at::Tensor&
                     ", got ", t.sizes());
 }
 
-void check_normaliser_value(double value, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be a finite number >= 0, got ", value);
-}
-
 void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value, const char* name,
                       const at::Tensor& log_probs) {
   TORCH_CHECK_VALUE(!(tensor.has_value() && value.has_value()), name, " was given both as a tensor and as a number");
@@ -70,6 +66,10 @@ void check_normaliser(const std::optional<at::Tensor>& tensor, std::optional<dou
 
 }  // namespace
 
+void check_normaliser_value(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, name, " must be a finite number >= 0, got ", value);
+}
+
 PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool compute_grad) {
   const auto acc = log_probs.options().dtype(acc_type_for(log_probs.scalar_type()));
   at::Tensor token_grad = compute_grad ? at::empty(log_probs.sizes(), acc) : at::empty({0}, acc);
@@ -77,22 +77,16 @@ PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool co
           at::empty({kNumCounts}, log_probs.options().dtype(at::kLong)), std::move(token_grad), at::empty({}, acc)};
 }
 
-double checked_cpu_normaliser(const at::Tensor& tensor, const char* name) {
-  const double value = tensor.item<double>();
-  check_normaliser_value(value, name);
-  return value;
-}
-
-LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs,
-                                   const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& token_weights,
-                                   const std::optional<at::Tensor>& num_tokens,
-                                   const std::optional<at::Tensor>& num_seqs,
-                                   const std::optional<at::Tensor>& loss_scale_factor,
-                                   std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
-                                   std::optional<double> loss_scale_factor_value, double clip_low, double clip_high,
-                                   std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
-                                   std::string_view importance_sampling, std::string_view loss_agg_mode) {
+PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const OptionalTensor& old_log_probs,
+                                      const at::Tensor& advantages, const OptionalTensor& mask,
+                                      const OptionalTensor& token_weights, const OptionalTensor& num_tokens,
+                                      const OptionalTensor& num_seqs, const OptionalTensor& loss_scale_factor,
+                                      std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
+                                      std::optional<double> loss_scale_factor_value, double clip_low,
+                                      std::optional<double> clip_high_or_low, std::optional<double> dual_clip,
+                                      std::optional<double> log_ratio_clamp, c10::string_view importance_sampling,
+                                      c10::string_view loss_agg_mode, bool compute_grad) {
+  const double clip_high = clip_high_or_low.value_or(clip_low);
   TORCH_CHECK_VALUE(log_probs.dim() == 2, "log_probs must have shape (B, T), got ", log_probs.sizes());
   const auto lp_dtype = log_probs.scalar_type();
   TORCH_CHECK_TYPE(lp_dtype == at::kFloat || lp_dtype == at::kBFloat16 || lp_dtype == at::kHalf ||
@@ -139,15 +133,32 @@ LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optio
     TORCH_CHECK_VALUE(*log_ratio_clamp > 0, "log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
   }
   LossOptions o;
-  o.importance_sampling = parse_importance_sampling(importance_sampling);
-  o.loss_agg_mode = parse_loss_agg_mode(loss_agg_mode);
+  o.importance_sampling = parse_name<ImportanceSampling>(kImportanceSamplingNames, importance_sampling,
+                                                         "importance_sampling");
+  o.loss_agg_mode = parse_name<LossAggMode>(kLossAggModeNames, loss_agg_mode, "loss_agg_mode");
   o.ratio_low = 1.0 - clip_low;
   o.ratio_high = 1.0 + clip_high;
   o.has_dual_clip = dual_clip.has_value();
   o.dual_clip = dual_clip.value_or(0.0);
   o.has_log_ratio_clamp = log_ratio_clamp.has_value();
   o.log_ratio_clamp = log_ratio_clamp.value_or(0.0);
-  return o;
+  // (B,) and (B, 1) advantages broadcast along T.
+  const int64_t adv_col_stride = advantages.dim() == 2 && advantages.size(1) != 1 ? advantages.stride(1) : 0;
+  const auto number = [](std::optional<double> v) { return Normaliser{v.has_value(), v.value_or(0.0)}; };
+  return PolicyLossArgs{log_probs,
+                        old_log_probs,
+                        advantages,
+                        mask,
+                        token_weights,
+                        {num_tokens, number(num_tokens_value)},
+                        {num_seqs, number(num_seqs_value)},
+                        {loss_scale_factor, number(loss_scale_factor_value)},
+                        o,
+                        compute_grad,
+                        B,
+                        T,
+                        advantages.stride(0),
+                        adv_col_stride};
 }
 
 void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
@@ -216,22 +227,6 @@ LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_prob
   TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc, "logsumexp must be the ", acc,
                    " tensor saved by token_log_probs, got ", logsumexp.scalar_type());
   return layout;
-}
-
-void check_labels_in_range_cpu(const at::Tensor& labels, const LogitsLayout& l) {
-  const int64_t* p = labels.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < l.B; ++i) {
-    for (int64_t t = 0; t < l.T; ++t) {
-      const int64_t label = p[i * l.label_stride_b + t * l.label_stride_t];
-      if (label >= 0 && label < l.V) continue;
-      if (labels.dim() == 2) {
-        TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
-                          " (the last dimension of logits), got labels[", i, ", ", t, "] = ", label);
-      }
-      TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
-                        " (the last dimension of logits), got labels[", i, "] = ", label);
-    }
-  }
 }
 
 void check_writable_logits(const at::Tensor& logits) {

@@ -4,34 +4,65 @@
 
 #include <ATen/core/Tensor.h>
 #include <optional>
-#include <string_view>
-#include <tuple>
 
 #include "policy_loss.h"
+#include "ppo_ext/ppo_ext.h"
 
 namespace ppo_ext {
 
-// Checks every argument of ppo_ext::policy_loss (shapes, dtypes, devices, ranges, modes) with an
-// error naming the argument, and returns the parsed scalar options.
-LossOptions check_policy_loss_args(const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs,
-                                   const at::Tensor& advantages, const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& token_weights,
-                                   const std::optional<at::Tensor>& num_tokens,
-                                   const std::optional<at::Tensor>& num_seqs,
-                                   const std::optional<at::Tensor>& loss_scale_factor,
-                                   std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
-                                   std::optional<double> loss_scale_factor_value, double clip_low, double clip_high,
-                                   std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
-                                   std::string_view importance_sampling, std::string_view loss_agg_mode);
+// A normaliser argument, checked: a 0-dim real tensor on log_probs' device (read by the backend), or a
+// number, or neither (the default of the aggregation mode applies).
+struct NormaliserArg {
+  const OptionalTensor& tensor;
+  Normaliser number;  // number.given: a number was passed
+};
+
+// The arguments of ppo_ext::policy_loss, checked once (check_policy_loss_args): what each backend consumes.
+// Tensors are the caller's, referenced for the duration of the call.
+struct PolicyLossArgs {
+  const at::Tensor& log_probs;      // (B, T)
+  const OptionalTensor& old_log_probs;  // (B, T) or none (on-policy)
+  const at::Tensor& advantages;     // (B, T), (B, 1) or (B,)
+  const OptionalTensor& mask;       // (B, T) or none
+  const OptionalTensor& token_weights;
+  NormaliserArg num_tokens, num_seqs, loss_scale_factor;
+  LossOptions options;
+  bool compute_grad;
+  int64_t B, T;
+  int64_t advantages_row_stride, advantages_col_stride;  // advantages viewed as (B, T): 0 broadcasts
+};
+
+// Checks every argument of ppo_ext::policy_loss (shapes, dtypes, devices, ranges, modes) with an error naming
+// the argument. The parameters are those of PolicyLossSignature (include/ppo_ext/ppo_ext.h).
+PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const OptionalTensor& old_log_probs,
+                                      const at::Tensor& advantages, const OptionalTensor& mask,
+                                      const OptionalTensor& token_weights, const OptionalTensor& num_tokens,
+                                      const OptionalTensor& num_seqs, const OptionalTensor& loss_scale_factor,
+                                      std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
+                                      std::optional<double> loss_scale_factor_value, double clip_low,
+                                      std::optional<double> clip_high, std::optional<double> dual_clip,
+                                      std::optional<double> log_ratio_clamp, c10::string_view importance_sampling,
+                                      c10::string_view loss_agg_mode, bool compute_grad);
+
+// What a backend registers for ppo_ext::policy_loss: the op's arguments, checked, handed to `Impl`
+//   m.impl("policy_loss", checked_policy_loss<&policy_loss_cpu>);
+template <typename Signature>
+struct PolicyLossEntry;
+template <typename... Args>
+struct PolicyLossEntry<PolicyLossOutputs(Args...)> {
+  template <PolicyLossOutputs (*Impl)(const PolicyLossArgs&)>
+  static PolicyLossOutputs call(Args... args) {
+    return Impl(check_policy_loss_args(args...));
+  }
+};
+template <PolicyLossOutputs (*Impl)(const PolicyLossArgs&)>
+constexpr PolicyLossSignature* checked_policy_loss = &PolicyLossEntry<PolicyLossSignature>::template call<Impl>;
 
 void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                      const at::Tensor& grad_scale, at::ScalarType dtype);
 
-// Reads a normaliser tensor on the CPU (no synchronisation there) and checks it as numbers are checked.
-double checked_cpu_normaliser(const at::Tensor& tensor, const char* name);
-
-// loss, metrics, counts, token_grad, grad_scale: the outputs of ppo_ext::policy_loss (schema in ops.cpp).
-using PolicyLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// A normaliser's value (a number, or a tensor the backend read) must be finite and >= 0.
+void check_normaliser_value(double value, const char* name);
 
 // The outputs, uninitialised, on log_probs' device: token_grad is (B, T) when compute_grad, else (0,).
 PolicyLossOutputs empty_policy_loss_outputs(const at::Tensor& log_probs, bool compute_grad);
@@ -46,7 +77,7 @@ struct LogitsLayout {
 };
 
 // Checks the arguments of ppo_ext::token_log_probs (shapes, dtypes, devices, temperature) with an error
-// naming the argument. Labels are checked for range separately (check_labels_in_range_cpu on the CPU).
+// naming the argument. The CPU backend checks the labels' range too (CUDA: a NaN log-prob, no synchronisation).
 LogitsLayout check_token_log_probs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature);
 
 // The same, and grad_log_probs / logsumexp of the labels' shape (float32, float64 for float64 logits).
@@ -54,27 +85,17 @@ LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_prob
                                                  const at::Tensor& labels, const at::Tensor& logsumexp,
                                                  double temperature);
 
-// Raises a ValueError naming labels and the first position out of [0, V) (CPU tensors: no synchronisation).
-void check_labels_in_range_cpu(const at::Tensor& labels, const LogitsLayout& layout);
-
 // The in-place backward writes every row of the logits: they must not overlap (e.g. an expand()ed tensor).
 void check_writable_logits(const at::Tensor& logits);
 
-// log_probs, logsumexp, entropy: the outputs of ppo_ext::token_log_probs, uninitialised, contiguous, of the
-// labels' shape (entropy (0,) when not asked for).
-using TokenLogProbsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// The outputs of ppo_ext::token_log_probs, uninitialised, contiguous, of the labels' shape (entropy (0,) when
+// not asked for).
 TokenLogProbsOutputs empty_token_log_probs_outputs(const at::Tensor& logits, const at::Tensor& labels,
                                                    bool compute_entropy);
 
 // float32 arithmetic, float64 for float64 log-probs.
 inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {
   return log_probs_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Strides of an advantages tensor viewed as (B, T): (B,) and (B, 1) broadcast along T.
-inline std::pair<int64_t, int64_t> advantage_strides(const at::Tensor& advantages) {
-  if (advantages.dim() == 1) return {advantages.stride(0), 0};
-  return {advantages.stride(0), advantages.size(1) == 1 ? 0 : advantages.stride(1)};
 }
 
 }  // namespace ppo_ext

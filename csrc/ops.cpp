@@ -1,4 +1,5 @@
-// The schemas of every ppo_ext op, in one place. Their arguments are checked in checks.cpp.
+// The schemas of every ppo_ext op, in one place; their C++ signatures are in include/ppo_ext/ppo_ext.h, their
+// arguments are checked in checks.cpp.
 #include <torch/library.h>
 
 namespace ppo_ext {
@@ -6,13 +7,15 @@ namespace ppo_ext {
 TORCH_LIBRARY(ppo_ext, m) {
   // Forward: loss, metrics (float32, METRIC_NAMES order), counts (int64, COUNT_NAMES order), the
   // per-token gradient of the un-normalised loss sum when compute_grad (else an empty tensor), and
-  // the scale 1/denominator that the backward applies to it.
+  // the scale 1/denominator that the backward applies to it. clip_high=None is clip_low; a normaliser
+  // is a 0-dim tensor or a number (*_value), not both. The defaults are ppo_ext.policy_loss's.
   m.def(
-      "policy_loss(Tensor log_probs, Tensor? old_log_probs, Tensor advantages, Tensor? mask, "
-      "Tensor? token_weights, Tensor? num_tokens, Tensor? num_seqs, Tensor? loss_scale_factor, "
-      "float? num_tokens_value, float? num_seqs_value, float? loss_scale_factor_value, "
-      "float clip_low, float clip_high, float? dual_clip, float? log_ratio_clamp, "
-      "str importance_sampling, str loss_agg_mode, bool compute_grad) "
+      "policy_loss(Tensor log_probs, Tensor? old_log_probs, Tensor advantages, Tensor? mask=None, "
+      "Tensor? token_weights=None, Tensor? num_tokens=None, Tensor? num_seqs=None, "
+      "Tensor? loss_scale_factor=None, float? num_tokens_value=None, float? num_seqs_value=None, "
+      "float? loss_scale_factor_value=None, float clip_low=0.2, float? clip_high=None, float? dual_clip=None, "
+      "float? log_ratio_clamp=None, str importance_sampling=\"token\", str loss_agg_mode=\"token-mean\", "
+      "bool compute_grad=True) "
       "-> (Tensor loss, Tensor metrics, Tensor counts, Tensor token_grad, Tensor grad_scale)");
   // Backward: grad_log_probs = grad_loss * grad_scale * token_grad, in `dtype` (that of log_probs).
   m.def("policy_loss_backward(Tensor grad_loss, Tensor token_grad, Tensor grad_scale, ScalarType dtype) -> Tensor");
@@ -24,8 +27,8 @@ TORCH_LIBRARY(ppo_ext, m) {
   // materialised. Only log_probs is differentiable; inplace_backward makes the autograd formula write the
   // gradient into the logits' buffer (token_log_probs_backward_inplace): the logits are then gone.
   m.def(
-      "token_log_probs(Tensor logits, Tensor labels, float temperature, bool compute_entropy, "
-      "bool inplace_backward) -> (Tensor log_probs, Tensor logsumexp, Tensor entropy)");
+      "token_log_probs(Tensor logits, Tensor labels, float temperature=1.0, bool compute_entropy=False, "
+      "bool inplace_backward=False) -> (Tensor log_probs, Tensor logsumexp, Tensor entropy)");
   // grad_logits = grad_log_probs * (onehot(label) - exp(x - logsumexp)) / temperature, in logits' dtype and
   // shape (contiguous); rows with grad_log_probs == 0 are zeros, written without reading their logits.
   m.def(

@@ -1,4 +1,4 @@
-// The per-token and per-batch math of the clipped PPO policy loss (../shared/SPEC.md), shared by
+// The per-token and per-batch math of the clipped PPO policy loss (docs/SPEC.md), shared by
 // the CPU and the CUDA kernels. Everything here is __host__ __device__ and templated on an "Ops"
 // policy, so the CPU instantiates it with at::vec::Vectorized lanes and the GPU with plain floats:
 // what the GPU computes is the code the CPU tests check.
@@ -142,7 +142,7 @@ struct TokenTerms {
   Mask clipped_low, clipped_high, clip_active, dual_clipped;
 };
 
-// The clipped surrogate of one token (SPEC "Per-token loss") and its derivative w.r.t. the ratio,
+// The clipped surrogate of one token (docs/SPEC.md "Per-token loss") and its derivative w.r.t. the ratio,
 // with the gradient an eager torch.maximum / torch.minimum / torch.clamp would give, ties included
 // (a tie splits the gradient evenly between the two operands).
 template <typename Ops, typename V>
@@ -193,7 +193,7 @@ PPO_HD double given_or(Normaliser n, double otherwise) {
   return n.value >= 0 && n.value < INFINITY ? n.value : NAN;
 }
 
-// The denominator of the aggregated loss (SPEC "Aggregation").
+// The denominator of the aggregated loss (docs/SPEC.md "Aggregation").
 PPO_HD double loss_denominator(LossAggMode mode, Normaliser num_tokens, Normaliser num_seqs,
                                Normaliser loss_scale_factor, int64_t valid_tokens, int64_t valid_seqs,
                                int64_t seq_len) {

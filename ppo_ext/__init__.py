@@ -1,5 +1,5 @@
 """ppo_ext: the clipped PPO policy loss of LLM RL (PPO, GRPO, DAPO, GSPO), forward and backward in
-fused CPU and CUDA kernels, with its clip counters. See README.md and SPEC.md."""
+fused CPU and CUDA kernels, with its clip counters. See README.md and docs/SPEC.md."""
 
 from ppo_ext._ops import COUNT_NAMES, METRIC_NAMES, built_with_cuda
 from ppo_ext.functional import (PolicyLoss, PolicyLossFromLogitsOutput, PolicyLossOutput, log_probs_from_logits,

@@ -26,7 +26,7 @@ from typing import Dict, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ppo_ext._ops import COUNT_NAMES
+from ppo_ext.names import COUNT_INDEX, COUNT_NAMES
 
 __all__ = ["GlobalNormalisers", "global_normalisers", "all_reduce_counts", "clip_fractions"]
 
@@ -80,18 +80,18 @@ def clip_fractions(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
     ``clipfrac``, ``clipfrac_low``, ``clipfrac_high``, ``clipfrac_active``, ``dual_clipfrac``; each count
     divided by ``valid_tokens`` (0 when there is none), as the kernel computes them for one batch."""
     c = counts.to(torch.float64)
-    n = c[0]
+    n = c[COUNT_INDEX["valid_tokens"]]
     safe = torch.where(n > 0, n, torch.ones_like(n))
 
     def frac(x):
         return torch.where(n > 0, x / safe, torch.zeros_like(x))
 
-    low, high = frac(c[2]), frac(c[3])
+    low, high = frac(c[COUNT_INDEX["clipped_low"]]), frac(c[COUNT_INDEX["clipped_high"]])
     fractions = {
         "clipfrac": low + high,
         "clipfrac_low": low,
         "clipfrac_high": high,
-        "clipfrac_active": frac(c[4]),
-        "dual_clipfrac": frac(c[5]),
+        "clipfrac_active": frac(c[COUNT_INDEX["clipped_active"]]),
+        "dual_clipfrac": frac(c[COUNT_INDEX["dual_clipped"]]),
     }
     return {k: v.to(torch.float32) for k, v in fractions.items()}

@@ -1,11 +1,11 @@
-"""The public API: ppo_ext.policy_loss and the PolicyLoss module (see ../shared/SPEC.md)."""
+"""The public API: ppo_ext.policy_loss and the PolicyLoss module (see docs/SPEC.md)."""
 
 import numbers
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ppo_ext._ops import COUNT_NAMES, METRIC_NAMES
+from ppo_ext.names import COUNT_INDEX, COUNT_NAMES, METRIC_NAMES
 
 Normaliser = Union[None, int, float, torch.Tensor]
 
@@ -69,7 +69,7 @@ def policy_loss(
 
     log_probs (B, T) float32/bfloat16/float16/float64, the current policy's log-probs of the taken
     tokens; old_log_probs (B, T) or None (on-policy: ratio 1); advantages (B, T), (B, 1) or (B,);
-    mask (B, T), non-zero = the token counts. See SPEC.md for every option. No host synchronisation.
+    mask (B, T), non-zero = the token counts. See docs/SPEC.md for every option. No host synchronisation.
     """
     _check_tensor("log_probs", log_probs, optional=False)
     _check_tensor("old_log_probs", old_log_probs, optional=True)
@@ -184,7 +184,7 @@ def policy_loss_from_logits(
         token_weights=token_weights, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale_factor=loss_scale_factor)
     metrics = out.metrics
     if entropy is not None:
-        valid_tokens = out.counts[0]
+        valid_tokens = out.counts[COUNT_INDEX["valid_tokens"]]
         entropy_sum = entropy.sum() if mask is None else torch.where(mask != 0, entropy, 0).sum()
         metrics = {**metrics, "entropy": (entropy_sum / valid_tokens.clamp(min=1)).float()}
     return PolicyLossFromLogitsOutput(out.loss, metrics, out.counts, log_probs.detach(), entropy)

@@ -1,6 +1,6 @@
-"""A plain eager PyTorch implementation of the loss defined in SPEC.md.
+"""A plain eager PyTorch implementation of the loss defined in docs/SPEC.md.
 
-It is written for reading, not for speed: every line is a formula of SPEC.md, with the usual eager
+It is written for reading, not for speed: every line is a formula of docs/SPEC.md, with the usual eager
 ops (torch.maximum, torch.minimum, torch.where, and a clamp whose gradient passes at its bounds), so
 that ties, NaN and autograd behave as they do in eager PyTorch. The tests compare ppo_ext's kernels with it (on float64 copies of the
 inputs) and the benchmarks use it as the eager baseline. It imports nothing but torch.
@@ -13,10 +13,11 @@ from typing import Dict, NamedTuple, Optional, Union
 
 import torch
 
+# Its own copy of ppo_ext.names (this module imports nothing but torch); tests/test_hygiene.py checks they agree.
 METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", "dual_clipfrac",
                 "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
 COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
-IMPORTANCE_SAMPLING = ("token", "seq", "seq-token")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                   "seq-mean-token-sum-norm")
 
@@ -59,8 +60,9 @@ def policy_loss_reference(
     num_seqs: Normaliser = None,
     loss_scale_factor: Normaliser = None,
 ) -> ReferenceOutput:
-    if importance_sampling not in IMPORTANCE_SAMPLING:
-        raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, got {importance_sampling!r}")
+    if importance_sampling not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                         f"got {importance_sampling!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     eps_lo = clip_low

@@ -36,7 +36,7 @@ STD=c++17
 case "$VERSION" in 2.1[4-9]*|2.[2-9][0-9]*|[3-9]*) STD=c++20 ;; esac
 PYINC="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 COMMON=(-DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1 -I"$INC"
-        -I"$INC/torch/csrc/api/include" -I"$CUDA_HOME/include" -I"$PYINC")
+        -I"$INC/torch/csrc/api/include" -I"$CUDA_HOME/include" -I"$PYINC" -I"$ROOT/include")
 CXX_FLAGS=("${COMMON[@]}" -std=$STD -O1 -fPIC -fopenmp -Wall -Wno-unknown-pragmas)
 NVCC_FLAGS=("${COMMON[@]}" -std=$STD -O1 -Xcompiler -fPIC --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__
             -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__

@@ -44,7 +44,7 @@ if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import torch, sys; sys.exit(torc
 fi
 TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')"
 STAMP="$( { echo "$TORCH_VERSION ${CUDA_HOME:-} ${TORCH_CUDA_ARCH_LIST:-} ${PPO_EXT_BUILD_CUDA:-}"
-            find setup.py csrc -type f | LC_ALL=C sort | xargs sha1sum
+            find setup.py csrc include -type f | LC_ALL=C sort | xargs sha1sum
           } | sha1sum | cut -d' ' -f1 )"
 if [ "$(cat ppo_ext/.build-stamp 2>/dev/null)" = "$STAMP" ] && ls ppo_ext/_C*.so >/dev/null 2>&1; then
   echo "== ppo_ext is up to date (torch $TORCH_VERSION)"

@@ -1,22 +1,42 @@
-"""Shared helpers of the test suite: random inputs, running ppo_ext and the float64 reference, tolerances."""
+"""Shared helpers of the test suite: the names of the modes, the random inputs, running ppo_ext and the float64
+reference, tolerances, and running a script under a forced CPU instruction set."""
 
 import math
-from dataclasses import dataclass, replace
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import ppo_ext
+from ppo_ext.names import COUNT_INDEX, COUNT_NAMES, IMPORTANCE_SAMPLING_LEVELS, LOSS_AGG_MODES, METRIC_NAMES
 from ppo_ext.reference import policy_loss_reference
 
-IS_MODES = ("token", "seq", "seq-token")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Every mode, from ppo_ext.names (short names for the parametrisations).
+IS_MODES = IMPORTANCE_SAMPLING_LEVELS
+AGG_MODES = LOSS_AGG_MODES
 MASK_KINDS = ("bool", "uint8", "int64", "float32", None)
 ADV_SHAPES = ("BT", "B1", "B")
 MASK_DTYPES = {"bool": torch.bool, "uint8": torch.uint8, "int64": torch.int64, "float32": torch.float32}
 
 # The options the random inputs are made for (ties with their boundaries are kept away).
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, LOG_RATIO_CLAMP = 0.2, 0.28, 1.5, 0.45
+
+# SPEC: with no valid token the fractions and approx_kl are 0, the ratio statistics 1.
+NO_TOKEN_METRICS = {**dict.fromkeys(METRIC_NAMES, 0.0), "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
+
+
+def counts_by_name(counts: torch.Tensor) -> dict:
+    """``counts`` (ppo_ext's int64 counts) as {name in COUNT_NAMES: int}."""
+    assert counts.shape == (len(COUNT_NAMES),), counts.shape
+    return dict(zip(COUNT_NAMES, counts.tolist()))
+
+
+def count(counts: torch.Tensor, name: str) -> torch.Tensor:
+    """The count ``name`` of ppo_ext's counts, a 0-dim int64 tensor (on the counts' device)."""
+    return counts[COUNT_INDEX[name]]
 
 
 @dataclass
@@ -37,10 +57,6 @@ class Inputs:
         return Inputs(f(self.lp), f(self.old), f(self.adv), self.mask, f(self.weights))
 
 
-def _valid(mask, B, T):
-    return torch.ones(B, T, dtype=torch.bool) if mask is None else mask != 0
-
-
 def _near_boundary(x, boundaries, margin):
     near = torch.zeros_like(x, dtype=torch.bool)
     for b in boundaries:
@@ -51,21 +67,26 @@ def _near_boundary(x, boundaries, margin):
 def make_inputs(B, T, *, seed, device="cpu", dtype=torch.float32, old_dtype=None, adv_shape="BT",
                 mask_kind="bool", weights=True, density=0.8, empty_row=True,
                 clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL_CLIP, log_ratio_clamp=LOG_RATIO_CLAMP,
-                margin=1e-4) -> Inputs:
-    """Fresh random inputs with realistic scales.
+                margin=1e-4, lp_scale=5.0, row_offset=0.6, row_jitter=0.05, token_noise=0.3,
+                weight_range=(0.0, 2.0)) -> Inputs:
+    """Fresh random inputs with realistic scales: the one input generator of the suite.
 
-    log-probs ~ -U(0, 5); old = lp + a per-row offset (spread over [-0.6, 0.6], so that whole rows clip
-    at the sequence level too) + N(0, 0.3) per token; advantages N(0, 1); mask of density ~0.8, row 1
-    fully masked when empty_row; weights U(0, 2). Tokens (and rows, for the sequence ratio) whose log
-    ratio lies within `margin` of a clip, dual-clip or clamp boundary are moved away, so that float32
-    and float64 agree on every comparison and counts can be compared exactly.
+    log-probs ~ -U(0, lp_scale); old = lp + a per-row offset (spread over [-row_offset, row_offset], plus
+    N(0, row_jitter), so that whole rows clip at the sequence level too) + N(0, token_noise) per token;
+    advantages N(0, 1), of shape (B, T), (B, 1) or (B,) (adv_shape); mask of density ~density
+    (mask_kind: its dtype, or None for no mask), row 1 fully masked when empty_row (and B >= 3);
+    weights U(weight_range) (None unless weights). log_probs in `dtype`, the others in `old_dtype`
+    (default: `dtype`). Tokens (and rows, for the sequence ratio) whose log ratio lies within `margin` of
+    a clip, dual-clip or clamp boundary of the given options are moved away, so that float32 and float64
+    agree on every comparison and counts can be compared exactly; margin=None leaves them where they are.
     """
     g = torch.Generator().manual_seed(seed)
     old_dtype = old_dtype or dtype
-    lp = (-5 * torch.rand(B, T, generator=g, dtype=torch.float64)).to(dtype)
-    offsets = torch.linspace(-0.6, 0.6, B, dtype=torch.float64)[torch.randperm(B, generator=g)] if B else torch.zeros(0)
-    offsets = offsets + 0.05 * torch.randn(B, generator=g, dtype=torch.float64)
-    noise = 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    lp = (-lp_scale * torch.rand(B, T, generator=g, dtype=torch.float64)).to(dtype)
+    offsets = (torch.linspace(-row_offset, row_offset, B, dtype=torch.float64)[torch.randperm(B, generator=g)]
+               if B else torch.zeros(0))
+    offsets = offsets + row_jitter * torch.randn(B, generator=g, dtype=torch.float64)
+    noise = token_noise * torch.randn(B, T, generator=g, dtype=torch.float64)
     old = (lp.double() - offsets[:, None] + noise).to(old_dtype)  # d = lp - old = offset - noise
     adv_full = torch.randn(B, T, generator=g, dtype=torch.float64)
     adv_row = torch.randn(B, generator=g, dtype=torch.float64)
@@ -75,24 +96,27 @@ def make_inputs(B, T, *, seed, device="cpu", dtype=torch.float32, old_dtype=None
         valid = torch.ones(B, T, dtype=torch.bool)
     elif empty_row and B >= 3:
         valid[1] = False
-    w = (2 * torch.rand(B, T, generator=g, dtype=torch.float64)).to(old_dtype) if weights else None
+    w_low, w_high = weight_range
+    w = ((w_high - w_low) * torch.rand(B, T, generator=g, dtype=torch.float64) + w_low).to(old_dtype) \
+        if weights else None
 
     bounds = [math.log(1 - clip_low), math.log(1 + clip_high)]
     if dual_clip is not None:
         bounds.append(math.log(dual_clip))
     if log_ratio_clamp is not None:
         bounds += [log_ratio_clamp, -log_ratio_clamp]
-    for _ in range(100):
-        d = lp.double() - old.double()
-        bad_tok = _near_boundary(d, bounds, margin)
-        dbar = torch.where(valid, d, 0).sum(1) / valid.sum(1).clamp(min=1)
-        bad_row = _near_boundary(dbar, bounds, margin)
-        if not bad_tok.any() and not bad_row.any():
-            break
-        shift = 10 * margin * (bad_tok | bad_row[:, None])
-        old = (old.double() + shift).to(old_dtype)
-    else:
-        raise AssertionError("could not move the inputs away from the boundaries")
+    if margin is not None:
+        for _ in range(100):
+            d = lp.double() - old.double()
+            bad_tok = _near_boundary(d, bounds, margin)
+            dbar = torch.where(valid, d, 0).sum(1) / valid.sum(1).clamp(min=1)
+            bad_row = _near_boundary(dbar, bounds, margin)
+            if not bad_tok.any() and not bad_row.any():
+                break
+            shift = 10 * margin * (bad_tok | bad_row[:, None])
+            old = (old.double() + shift).to(old_dtype)
+        else:
+            raise AssertionError("could not move the inputs away from the boundaries")
 
     mask = None if mask_kind is None else valid.to(MASK_DTYPES[mask_kind])
     return Inputs(lp, old, adv, mask, w).to(device)
@@ -115,11 +139,14 @@ def run_ext(inp: Inputs, grad=True, **kw):
     return out, lp.grad
 
 
-def run_ref(inp: Inputs, **kw):
-    """The reference on float64 copies of the (rounded) inputs, with its autograd gradient."""
-    x = inp.f64()
-    lp = x.lp.clone().requires_grad_(True)
-    out = policy_loss_reference(lp, x.old, x.adv, x.mask, token_weights=x.weights, **kw)
+def run_ref(inp: Inputs, *, dtype=torch.float64, device=None, **kw):
+    """The reference on `dtype` copies of the (rounded) inputs, on `device` (default: the inputs'), with its
+    autograd gradient. float64 is the exact reference; the kernels' own precision (float32, or float64 for
+    float64 log_probs) on the CPU gives eager PyTorch's inf/NaN pattern."""
+    cast = lambda t: None if t is None else t.detach().to(device=device or t.device, dtype=dtype)  # noqa: E731
+    lp = cast(inp.lp).clone().requires_grad_(True)
+    mask = None if inp.mask is None else inp.mask.to(device or inp.mask.device)
+    out = policy_loss_reference(lp, cast(inp.old), cast(inp.adv), mask, token_weights=cast(inp.weights), **kw)
     out.loss.backward()
     return out, lp.grad
 
@@ -144,18 +171,18 @@ def assert_close_to_reference(ext, ext_grad, ref, ref_grad, dtype, what="", loss
     if loss_agg_mode in ("token-sum", "seq-mean-token-sum"):
         # A sum of O(1) terms that may cancel: float32 rounding grows with the number of terms, not with
         # the (possibly small) result.
-        atol *= max(1, int(ref.counts[0]))
+        atol *= max(1, int(count(ref.counts, "valid_tokens")))
     torch.testing.assert_close(ext.loss.double().cpu(), ref.loss.detach().double().cpu(), rtol=rtol, atol=atol,
                                equal_nan=True, msg=lambda m: f"{what}: loss\n{m}")
-    assert set(ext.metrics) == set(ppo_ext.METRIC_NAMES)
-    for k in ppo_ext.METRIC_NAMES:
+    assert set(ext.metrics) == set(METRIC_NAMES)
+    for k in METRIC_NAMES:
         v = ext.metrics[k]
         assert v.dtype == torch.float32 and v.shape == () and not v.requires_grad, f"{what}: metric {k}: {v!r}"
         torch.testing.assert_close(v.cpu(), ref.metrics[k].cpu(), rtol=METRIC_TOL[0], atol=METRIC_TOL[1],
                                    equal_nan=True, msg=lambda m: f"{what}: metric {k}\n{m}")
-    assert ext.counts.dtype == torch.int64 and ext.counts.shape == (6,)
+    assert ext.counts.dtype == torch.int64 and ext.counts.shape == (len(COUNT_NAMES),)
     assert torch.equal(ext.counts.cpu(), ref.counts.cpu()), \
-        f"{what}: counts {ext.counts.tolist()} != reference {ref.counts.tolist()} ({ppo_ext.COUNT_NAMES})"
+        f"{what}: counts {ext.counts.tolist()} != reference {ref.counts.tolist()} ({COUNT_NAMES})"
     if ext_grad is not None:
         assert ext_grad.dtype == lp_dtype, f"{what}: gradient dtype {ext_grad.dtype}, expected {lp_dtype}"
         assert ext_grad.shape == ref_grad.shape
@@ -173,16 +200,11 @@ def check_against_reference(inp: Inputs, what="", **kw):
     return ext, ext_grad, ref, ref_grad
 
 
-def clone_inputs(inp: Inputs) -> Inputs:
-    f = lambda t: None if t is None else t.clone()  # noqa: E731
-    return Inputs(f(inp.lp), f(inp.old), f(inp.adv), f(inp.mask), f(inp.weights))
-
-
 def bitwise_equal_outputs(a, b):
     """Asserts loss, metrics and counts bitwise equal (NaN equal to NaN)."""
     assert torch.equal(a.counts, b.counts), (a.counts, b.counts)
     assert _same_bits(a.loss, b.loss), (a.loss, b.loss)
-    for k in ppo_ext.METRIC_NAMES:
+    for k in METRIC_NAMES:
         assert _same_bits(a.metrics[k], b.metrics[k]), (k, a.metrics[k], b.metrics[k])
 
 
@@ -196,4 +218,28 @@ def _same_bits(x, y):
 
 
 same_bits = _same_bits
-__all__ = ["Inputs", "make_inputs", "options", "run_ext", "run_ref", "check_against_reference", "replace"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A script under a forced CPU instruction set
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_CAPABILITIES = ("default", "avx2", "native")
+
+
+def run_with_cpu_capability(capability, script, timeout=300):
+    """Runs `script` (Python source that prints "ok" when its checks pass) in a fresh interpreter whose CPU
+    kernels are those of `capability`: "default" (scalar) and "avx2" set PPO_EXT_CPU_CAPABILITY, "native"
+    unsets it (the widest instruction set the machine has), whatever the environment of the test run says.
+    tests/ is on its PYTHONPATH. Asserts that it exits with 0 and prints exactly "ok"."""
+    assert capability in CPU_CAPABILITIES, f"unknown capability {capability!r} (one of {CPU_CAPABILITIES})"
+    env = dict(os.environ)
+    env.pop("PPO_EXT_CPU_CAPABILITY", None)
+    if capability != "native":
+        env["PPO_EXT_CPU_CAPABILITY"] = capability
+    env["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [env.get("PYTHONPATH")] if p])
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", \
+        (f"capability {capability}: exit status {proc.returncode}\nstdout: {proc.stdout[-1000:]}\n"
+         f"stderr: {proc.stderr[-3000:]}")

@@ -1,25 +1,31 @@
-"""ppo_ext.compat.verl against an independent eager implementation of verl 0.9's formulas.
+"""ppo_ext.compat.verl against verl 0.9's eager code.
 
-The eager functions below are written from SPEC.md and from what verl's core_algos documents and
-does (compute_policy_loss_vanilla, compute_policy_loss_gspo, agg_loss with global_batch_info, the
-masked_mean of its metrics), in float64 with autograd. They are not verl's code and do not import it.
+The eager side is the copy of verl's code that the benchmarks measure ppo_ext against
+(benchmarks/baselines/verl.py: compute_policy_loss_vanilla, compute_policy_loss_gspo, agg_loss with
+global_batch_info, the masked_mean of its metrics; where it comes from is in its docstring), run in
+float64 with autograd. verl itself is not installed here and not imported.
 Every test draws fresh random inputs (tests/helpers.make_inputs: a fully masked row, a mask of density
 0.8, log-ratios spread so that the clip, the dual clip and whole-row clips all happen, kept away from
 the clip boundaries so that float32 and float64 agree on every comparison).
 """
 
+import contextlib
 import math
+import os
 import sys
 import types
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
 
 from ppo_ext.compat import verl as pv
-from helpers import make_inputs
+from helpers import AGG_MODES, make_inputs
 
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: benchmarks/
+from benchmarks.baselines import verl as verl_eager  # noqa: E402
+
 CLIP_LOW, CLIP_HIGH, CLIP_C = 0.2, 0.28, 3.0
 B, T = 10, 24
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
@@ -28,72 +34,33 @@ KEYS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
 
 
 # ----------------------------------------------------------------------------------------------------
-# verl's formulas, eager, float64
-
-
-def _masked_mean(x, valid):
-    return torch.where(valid, x, torch.zeros_like(x)).sum() / (valid.sum() + 1e-8)
-
-
-def eager_agg_loss(mat, valid, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                   loss_scale_factor=None):
-    """verl's agg_loss: the per-rank loss, scaled by dp_size because FSDP averages gradients."""
-    mat = torch.where(valid, mat, torch.zeros_like(mat))
-    n = valid.sum(-1)
-    if mode == "token-mean":
-        if batch_num_tokens is None:
-            assert dp_size == 1
-            batch_num_tokens = n.sum()
-        return mat.sum() / batch_num_tokens * dp_size
-    if mode == "token-sum":
-        return mat.sum() * dp_size
-    has_tokens = n > 0
-    if global_batch_size is None:
-        assert dp_size == 1
-        global_batch_size = has_tokens.sum()
-    per_seq = mat.sum(-1) / (n + 1e-8) if mode == "seq-mean-token-mean" else mat.sum(-1)
-    loss = torch.where(has_tokens, per_seq, torch.zeros_like(per_seq)).sum() / global_batch_size * dp_size
-    if mode == "seq-mean-token-sum-norm":
-        loss = loss / (mat.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-    return loss
+# verl's code (the benchmarks' copy), eager, float64
 
 
 def eager_vanilla(old, lp, adv, valid, mode, w=None, info=None, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                   clip_c=CLIP_C, dual=True):
-    log_ratio = torch.clamp(lp - old, -20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    ppo_kl = _masked_mean(-log_ratio, valid)
-    l1 = -adv * ratio
-    l2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    clipped = torch.maximum(l1, l2)
-    clipfrac = _masked_mean((l2 > l1).double(), valid)
-    l3 = -adv * clip_c
-    capped = torch.minimum(l3, clipped)
-    lower = _masked_mean(((clipped > l3) & (adv < 0)).double(), valid)
-    per_token = torch.where(adv < 0, capped, clipped) if dual else clipped
-    if w is not None:
-        per_token = per_token * w
-    loss = eager_agg_loss(per_token, valid, mode, **(info or {}))
-    return loss, {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl, "actor/pg_clipfrac_lower": lower}
+    """verl's compute_policy_loss_vanilla; dual=False (not verl) moves the dual clip to infinity, where it
+    never acts."""
+    loss, clipfrac, ppo_kl, lower = verl_eager.compute_policy_loss_vanilla(
+        old, lp, adv, valid, clip_low, clip_high, clip_c if dual else math.inf, loss_agg_mode=mode,
+        rollout_is_weights=w, global_batch_info=info)
+    return loss, dict(zip(KEYS, (clipfrac, ppo_kl, lower)))
 
 
 def eager_gspo(old, lp, adv, valid, mode, w=None, info=None, clip_low=CLIP_LOW, clip_high=CLIP_HIGH,
                honour_mode=False):
-    log_ratio = lp - old
-    n = valid.sum(-1).clamp(min=1)
-    seq_log_ratio = torch.where(valid, log_ratio, torch.zeros_like(log_ratio)).sum(-1) / n
-    log_s = lp - lp.detach() + seq_log_ratio.detach().unsqueeze(-1)
-    s = torch.exp(torch.clamp(log_s, max=10.0))
-    l1 = -adv * s
-    l2 = -adv * torch.clamp(s, 1 - clip_low, 1 + clip_high)
-    per_token = torch.maximum(l1, l2)
-    if w is not None:
-        per_token = per_token * w
-    loss = eager_agg_loss(per_token, valid, mode if honour_mode else "seq-mean-token-mean", **(info or {}))
-    metrics = {"actor/pg_clipfrac": _masked_mean((l2 > l1).double(), valid),
-               "actor/ppo_kl": _masked_mean(-log_ratio, valid),
-               "actor/pg_clipfrac_lower": torch.zeros((), dtype=torch.float64)}
-    return loss, metrics
+    """verl's compute_policy_loss_gspo, which aggregates with seq-mean-token-mean whatever the mode;
+    honour_mode=True (not verl) makes it aggregate with `mode`."""
+    agg_loss = verl_eager.agg_loss
+
+    def agg_loss_in_mode(loss_mat, loss_mask, loss_agg_mode, **normalisers):
+        return agg_loss(loss_mat, loss_mask, mode, **normalisers)
+
+    in_mode = mock.patch.object(verl_eager, "agg_loss", agg_loss_in_mode) if honour_mode else contextlib.nullcontext()
+    with in_mode:
+        loss, clipfrac, ppo_kl, lower = verl_eager.compute_policy_loss_gspo(
+            old, lp, adv, valid, clip_low, clip_high, rollout_is_weights=w, global_batch_info=info)
+    return loss, dict(zip(KEYS, (clipfrac, ppo_kl, lower)))
 
 
 EAGER = {"vanilla": eager_vanilla, "gspo": eager_gspo}
@@ -256,7 +223,7 @@ def test_vanilla_log_ratio_clamp_20():
     for mode in ("token-mean", "seq-mean-token-sum"):
         got, ref = run_adapter("vanilla", inp, mode), run_eager("vanilla", inp, mode)
         assert_same(got, ref, f"clamp 20 {mode}")
-    unclamped = _masked_mean(-(inp.lp.double() - old.double()), inp.mask != 0).item()
+    unclamped = verl_eager.masked_mean(-(inp.lp.double() - old.double()), inp.mask != 0).item()
     assert abs(got[1]["actor/ppo_kl"] - unclamped) > 1e-3  # the clamp shows in ppo_kl
 
 
@@ -274,8 +241,8 @@ def test_gspo_clamp_10_from_above():
     assert torch.all(got[2][0] == 0) and got[0].item() > 100
     d = inp.lp.double() - inp.old.double()
     valid = inp.mask != 0
-    assert got[1]["actor/ppo_kl"] == pytest.approx(_masked_mean(-d.clamp(-10, 10), valid).item(), rel=1e-5)
-    assert ref[1]["actor/ppo_kl"] == pytest.approx(_masked_mean(-d, valid).item(), rel=1e-9)
+    assert got[1]["actor/ppo_kl"] == pytest.approx(verl_eager.masked_mean(-d.clamp(-10, 10), valid).item(), rel=1e-5)
+    assert ref[1]["actor/ppo_kl"] == pytest.approx(verl_eager.masked_mean(-d, valid).item(), rel=1e-9)
     assert ref[1]["actor/ppo_kl"] < got[1]["actor/ppo_kl"] - 0.1  # row 0's tokens: verl -12, ppo_ext -10
 
 

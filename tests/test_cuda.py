@@ -8,37 +8,19 @@ import pytest
 import torch
 
 import ppo_ext
+from helpers import AGG_MODES, IS_MODES, make_inputs, run_ext
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ppo_ext.built_with_cuda()),
     reason="needs a GPU and ppo_ext built with its CUDA kernels (CI has neither; run on a lent GPU)",
 )
 
-IS_MODES = ("token", "seq", "seq-token")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
-
-def _inputs(B, T, device, dtype=torch.float32, seed=0, adv_shape="BT", mask_dtype=torch.bool, weights=False):
-    g = torch.Generator().manual_seed(seed)
-    lp = -5 * torch.rand(B, T, generator=g, dtype=torch.float64)
-    old = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
-    adv = torch.randn(B, T if adv_shape == "BT" else 1, generator=g, dtype=torch.float64)
-    if adv_shape == "B":
-        adv = adv[:, 0]
-    mask = torch.rand(B, T, generator=g) < 0.8
-    if B > 2:
-        mask[1] = False  # a row with no valid token
-    w = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5 if weights else None
-    cast = lambda t, dt: None if t is None else t.to(device=device, dtype=dt)  # noqa: E731
-    return (cast(lp, dtype), cast(old, torch.float32), cast(adv, torch.float32), cast(mask, mask_dtype),
-            cast(w, torch.float32))
-
-
-def _run(lp, old, adv, mask, w, **opts):
-    lp = lp.detach().clone().requires_grad_(True)
-    out = ppo_ext.policy_loss(lp, old, adv, mask, token_weights=w, **opts)
-    out.loss.backward()
-    return out, lp.grad
+def _inputs(B, T, device, dtype=torch.float32, seed=0, adv_shape="BT", weights=False):
+    """log_probs ~ -U(0, 5) in `dtype`; log ratios N(0, 0.3), no per-row offset, not moved off the clip
+    boundaries; advantages N(0, 1); mask of density 0.8, row 1 empty; weights U(0.5, 1.5); the constants float32."""
+    return make_inputs(B, T, seed=seed, device=device, dtype=dtype, old_dtype=torch.float32, adv_shape=adv_shape,
+                       weights=weights, row_offset=0.0, row_jitter=0.0, weight_range=(0.5, 1.5), margin=None)
 
 
 @pytest.mark.parametrize("importance_sampling,loss_agg_mode", list(itertools.product(IS_MODES, AGG_MODES)))
@@ -48,9 +30,8 @@ def test_cuda_matches_cpu(importance_sampling, loss_agg_mode, dual_clip, log_rat
     opts = dict(importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode, dual_clip=dual_clip,
                 log_ratio_clamp=log_ratio_clamp, clip_high=0.28)
     cpu = _inputs(7, 1000, "cpu", adv_shape=adv_shape, weights=weights)
-    gpu = tuple(None if t is None else t.cuda() for t in cpu)
-    out_c, grad_c = _run(*cpu, **opts)
-    out_g, grad_g = _run(*gpu, **opts)
+    out_c, grad_c = run_ext(cpu, **opts)
+    out_g, grad_g = run_ext(cpu.to("cuda"), **opts)
     torch.testing.assert_close(out_g.loss.cpu(), out_c.loss, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(grad_g.cpu(), grad_c, rtol=2e-5, atol=1e-7)
     assert torch.equal(out_g.counts.cpu(), out_c.counts)
@@ -63,8 +44,8 @@ def test_cuda_matches_cpu(importance_sampling, loss_agg_mode, dual_clip, log_rat
 @pytest.mark.parametrize("importance_sampling", IS_MODES)
 def test_cuda_bitwise_deterministic(dtype, importance_sampling):
     inputs = _inputs(300, 777, "cuda", dtype=dtype)
-    out1, grad1 = _run(*inputs, importance_sampling=importance_sampling, dual_clip=3.0)
-    out2, grad2 = _run(*inputs, importance_sampling=importance_sampling, dual_clip=3.0)
+    out1, grad1 = run_ext(inputs, importance_sampling=importance_sampling, dual_clip=3.0)
+    out2, grad2 = run_ext(inputs, importance_sampling=importance_sampling, dual_clip=3.0)
     assert torch.equal(out1.loss, out2.loss) and torch.equal(grad1, grad2) and torch.equal(out1.counts, out2.counts)
     assert grad1.dtype == dtype
     for k in ppo_ext.METRIC_NAMES:
@@ -72,8 +53,8 @@ def test_cuda_bitwise_deterministic(dtype, importance_sampling):
 
 
 def test_no_host_synchronisation():
-    lp, old, adv, mask, _ = _inputs(64, 512, "cuda")
-    lp.requires_grad_(True)
+    inp = _inputs(64, 512, "cuda")
+    lp, old, adv, mask = inp.lp.requires_grad_(True), inp.old, inp.adv, inp.mask
     num_tokens = mask.sum().float()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -87,8 +68,8 @@ def test_no_host_synchronisation():
 
 
 def test_launch_count():
-    lp, old, adv, mask, _ = _inputs(32, 1024, "cuda")
-    lp.requires_grad_(True)
+    inp = _inputs(32, 1024, "cuda")
+    lp, old, adv, mask = inp.lp.requires_grad_(True), inp.old, inp.adv, inp.mask
     one = torch.ones((), device="cuda")  # made here: .backward() would launch a fill kernel for it
 
     def step():
@@ -108,7 +89,8 @@ def test_launch_count():
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_torch_compile_cuda(mode):
-    lp, old, adv, mask, _ = _inputs(16, 300, "cuda")
+    inp = _inputs(16, 300, "cuda")
+    lp, old, adv, mask = inp.lp, inp.old, inp.adv, inp.mask
 
     def step(lp):
         out = ppo_ext.policy_loss(lp, old, adv, mask, dual_clip=3.0, num_tokens=100.0)
@@ -128,7 +110,8 @@ def test_torch_compile_cuda(mode):
 
 
 def test_side_stream_and_second_device_guard():
-    lp, old, adv, mask, _ = _inputs(8, 257, "cuda")
+    inp = _inputs(8, 257, "cuda")
+    lp, old, adv, mask = inp.lp, inp.old, inp.adv, inp.mask
     expected = ppo_ext.policy_loss(lp, old, adv, mask).loss
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -140,17 +123,17 @@ def test_side_stream_and_second_device_guard():
 
 def test_grid_beyond_65535_rows():
     B = 70_000
-    lp, old, adv, mask, _ = _inputs(B, 3, "cuda", adv_shape="B")
-    out_g, grad_g = _run(lp, old, adv, mask, None, importance_sampling="seq")
-    out_c, grad_c = _run(lp.cpu(), old.cpu(), adv.cpu(), mask.cpu(), None, importance_sampling="seq")
+    inp = _inputs(B, 3, "cuda", adv_shape="B")
+    out_g, grad_g = run_ext(inp, importance_sampling="seq")
+    out_c, grad_c = run_ext(inp.to("cpu"), importance_sampling="seq")
     assert torch.equal(out_g.counts.cpu(), out_c.counts)
     torch.testing.assert_close(grad_g.cpu(), grad_c, rtol=2e-5, atol=1e-8)
     torch.testing.assert_close(out_g.loss.cpu(), out_c.loss, rtol=2e-5, atol=1e-7)
 
 
 def test_normaliser_tensor_on_device_and_zero():
-    lp, old, adv, mask, _ = _inputs(4, 50, "cuda")
-    lp.requires_grad_(True)
-    out = ppo_ext.policy_loss(lp, old, adv, mask, num_tokens=torch.zeros((), device="cuda"))
+    inp = _inputs(4, 50, "cuda")
+    lp = inp.lp.requires_grad_(True)
+    out = ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, num_tokens=torch.zeros((), device="cuda"))
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.count_nonzero(lp.grad).item() == 0

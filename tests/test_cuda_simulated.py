@@ -19,10 +19,9 @@ import torch
 
 import ppo_ext
 from cuda_sim import load
-from helpers import CLIP_HIGH, CLIP_LOW, DUAL_CLIP, LOG_RATIO_CLAMP, make_inputs, same_bits
+from helpers import (AGG_MODES, CLIP_HIGH, CLIP_LOW, DUAL_CLIP, IS_MODES, LOG_RATIO_CLAMP, count, make_inputs,
+                     same_bits)
 
-IS_MODES = ("token", "seq", "seq-token")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SCHEDULES = ("forward", "reverse", "random")
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
                torch.bfloat16, torch.float32, torch.float64)
@@ -77,7 +76,7 @@ def compare_policy_loss(sim, args, what="", grad_loss=None):
     assert metrics_g.dtype == torch.float32 and counts_g.dtype == torch.int64, what
     assert torch.equal(counts_g, counts_c), f"{what}: counts {counts_g.tolist()} != CPU {counts_c.tolist()}"
     rtol = 1e-12 if acc == torch.float64 else 2e-6
-    n = max(1, int(counts_c[0]))
+    n = max(1, int(count(counts_c, "valid_tokens")))
     # a sum of n terms of either sign, in another order: its rounding grows with n, not with the result
     atol = (1e-15 if acc == torch.float64 else 1e-7) * n
     torch.testing.assert_close(loss_g, loss_c, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: loss\n{m}")

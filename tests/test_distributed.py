@@ -20,7 +20,7 @@ import torch.distributed as dist
 import ppo_ext
 import ppo_ext.distributed as ppo_dist
 from ppo_ext.compat import verl as pv
-from helpers import AGG_MODES, CLIP_HIGH, CLIP_LOW, DUAL_CLIP, IS_MODES, LOG_RATIO_CLAMP, make_inputs
+from helpers import AGG_MODES, CLIP_HIGH, CLIP_LOW, COUNT_NAMES, IS_MODES, count, make_inputs, options
 
 WORLD = 2
 B, T, SEED = 12, 40, 2024
@@ -32,11 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _batch():
     return make_inputs(B, T, seed=SEED)  # the same batch on every rank; each takes its rows
-
-
-def _options(importance_sampling, loss_agg_mode):
-    return dict(clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=DUAL_CLIP, log_ratio_clamp=LOG_RATIO_CLAMP,
-                importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,7 +52,7 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             for mode in AGG_MODES:
                 x = lp.clone().requires_grad_(True)
                 out = ppo_ext.policy_loss(x, old, adv, mask, token_weights=w, num_tokens=g.num_tokens,
-                                          num_seqs=g.num_seqs, **_options(level, mode))
+                                          num_seqs=g.num_seqs, **options(level, mode, dual=True, clamp=True))
                 out.loss.backward()
                 counts = ppo_dist.all_reduce_counts(out.counts)
                 results[level, mode] = {"loss": out.loss.detach(), "grad": x.grad, "counts": counts,
@@ -132,10 +127,11 @@ def test_global_normalisers_across_ranks(rank_results):
 def test_ranks_add_up_to_one_process(rank_results, level, mode):
     inp = _batch()
     x = inp.lp.clone().requires_grad_(True)
-    whole = ppo_ext.policy_loss(x, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **_options(level, mode))
+    whole = ppo_ext.policy_loss(x, inp.old, inp.adv, inp.mask, token_weights=inp.weights,
+                                **options(level, mode, dual=True, clamp=True))
     whole.loss.backward()
     parts = [r[level, mode] for r in rank_results]
-    assert parts[0]["local_counts"][0] > 0 and parts[1]["local_counts"][0] > 0
+    assert count(parts[0]["local_counts"], "valid_tokens") > 0 and count(parts[1]["local_counts"], "valid_tokens") > 0
     assert not torch.equal(parts[0]["local_counts"], parts[1]["local_counts"])
     torch.testing.assert_close(sum(p["loss"].double() for p in parts), whole.loss.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([p["grad"] for p in parts]), x.grad, rtol=1e-5, atol=1e-7)
@@ -172,11 +168,13 @@ def test_without_process_group_values_are_local():
     mask = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0]], dtype=torch.uint8)
     g = ppo_dist.global_normalisers(mask)
     assert [int(v) for v in g] == [3, 2, 3] and all(v.dtype == torch.int64 and v.shape == () for v in g)
-    counts = torch.tensor([8, 3, 1, 2, 4, 1])
+    by_name = dict(valid_tokens=8, valid_seqs=3, clipped_low=1, clipped_high=2, clipped_active=4, dual_clipped=1)
+    counts = torch.tensor([by_name[k] for k in COUNT_NAMES])
     assert torch.equal(ppo_dist.all_reduce_counts(counts), counts)
     f = ppo_dist.clip_fractions(counts)
     assert f["clipfrac"].item() == pytest.approx(3 / 8) and f["dual_clipfrac"].item() == pytest.approx(1 / 8)
-    assert all(v.item() == 0 for v in ppo_dist.clip_fractions(torch.zeros(6, dtype=torch.int64)).values())
+    no_counts = torch.zeros(len(COUNT_NAMES), dtype=torch.int64)
+    assert all(v.item() == 0 for v in ppo_dist.clip_fractions(no_counts).values())
     with pytest.raises(ValueError, match="counts"):
         ppo_dist.all_reduce_counts(counts.float())
     with pytest.raises(ValueError, match="mask"):

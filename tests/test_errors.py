@@ -1,7 +1,7 @@
 """Bad calls: every wrong shape, dtype, device, mode, epsilon, clamp and normaliser raises an error that
-names the argument (SPEC "Dtypes, shapes, devices": "a mismatch, a wrong shape, a bad dtype, an unknown
+names the argument (docs/SPEC.md "Dtypes, shapes, devices": "a mismatch, a wrong shape, a bad dtype, an unknown
 mode, eps < 0, c <= 1, K <= 0 raise a clear error naming the argument"), never a crash, a garbage result
-or an error from deep inside the kernels. Accepted-but-unusual inputs (every floating dtype of SPEC,
+or an error from deep inside the kernels. Accepted-but-unusual inputs (every floating dtype of docs/SPEC.md,
 every integer mask dtype) must work or be refused by name."""
 
 import math
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ppo_ext
+from helpers import make_inputs
 from ppo_ext.reference import policy_loss_reference
 
 B, T = 3, 5
@@ -19,15 +20,11 @@ NOT_OUR_ERRORS = (NotImplementedError, AttributeError)  # "not implemented for '
 
 
 def _inputs(device):
-    g = torch.Generator().manual_seed(0)
-    lp = -torch.rand(B, T, generator=g)
-    return dict(
-        log_probs=lp.to(device),
-        old_log_probs=(lp + 0.1 * torch.randn(B, T, generator=g)).to(device),
-        advantages=torch.randn(B, T, generator=g).to(device),
-        mask=(torch.rand(B, T, generator=g) < 0.8).to(device),
-        token_weights=torch.rand(B, T, generator=g).to(device),
-    )
+    """Good float32 arguments, by name: log-probs -U(0, 1), log ratios N(0, 0.1), advantages N(0, 1), a bool mask
+    of density 0.8, weights U(0, 1)."""
+    x = make_inputs(B, T, seed=0, device=device, lp_scale=1.0, row_offset=0.0, row_jitter=0.0, token_noise=0.1,
+                    empty_row=False, weight_range=(0.0, 1.0), margin=None)
+    return dict(log_probs=x.lp, old_log_probs=x.old, advantages=x.adv, mask=x.mask, token_weights=x.weights)
 
 
 def _call(kw):
@@ -193,7 +190,7 @@ def test_bad_normaliser_tensor_value_on_cpu(which, value):
     """A 0-dim *tensor* normaliser holding a negative, NaN or infinite value is refused like the same
     number is (the issue: "normaliser (negative, NaN, ...) gives an error naming the argument"). On the
     CPU the kernel reads the value anyway, so the check costs nothing. (On CUDA reading it would need a
-    host synchronisation, which SPEC forbids, so this test is CPU-only.)"""
+    host synchronisation, which docs/SPEC.md forbids, so this test is CPU-only.)"""
     agg = {"num_tokens": "token-mean", "num_seqs": "seq-mean-token-mean", "loss_scale_factor": "seq-mean-token-sum-norm"}
     kw = _inputs("cpu")
     dtype = torch.int64 if isinstance(value, int) else torch.float32
@@ -203,7 +200,7 @@ def test_bad_normaliser_tensor_value_on_cpu(which, value):
     _assert_names(excinfo, which)
 
 
-# Every floating dtype SPEC accepts for old/A/w ("any floating dtype") and every integer dtype for the
+# Every floating dtype docs/SPEC.md accepts for old/A/w ("any floating dtype") and every integer dtype for the
 # mask ("bool, uint8, integer or floating"): each must either work (and agree with the reference) or,
 # where the library chooses not to support it, be refused with an error naming the argument; never
 # fail inside the kernel's dtype dispatch.

@@ -1,9 +1,9 @@
 """Numerical extremes, masked garbage and huge inputs.
 
-What is promised (SPEC) and what these tests hold the kernels to:
+What is promised (docs/SPEC.md) and what these tests hold the kernels to:
 - Log ratios of +-50 and +-1000, with and without `log_ratio_clamp`: with a clamp, loss, gradient and
   metrics are finite numbers. Without one, the kernels give exactly the inf/NaN pattern that the eager
-  implementation of SPEC (ppo_ext.reference, run in the kernels' own precision: float32, or float64 for
+  implementation of docs/SPEC.md (ppo_ext.reference, run in the kernels' own precision: float32, or float64 for
   float64 log_probs) gives, and the same finite values elsewhere. Documented non-finite cases, all as
   in eager PyTorch:
     * r = exp(d) overflows (d > 88.7 in float32, > 709.8 in float64): ratio metrics are inf; the loss
@@ -17,9 +17,9 @@ What is promised (SPEC) and what these tests hold the kernels to:
   (Where eager's float32 *sum* of finite terms overflows, the kernels' float64 partial sums may stay
   finite: more accurate, and allowed.)
 - Sequence lengths of 1 and of 1M tokens.
-- NaN/inf at a valid position propagate into the loss (SPEC: "it is not hidden"), as in eager.
+- NaN/inf at a valid position propagate into the loss (docs/SPEC.md: "it is not hidden"), as in eager.
 - Masked garbage: NaN, +-inf and the largest finite value at masked positions of every input change
-  nothing, bitwise: loss, metrics, counts and gradient (SPEC: "Positions with m = 0 never influence
+  nothing, bitwise: loss, metrics, counts and gradient (docs/SPEC.md: "Positions with m = 0 never influence
   anything ... even if lp, old, A or w hold NaN or inf there").
 - A slow test (pytest --slow) with more than 2^31 elements proves 64-bit indexing.
 """
@@ -31,11 +31,9 @@ import pytest
 import torch
 
 import ppo_ext
-from helpers import GRAD_RTOL, check_against_reference, make_inputs, options, same_bits
-from ppo_ext.reference import policy_loss_reference
+from helpers import (AGG_MODES, COUNT_NAMES, GRAD_RTOL, IS_MODES, METRIC_NAMES, NO_TOKEN_METRICS, Inputs,
+                     check_against_reference, count, counts_by_name, make_inputs, options, run_ext, run_ref, same_bits)
 
-IS_MODES = ("token", "seq", "seq-token")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -43,22 +41,9 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _run(lp, old, adv, mask=None, w=None, **opts):
-    leaf = lp.detach().clone().requires_grad_(True)
-    out = ppo_ext.policy_loss(leaf, old, adv, mask, token_weights=w, **opts)
-    out.loss.backward()
-    return out, leaf.grad
-
-
-def _run_eager(lp, old, adv, mask=None, w=None, **opts):
+def _run_eager(inp, **opts):
     """The reference in the kernels' precision (float32, float64 for float64 log_probs), on the CPU."""
-    acc = _acc(lp.dtype)
-    cast = lambda t: None if t is None else t.detach().cpu().to(acc)  # noqa: E731
-    leaf = cast(lp).requires_grad_(True)
-    ref = policy_loss_reference(leaf, cast(old), cast(adv), None if mask is None else mask.cpu(),
-                                token_weights=cast(w), **opts)
-    ref.loss.backward()
-    return ref, leaf.grad
+    return run_ref(inp, dtype=_acc(inp.lp.dtype), device="cpu", **opts)
 
 
 def _same_pattern(a, b, what):
@@ -93,35 +78,37 @@ def assert_matches_eager(ext, ext_grad, ref, ref_grad, lp_dtype, what=""):
 
 
 def _extreme_ratio_inputs(D, dtype, device, B=4, T=9):
-    """Normal tokens with a few tokens (and, in row 0, a whole row) at log ratio D; advantages of both signs."""
-    g = torch.Generator().manual_seed(7)
-    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    d = 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    """Normal tokens with a few tokens (and, in row 0, a whole row) at log ratio D; advantages of both signs.
+
+    log-probs -U(0, 3), log ratios N(0, 0.3) (no per-row offset, not moved off any boundary), mask of
+    density 0.85 with every row's first token valid, weights U(0.5, 1.5)."""
+    x = make_inputs(B, T, seed=7, dtype=torch.float64, lp_scale=3.0, row_offset=0.0, row_jitter=0.0, density=0.85,
+                    empty_row=False, weight_range=(0.5, 1.5), margin=None)
+    d = x.lp - x.old
     d[0, :] = D  # a whole row: the sequence ratio is extreme too
     d[1, ::3] = D
     d[2, 4] = -D
-    old = lp - d
-    adv = torch.randn(B, T, generator=g, dtype=torch.float64)
+    old = x.lp - d
+    adv = x.adv.clone()
     adv[0, ::2] = -adv[0, ::2].abs()
     adv[0, 1::2] = adv[0, 1::2].abs()
-    mask = torch.rand(B, T, generator=g) < 0.85
+    mask = x.mask.clone()
     mask[:, 0] = True
-    w = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
     to = lambda t: t.to(dtype).to(device)  # noqa: E731
-    return to(lp), to(old), to(adv), mask.to(device), to(w)
+    return Inputs(to(x.lp), to(old), to(adv), mask.to(device), to(x.weights))
 
 
 @pytest.mark.parametrize("D", [50.0, -50.0, 1000.0, -1000.0])
 @pytest.mark.parametrize("dtype", LP_DTYPES, ids=str)
 @pytest.mark.parametrize("importance_sampling", IS_MODES)
 def test_extreme_log_ratios_match_eager(device, D, dtype, importance_sampling):
-    lp, old, adv, mask, w = _extreme_ratio_inputs(D, dtype, device)
+    inp = _extreme_ratio_inputs(D, dtype, device)
     for dual_clip, clamp, agg in [(None, None, "token-mean"), (3.0, None, "seq-mean-token-mean"),
                                   (None, 20.0, "token-sum"), (3.0, 20.0, "seq-mean-token-sum-norm")]:
         opts = dict(importance_sampling=importance_sampling, loss_agg_mode=agg, dual_clip=dual_clip,
                     log_ratio_clamp=clamp, clip_low=0.2, clip_high=0.28)
-        ext, ext_grad = _run(lp, old, adv, mask, w, **opts)
-        ref, ref_grad = _run_eager(lp, old, adv, mask, w, **opts)
+        ext, ext_grad = run_ext(inp, **opts)
+        ref, ref_grad = _run_eager(inp, **opts)
         assert_matches_eager(ext, ext_grad, ref, ref_grad, dtype, f"D={D} {opts}")
 
 
@@ -129,13 +116,13 @@ def test_extreme_log_ratios_match_eager(device, D, dtype, importance_sampling):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("importance_sampling", IS_MODES)
 def test_extreme_log_ratios_with_clamp_are_finite(device, D, dtype, importance_sampling):
-    """With log_ratio_clamp, SPEC promises numbers: no NaN, no inf anywhere (float16 is left out only
+    """With log_ratio_clamp, docs/SPEC.md promises numbers: no NaN, no inf anywhere (float16 is left out only
     because its *gradient* can legitimately overflow 65504)."""
-    lp, old, adv, mask, w = _extreme_ratio_inputs(D, dtype, device)
+    inp = _extreme_ratio_inputs(D, dtype, device)
     for dual_clip in (None, 3.0):
         for agg in AGG_MODES:
-            ext, grad = _run(lp, old, adv, mask, w, importance_sampling=importance_sampling, loss_agg_mode=agg,
-                             dual_clip=dual_clip, log_ratio_clamp=20.0)
+            ext, grad = run_ext(inp, importance_sampling=importance_sampling, loss_agg_mode=agg,
+                                dual_clip=dual_clip, log_ratio_clamp=20.0)
             assert torch.isfinite(ext.loss), (agg, dual_clip, ext.loss)
             assert torch.isfinite(grad).all(), (agg, dual_clip, grad)
             for k, v in ext.metrics.items():
@@ -147,10 +134,10 @@ def test_extreme_log_ratios_with_clamp_are_finite(device, D, dtype, importance_s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_vanishing_ratio_is_finite_without_clamp(device, dtype):
     """d = -1000: r = 0 exactly; every output is a number (nothing overflows)."""
-    lp, old, adv, mask, w = _extreme_ratio_inputs(-1000.0, dtype, device)
-    old = lp + 1000.0  # every token
+    inp = _extreme_ratio_inputs(-1000.0, dtype, device)
+    inp.old = inp.lp + 1000.0  # every token
     for importance_sampling, dual_clip in itertools.product(IS_MODES, (None, 3.0)):
-        ext, grad = _run(lp, old, adv, mask, w, importance_sampling=importance_sampling, dual_clip=dual_clip)
+        ext, grad = run_ext(inp, importance_sampling=importance_sampling, dual_clip=dual_clip)
         assert torch.isfinite(ext.loss) and torch.isfinite(grad).all()
         assert ext.metrics["ratio_max"].item() == 0.0 and ext.metrics["clipfrac_low"].item() == 1.0
 
@@ -174,13 +161,13 @@ def test_advantages_huge_and_zero(device, dtype, adv_value):
     for importance_sampling, agg, dual in [("token", "token-mean", False), ("seq", "seq-mean-token-mean", True),
                                            ("seq-token", "token-sum", True)]:
         kw = options(importance_sampling, agg, dual=dual)
-        ext, grad = _run(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw)
-        ref, ref_grad = _run_eager(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw)
+        ext, grad = run_ext(inp, **kw)
+        ref, ref_grad = _run_eager(inp, **kw)
         assert_matches_eager(ext, grad, ref, ref_grad, dtype, f"A={adv_value} {kw}")
         assert torch.isfinite(ext.loss), ext.loss
         if adv_value in (0.0, -0.0):
             assert ext.loss.item() == 0.0 and not grad.any()
-            assert ext.counts[4].item() == 0  # the clip changes nothing when A = 0
+            assert count(ext.counts, "clipped_active").item() == 0  # the clip changes nothing when A = 0
 
 
 @pytest.mark.parametrize("where", ["advantages", "weights", "log_probs", "all"])
@@ -198,8 +185,8 @@ def test_subnormal_inputs(device, where):
     assert (inp.adv.abs() < tiny).any() or where in ("weights", "log_probs")
     for importance_sampling, agg in [("token", "token-sum"), ("seq", "token-sum"), ("seq-token", "seq-mean-token-sum")]:
         kw = options(importance_sampling, agg, dual=True)
-        ext, grad = _run(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw)
-        ref, ref_grad = _run_eager(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw)
+        ext, grad = run_ext(inp, **kw)
+        ref, ref_grad = _run_eager(inp, **kw)
         _same_pattern(ext.loss, ref.loss, "loss")
         # subnormal arithmetic: an absolute error of a few units of 2^-149 per summed term
         spacing = 2.0 ** -149
@@ -238,12 +225,12 @@ def test_half_precision_range_edges_match_eager(device, dtype, importance_sampli
         # One valid token at a time (the token's own value, ratio and gradient), plus its row in the
         # sequence modes. Not the whole batch at once: eager float32 sums two terms of -3e38 to -inf
         # (and -inf + inf to NaN) where the kernels' float64 partial sums stay finite and closer to the
-        # exact value, which SPEC allows.
+        # exact value, which docs/SPEC.md allows.
         for i, j in itertools.product(range(2), range(8)):
             mask = torch.zeros(2, 8, dtype=torch.bool, device=device)
             mask[i, j] = True
-            ext, grad = _run(lp, old, adv, mask, w, **opts)
-            ref, ref_grad = _run_eager(lp, old, adv, mask, w, **opts)
+            ext, grad = run_ext(Inputs(lp, old, adv, mask, w), **opts)
+            ref, ref_grad = _run_eager(Inputs(lp, old, adv, mask, w), **opts)
             assert_matches_eager(ext, grad, ref, ref_grad, dtype, f"{opts} token ({i}, {j})")
 
 
@@ -283,13 +270,13 @@ def test_non_finite_at_valid_position_propagates(device, value, where, importanc
     setattr(inp, attr, x)
     for dual in (False, True):
         kw = options(importance_sampling, "token-mean", dual=dual)
-        ext, grad = _run(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw)
-        # "seq-token" with lp = +-inf: SPEC's value is that of "seq" (r = exp(dbar) = inf or 0), while the
+        ext, grad = run_ext(inp, **kw)
+        # "seq-token" with lp = +-inf: docs/SPEC.md's value is that of "seq" (r = exp(dbar) = inf or 0), while the
         # eager trick lp - lp.detach() + dbar gives inf - inf = NaN; so the values are compared with "seq"'s,
         # and the gradient (inf/NaN on that row either way) is not compared.
         seq_token_inf_lp = importance_sampling == "seq-token" and where == "log_probs" and math.isinf(value)
         ref_kw = dict(kw, importance_sampling="seq") if seq_token_inf_lp else kw
-        ref, ref_grad = _run_eager(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **ref_kw)
+        ref, ref_grad = _run_eager(inp, **ref_kw)
         if seq_token_inf_lp:
             ref_grad = grad.double().cpu()
         what = f"{where}={value} {kw}"
@@ -297,7 +284,7 @@ def test_non_finite_at_valid_position_propagates(device, value, where, importanc
         if math.isnan(value):
             assert torch.isnan(ext.loss), f"{what}: a NaN at a valid position was hidden: loss {ext.loss}"
         # Finite exactly where eager is finite (NaN and inf are not told apart: for "seq-token" with lp = inf,
-        # SPEC's value exp(dbar) = inf, while eager's lp - lp.detach() + dbar gives inf - inf = NaN), and
+        # docs/SPEC.md's value exp(dbar) = inf, while eager's lp - lp.detach() + dbar gives inf - inf = NaN), and
         # the same finite values; counts equal.
         for k in ppo_ext.METRIC_NAMES:
             _close_finite(ext.metrics[k], ref.metrics[k], 1e-5, f"{what} metric {k}")
@@ -342,7 +329,7 @@ def test_masked_garbage_changes_nothing_bitwise(device, dtype, importance_sampli
             inp.old = None
         valid = inp.mask != 0
         kw = options(importance_sampling, loss_agg_mode, dual=dual, clamp=clamp)
-        clean, clean_grad = _run(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw)
+        clean, clean_grad = run_ext(inp, **kw)
         for name, value in GARBAGE.items():
             for target in ("lp", "old", "adv", "weights", "all"):
                 lp, old, adv, w = inp.lp, inp.old, inp.adv, inp.weights
@@ -357,7 +344,7 @@ def test_masked_garbage_changes_nothing_bitwise(device, dtype, importance_sampli
                         adv = _spoil(adv, valid, value)
                     else:  # a per-row advantage is masked only where its row has no valid token
                         adv = _spoil(adv, valid.any(1), value)
-                out, grad = _run(lp, old, adv, inp.mask, w, **kw)
+                out, grad = run_ext(Inputs(lp, old, adv, inp.mask, w), **kw)
                 what = f"{name} in {target}, adv {adv_shape}, {kw}"
                 assert same_bits(out.loss, clean.loss), f"{what}: loss {out.loss} != {clean.loss}"
                 assert torch.equal(out.counts, clean.counts), what
@@ -368,16 +355,17 @@ def test_masked_garbage_changes_nothing_bitwise(device, dtype, importance_sampli
 
 
 def test_masked_garbage_in_empty_rows_and_empty_batch(device):
-    """A batch whose every position is masked, with garbage everywhere: loss 0, gradient 0, metrics as SPEC."""
+    """A batch whose every position is masked, with garbage everywhere: loss 0, gradient 0, metrics as docs/SPEC.md."""
     B, T = 3, 40
     nan = torch.full((B, T), math.nan, device=device)
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     for importance_sampling, agg in itertools.product(IS_MODES, AGG_MODES):
-        out, grad = _run(nan, nan, torch.full((B,), math.inf, device=device), mask, nan,
-                         importance_sampling=importance_sampling, loss_agg_mode=agg, dual_clip=2.0, log_ratio_clamp=1.0)
+        out, grad = run_ext(Inputs(nan, nan, torch.full((B,), math.inf, device=device), mask, nan),
+                            importance_sampling=importance_sampling, loss_agg_mode=agg, dual_clip=2.0,
+                            log_ratio_clamp=1.0)
         assert out.loss.item() == 0.0 and not grad.any() and not grad.isnan().any()
-        assert out.counts.tolist() == [0] * 6
-        assert [out.metrics[k].item() for k in ppo_ext.METRIC_NAMES] == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+        assert out.counts.tolist() == [0] * len(COUNT_NAMES)
+        assert {k: out.metrics[k].item() for k in METRIC_NAMES} == NO_TOKEN_METRICS
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,7 +420,9 @@ def test_more_than_2_31_elements_forward(device):
     # l = -A for r = 1; -1.2 A for r = e (the clip is in force); -A / e for r = 1/e (the unclipped branch)
     total = -(1.0 * T + 2.0 * T) + sum(A(k) for k in masked if k not in lows and k not in highs)
     total += sum(A(k) - 1.2 * A(k) for k in highs) + sum(A(k) - A(k) / e for k in lows)
-    assert out.counts.tolist() == [N, 2, len(lows), len(highs), len(highs), 0], out.counts.tolist()
+    assert counts_by_name(out.counts) == dict(valid_tokens=N, valid_seqs=2, clipped_low=len(lows),
+                                              clipped_high=len(highs), clipped_active=len(highs),
+                                              dual_clipped=0), out.counts.tolist()
     assert math.isclose(out.loss.item(), total / N, rel_tol=1e-5), (out.loss.item(), total / N)
     assert math.isclose(out.metrics["ratio_max"].item(), e, rel_tol=1e-6)
     assert math.isclose(out.metrics["ratio_min"].item(), 1 / e, rel_tol=1e-6)
@@ -451,7 +441,8 @@ def test_more_than_2_31_elements_gradient(device):
     lp = torch.zeros(B, T, dtype=torch.bfloat16, device=device, requires_grad=True)
     adv = torch.tensor([1.0, 2.0], device=device)
     out = ppo_ext.policy_loss(lp, None, adv, loss_agg_mode="token-sum")
-    assert out.counts.tolist()[:2] == [numel, 2]
+    c = counts_by_name(out.counts)
+    assert [c["valid_tokens"], c["valid_seqs"]] == [numel, 2]
     assert math.isclose(out.loss.item(), -3.0 * T, rel_tol=1e-6)
     out.loss.backward()
     del out

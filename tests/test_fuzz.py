@@ -28,11 +28,9 @@ from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ppo_ext  # noqa: E402
-from helpers import GRAD_RTOL, METRIC_TOL, same_bits  # noqa: E402
+from helpers import ADV_SHAPES, AGG_MODES, COUNT_NAMES, GRAD_RTOL, IS_MODES, METRIC_TOL, same_bits  # noqa: E402
 from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
-IS_MODES = ("token", "seq", "seq-token")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OTHER_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64, torch.float32, torch.float64, torch.float16,
@@ -62,7 +60,7 @@ def cases(draw):
     c["lp_dtype"] = draw(st.sampled_from(LP_DTYPES))
     c["old"] = draw(st.sampled_from(("given", "given", "given", "on-policy")))
     c["old_dtype"] = draw(st.sampled_from(OTHER_DTYPES))
-    c["adv_shape"] = draw(st.sampled_from(("BT", "B1", "B")))
+    c["adv_shape"] = draw(st.sampled_from(ADV_SHAPES))
     c["adv_dtype"] = draw(st.sampled_from(OTHER_DTYPES))
     c["weights"] = draw(st.booleans())
     c["w_dtype"] = draw(st.sampled_from(OTHER_DTYPES))
@@ -406,7 +404,7 @@ def run_case(c, device):
     sub = finfo.tiny * finfo.eps
     rtol = GRAD_RTOL[lp_dtype]
     atol = (1e-12 if lp_dtype == torch.float64 else 4e-6) * G + sub
-    # (the reference gradient rounded to lp's dtype, as SPEC returns it: both overflow float16 alike)
+    # (the reference gradient rounded to lp's dtype, as docs/SPEC.md returns it: both overflow float16 alike)
     _assert_within(ext_grad, ref_lp.grad.to(lp_dtype), rtol, atol, "gradient")
     assert bool((ext_grad.cpu()[~x["valid"]] == 0).all()), "non-zero gradient at a masked position"
     outside = torch.ones_like(ext_grad_full, dtype=torch.bool)
@@ -417,7 +415,7 @@ def run_case(c, device):
         v = out.metrics[k]
         assert v.dtype == torch.float32 and v.shape == () and not v.requires_grad, (k, v)
         _assert_within(v, ref.metrics[k], METRIC_TOL[0], METRIC_TOL[1], f"metric {k}")
-    assert out.counts.dtype == torch.int64 and out.counts.shape == (6,)
+    assert out.counts.dtype == torch.int64 and out.counts.shape == (len(COUNT_NAMES),)
     assert out.counts.cpu().tolist() == ref.counts.tolist(), \
         f"counts {out.counts.tolist()} != reference {ref.counts.tolist()} ({ppo_ext.COUNT_NAMES})"
     # the other inputs are not modified
@@ -468,7 +466,7 @@ FIXED = {
     "tiny-adv": _case(adv_exp=-90, opts=dict(loss_agg_mode="seq-mean-token-mean")),
     "on-policy-eps-zero": _case(old="on-policy", opts=dict(clip_low=0.0, clip_high=0.0)),
     "spans-int-mask": _case(B=17, T=1031, mask="spans", mask_dtype=torch.int64, adv_shape="B1"),
-    # SPEC: "m: bool, uint8, integer or floating (non-zero = valid)": 5e-324 is non-zero.
+    # docs/SPEC.md: "m: bool, uint8, integer or floating (non-zero = valid)": 5e-324 is non-zero.
     "f64-mask-subnormal-values": _case(mask_dtype=torch.float64, mask_value="tiny"),
     "f32-mask-subnormal-values": _case(mask_dtype=torch.float32, mask_value="tiny", opts=dict(importance_sampling="seq")),
     "negative-mask-values": _case(mask_dtype=torch.int8, mask_value=-3, opts=dict(loss_agg_mode="seq-mean-token-mean")),

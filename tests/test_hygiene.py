@@ -8,10 +8,13 @@
   gradient is a constant; under torch.no_grad() (or with log_probs not requiring grad) the op is asked
   for no gradient and returns none (how much faster that is, is measured by the benchmark, not here).
 - No input is modified in place (values and version counters unchanged).
+- One list of names (ppo_ext.names): the reference's own copy is the same, the C++ op refuses an unknown mode
+  with an error listing exactly those names, and returns one metric and one count per name.
 """
 
 import gc
 import os
+import re
 import threading
 
 import pytest
@@ -19,19 +22,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ppo_ext
-from helpers import make_inputs, options, same_bits
+import ppo_ext.names
+import ppo_ext.reference
+from helpers import AGG_MODES, IS_MODES, make_inputs, options, run_ext, same_bits
 from ppo_ext.reference import policy_loss_reference
 
 UNDER_SANITIZER = os.environ.get("PPO_EXT_SANITIZER") == "1"
-IS_MODES = ("token", "seq", "seq-token")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-
-
-def _run(inp, **kw):
-    lp = inp.lp.detach().clone().requires_grad_(True)
-    out = ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **kw)
-    out.loss.backward()
-    return out, lp.grad
 
 
 def _assert_same(a, b, what):
@@ -62,7 +58,7 @@ def _thread_cases(device):
 
 def test_concurrent_calls_match_serial_calls(device):
     cases = _thread_cases(device)
-    serial = [_run(inp, **kw) for inp, kw in cases]
+    serial = [run_ext(inp, **kw) for inp, kw in cases]
     n_threads, rounds = 6, 5
     barrier = threading.Barrier(n_threads)
     results, errors = {}, []
@@ -74,7 +70,7 @@ def test_concurrent_calls_match_serial_calls(device):
                 for j in range(len(cases)):
                     c = (j + tid + r) % len(cases)  # every thread runs every case, in a different order
                     inp, kw = cases[c]
-                    results[(tid, r, c)] = _run(inp, **kw)
+                    results[(tid, r, c)] = run_ext(inp, **kw)
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001
@@ -94,20 +90,20 @@ def test_concurrent_calls_match_serial_calls(device):
 def test_calls_with_other_threads_busy_match(device):
     """Results do not depend on what other threads run at the same time (intra-op pool shared)."""
     inp, kw = _thread_cases(device)[0]
-    expected = _run(inp, **kw)
+    expected = run_ext(inp, **kw)
     stop = threading.Event()
 
     def noise():
         big = make_inputs(64, 2000, seed=1, device=device)
         while not stop.is_set():
-            _run(big, **options("seq", "token-sum"))
+            run_ext(big, **options("seq", "token-sum"))
 
     threads = [threading.Thread(target=noise) for _ in range(2)]
     for t in threads:
         t.start()
     try:
         for _ in range(20):
-            _assert_same(_run(inp, **kw), expected, "with busy threads")
+            _assert_same(run_ext(inp, **kw), expected, "with busy threads")
     finally:
         stop.set()
         for t in threads:
@@ -131,7 +127,7 @@ def test_repeated_calls_do_not_grow_memory_rss(device):
 
     def many(n):
         for k in range(n):
-            _run(inp, **kws[k % len(kws)])
+            run_ext(inp, **kws[k % len(kws)])
             with torch.no_grad():
                 ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, num_tokens=torch.tensor(100.0, device=device))
 
@@ -255,7 +251,7 @@ def test_no_gradient_reaches_the_constants(device, importance_sampling):
 @pytest.mark.parametrize("name", ["old_log_probs", "advantages", "token_weights", "num_tokens"])
 def test_loss_is_constant_when_log_probs_need_no_grad(device, name):
     """log_probs without requires_grad and a constant argument that happens to require grad (advantages
-    from an undetached value head, say): the loss is a constant, as in eager (SPEC: old, A, w are
+    from an undetached value head, say): the loss is a constant, as in eager (docs/SPEC.md: old, A, w are
     constants), so a backward through a sum that contains it works and reaches nothing of ppo_ext's."""
     inp = make_inputs(4, 30, seed=9, device=device)
     args = dict(old_log_probs=inp.old.clone(), advantages=inp.adv.clone(), token_weights=inp.weights.clone(),
@@ -276,7 +272,9 @@ class _RecordPolicyLossCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.ppo_ext.policy_loss.default:
-            self.calls.append((args[-1], out[3].numel()))  # compute_grad, elements of the token gradient
+            # compute_grad (trailing arguments equal to their default are not passed), elements of token_grad
+            given = dict(zip([a.name for a in func._schema.arguments], args), **(kwargs or {}))
+            self.calls.append((given.get("compute_grad", True), out[3].numel()))
         return out
 
 
@@ -323,3 +321,60 @@ def test_inputs_are_not_modified(device, importance_sampling, dtype):
         assert same_bits(t.detach(), before), f"{k} was modified"
         assert t._version == version, f"{k} was written in place (version {version} -> {t._version})"
         assert t.stride() == stride
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One list of names (ppo_ext.names): the reference's copy and the C++ op agree with it
+
+
+NAME_LISTS = ("LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES")
+
+
+def test_reference_names_are_ppo_ext_names():
+    """ppo_ext.reference keeps its own copy (it imports nothing but torch): the same names in the same order;
+    ppo_ext exports the names module's tuples, and its indices follow them."""
+    for name in NAME_LISTS:
+        names = getattr(ppo_ext.names, name)
+        assert getattr(ppo_ext.reference, name) == names, name
+        assert isinstance(names, tuple) and len(set(names)) == len(names) and all(isinstance(n, str) for n in names)
+    assert ppo_ext.METRIC_NAMES is ppo_ext.names.METRIC_NAMES and ppo_ext.COUNT_NAMES is ppo_ext.names.COUNT_NAMES
+    assert ppo_ext.names.METRIC_INDEX == {n: i for i, n in enumerate(ppo_ext.names.METRIC_NAMES)}
+    assert ppo_ext.names.COUNT_INDEX == {n: i for i, n in enumerate(ppo_ext.names.COUNT_NAMES)}
+
+
+def _op_kwargs(inp, **options):
+    """Every argument of the raw op ppo_ext::policy_loss, by name."""
+    kw = dict(log_probs=inp.lp, old_log_probs=inp.old, advantages=inp.adv, mask=inp.mask, token_weights=inp.weights,
+              num_tokens=None, num_seqs=None, loss_scale_factor=None, num_tokens_value=None, num_seqs_value=None,
+              loss_scale_factor_value=None, clip_low=0.2, clip_high=0.28, dual_clip=None, log_ratio_clamp=None,
+              importance_sampling="token", loss_agg_mode="token-mean", compute_grad=False)
+    kw.update(options)
+    return kw
+
+
+OPTION_NAMES = {"loss_agg_mode": ppo_ext.names.LOSS_AGG_MODES,
+                "importance_sampling": ppo_ext.names.IMPORTANCE_SAMPLING_LEVELS}
+
+
+@pytest.mark.parametrize("option", list(OPTION_NAMES))
+def test_op_refuses_an_unknown_name_listing_the_names(device, option):
+    """The C++ op's own list of names (csrc/checks.cpp) is ppo_ext.names': its error for an unknown name says
+    `<option> must be one of "a", "b", got "x"`, listing exactly those names, in order."""
+    names = OPTION_NAMES[option]
+    inp = make_inputs(3, 5, seed=20, device=device)
+    with pytest.raises(ValueError) as excinfo:
+        torch.ops.ppo_ext.policy_loss(**_op_kwargs(inp, **{option: "no-such-name"}))
+    match = re.search(f'{option} must be one of ((?:"[^"]*", )*"[^"]*"), got "no-such-name"', str(excinfo.value))
+    assert match, f"unexpected message: {excinfo.value}"
+    assert tuple(re.findall(r'"([^"]*)"', match.group(1))) == names, match.group(1)
+    for name in names:  # and it takes every one of them
+        torch.ops.ppo_ext.policy_loss(**_op_kwargs(inp, **{option: name}))
+
+
+def test_op_returns_a_metric_and_a_count_per_name(device):
+    inp = make_inputs(3, 5, seed=21, device=device)
+    _, metrics, counts, _, _ = torch.ops.ppo_ext.policy_loss(**_op_kwargs(inp))
+    assert metrics.shape == (len(ppo_ext.names.METRIC_NAMES),) and metrics.dtype == torch.float32
+    assert counts.shape == (len(ppo_ext.names.COUNT_NAMES),) and counts.dtype == torch.int64
+    out = ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights)
+    assert tuple(out.metrics) == ppo_ext.names.METRIC_NAMES

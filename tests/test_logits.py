@@ -3,15 +3,11 @@ the reference loss: log-probs, entropy, loss, metrics, counts and the gradient w
 sizes 1 to 151,936, strided rows, temperature, masked rows, bf16/fp16, in-place backward, label errors,
 opcheck, gradcheck, torch.compile."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import ppo_ext
-from helpers import CLIP_HIGH, CLIP_LOW, DUAL_CLIP, make_inputs, options, same_bits
+from helpers import CLIP_HIGH, CLIP_LOW, DUAL_CLIP, make_inputs, options, run_with_cpu_capability, same_bits
 from ppo_ext.reference import policy_loss_reference
 
 LP_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5),
@@ -447,8 +443,4 @@ print("ok")
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_cpu_instruction_sets(capability):
     """The scalar and AVX2 CPU kernels (the widest one runs in every other test) against the reference."""
-    env = dict(os.environ, PPO_EXT_CPU_CAPABILITY=capability)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_with_cpu_capability(capability, _ISA_SCRIPT)

@@ -1,20 +1,19 @@
-"""ppo_ext.policy_loss against the float64 reference of SPEC.md, on every device: every option,
+"""ppo_ext.policy_loss against the float64 reference of docs/SPEC.md, on every device: every option,
 dtype, layout and normaliser; gradients (gradcheck and autograd of the reference); opcheck;
 torch.compile; the seed's worked examples; determinism."""
 
 import itertools
 import math
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
 import torch
 
 import ppo_ext
-from helpers import (ADV_SHAPES, AGG_MODES, IS_MODES, MASK_KINDS, Inputs, bitwise_equal_outputs,
-                     check_against_reference, make_inputs, options, run_ext, run_ref, same_bits)
+from helpers import (ADV_SHAPES, AGG_MODES, CPU_CAPABILITIES, IS_MODES, MASK_KINDS, NO_TOKEN_METRICS, Inputs,
+                     bitwise_equal_outputs, check_against_reference, counts_by_name, make_inputs, options, run_ext,
+                     run_ref, run_with_cpu_capability, same_bits)
+from ppo_ext.names import COUNT_NAMES, METRIC_NAMES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -78,7 +77,8 @@ def test_on_policy_ratio_is_one(device):
     ext, grad, ref, ref_grad = check_against_reference(inp, **options("token"))
     for k in ("ratio_mean", "ratio_min", "ratio_max"):
         assert ext.metrics[k].item() == 1.0
-    assert ext.counts[2:].tolist() == [0, 0, 0, 0]
+    c = counts_by_name(ext.counts)
+    assert [c[k] for k in ("clipped_low", "clipped_high", "clipped_active", "dual_clipped")] == [0, 0, 0, 0]
     valid = inp.mask.cpu()
     expected = -(inp.adv * inp.weights).double().cpu()[valid].sum() / valid.sum()
     assert math.isclose(ext.loss.item(), expected.item(), rel_tol=1e-5)
@@ -109,8 +109,8 @@ def test_zero_denominator_gives_zero_loss_and_gradient(device, agg):
     inp.mask = torch.zeros_like(inp.mask)
     ext, grad = run_ext(inp, loss_agg_mode=agg)
     assert ext.loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
-    assert ext.counts.tolist() == [0] * 6
-    assert [ext.metrics[k].item() for k in ppo_ext.METRIC_NAMES] == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert ext.counts.tolist() == [0] * len(COUNT_NAMES)
+    assert {k: ext.metrics[k].item() for k in METRIC_NAMES} == NO_TOKEN_METRICS
     # A given normaliser of 0 too.
     inp = make_inputs(4, 20, seed=5, device=device)
     ext, grad = run_ext(inp, loss_agg_mode=agg, num_tokens=0, num_seqs=torch.tensor(0, device=device),
@@ -187,7 +187,7 @@ def test_masked_positions_get_zero_gradient(device):
 
 
 # --------------------------------------------------------------------------------------------
-# The seed's worked examples (seed/000_cd3f8a46b0f166e6.txt), numbers derived here from the formulas.
+# The seed's worked examples (docs/SPEC.md, "Worked examples"), numbers derived here from the formulas.
 
 SEED_LP = [[-0.5, -1.2, -0.8, -2.0], [-1.0, -0.4, -1.5, -0.9]]
 SEED_OLD = [[-0.6, -1.1, -1.1, -2.1], [-1.3, -0.5, -1.4, -0.9]]
@@ -200,7 +200,8 @@ def test_seed_clipfrac_example(device):
     out = ppo_ext.policy_loss(lp, old, torch.ones_like(lp), clip_low=0.2)
     low, high = (ratio < 0.8).sum().item(), (ratio > 1.2).sum().item()
     assert (low, high) == (1, 1)
-    assert out.counts[2:4].tolist() == [low, high]
+    c = counts_by_name(out.counts)
+    assert [c["clipped_low"], c["clipped_high"]] == [low, high]
     assert out.metrics["clipfrac"].item() == pytest.approx((low + high) / 8)
     assert out.metrics["clipfrac_low"].item() == pytest.approx(1 / 8)
     assert out.metrics["clipfrac_high"].item() == pytest.approx(1 / 8)
@@ -215,7 +216,7 @@ def test_seed_token_ratio_example(device):
     assert out.metrics["ratio_mean"].item() == pytest.approx(sum(r) / 8, rel=1e-6)
     assert out.metrics["ratio_min"].item() == pytest.approx(min(r), rel=1e-6)
     assert out.metrics["ratio_max"].item() == pytest.approx(max(r), rel=1e-6)
-    assert out.counts[3].item() == sum(x > 1.2 for x in r) == 2
+    assert counts_by_name(out.counts)["clipped_high"] == sum(x > 1.2 for x in r) == 2
 
 
 def test_seed_sequence_ratio_example(device):
@@ -232,7 +233,8 @@ def test_seed_sequence_ratio_example(device):
     assert out.metrics["ratio_min"].item() == pytest.approx(r[1], rel=1e-6)
     assert out.metrics["ratio_max"].item() == pytest.approx(r[0], rel=1e-6)
     assert out.metrics["ratio_mean"].item() == pytest.approx((3 * r[0] + 4 * r[1]) / 7, rel=1e-6)
-    assert out.counts[:2].tolist() == [7, 2]
+    c = counts_by_name(out.counts)
+    assert [c["valid_tokens"], c["valid_seqs"]] == [7, 2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def test_seed_sequence_ratio_example(device):
 @pytest.mark.parametrize("agg", AGG_MODES)
 @pytest.mark.parametrize("is_mode", IS_MODES)
 def test_gradcheck(device, is_mode, agg):
-    # seq-token's gradient is by definition not the derivative of its value (SPEC: stop-gradient), except
+    # seq-token's gradient is by definition not the derivative of its value (docs/SPEC.md: stop-gradient), except
     # where w*A is constant within each row: there gradcheck applies to it too.
     constant_row = is_mode == "seq-token"
     inp = make_inputs(4, 9, seed=_seed("gc", is_mode, agg), device=device, dtype=torch.float64, margin=1e-3,
@@ -416,14 +418,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "native"])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_cpu_instruction_sets(capability):
     """Each CPU kernel (scalar, AVX2, the widest the machine has) against the reference."""
-    env = dict(os.environ)
-    env.pop("PPO_EXT_CPU_CAPABILITY", None)
-    if capability != "native":
-        env["PPO_EXT_CPU_CAPABILITY"] = capability
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join([here] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_with_cpu_capability(capability, _ISA_SCRIPT)

@@ -11,10 +11,27 @@
 
 #include "../checks.h"
 #include "log_probs_cpu.h"
-#include "policy_loss_cpu.h"
 
 namespace ppo_ext::cpu {
 namespace {
+
+// Raises a ValueError naming labels and the first position out of [0, V) (on the CPU: no synchronisation;
+// on CUDA an out-of-range label gives a NaN log-prob, see log_probs_kernels.cuh).
+void check_labels_in_range(const at::Tensor& labels, const LogitsLayout& l) {
+  const int64_t* p = labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < l.B; ++i) {
+    for (int64_t t = 0; t < l.T; ++t) {
+      const int64_t label = p[i * l.label_stride_b + t * l.label_stride_t];
+      if (label >= 0 && label < l.V) continue;
+      if (labels.dim() == 2) {
+        TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
+                          " (the last dimension of logits), got labels[", i, ", ", t, "] = ", label);
+      }
+      TORCH_CHECK_VALUE(false, "labels must be token ids in [0, V) with V = ", l.V,
+                        " (the last dimension of logits), got labels[", i, "] = ", label);
+    }
+  }
+}
 
 LogitRows logit_rows(const at::Tensor& logits, const at::Tensor& labels, const LogitsLayout& l, double temperature) {
   LogitRows r;
@@ -31,18 +48,14 @@ LogitRows logit_rows(const at::Tensor& logits, const at::Tensor& labels, const L
 TokenLogProbsOutputs token_log_probs_cpu(const at::Tensor& logits, const at::Tensor& labels, double temperature,
                                          bool compute_entropy, bool /*inplace_backward: for the autograd formula*/) {
   const LogitsLayout layout = check_token_log_probs_args(logits, labels, temperature);
-  check_labels_in_range_cpu(labels, layout);
+  check_labels_in_range(labels, layout);
   auto [log_probs, logsumexp, entropy] = empty_token_log_probs_outputs(logits, labels, compute_entropy);
   LogProbsArgs args;
   args.rows = logit_rows(logits, labels, layout, temperature);
   args.log_probs = log_probs.mutable_data_ptr();
   args.logsumexp = logsumexp.mutable_data_ptr();
   args.entropy = compute_entropy ? entropy.mutable_data_ptr() : nullptr;
-  switch (capability()) {
-    case Capability::Avx512: AVX512::token_log_probs_kernel(args); break;
-    case Capability::Avx2: AVX2::token_log_probs_kernel(args); break;
-    default: DEFAULT::token_log_probs_kernel(args);
-  }
+  PPO_EXT_CPU_DISPATCH(token_log_probs_kernel, args);
   return {log_probs, logsumexp, entropy};
 }
 
@@ -50,7 +63,7 @@ TokenLogProbsOutputs token_log_probs_cpu(const at::Tensor& logits, const at::Ten
 void run_backward(const at::Tensor& grad_log_probs, const at::Tensor& logits, const at::Tensor& labels,
                   const at::Tensor& logsumexp, double temperature, const LogitsLayout& layout, void* out,
                   int64_t out_stride_b, int64_t out_stride_t) {
-  check_labels_in_range_cpu(labels, layout);
+  check_labels_in_range(labels, layout);
   const auto acc = acc_type_for(logits.scalar_type());
   const at::Tensor grad = grad_log_probs.to(acc).contiguous();  // e.g. the expanded gradient of a sum()
   const at::Tensor lse = logsumexp.contiguous();
@@ -61,11 +74,7 @@ void run_backward(const at::Tensor& grad_log_probs, const at::Tensor& logits, co
   args.out = out;
   args.out_stride_b = out_stride_b;
   args.out_stride_t = out_stride_t;
-  switch (capability()) {
-    case Capability::Avx512: AVX512::token_log_probs_backward_kernel(args); break;
-    case Capability::Avx2: AVX2::token_log_probs_backward_kernel(args); break;
-    default: DEFAULT::token_log_probs_backward_kernel(args);
-  }
+  PPO_EXT_CPU_DISPATCH(token_log_probs_backward_kernel, args);
 }
 
 // A fresh logits-sized gradient is first touched by the kernel, page by page: with 4 KiB pages the page

@@ -1,11 +1,12 @@
 // Interface between the CPU ops of token_log_probs (log_probs_cpu.cpp) and their kernels, which are
-// compiled once per instruction set (log_probs_cpu_kernel.h, included by policy_loss_cpu_{default,avx2,
-// avx512}.cpp).
+// compiled once per instruction set (log_probs_cpu_kernel.h, included by kernels_{default,avx2,avx512}.cpp).
 #pragma once
 
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
+
+#include "capability.h"
 
 namespace ppo_ext::cpu {
 
@@ -41,14 +42,13 @@ struct LogProbsBackwardArgs {
   int64_t out_stride_b = 0, out_stride_t = 0;
 };
 
-#define PPO_EXT_DECLARE_LOG_PROBS_KERNELS(capability)                       \
-  namespace capability {                                                    \
-  void token_log_probs_kernel(const LogProbsArgs& args);                    \
-  void token_log_probs_backward_kernel(const LogProbsBackwardArgs& args);   \
+// One instantiation per instruction set (capability.h).
+#define PPO_EXT_DECLARE_LOG_PROBS_KERNELS(capability)                    \
+  namespace capability {                                                 \
+  void token_log_probs_kernel(const LogProbsArgs& args);                 \
+  void token_log_probs_backward_kernel(const LogProbsBackwardArgs& args); \
   }
-PPO_EXT_DECLARE_LOG_PROBS_KERNELS(DEFAULT)
-PPO_EXT_DECLARE_LOG_PROBS_KERNELS(AVX2)
-PPO_EXT_DECLARE_LOG_PROBS_KERNELS(AVX512)
+PPO_EXT_FOR_EACH_CPU_CAPABILITY(PPO_EXT_DECLARE_LOG_PROBS_KERNELS)
 #undef PPO_EXT_DECLARE_LOG_PROBS_KERNELS
 
 }  // namespace ppo_ext::cpu

@@ -1,6 +1,6 @@
-// The CPU kernels of ppo_ext::token_log_probs and its backward. Included, after policy_loss_cpu_kernel.h,
-// by the one source file per instruction set (policy_loss_cpu_{default,avx2,avx512}.cpp), each defining
-// CPU_CAPABILITY first; log_probs_cpu.cpp picks one at run time.
+// The CPU kernels of ppo_ext::token_log_probs and its backward. Included by the one source file per
+// instruction set (kernels_{default,avx2,avx512}.cpp, see instruction_set.h); log_probs_cpu.cpp picks one
+// at run time (capability.h).
 //
 // Threads take whole rows (at::parallel_for over B*T rows), and a row is computed by one thread in a
 // fixed order, so results do not depend on the number of threads. A row is streamed through L1 in tiles

@@ -4,28 +4,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string_view>
-
 #include "../checks.h"
+#include "capability.h"
 #include "policy_loss_cpu.h"
 
 namespace ppo_ext::cpu {
-
-Capability capability() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  const char* forced_env = std::getenv("PPO_EXT_CPU_CAPABILITY");
-  const std::string_view forced = forced_env ? forced_env : "";
-  if (forced == "default") return Capability::Default;
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  if (avx512 && forced != "avx2") return Capability::Avx512;
-  return avx2 ? Capability::Avx2 : Capability::Default;
-#else
-  return Capability::Default;
-#endif
-}
 
 namespace {
 
@@ -33,58 +16,38 @@ StridedInput strided(const at::Tensor& t) {
   return {t.const_data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
 }
 
-StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
+StridedInput strided(const OptionalTensor& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
 
-Partials run_policy_loss_kernel(const KernelArgs& args) {
-  switch (capability()) {
-    case Capability::Avx512: return AVX512::policy_loss_kernel(args);
-    case Capability::Avx2: return AVX2::policy_loss_kernel(args);
-    default: return DEFAULT::policy_loss_kernel(args);
-  }
+// A tensor normaliser is read here, on the CPU (no synchronisation), and checked as numbers are.
+Normaliser read_normaliser(const NormaliserArg& n, const char* name) {
+  if (!n.tensor.has_value()) return n.number;
+  const double value = n.tensor->item<double>();
+  check_normaliser_value(value, name);
+  return {true, value};
 }
 
-Normaliser read_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value, const char* name) {
-  if (tensor.has_value()) return {true, checked_cpu_normaliser(*tensor, name)};
-  return {value.has_value(), value.value_or(0.0)};
-}
+PolicyLossOutputs policy_loss_cpu(const PolicyLossArgs& a) {
+  at::Tensor loss, metrics, counts, token_grad, grad_scale;  // not structured bindings: the lambda below uses them
+  std::tie(loss, metrics, counts, token_grad, grad_scale) = empty_policy_loss_outputs(a.log_probs, a.compute_grad);
+  PolicyLossKernelArgs args;
+  args.log_probs = strided(a.log_probs);
+  args.old_log_probs = strided(a.old_log_probs);
+  args.advantages = {a.advantages.const_data_ptr(), a.advantages.scalar_type(), a.advantages_row_stride,
+                     a.advantages_col_stride};
+  args.mask = strided(a.mask);
+  args.token_weights = strided(a.token_weights);
+  args.B = a.B;
+  args.T = a.T;
+  args.options = a.options;
+  args.token_grad = a.compute_grad ? token_grad.mutable_data_ptr() : nullptr;
+  const Normaliser tokens = read_normaliser(a.num_tokens, "num_tokens");
+  const Normaliser seqs = read_normaliser(a.num_seqs, "num_seqs");
+  const Normaliser scale = read_normaliser(a.loss_scale_factor, "loss_scale_factor");
+  const Partials sums = PPO_EXT_CPU_DISPATCH(policy_loss_kernel, args);
 
-PolicyLossOutputs policy_loss_cpu(
-    const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& token_weights,
-    const std::optional<at::Tensor>& num_tokens, const std::optional<at::Tensor>& num_seqs,
-    const std::optional<at::Tensor>& loss_scale_factor, std::optional<double> num_tokens_value,
-    std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
-    double clip_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
-    c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad) {
-  const LossOptions options = check_policy_loss_args(
-      log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
-      num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
-      std::string_view(importance_sampling.data(), importance_sampling.size()),
-      std::string_view(loss_agg_mode.data(), loss_agg_mode.size()));
-  const int64_t B = log_probs.size(0), T = log_probs.size(1);
-  const auto acc_dtype = acc_type_for(log_probs.scalar_type());
-  at::Tensor loss, metrics, counts, token_grad, grad_scale;
-  std::tie(loss, metrics, counts, token_grad, grad_scale) = empty_policy_loss_outputs(log_probs, compute_grad);
-
-  KernelArgs args;
-  args.log_probs = strided(log_probs);
-  args.old_log_probs = strided(old_log_probs);
-  args.advantages = {advantages.const_data_ptr(), advantages.scalar_type(), advantage_strides(advantages).first,
-                     advantage_strides(advantages).second};
-  args.mask = strided(mask);
-  args.token_weights = strided(token_weights);
-  args.B = B;
-  args.T = T;
-  args.options = options;
-  args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
-  const Normaliser tokens = read_normaliser(num_tokens, num_tokens_value, "num_tokens");
-  const Normaliser seqs = read_normaliser(num_seqs, num_seqs_value, "num_seqs");
-  const Normaliser scale = read_normaliser(loss_scale_factor, loss_scale_factor_value, "loss_scale_factor");
-  const Partials sums = run_policy_loss_kernel(args);
-
-  const double denominator = math::loss_denominator(options.loss_agg_mode, tokens, seqs, scale,
-                                                    sums.counts[kValidTokens], sums.counts[kValidSeqs], T);
-  AT_DISPATCH_V2(acc_dtype, "ppo_ext_cpu_finalize", AT_WRAP([&] {
+  const double denominator = math::loss_denominator(a.options.loss_agg_mode, tokens, seqs, scale,
+                                                    sums.counts[kValidTokens], sums.counts[kValidSeqs], a.T);
+  AT_DISPATCH_V2(acc_type_for(a.log_probs.scalar_type()), "ppo_ext_cpu_finalize", AT_WRAP([&] {
     math::finalize<scalar_t>(sums, denominator, loss.mutable_data_ptr<scalar_t>(),
                              grad_scale.mutable_data_ptr<scalar_t>(), metrics.mutable_data_ptr<float>(),
                              counts.mutable_data_ptr<int64_t>());
@@ -114,7 +77,7 @@ at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ppo_ext, CPU, m) {
-  m.impl("policy_loss", &policy_loss_cpu);
+  m.impl("policy_loss", checked_policy_loss<&policy_loss_cpu>);
   m.impl("policy_loss_backward", &policy_loss_backward_cpu);
 }
 

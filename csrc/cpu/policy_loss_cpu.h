@@ -5,6 +5,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "../policy_loss.h"
+#include "capability.h"
 
 namespace ppo_ext::cpu {
 
@@ -17,25 +18,19 @@ struct StridedInput {
   int64_t col_stride = 0;
 };
 
-struct KernelArgs {
+struct PolicyLossKernelArgs {
   StridedInput log_probs, old_log_probs, advantages, mask, token_weights;
   int64_t B = 0, T = 0;
   LossOptions options{};
   void* token_grad = nullptr;  // (B, T) contiguous, float32 (float64 for float64 log_probs); null: no gradient
 };
 
-// One instantiation per instruction set, in namespaces named as ATen's CPU_CAPABILITY.
-#define PPO_EXT_DECLARE_CPU_KERNELS(capability)                                                       \
-  namespace capability {                                                                              \
-  Partials policy_loss_kernel(const KernelArgs& args);                                                \
+// One instantiation per instruction set (capability.h).
+#define PPO_EXT_DECLARE_POLICY_LOSS_KERNEL(capability)            \
+  namespace capability {                                          \
+  Partials policy_loss_kernel(const PolicyLossKernelArgs& args);  \
   }
-PPO_EXT_DECLARE_CPU_KERNELS(DEFAULT)
-PPO_EXT_DECLARE_CPU_KERNELS(AVX2)
-PPO_EXT_DECLARE_CPU_KERNELS(AVX512)
-#undef PPO_EXT_DECLARE_CPU_KERNELS
-
-// The widest instruction set the CPU has, unless PPO_EXT_CPU_CAPABILITY (default, avx2) asks for less.
-enum class Capability { Default, Avx2, Avx512 };
-Capability capability();
+PPO_EXT_FOR_EACH_CPU_CAPABILITY(PPO_EXT_DECLARE_POLICY_LOSS_KERNEL)
+#undef PPO_EXT_DECLARE_POLICY_LOSS_KERNEL
 
 }  // namespace ppo_ext::cpu

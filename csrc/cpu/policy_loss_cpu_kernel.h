@@ -1,5 +1,6 @@
-// The CPU kernels. Included by one source file per instruction set, each defining CPU_CAPABILITY
-// first (DEFAULT or AVX2), as ATen compiles its own CPU kernels; policy_loss_cpu.cpp picks one at run time.
+// The CPU kernel of ppo_ext::policy_loss. Included by the one source file per instruction set
+// (kernels_{default,avx2,avx512}.cpp, see instruction_set.h); policy_loss_cpu.cpp picks one at run time
+// (capability.h).
 //
 // Work split: the rows are cut into chunks of about kChunkTokens tokens that depend only on (B, T);
 // threads take whole chunks, each chunk sums into its own Partials, and the chunks are combined in
@@ -49,7 +50,7 @@ class PolicyLossKernel {
   // Per-thread buffers for the inputs of one tile, converted to acc_t. Absent weights keep their
   // constant 1 from the start; an absent mask reads all_valid.
   struct Tile {
-    explicit Tile(const KernelArgs& a) {
+    explicit Tile(const PolicyLossKernelArgs& a) {
       std::fill(all_valid, all_valid + kTile, acc_t(1));
       if (a.token_weights.data == nullptr) std::fill(weights, weights + kTile, acc_t(1));
     }
@@ -67,7 +68,7 @@ class PolicyLossKernel {
   };
 
  public:
-  explicit PolicyLossKernel(const KernelArgs& args) : a_(args), o_(args.options) {}
+  explicit PolicyLossKernel(const PolicyLossKernelArgs& args) : a_(args), o_(args.options) {}
 
   Partials run() const {
     const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkTokens / std::max<int64_t>(a_.T, 1));
@@ -249,11 +250,11 @@ class PolicyLossKernel {
     }
   }
 
-  const KernelArgs& a_;
+  const PolicyLossKernelArgs& a_;
   const LossOptions& o_;
 };
 
-Partials policy_loss_kernel(const KernelArgs& args) {
+Partials policy_loss_kernel(const PolicyLossKernelArgs& args) {
   if (args.log_probs.dtype == at::kDouble) return PolicyLossKernel<double>(args).run();
   return PolicyLossKernel<float>(args).run();
 }

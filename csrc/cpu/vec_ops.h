@@ -1,6 +1,6 @@
 // The Ops policy of the shared math (policy_loss.h, log_softmax.h) on at::vec::Vectorized lanes, for the
 // CPU kernels. Included by the kernel headers, which are compiled once per instruction set with
-// CPU_CAPABILITY defined (see policy_loss_cpu_{default,avx2,avx512}.cpp).
+// CPU_CAPABILITY defined (kernels_{default,avx2,avx512}.cpp).
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>

@@ -54,59 +54,46 @@ using kernel_scalar_t = typename KernelScalar<scalar_t>::type;
 inline StridedInput strided(const at::Tensor& t) {
   return {t.const_data_ptr(), dtype_code(t.scalar_type()), t.stride(0), t.stride(1)};
 }
-inline StridedInput strided(const std::optional<at::Tensor>& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
+inline StridedInput strided(const OptionalTensor& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
 
-inline DeviceNormaliser device_normaliser(const std::optional<at::Tensor>& tensor, std::optional<double> value) {
-  if (tensor.has_value()) return {tensor->const_data_ptr(), dtype_code(tensor->scalar_type()), true, 0.0};
-  return {nullptr, DType::F32, value.has_value(), value.value_or(0.0)};
+// A tensor normaliser is read by the kernel's last block, on the device.
+inline DeviceNormaliser device_normaliser(const NormaliserArg& n) {
+  if (n.tensor.has_value()) return {n.tensor->const_data_ptr(), dtype_code(n.tensor->scalar_type()), true, 0.0};
+  return {nullptr, DType::F32, n.number.given, n.number.value};
 }
 
 template <typename Launcher>
-PolicyLossOutputs policy_loss_device(
-    const at::Tensor& log_probs, const std::optional<at::Tensor>& old_log_probs, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& token_weights,
-    const std::optional<at::Tensor>& num_tokens, const std::optional<at::Tensor>& num_seqs,
-    const std::optional<at::Tensor>& loss_scale_factor, std::optional<double> num_tokens_value,
-    std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
-    double clip_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
-    c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad) {
-  const LossOptions options = check_policy_loss_args(
-      log_probs, old_log_probs, advantages, mask, token_weights, num_tokens, num_seqs, loss_scale_factor,
-      num_tokens_value, num_seqs_value, loss_scale_factor_value, clip_low, clip_high, dual_clip, log_ratio_clamp,
-      std::string_view(importance_sampling.data(), importance_sampling.size()),
-      std::string_view(loss_agg_mode.data(), loss_agg_mode.size()));
-  const Launcher launcher(log_probs);
-  const int64_t B = log_probs.size(0), T = log_probs.size(1);
-  auto [loss, metrics, counts, token_grad, grad_scale] = empty_policy_loss_outputs(log_probs, compute_grad);
+PolicyLossOutputs policy_loss_device(const PolicyLossArgs& a) {
+  const Launcher launcher(a.log_probs);
+  auto [loss, metrics, counts, token_grad, grad_scale] = empty_policy_loss_outputs(a.log_probs, a.compute_grad);
 
-  const int blocks = policy_loss_blocks(B, launcher.sm_count());
+  const int blocks = policy_loss_blocks(a.B, launcher.sm_count());
   const PolicyLossWorkspace layout = policy_loss_workspace(blocks);
-  at::Tensor workspace = at::empty({layout.bytes}, log_probs.options().dtype(at::kByte));
+  at::Tensor workspace = at::empty({layout.bytes}, a.log_probs.options().dtype(at::kByte));
   auto* workspace_bytes = static_cast<uint8_t*>(workspace.mutable_data_ptr());
-  PolicyLossArgs args;
-  args.log_probs = strided(log_probs);
-  args.old_log_probs = strided(old_log_probs);
-  const auto adv_strides = advantage_strides(advantages);
-  args.advantages = {advantages.const_data_ptr(), dtype_code(advantages.scalar_type()), adv_strides.first,
-                     adv_strides.second};
-  args.mask = strided(mask);
-  args.token_weights = strided(token_weights);
-  args.B = B;
-  args.T = T;
-  args.options = options;
-  args.token_grad = compute_grad ? token_grad.mutable_data_ptr() : nullptr;
+  PolicyLossKernelArgs args;
+  args.log_probs = strided(a.log_probs);
+  args.old_log_probs = strided(a.old_log_probs);
+  args.advantages = {a.advantages.const_data_ptr(), dtype_code(a.advantages.scalar_type()), a.advantages_row_stride,
+                     a.advantages_col_stride};
+  args.mask = strided(a.mask);
+  args.token_weights = strided(a.token_weights);
+  args.B = a.B;
+  args.T = a.T;
+  args.options = a.options;
+  args.token_grad = a.compute_grad ? token_grad.mutable_data_ptr() : nullptr;
   args.partials = reinterpret_cast<Partials*>(workspace_bytes);
   args.blocks_done = reinterpret_cast<unsigned int*>(workspace_bytes + layout.counter_offset);
-  args.num_tokens = device_normaliser(num_tokens, num_tokens_value);
-  args.num_seqs = device_normaliser(num_seqs, num_seqs_value);
-  args.loss_scale_factor = device_normaliser(loss_scale_factor, loss_scale_factor_value);
+  args.num_tokens = device_normaliser(a.num_tokens);
+  args.num_seqs = device_normaliser(a.num_seqs);
+  args.loss_scale_factor = device_normaliser(a.loss_scale_factor);
   args.loss = loss.mutable_data_ptr();
   args.grad_scale = grad_scale.mutable_data_ptr();
   args.metrics = metrics.mutable_data_ptr<float>();
   args.counts = counts.mutable_data_ptr<int64_t>();
 
   launcher.zero(args.blocks_done, sizeof(unsigned int));
-  AT_DISPATCH_FLOATING_TYPES(acc_type_for(log_probs.scalar_type()), "ppo_ext_policy_loss_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc_type_for(a.log_probs.scalar_type()), "ppo_ext_policy_loss_cuda", [&] {
     launcher.launch(&policy_loss_kernel<scalar_t>, blocks, kThreads, args);
   });
   return {loss, metrics, counts, token_grad, grad_scale};

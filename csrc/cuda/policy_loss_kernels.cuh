@@ -59,7 +59,7 @@ __device__ __forceinline__ bool is_valid(const StridedInput& mask, int64_t i, in
   return load_element<float>(mask.data, mask.dtype, k) != 0.0f;
 }
 
-struct PolicyLossArgs {
+struct PolicyLossKernelArgs {
   StridedInput log_probs, old_log_probs, advantages, mask, token_weights;
   int64_t B, T;
   LossOptions options;
@@ -131,7 +131,7 @@ __device__ __forceinline__ Partials load_partials(const Partials* p) {
 // Run by the first warp of the last block: lane k combines partials k, k + 32, ... in order, then
 // lane 0 combines the 32 lane results in order, so the sum is the same on every run.
 template <typename acc_t>
-__device__ void finalize_warp(const PolicyLossArgs& a, int num_partials) {
+__device__ void finalize_warp(const PolicyLossKernelArgs& a, int num_partials) {
   __shared__ Partials lane_totals[32];
   Partials total;
   math::init_partials(total);
@@ -148,7 +148,7 @@ __device__ void finalize_warp(const PolicyLossArgs& a, int num_partials) {
 }
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossArgs a) {
+__global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossKernelArgs a) {
   using Ops = math::ScalarOps<acc_t>;
   __shared__ double scratch_d[kWarps];
   __shared__ long long scratch_i[kWarps];

@@ -13,7 +13,7 @@ document) under their keys. Inside ``loss_func``::
         log_probs, old_log_probs, advantages, final_response_mask, self.pipeline_config,
         sample_weights=sample_weights)
 
-How ROLL's options map onto ppo_ext's (SPEC.md):
+How ROLL's options map onto ppo_ext's (docs/SPEC.md):
 
 - clip: ``clip_low = pg_clip_low if use_pg_clip_range else pg_clip`` (``clip_high`` likewise);
 - ``importance_sampling="token"``: ``exp(log_probs - old_log_probs)``; ``"seq"``: ``exp`` of the masked
@@ -76,6 +76,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import ppo_ext
+from ppo_ext.names import COUNT_INDEX, IMPORTANCE_SAMPLING_LEVELS, LOSS_AGG_MODES
 
 __all__ = ["compute_policy_loss", "ROLL_DEFAULTS", "METRIC_KEYS"]
 
@@ -100,7 +101,9 @@ METRIC_KEYS = (
     "actor/approxkl",
     "actor/policykl",
 )
-_LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# ROLL's values: ppo_ext's but "token-sum" (not in ROLL's agg_loss) and "seq-token" (GSPO-token: not in ROLL).
+_LOSS_AGG_MODES = tuple(m for m in LOSS_AGG_MODES if m != "token-sum")
+_LEVELS = tuple(level for level in IMPORTANCE_SAMPLING_LEVELS if level != "seq-token")
 
 
 def _option(name: str, explicit, config):
@@ -175,8 +178,9 @@ def compute_policy_loss(
     dual = bool(_option("dual_clip_loss", dual_clip_loss, config))
     level = _option("importance_sampling", importance_sampling, config)
     mode = _option("loss_agg_mode", loss_agg_mode, config)
-    if level not in ("token", "seq"):
-        raise ValueError(f"importance_sampling must be 'token' or 'seq' (ROLL's values), got {level!r}")
+    if level not in _LEVELS:
+        levels = " or ".join(map(repr, _LEVELS))
+        raise ValueError(f"importance_sampling must be {levels} (ROLL's values), got {level!r}")
     if mode not in _LOSS_AGG_MODES:
         raise ValueError(f"Invalid loss_agg_mode: {mode!r} (ROLL's agg_loss takes {list(_LOSS_AGG_MODES)})")
     if dual and not pg_clip > 0:
@@ -220,7 +224,7 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
     old = lp if old_log_probs is None else old_log_probs.detach()
     valid = response_mask != 0
     n = valid.sum(-1).to(acc)  # valid tokens per row
-    N = out.counts[0]
+    N = out.counts[COUNT_INDEX["valid_tokens"]]
     d = torch.where(valid, lp.to(acc) - old.to(acc), torch.zeros((), dtype=acc, device=lp.device))
     positions = B * T
 
@@ -229,8 +233,8 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
         # Every position counts, padding included: the kernel's counters with no mask.
         every = ppo_ext.policy_loss(lp, old_log_probs, lp.new_zeros(B, dtype=acc), None,
                                     clip_low=clip_low, clip_high=clip_high)
-        low = _div(every.counts[2].to(acc), positions)
-        high = _div(every.counts[3].to(acc), positions)
+        low = _div(every.counts[COUNT_INDEX["clipped_low"]].to(acc), positions)
+        high = _div(every.counts[COUNT_INDEX["clipped_high"]].to(acc), positions)
         row_ratio = None
     else:
         # Each row's ratio fills its T positions; a row without valid token has ratio 1.
@@ -239,7 +243,7 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
         high = _div((row_ratio > 1 + clip_high).sum().to(acc), B)
 
     # actor/clipfrac: the clip-in-force indicator aggregated like the loss.
-    active = out.counts[4].to(acc)
+    active = out.counts[COUNT_INDEX["clipped_active"]].to(acc)
     if mode == "token-mean":
         clipfrac = out.metrics["clipfrac_active"].to(acc)
     elif mode == "seq-mean-token-sum":

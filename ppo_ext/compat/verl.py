@@ -13,7 +13,7 @@ Use inside verl (in every process that builds the actor, e.g. the worker module)
 
 or call the functions directly where verl would call its own.
 
-How verl's options map onto ppo_ext's (see ../../../shared/SPEC.md for the latter):
+How verl's options map onto ppo_ext's (see docs/SPEC.md for the latter):
 
 ========================================  =========================================================
 verl                                      ppo_ext.policy_loss
@@ -62,6 +62,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import ppo_ext
+from ppo_ext.names import LOSS_AGG_MODES
 
 __all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "register",
            "VANILLA_NAME", "GSPO_NAME", "VANILLA_LOG_RATIO_CLAMP", "GSPO_LOG_RATIO_CLAMP"]
@@ -71,8 +72,7 @@ GSPO_NAME = "ppo_ext_gspo"
 VANILLA_LOG_RATIO_CLAMP = 20.0  # verl: torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
 GSPO_LOG_RATIO_CLAMP = 10.0  # verl: torch.clamp(log_seq_importance_ratio, max=10.0)
 _GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
-_LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
-                   "seq-mean-token-sum-norm")
+_LOSS_AGG_MODES = LOSS_AGG_MODES  # verl's agg_loss takes every mode of ppo_ext, under the same names
 _MISSING = object()
 
 

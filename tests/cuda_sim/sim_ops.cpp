@@ -16,6 +16,7 @@
 
 #include <cstring>
 #include <string>
+#include <string_view>
 
 namespace {
 
@@ -180,18 +181,23 @@ void run_example(const std::string& name, at::Tensor out, int64_t blocks, int64_
   if (name == "neighbour_no_barrier") {
     return cuda_sim::launch(grid, block, &neighbour_kernel<false>, p, static_cast<int>(salt));
   }
-  if (name == "divergent_barrier") return cuda_sim::launch(grid, block, &divergent_barrier_kernel, p);
-  if (name == "barrier_after_exit") return cuda_sim::launch(grid, block, &barrier_after_exit_kernel, p);
-  if (name == "partial_barrier") return cuda_sim::launch(grid, block, &partial_barrier_kernel, p);
-  if (name == "shuffle_outside_mask") return cuda_sim::launch(grid, block, &shuffle_outside_mask_kernel, p);
-  if (name == "lane_not_in_mask") return cuda_sim::launch(grid, block, &lane_not_in_mask_kernel, p);
-  if (name == "shuffle_after_exit") return cuda_sim::launch(grid, block, &shuffle_after_exit_kernel, p);
-  if (name == "masks_disagree") return cuda_sim::launch(grid, block, &masks_disagree_kernel, p);
-  if (name == "shuffle_beside_barrier") return cuda_sim::launch(grid, block, &shuffle_beside_barrier_kernel, p);
-  if (name == "warp_sum") return cuda_sim::launch(grid, block, &warp_sum_kernel, p);
-  if (name == "disjoint_syncwarp") return cuda_sim::launch(grid, block, &disjoint_syncwarp_kernel, p);
-  if (name == "spin_on_flag") return cuda_sim::launch(grid, block, &spin_on_flag_kernel, p);
-  if (name == "spin_forever") return cuda_sim::launch(grid, block, &spin_forever_kernel, p);
+  static const std::pair<std::string_view, void (*)(int*)> kernels[] = {
+      {"divergent_barrier", &divergent_barrier_kernel},
+      {"barrier_after_exit", &barrier_after_exit_kernel},
+      {"partial_barrier", &partial_barrier_kernel},
+      {"shuffle_outside_mask", &shuffle_outside_mask_kernel},
+      {"lane_not_in_mask", &lane_not_in_mask_kernel},
+      {"shuffle_after_exit", &shuffle_after_exit_kernel},
+      {"masks_disagree", &masks_disagree_kernel},
+      {"shuffle_beside_barrier", &shuffle_beside_barrier_kernel},
+      {"warp_sum", &warp_sum_kernel},
+      {"disjoint_syncwarp", &disjoint_syncwarp_kernel},
+      {"spin_on_flag", &spin_on_flag_kernel},
+      {"spin_forever", &spin_forever_kernel},
+  };
+  for (const auto& [kernel_name, kernel] : kernels) {
+    if (name == kernel_name) return cuda_sim::launch(grid, block, kernel, p);
+  }
   TORCH_CHECK_VALUE(false, "no example kernel \"", name, "\"");
 }
 
@@ -200,7 +206,7 @@ void run_example(const std::string& name, at::Tensor out, int64_t blocks, int64_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace ppo_ext::cuda;
   m.doc() = "ppo_ext's CUDA host code and kernels, run on the CPU by tests/cuda_sim";
-  m.def("policy_loss", &policy_loss_device<SimLauncher>);
+  m.def("policy_loss", ppo_ext::checked_policy_loss<&policy_loss_device<SimLauncher>>);
   m.def("policy_loss_backward", &policy_loss_backward_device<SimLauncher>);
   m.def("token_log_probs", &token_log_probs_device<SimLauncher>);
   m.def("token_log_probs_backward", &token_log_probs_backward_device<SimLauncher>);

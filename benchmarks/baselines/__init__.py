@@ -1,0 +1,1 @@
+"""One copy of each framework's eager code that ppo_ext is measured (and, for verl, tested) against."""

@@ -1,0 +1,85 @@
+// The C++ API of ppo_ext, for LibTorch programs: functions that call the ppo_ext ops through the
+// dispatcher (as torchvision's ops do), so they run the CPU or CUDA kernels and the autograd formula
+// that libppo_ext_ops registers. Link libppo_ext_ops (CMake target ppo_ext_ops; the linker must keep it,
+// which the target asks for with --no-as-needed) or load it with torch::ops::load_library first.
+// What the ops compute: docs/SPEC.md. Their schemas, with the defaults used here: csrc/ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace ppo_ext {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// loss (0-dim), metrics (float32, ppo_ext.METRIC_NAMES order), counts (int64, ppo_ext.COUNT_NAMES order),
+// token_grad and grad_scale (saved for the backward).
+using PolicyLossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// log_probs, logsumexp, entropy.
+using TokenLogProbsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The C++ signatures of the ops, argument for argument as the schemas of csrc/ops.cpp.
+using PolicyLossSignature = PolicyLossOutputs(
+    const at::Tensor& log_probs, const OptionalTensor& old_log_probs, const at::Tensor& advantages,
+    const OptionalTensor& mask, const OptionalTensor& token_weights, const OptionalTensor& num_tokens,
+    const OptionalTensor& num_seqs, const OptionalTensor& loss_scale_factor, std::optional<double> num_tokens_value,
+    std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
+    std::optional<double> clip_high, std::optional<double> dual_clip, std::optional<double> log_ratio_clamp,
+    c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad);
+using PolicyLossBackwardSignature = at::Tensor(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                               const at::Tensor& grad_scale, at::ScalarType dtype);
+using TokenLogProbsSignature = TokenLogProbsOutputs(const at::Tensor& logits, const at::Tensor& labels,
+                                                    double temperature, bool compute_entropy,
+                                                    bool inplace_backward);
+using TokenLogProbsBackwardSignature = at::Tensor(const at::Tensor& grad_log_probs, const at::Tensor& logits,
+                                                  const at::Tensor& labels, const at::Tensor& logsumexp,
+                                                  double temperature);
+using TokenLogProbsBackwardInplaceSignature = void(const at::Tensor& grad_log_probs, const at::Tensor& logits,
+                                                   const at::Tensor& labels, const at::Tensor& logsumexp,
+                                                   double temperature);
+
+// The dispatcher's handle of the op `name` ("ppo_ext::policy_loss"), typed by its signature; a caller keeps
+// it in a static (the lookup is a hash-table search).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Signature>();
+}
+
+// The options of policy_loss after its three leading arguments, with the schema's defaults. A normaliser
+// is a 0-dim tensor (read on the device, no synchronisation) or a number, not both.
+struct PolicyLossOptions {
+  OptionalTensor mask, token_weights;
+  OptionalTensor num_tokens, num_seqs, loss_scale_factor;
+  std::optional<double> num_tokens_value, num_seqs_value, loss_scale_factor_value;
+  double clip_low = 0.2;
+  std::optional<double> clip_high;  // default: clip_low
+  std::optional<double> dual_clip, log_ratio_clamp;
+  std::string importance_sampling = "token";  // "token", "seq", "seq-token"
+  std::string loss_agg_mode = "token-mean";
+  bool compute_grad = true;  // false: no gradient is saved (an inference-only call)
+};
+
+// The loss of ppo_ext.policy_loss, differentiable w.r.t. log_probs (autograd), with its metrics and counts.
+inline PolicyLossOutputs policy_loss(const at::Tensor& log_probs, const OptionalTensor& old_log_probs,
+                                     const at::Tensor& advantages, const PolicyLossOptions& o = {}) {
+  static const auto op = typed_op<PolicyLossSignature>("ppo_ext::policy_loss");
+  return op.call(
+      log_probs, old_log_probs, advantages, o.mask, o.token_weights, o.num_tokens, o.num_seqs, o.loss_scale_factor,
+      o.num_tokens_value, o.num_seqs_value, o.loss_scale_factor_value, o.clip_low, o.clip_high, o.dual_clip,
+      o.log_ratio_clamp, o.importance_sampling, o.loss_agg_mode, o.compute_grad);
+}
+
+// log_softmax(logits / temperature) at the labels (differentiable w.r.t. the logits), their log-sum-exp and,
+// when compute_entropy, the entropy of each row.
+inline TokenLogProbsOutputs token_log_probs(const at::Tensor& logits, const at::Tensor& labels,
+                                            double temperature = 1.0, bool compute_entropy = false,
+                                            bool inplace_backward = false) {
+  static const auto op = typed_op<TokenLogProbsSignature>("ppo_ext::token_log_probs");
+  return op.call(logits, labels, temperature, compute_entropy, inplace_backward);
+}
+
+}  // namespace ppo_ext

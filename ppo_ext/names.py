@@ -1,0 +1,40 @@
+"""The names of ppo_ext's options, metrics and counts, in one place (docs/SPEC.md).
+
+Everything that spells a mode, a metric or a count uses these tuples, and reads ``counts`` (and the raw
+op's metrics tensor) by name through ``COUNT_INDEX`` (``METRIC_INDEX``), never by a position typed by
+hand. The orders are those of the kernels' outputs (csrc/checks.cpp parses the modes, and lists them in
+this order when it refuses one). ``ppo_ext.reference`` keeps its own copy on purpose (it imports nothing
+but torch); tests/test_hygiene.py checks that the two, and the C++ op, agree.
+
+This module imports nothing, so anything may import it.
+"""
+
+# The values of ``loss_agg_mode``.
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+# The values of ``importance_sampling``: the level of the ratio (token; sequence, the gradient through the
+# mean; sequence value with a per-token gradient, GSPO-token).
+IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
+
+# The keys of ``PolicyLossOutput.metrics``, in the order of the op's float32 metrics tensor.
+METRIC_NAMES = (
+    "clipfrac",
+    "clipfrac_low",
+    "clipfrac_high",
+    "clipfrac_active",
+    "dual_clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+)
+
+# The entries of ``PolicyLossOutput.counts`` (int64), in order.
+COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
+
+# Positions by name: ``counts[COUNT_INDEX["valid_tokens"]]``.
+METRIC_INDEX = {name: i for i, name in enumerate(METRIC_NAMES)}
+COUNT_INDEX = {name: i for i, name in enumerate(COUNT_NAMES)}
+
+__all__ = ["LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
+           "COUNT_INDEX"]
