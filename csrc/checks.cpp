@@ -84,8 +84,9 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
                                       std::optional<double> loss_scale_factor_value, double clip_low,
                                       std::optional<double> clip_high_or_low, std::optional<double> dual_clip,
-                                      std::optional<double> log_ratio_clamp, c10::string_view importance_sampling,
-                                      c10::string_view loss_agg_mode, bool compute_grad) {
+                                      std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
+                                      c10::string_view importance_sampling, c10::string_view loss_agg_mode,
+                                      bool compute_grad) {
   const double clip_high = clip_high_or_low.value_or(clip_low);
   TORCH_CHECK_VALUE(log_probs.dim() == 2, "log_probs must have shape (B, T), got ", log_probs.sizes());
   const auto lp_dtype = log_probs.scalar_type();
@@ -129,6 +130,10 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   if (dual_clip.has_value()) {
     TORCH_CHECK_VALUE(*dual_clip > 1, "dual_clip must be > 1 (or None), got ", *dual_clip);
   }
+  if (ratio_cap.has_value()) {
+    TORCH_CHECK_VALUE(std::isfinite(*ratio_cap) && *ratio_cap > 0,
+                      "ratio_cap must be a finite number > 0 (or None), got ", *ratio_cap);
+  }
   if (log_ratio_clamp.has_value()) {
     TORCH_CHECK_VALUE(*log_ratio_clamp > 0, "log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
   }
@@ -140,6 +145,8 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   o.ratio_high = 1.0 + clip_high;
   o.has_dual_clip = dual_clip.has_value();
   o.dual_clip = dual_clip.value_or(0.0);
+  o.has_ratio_cap = ratio_cap.has_value();
+  o.ratio_cap = ratio_cap.value_or(0.0);
   o.has_log_ratio_clamp = log_ratio_clamp.has_value();
   o.log_ratio_clamp = log_ratio_clamp.value_or(0.0);
   // (B,) and (B, 1) advantages broadcast along T.

@@ -41,8 +41,9 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> num_tokens_value, std::optional<double> num_seqs_value,
                                       std::optional<double> loss_scale_factor_value, double clip_low,
                                       std::optional<double> clip_high, std::optional<double> dual_clip,
-                                      std::optional<double> log_ratio_clamp, c10::string_view importance_sampling,
-                                      c10::string_view loss_agg_mode, bool compute_grad);
+                                      std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
+                                      c10::string_view importance_sampling, c10::string_view loss_agg_mode,
+                                      bool compute_grad);
 
 // What a backend registers for ppo_ext::policy_loss: the op's arguments, checked, handed to `Impl`
 //   m.impl("policy_loss", checked_policy_loss<&policy_loss_cpu>);

@@ -56,6 +56,8 @@ struct LossOptions {
   double ratio_high;  // 1 + clip_high
   bool has_dual_clip;
   double dual_clip;
+  bool has_ratio_cap;
+  double ratio_cap;  // the unclipped term's ratio is min(r, ratio_cap) (TRL's two-sided clip, `delta`)
   bool has_log_ratio_clamp;
   double log_ratio_clamp;
 };
@@ -151,14 +153,21 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, c
   const V zero(0), half(0.5), one(1);
   const V lo(o.ratio_low), hi(o.ratio_high);
   const V neg_adv = Ops::neg(adv);
-  const V unclipped = neg_adv * ratio;                                      // L1
+  // L1 = -A min(r, C) with the ratio cap C (as torch.clamp(r, max=C): the gradient passes where r <= C).
+  V capped_ratio = ratio, cap_passes = one;
+  if (o.has_ratio_cap) {
+    const V cap(o.ratio_cap);
+    capped_ratio = Ops::minimum(ratio, cap);
+    cap_passes = Ops::select(ratio <= cap, one, zero);
+  }
+  const V unclipped = neg_adv * capped_ratio;                              // L1
   const V clipped = neg_adv * Ops::clamp(ratio, lo, hi);                   // L2
   V loss = Ops::maximum(unclipped, clipped);
   const V share_unclipped = Ops::select(unclipped < clipped, zero, Ops::select(unclipped == clipped, half, one));
   const V share_clipped = Ops::select(unclipped > clipped, zero, Ops::select(unclipped == clipped, half, one));
   const V clamp_passes = Ops::select((ratio >= lo) & (ratio <= hi), one, zero);
   // The share of dl/dr = -A that reaches the ratio: 1, 0.5 at a tie, 0 where the clip or the cap is in force.
-  V share = share_unclipped + share_clipped * clamp_passes;
+  V share = share_unclipped * cap_passes + share_clipped * clamp_passes;
   Mask dual_clipped(0);
   if (o.has_dual_clip) {
     const V cap = neg_adv * V(o.dual_clip);

@@ -57,6 +57,7 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: Optional[float] = None,
     dual_clip: Optional[float] = None,
+    ratio_cap: Optional[float] = None,
     importance_sampling: str = "token",
     loss_agg_mode: str = "token-mean",
     log_ratio_clamp: Optional[float] = None,
@@ -86,6 +87,7 @@ def policy_loss(
         log_probs, old_log_probs, advantages, mask, token_weights,
         num_tokens_tensor, num_seqs_tensor, scale_tensor, num_tokens_value, num_seqs_value, scale_value,
         clip_low, clip_high, _float_option("dual_clip", dual_clip, optional=True),
+        _float_option("ratio_cap", ratio_cap, optional=True),
         _float_option("log_ratio_clamp", log_ratio_clamp, optional=True),
         _str_option("importance_sampling", importance_sampling), _str_option("loss_agg_mode", loss_agg_mode),
         compute_grad,
@@ -152,36 +154,24 @@ def policy_loss_from_logits(
     mask: Optional[torch.Tensor] = None,
     *,
     temperature: float = 1.0,
-    clip_low: float = 0.2,
-    clip_high: Optional[float] = None,
-    dual_clip: Optional[float] = None,
-    importance_sampling: str = "token",
-    loss_agg_mode: str = "token-mean",
-    log_ratio_clamp: Optional[float] = None,
-    token_weights: Optional[torch.Tensor] = None,
-    num_tokens: Normaliser = None,
-    num_seqs: Normaliser = None,
-    loss_scale_factor: Normaliser = None,
     return_entropy: bool = False,
     inplace_backward: bool = False,
     check_labels: bool = False,
+    **loss_options,
 ) -> PolicyLossFromLogitsOutput:
     """The clipped PPO policy loss from the policy's logits: ``log_probs_from_logits`` (log_softmax of
     logits / temperature at the labels, online, no log-softmax materialised), then ``policy_loss`` on
     them with every option as there. The loss is differentiable w.r.t. the logits.
 
-    logits (B, T, V) or (B * T, V); labels int64 (B, T); old_log_probs, advantages, mask and the options
-    as in policy_loss. Returns loss, metrics, counts (as policy_loss), the detached (B, T) log-probs and,
+    logits (B, T, V) or (B * T, V); labels int64 (B, T); old_log_probs, advantages, mask and every keyword
+    option of policy_loss (clip_low, dual_clip, loss_agg_mode, num_tokens, ...) as there. Returns loss, metrics, counts (as policy_loss), the detached (B, T) log-probs and,
     with return_entropy, the (B, T) entropy and its mean over valid tokens as metrics["entropy"].
     inplace_backward and check_labels: see log_probs_from_logits.
     """
     log_probs, entropy = log_probs_from_logits(
         logits, labels, temperature=temperature, return_entropy=return_entropy,
         inplace_backward=inplace_backward, check_labels=check_labels)
-    out = policy_loss(
-        log_probs, old_log_probs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode, log_ratio_clamp=log_ratio_clamp,
-        token_weights=token_weights, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale_factor=loss_scale_factor)
+    out = policy_loss(log_probs, old_log_probs, advantages, mask, **loss_options)
     metrics = out.metrics
     if entropy is not None:
         valid_tokens = out.counts[COUNT_INDEX["valid_tokens"]]

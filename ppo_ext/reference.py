@@ -52,6 +52,7 @@ def policy_loss_reference(
     clip_low: float = 0.2,
     clip_high: Optional[float] = None,
     dual_clip: Optional[float] = None,
+    ratio_cap: Optional[float] = None,
     importance_sampling: str = "token",
     loss_agg_mode: str = "token-mean",
     log_ratio_clamp: Optional[float] = None,
@@ -103,7 +104,7 @@ def policy_loss_reference(
         r = torch.exp(log_r).expand(B, T)
 
     # Per-token loss.
-    L1 = -A * r
+    L1 = -A * (r if ratio_cap is None else torch.clamp(r, max=ratio_cap))
     L2 = -A * _clamp(r, 1 - eps_lo, 1 + eps_hi)
     l_clip = torch.maximum(L1, L2)
     l = l_clip

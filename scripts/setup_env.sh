@@ -7,8 +7,9 @@
 #
 # A second run is quick: nothing is installed that is there already, and the build is skipped when the
 # sources, setup.py, torch and the build settings are those of the last build (ppo_ext/.build-stamp);
-# otherwise ninja recompiles only what changed, in a build folder kept per environment
-# (build/ext-<environment>), so switching between environments relinks rather than recompiles.
+# otherwise ninja recompiles only what changed (the CUDA objects: when a CUDA source or a header they
+# include changed), in a build folder kept per environment (build/ext-<environment>), so switching
+# between environments relinks rather than recompiles.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -33,6 +34,16 @@ if ! "$PY" -c "import ninja, setuptools, wheel, pytest, numpy, expecttest, hypot
   "${PIP[@]}" ninja setuptools wheel pytest numpy expecttest hypothesis tabulate matplotlib 2>&1 \
     | { grep -v "^WARNING: Location" || true; }
 fi
+# The frameworks whose own loss code the adapter tests run (tests/test_compat_*.py): their packages alone,
+# without their dependencies (the tests stub the heavy imports their loss code does not use).
+FRAMEWORKS=(verl==0.9.1 trl==1.16.0 openrlhf==0.11.2)
+if ! "$PY" - "${FRAMEWORKS[@]}" <<'PYEOF' 2>/dev/null; then
+import sys
+from importlib.metadata import version
+sys.exit(any(version(n) != v for n, v in (spec.split("==") for spec in sys.argv[1:])))
+PYEOF
+  "${PIP[@]}" --no-deps "${FRAMEWORKS[@]}" 2>&1 | { grep -v "^WARNING: Location" || true; }
+fi
 # `import ppo_ext` from anywhere finds this checkout (as an editable install would).
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 [ "$(cat "$SITE/ppo_ext_checkout.pth" 2>/dev/null)" = "$ROOT" ] || echo "$ROOT" > "$SITE/ppo_ext_checkout.pth"
@@ -43,17 +54,25 @@ if [ -x /usr/local/cuda/bin/nvcc ] && "$PY" -c "import torch, sys; sys.exit(torc
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
 fi
 TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')"
-STAMP="$( { echo "$TORCH_VERSION ${CUDA_HOME:-} ${TORCH_CUDA_ARCH_LIST:-} ${PPO_EXT_BUILD_CUDA:-}"
-            find setup.py csrc include -type f | LC_ALL=C sort | xargs sha1sum
-          } | sha1sum | cut -d' ' -f1 )"
-if [ "$(cat ppo_ext/.build-stamp 2>/dev/null)" = "$STAMP" ] && ls ppo_ext/_C*.so >/dev/null 2>&1; then
+SETTINGS="$TORCH_VERSION ${CUDA_HOME:-} ${TORCH_CUDA_ARCH_LIST:-} ${PPO_EXT_BUILD_CUDA:-}"
+hash_of() { { echo "$SETTINGS"; find "$@" -type f | LC_ALL=C sort | xargs sha1sum; } | sha1sum | cut -d' ' -f1; }
+STAMP="$(hash_of setup.py csrc include)"
+# What the CUDA objects are compiled from: ninja does not see their headers (nvcc's dependency files
+# come out empty through cpp_extension's rules), so they are removed when any of these changed.
+CUDA_STAMP="$(hash_of csrc/cuda include $(ls csrc/*.h))"
+BUILD_TEMP="build/ext-$(basename "$VENV")"
+if [ "$(head -1 ppo_ext/.build-stamp 2>/dev/null)" = "$STAMP" ] && ls ppo_ext/_C*.so >/dev/null 2>&1; then
   echo "== ppo_ext is up to date (torch $TORCH_VERSION)"
 else
   echo "== building ppo_ext (torch $TORCH_VERSION; MAX_JOBS=${MAX_JOBS:-2})"
+  if [ "$(sed -n 2p "$BUILD_TEMP/.cuda-stamp" 2>/dev/null)" != "$CUDA_STAMP" ]; then
+    rm -f "$BUILD_TEMP"/csrc/cuda/*.o
+  fi
   rm -f ppo_ext/.build-stamp
   # --force: setuptools' own up-to-date check ignores headers; ninja then rebuilds only what is stale.
-  MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace --force \
-    --build-temp "build/ext-$(basename "$VENV")" 2>&1 | { grep -v "^WARNING: Location" || true; }
-  echo "$STAMP" > ppo_ext/.build-stamp
+  MAX_JOBS="${MAX_JOBS:-2}" "$PY" setup.py -q build_ext --inplace --force --build-temp "$BUILD_TEMP" 2>&1 \
+    | { grep -v "^WARNING: Location" || true; }
+  printf '%s\n%s\n' "$STAMP" "$CUDA_STAMP" > ppo_ext/.build-stamp
+  cp ppo_ext/.build-stamp "$BUILD_TEMP/.cuda-stamp"
 fi
 "$PY" -c "import ppo_ext; print('== ppo_ext', ppo_ext.__version__, 'built with CUDA:', ppo_ext.built_with_cuda())"

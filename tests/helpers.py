@@ -130,6 +130,22 @@ def options(importance_sampling="token", loss_agg_mode="token-mean", dual=False,
     return kw
 
 
+def op_args(lp, old, adv, mask=None, weights=None, *, compute_grad=True, **options):
+    """Every argument of the raw op ppo_ext::policy_loss, positionally in its schema's order, from
+    ppo_ext.policy_loss's keywords (a normaliser a tensor or a number); the rest at the schema's defaults."""
+    given = dict(log_probs=lp, old_log_probs=old, advantages=adv, mask=mask, token_weights=weights,
+                 compute_grad=compute_grad)
+    for name in ("num_tokens", "num_seqs", "loss_scale_factor"):
+        value = options.pop(name, None)
+        given[name if isinstance(value, torch.Tensor) else f"{name}_value"] = (
+            value if value is None or isinstance(value, torch.Tensor) else float(value))
+    given.update(options)
+    schema = torch.ops.ppo_ext.policy_loss.default._schema
+    unknown = given.keys() - {a.name for a in schema.arguments}
+    assert not unknown, f"not arguments of ppo_ext::policy_loss: {sorted(unknown)}"
+    return tuple(given.get(a.name, a.default_value) for a in schema.arguments)
+
+
 def run_ext(inp: Inputs, grad=True, **kw):
     """ppo_ext.policy_loss on the inputs, with the gradient w.r.t. log_probs (None if grad=False)."""
     lp = inp.lp.detach().clone().requires_grad_(grad)

@@ -17,6 +17,7 @@ import zlib
 import pytest
 import torch
 
+import helpers
 import ppo_ext
 from cuda_sim import load
 from helpers import (AGG_MODES, CLIP_HIGH, CLIP_LOW, DUAL_CLIP, IS_MODES, LOG_RATIO_CLAMP, count, make_inputs,
@@ -53,16 +54,9 @@ def schedule(request, sim):
 # policy_loss
 
 
-def op_args(lp, old, adv, mask, weights, *, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=None,
-            log_ratio_clamp=None, importance_sampling="token", loss_agg_mode="token-mean", num_tokens=None,
-            num_seqs=None, loss_scale_factor=None, compute_grad=True):
-    """The positional arguments of ppo_ext::policy_loss (a normaliser is a tensor or a number)."""
-    def split(v):
-        return (v, None) if isinstance(v, torch.Tensor) else (None, None if v is None else float(v))
-
-    (nt, ntv), (ns, nsv), (ls, lsv) = split(num_tokens), split(num_seqs), split(loss_scale_factor)
-    return (lp, old, adv, mask, weights, nt, ns, ls, ntv, nsv, lsv, clip_low, clip_high, dual_clip, log_ratio_clamp,
-            importance_sampling, loss_agg_mode, compute_grad)
+def op_args(lp, old, adv, mask, weights, **options):
+    """The positional arguments of ppo_ext::policy_loss, clipped at CLIP_LOW / CLIP_HIGH unless asked otherwise."""
+    return helpers.op_args(lp, old, adv, mask, weights, **{"clip_low": CLIP_LOW, "clip_high": CLIP_HIGH, **options})
 
 
 def compare_policy_loss(sim, args, what="", grad_loss=None):
@@ -110,10 +104,12 @@ def inputs(B, T, seed, dtype=torch.float32, adv_shape="BT", weights=True, **kw):
 def test_policy_loss_modes(sim, schedule, importance_sampling, loss_agg_mode):
     # 11 rows on a grid of at most 4 blocks (one multiprocessor): the grid-stride loop takes 2-3 rows a block
     sim.set_sm_count(1)
-    for k, (dual, clamp) in enumerate([(None, None), (DUAL_CLIP, LOG_RATIO_CLAMP)]):
-        x = inputs(11, 45, seed=100 + k, adv_shape=("BT", "B")[k])
-        compare_policy_loss(sim, op_args(*x, dual_clip=dual, log_ratio_clamp=clamp, importance_sampling=importance_sampling,
-                                         loss_agg_mode=loss_agg_mode), f"{importance_sampling}/{loss_agg_mode}/{k}")
+    cases = [(None, None, None), (DUAL_CLIP, LOG_RATIO_CLAMP, None), (DUAL_CLIP, None, 1.1)]  # dual, clamp, cap
+    for k, (dual, clamp, cap) in enumerate(cases):
+        x = inputs(11, 45, seed=100 + k, adv_shape=("BT", "B", "BT")[k])
+        compare_policy_loss(sim, op_args(*x, dual_clip=dual, log_ratio_clamp=clamp, ratio_cap=cap,
+                                         importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode),
+                            f"{importance_sampling}/{loss_agg_mode}/{k}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -135,6 +135,7 @@ BAD_OPTIONS = [
     ("dual_clip", 1.0), ("dual_clip", 1), ("dual_clip", 0.5), ("dual_clip", -3.0), ("dual_clip", math.nan),
     ("dual_clip", -math.inf),
     ("log_ratio_clamp", 0.0), ("log_ratio_clamp", -1.0), ("log_ratio_clamp", math.nan), ("log_ratio_clamp", -math.inf),
+    ("ratio_cap", 0.0), ("ratio_cap", -1.0), ("ratio_cap", math.nan), ("ratio_cap", math.inf), ("ratio_cap", "2"),
 ]
 
 

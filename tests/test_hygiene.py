@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ppo_ext
 import ppo_ext.names
 import ppo_ext.reference
-from helpers import AGG_MODES, IS_MODES, make_inputs, options, run_ext, same_bits
+from helpers import AGG_MODES, IS_MODES, make_inputs, op_args, options, run_ext, same_bits
 from ppo_ext.reference import policy_loss_reference
 
 UNDER_SANITIZER = os.environ.get("PPO_EXT_SANITIZER") == "1"
@@ -342,14 +342,8 @@ def test_reference_names_are_ppo_ext_names():
     assert ppo_ext.names.COUNT_INDEX == {n: i for i, n in enumerate(ppo_ext.names.COUNT_NAMES)}
 
 
-def _op_kwargs(inp, **options):
-    """Every argument of the raw op ppo_ext::policy_loss, by name."""
-    kw = dict(log_probs=inp.lp, old_log_probs=inp.old, advantages=inp.adv, mask=inp.mask, token_weights=inp.weights,
-              num_tokens=None, num_seqs=None, loss_scale_factor=None, num_tokens_value=None, num_seqs_value=None,
-              loss_scale_factor_value=None, clip_low=0.2, clip_high=0.28, dual_clip=None, log_ratio_clamp=None,
-              importance_sampling="token", loss_agg_mode="token-mean", compute_grad=False)
-    kw.update(options)
-    return kw
+def _op_args(inp, **options):
+    return op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, compute_grad=False, clip_high=0.28, **options)
 
 
 OPTION_NAMES = {"loss_agg_mode": ppo_ext.names.LOSS_AGG_MODES,
@@ -363,17 +357,17 @@ def test_op_refuses_an_unknown_name_listing_the_names(device, option):
     names = OPTION_NAMES[option]
     inp = make_inputs(3, 5, seed=20, device=device)
     with pytest.raises(ValueError) as excinfo:
-        torch.ops.ppo_ext.policy_loss(**_op_kwargs(inp, **{option: "no-such-name"}))
+        torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{option: "no-such-name"}))
     match = re.search(f'{option} must be one of ((?:"[^"]*", )*"[^"]*"), got "no-such-name"', str(excinfo.value))
     assert match, f"unexpected message: {excinfo.value}"
     assert tuple(re.findall(r'"([^"]*)"', match.group(1))) == names, match.group(1)
     for name in names:  # and it takes every one of them
-        torch.ops.ppo_ext.policy_loss(**_op_kwargs(inp, **{option: name}))
+        torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{option: name}))
 
 
 def test_op_returns_a_metric_and_a_count_per_name(device):
     inp = make_inputs(3, 5, seed=21, device=device)
-    _, metrics, counts, _, _ = torch.ops.ppo_ext.policy_loss(**_op_kwargs(inp))
+    _, metrics, counts, _, _ = torch.ops.ppo_ext.policy_loss(*_op_args(inp))
     assert metrics.shape == (len(ppo_ext.names.METRIC_NAMES),) and metrics.dtype == torch.float32
     assert counts.shape == (len(ppo_ext.names.COUNT_NAMES),) and counts.dtype == torch.int64
     out = ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights)

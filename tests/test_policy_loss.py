@@ -11,8 +11,8 @@ import torch
 
 import ppo_ext
 from helpers import (ADV_SHAPES, AGG_MODES, CPU_CAPABILITIES, IS_MODES, MASK_KINDS, NO_TOKEN_METRICS, Inputs,
-                     bitwise_equal_outputs, check_against_reference, counts_by_name, make_inputs, options, run_ext,
-                     run_ref, run_with_cpu_capability, same_bits)
+                     bitwise_equal_outputs, check_against_reference, counts_by_name, make_inputs, op_args, options,
+                     run_ext, run_ref, run_with_cpu_capability, same_bits)
 from ppo_ext.names import COUNT_NAMES, METRIC_NAMES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -36,6 +36,24 @@ def test_every_option_matches_reference(device, is_mode, agg, dual, clamp):
     for B, T in [(6, 37), (3, 1), (4, 130)]:
         inp = make_inputs(B, T, seed=_seed(is_mode, agg, dual, clamp, B, T), device=device)
         check_against_reference(inp, what=f"{kw} B={B} T={T}", **kw)
+
+
+# The ratio cap (TRL's two-sided clip, delta): below the upper clip bound 1 + CLIP_HIGH (where it changes the
+# loss of A > 0 too), above it (A < 0 only), with and without the dual clip.
+@pytest.mark.parametrize("ratio_cap", [1.1, 1.6, 2.5], ids=lambda c: f"cap{c}")
+@pytest.mark.parametrize("dual", [False, True], ids=["nodual", "dual"])
+@pytest.mark.parametrize("is_mode", IS_MODES)
+def test_ratio_cap_matches_reference(device, is_mode, dual, ratio_cap):
+    for agg in ("token-mean", "seq-mean-token-sum"):
+        kw = options(is_mode, agg, dual, ratio_cap=ratio_cap)
+        for B, T in [(6, 37), (4, 130)]:
+            inp = make_inputs(B, T, seed=_seed("cap", is_mode, agg, dual, ratio_cap, B, T), device=device)
+            check_against_reference(inp, what=f"{kw} B={B} T={T}", **kw)
+    # The cap is in force somewhere, and changes the loss (with the dual clip, a cap above it would not).
+    inp = make_inputs(6, 130, seed=_seed("cap-effect", is_mode), device=device, row_offset=1.2)
+    capped, _ = run_ext(inp, **options(is_mode, ratio_cap=ratio_cap))
+    uncapped, _ = run_ext(inp, **options(is_mode))
+    assert capped.loss.item() != uncapped.loss.item()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -282,10 +300,7 @@ def test_gradient_only_to_log_probs(device):
 
 
 def _op_args(inp: Inputs, compute_grad=True, **kw):
-    kw = {**options(**kw)}
-    return (inp.lp, inp.old, inp.adv, inp.mask, inp.weights, None, None, None, None, None, None,
-            kw["clip_low"], kw["clip_high"], kw["dual_clip"], kw["log_ratio_clamp"], kw["importance_sampling"],
-            kw["loss_agg_mode"], compute_grad)
+    return op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, compute_grad=compute_grad, **options(**kw))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "noncontiguous"])
@@ -299,9 +314,10 @@ def test_opcheck_policy_loss(device, is_mode, layout):
                           _op_args(inp, importance_sampling=is_mode, dual=True, clamp=True))
     # Tensor normalisers, and compute_grad=False (which saves nothing to go backward through).
     inp.lp = inp.lp.detach()
-    args = list(_op_args(inp, compute_grad=False, loss_agg_mode="seq-mean-token-sum-norm"))
-    args[5:8] = [torch.tensor(100.0, device=device), torch.tensor(4, device=device), torch.tensor(7.0, device=device)]
-    torch.library.opcheck(torch.ops.ppo_ext.policy_loss.default, tuple(args))
+    args = _op_args(inp, compute_grad=False, loss_agg_mode="seq-mean-token-sum-norm",
+                    num_tokens=torch.tensor(100.0, device=device), num_seqs=torch.tensor(4, device=device),
+                    loss_scale_factor=torch.tensor(7.0, device=device))
+    torch.library.opcheck(torch.ops.ppo_ext.policy_loss.default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -368,8 +384,7 @@ def test_module(device):
 
 def test_no_grad_saves_no_gradient(device):
     inp = make_inputs(4, 20, seed=16, device=device)
-    args = list(_op_args(inp, compute_grad=False))
-    *_, token_grad, _ = torch.ops.ppo_ext.policy_loss(*args)
+    *_, token_grad, _ = torch.ops.ppo_ext.policy_loss(*_op_args(inp, compute_grad=False))
     assert token_grad.shape == (0,)
     with torch.no_grad():
         out = ppo_ext.policy_loss(inp.lp.requires_grad_(True), inp.old, inp.adv, inp.mask)
