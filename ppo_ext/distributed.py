@@ -34,9 +34,11 @@ __all__ = ["GlobalNormalisers", "global_normalisers", "all_reduce_counts", "clip
 class GlobalNormalisers(NamedTuple):
     """Sums over the ranks of the group, 0-dim int64 tensors on the mask's device."""
 
-    num_tokens: torch.Tensor  # valid tokens (ppo_ext's num_tokens; verl's batch_num_tokens)
-    num_seqs: torch.Tensor  # rows with at least one valid token (ppo_ext's num_seqs; verl's global_batch_size)
-    num_rows: torch.Tensor  # all rows, empty ones included (ROLL's global_valid_samples)
+    num_tokens: torch.Tensor  # valid tokens (ppo_ext's num_tokens; verl's and ROLL's batch_num_tokens)
+    # rows with at least one valid token (ppo_ext's num_seqs; verl's global_batch_size; the
+    # global_valid_samples ROLL's strategy hands its loss_func)
+    num_seqs: torch.Tensor
+    num_rows: torch.Tensor  # all rows, empty ones included (not ROLL's global_valid_samples: see num_seqs)
 
 
 def _distributed(group) -> bool:

@@ -21,10 +21,22 @@ How ROLL's options map onto ppo_ext's (docs/SPEC.md):
 - ``dual_clip_loss``: ROLL's ``-max(-loss, (1 + 2 * pg_clip) * A)`` for ``A < 0`` is ppo_ext's dual clip
   with ``c = 1 + 2 * pg_clip`` (``pg_clip``, not ``pg_clip_low``; it must be > 0 so that ``c > 1``);
 - ``loss_agg_mode`` (ROLL's ``agg_loss``; ROLL's default is ``seq-mean-token-mean``):
-  ``token-mean``: sum / ``batch_num_tokens`` (default: the valid tokens here);
-  ``seq-mean-token-mean`` and ``seq-mean-token-sum``: sum over rows / ``global_valid_samples`` (default:
-  *all* rows ``B``, empty ones included: ROLL's convention, not verl's);
+  ``token-mean``: sum / ``batch_num_tokens``;
+  ``seq-mean-token-mean`` and ``seq-mean-token-sum``: sum over the rows with a valid token /
+  ``global_valid_samples``;
   ``seq-mean-token-sum-norm``: sum / ``T`` (``num_seqs=1``, ``loss_scale_factor=T``);
+- the normalisers are the ones ROLL's training strategy hands ``loss_func`` in ``data.meta_info``
+  (``Strategy._get_batch_num_tokens`` / ``_get_global_valid_samples`` of ROLL's ``strategy.py``, called
+  by the Megatron and FSDP2 strategies' ``train_step`` on the batch of one optimizer step and
+  all-reduced over the data-parallel group; links below): ``batch_num_tokens``
+  = the valid tokens, ``global_valid_samples`` = the rows with *at least one* valid token (not all rows:
+  that is only its ``"default"`` entry, which ``loss_func`` does not use). Without them the adapter uses
+  these counts of this batch, ``N`` and ``S`` (what the strategy computes on one rank holding the whole
+  batch); for data parallel pass ``ppo_ext.distributed.global_normalisers``'s ``num_tokens`` and
+  ``num_seqs``. (``agg_loss``'s own fallback, ``loss_mat.size(0)`` = all ``B`` rows, is not what a ROLL
+  training run computes: ``loss_func`` always passes the strategy's counts.) ROLL multiplies each
+  micro-batch's loss by ``num_microbatches * dp_size`` (``loss_scale``) against the averaging of
+  Megatron/FSDP, so the gradient it applies is the *sum* over ranks of these losses' gradients;
 - ``sample_weights`` (B,) (ROLL's ``weighted_pg_loss``) and ``token_weights`` (B, T) (e.g. a clamped
   train/infer importance ratio) multiply the per-token loss (ppo_ext's ``token_weights``).
 
@@ -39,28 +51,50 @@ ratio broadcast over the row, 1 for a row without valid token), ``B x T`` the sh
     rows that clip (each row counts ``T`` times), the core's the fraction of valid tokens in such rows.
 ``actor/ppo_ratio_low_clipfrac``   the same for ``r < 1 - clip_low`` (core ``clipfrac_low``).
 ``actor/ppo_ratio_clipfrac``       their sum (the seed's ``clipped.mean()``; core ``clipfrac``).
-``actor/clipfrac``    the fraction where the clip is in force (``surr2 < surr1``, core's
-    ``clipfrac_active``) aggregated like the loss (ROLL's ``agg_loss`` with ``loss_agg_mode``, local
-    counts): equal to the core's only for ``token-mean``; ``seq-mean-token-mean`` averages the per-row
-    fractions over all ``B`` rows, ``seq-mean-token-sum`` is count / ``B``, ``-norm`` count / ``T``.
-    (ROLL's ``token-mean`` numerator also sums padding positions, where its zero advantages make
+``actor/clipfrac``    the indicator of the clip in force (``surr2 < surr1``, the core's ``clipped_active``
+    count) aggregated like the loss, with the loss's normalisers (ROLL's ``agg_loss`` with
+    ``loss_agg_mode``, ``batch_num_tokens`` and ``global_valid_samples``): ``token-mean`` count /
+    ``batch_num_tokens`` (the core's ``clipfrac_active`` when that is the local ``N``);
+    ``seq-mean-token-mean`` the sum of the per-row fractions / ``global_valid_samples``;
+    ``seq-mean-token-sum`` count / ``global_valid_samples``; ``-norm`` count / ``T``. With global
+    normalisers it is this rank's share: the ranks' values add up to the whole batch's. (ROLL's
+    ``token-mean`` numerator also sums padding positions, where its zero advantages make
     ``surr1 == surr2``; here only valid tokens count.)
-``actor/ratio_mean``  the mean over valid tokens of each row, then the mean over all ``B`` rows, empty
-    rows counting 0 (``masked_mean(r, m, dim=-1).mean()``). Core ``ratio_mean`` is the token-weighted
-    mean over valid tokens (1 when there is none).
+``actor/ratio_mean``  the mean over valid tokens of each row, then the mean over all ``B`` rows of this
+    batch, empty rows counting 0 (``masked_mean(r, m, dim=-1).mean()``: no normaliser in ROLL's call).
+    Core ``ratio_mean`` is the token-weighted mean over valid tokens (1 when there is none).
 ``actor/ratio_max``   ``max(r * m)``: the core ``ratio_max`` when there is a valid token, 0 when
     there is none (core: 1).
 ``actor/ratio_min``   ``min(r * m + (1 - m) * 1e10)``: the core ``ratio_min``, 1e10 when there is no
     valid token (core: 1).
-``actor/approxkl``    ``0.5 * (log_probs - old_log_probs)**2`` (ROLL's "mse" estimator) aggregated
-    like the loss. Not a core metric: core ``approx_kl`` is the k1 estimator ``mean(old - new)``.
-``actor/policykl``    ``log_probs - old_log_probs`` (ROLL's "kl") aggregated like the loss. With
-    ``token-mean`` it is ``-approx_kl`` of the core (opposite sign); other modes aggregate per row.
+``actor/approxkl``    ``0.5 * (log_probs - old_log_probs)**2`` at valid tokens (ROLL's "mse" estimator)
+    aggregated like the loss, with the loss's normalisers (as ``actor/clipfrac``). Not a core metric:
+    core ``approx_kl`` is the k1 estimator ``mean(old - new)`` over the local valid tokens.
+``actor/policykl``    ``log_probs - old_log_probs`` at valid tokens (ROLL's "kl") aggregated like the
+    loss, with the loss's normalisers. With ``token-mean`` and the local ``N`` it is ``-approx_kl`` of
+    the core (opposite sign); other modes aggregate per row.
+
+These are the formulas of ``ActorWorker.loss_func`` of ROLL's ``base_worker.py``: ``actor/ppo_ratio_*``
+and ``actor/ratio_*`` take no normaliser there; ``actor/clipfrac``, ``actor/approxkl`` and
+``actor/policykl`` take the strategy's ``batch_num_tokens`` and ``global_valid_samples``, as the loss.
+(The RLVR worker's ``loss_func``, whose loss and options the adapter follows, logs ``@sum``-suffixed
+keys with partly other formulas.) ROLL's source, at commit 8eb27cc2dc34c4d1310b169d9b86d339004d811a:
+
+- base_worker.py (``loss_func``, its metrics):
+  https://github.com/alibaba/ROLL/blob/8eb27cc2dc34c4d1310b169d9b86d339004d811a/roll/pipeline/base_worker.py#L213-L324
+- the RLVR worker's ``loss_func`` (the loss, ``sample_weights``, the ``"seq"`` ratio, the dual clip):
+  https://github.com/alibaba/ROLL/blob/8eb27cc2dc34c4d1310b169d9b86d339004d811a/roll/pipeline/rlvr/actor_worker.py#L11-L167
+- ``agg_loss``, ``masked_mean``, ``compute_approx_kl``:
+  https://github.com/alibaba/ROLL/blob/8eb27cc2dc34c4d1310b169d9b86d339004d811a/roll/utils/functionals.py#L181-L297
+- the normalisers:
+  https://github.com/alibaba/ROLL/blob/8eb27cc2dc34c4d1310b169d9b86d339004d811a/roll/distributed/strategy/strategy.py#L355-L431
+  (passed by megatron_strategy.py ``train_step``, L1259-L1296, and fsdp2_strategy.py, L1584-L1588).
 
 Where ppo_ext's numbers differ from ROLL's on purpose: a zero denominator (no valid token) gives 0,
-not NaN; masked positions never reach the loss or its gradient (ROLL's ``token-mean`` numerator sums
-the loss matrix unmasked, which only matters if the per-token loss is non-zero at padding, i.e. if the
-advantages are; ROLL's open PR #444 masks it too); ROLL's ``1e-8`` in denominators is left out.
+not NaN (ROLL's strategy replaces a zero count by 1, which gives the same 0); masked positions never
+reach the loss or its gradient (ROLL's ``token-mean`` numerator sums the loss matrix unmasked, which
+only matters if the per-token loss is non-zero at padding, i.e. if the advantages are; ROLL's open PR
+#444 masks it too); ROLL's ``1e-8`` in denominators is left out.
 
 The loss path has no host synchronisation. Metrics are Python floats as ROLL's (``.item()`` each): one
 ``.tolist()`` synchronises once for all; ``return_tensors=True`` keeps 0-dim tensors. The metrics the
@@ -125,16 +159,17 @@ def _div(num: torch.Tensor, den) -> torch.Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _roll_agg(x: torch.Tensor, n: torch.Tensor, mode: str) -> torch.Tensor:
-    """ROLL's agg_loss of a per-token quantity that is already 0 at masked positions, with the local
-    counts (no batch_num_tokens / global_valid_samples, as ROLL's metric calls)."""
-    B, T = x.shape
+def _roll_agg(x: torch.Tensor, n: torch.Tensor, mode: str, num_tokens, num_seqs) -> torch.Tensor:
+    """ROLL's agg_loss of a per-token quantity that is already 0 at masked positions (n: valid tokens per
+    row), with the normalisers the loss uses: num_tokens (batch_num_tokens) for token-mean, num_seqs
+    (global_valid_samples) for the seq-mean modes, as ROLL's metric calls pass them."""
+    T = x.shape[1]
     if mode == "token-mean":
-        return _div(x.sum(), n.sum())
+        return _div(x.sum(), num_tokens)
     if mode == "seq-mean-token-sum":
-        return _div(x.sum(), B)
+        return _div(x.sum(), num_seqs)
     if mode == "seq-mean-token-mean":
-        return _div(_div(x.sum(-1), n).sum(), B)
+        return _div(_div(x.sum(-1), n).sum(), num_seqs)
     return _div(x.sum(), T)  # seq-mean-token-sum-norm
 
 
@@ -164,8 +199,11 @@ def compute_policy_loss(
     (B,). Options come from the keywords, else from ``config`` (ROLL's ``pipeline_config``: attributes
     or a mapping), else ROLL's defaults (``ROLL_DEFAULTS``). ``sample_weights`` (B,) and
     ``token_weights`` (B, T) multiply the per-token loss. ``batch_num_tokens`` (token-mean) and
-    ``global_valid_samples`` (the seq-mean modes) are ROLL's global normalisers (numbers or 0-dim
-    tensors; see ``ppo_ext.distributed.global_normalisers``); they change the loss, not the metrics.
+    ``global_valid_samples`` (the seq-mean modes) are the normalisers ROLL's strategy passes
+    ``loss_func`` (numbers or 0-dim tensors): the valid tokens and the rows with at least one valid
+    token, of the whole data-parallel batch. Default: those counts of this batch (``N``, ``S``). For data
+    parallel pass ``ppo_ext.distributed.global_normalisers(mask)``'s ``num_tokens`` and ``num_seqs``.
+    They divide the loss and, as in ROLL, ``actor/clipfrac``, ``actor/approxkl`` and ``actor/policykl``.
 
     Returns ``(pg_loss, metrics)``, the keys ``METRIC_KEYS``, documented (with how each differs from
     the core API's metric) in the module docstring. Floats cost one host synchronisation (ROLL calls
@@ -202,14 +240,15 @@ def compute_policy_loss(
     elif mode == "seq-mean-token-sum-norm":
         normalisers = {"num_seqs": 1, "loss_scale_factor": T}
     else:
-        normalisers = {"num_seqs": B if global_valid_samples is None else global_valid_samples}
+        normalisers = {"num_seqs": global_valid_samples}  # None: S, the rows with a valid token
 
     out = ppo_ext.policy_loss(
         log_probs, old_log_probs, advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=(1.0 + 2.0 * pg_clip) if dual else None,
         importance_sampling=level, loss_agg_mode=mode, token_weights=weights, **normalisers,
     )
-    metrics = _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high)
+    metrics = _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high,
+                       batch_num_tokens, global_valid_samples)
     if return_tensors:
         return out.loss, metrics
     values = torch.stack(list(metrics.values())).tolist()  # the one synchronisation
@@ -217,7 +256,8 @@ def compute_policy_loss(
 
 
 @torch.no_grad()
-def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high):
+def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high,
+             batch_num_tokens, global_valid_samples):
     B, T = log_probs.shape
     acc = torch.float64 if log_probs.dtype == torch.float64 else torch.float32
     lp = log_probs.detach()
@@ -227,6 +267,9 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
     N = out.counts[COUNT_INDEX["valid_tokens"]]
     d = torch.where(valid, lp.to(acc) - old.to(acc), torch.zeros((), dtype=acc, device=lp.device))
     positions = B * T
+    # The normalisers of ROLL's metric calls: the loss's (the strategy's counts; here when not given).
+    num_tokens = N if batch_num_tokens is None else batch_num_tokens
+    num_seqs = out.counts[COUNT_INDEX["valid_seqs"]] if global_valid_samples is None else global_valid_samples
 
     # The seed's clip fractions, over all B*T positions.
     if level == "token":
@@ -245,9 +288,9 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
     # actor/clipfrac: the clip-in-force indicator aggregated like the loss.
     active = out.counts[COUNT_INDEX["clipped_active"]].to(acc)
     if mode == "token-mean":
-        clipfrac = out.metrics["clipfrac_active"].to(acc)
+        clipfrac = _div(active, num_tokens)
     elif mode == "seq-mean-token-sum":
-        clipfrac = _div(active, B)
+        clipfrac = _div(active, num_seqs)
     elif mode == "seq-mean-token-sum-norm":
         clipfrac = _div(active, T)
     else:  # seq-mean-token-mean needs the count of every row
@@ -256,7 +299,7 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
         adv = adv.reshape(B, 1) if adv.dim() == 1 else adv
         surr1 = ratio * adv
         surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
-        clipfrac = _roll_agg((valid & (surr2 < surr1)).to(acc), n, mode)
+        clipfrac = _roll_agg((valid & (surr2 < surr1)).to(acc), n, mode, num_tokens, num_seqs)
 
     # actor/ratio_mean: per-row mean over valid tokens, then the mean over all B rows.
     if row_ratio is None:
@@ -275,7 +318,7 @@ def _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mo
         "actor/ratio_mean": ratio_mean,
         "actor/ratio_max": torch.where(any_valid, out.metrics["ratio_max"].to(acc), zero),
         "actor/ratio_min": torch.where(any_valid, out.metrics["ratio_min"].to(acc), zero + 1e10),
-        "actor/approxkl": _roll_agg(0.5 * d * d, n, mode),
-        "actor/policykl": _roll_agg(d, n, mode),
+        "actor/approxkl": _roll_agg(0.5 * d * d, n, mode, num_tokens, num_seqs),
+        "actor/policykl": _roll_agg(d, n, mode, num_tokens, num_seqs),
     }
     return {k: v.to(torch.float32) for k, v in metrics.items()}
