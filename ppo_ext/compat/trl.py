@@ -1,0 +1,515 @@
+"""TRL adapter: the loss of TRL 1.16's ``GRPOTrainer._compute_loss`` on ppo_ext's kernel.
+
+``grpo_loss(per_token_logps, old_per_token_logps, advantages, mask, args, ...)`` returns ``(loss,
+metrics)``: the loss that ``GRPOTrainer._compute_loss`` (trl/trainer/grpo_trainer.py) returns in
+training mode for the configuration ``args`` (a ``GRPOConfig``, or any object or mapping with its
+field names), its per-token loss, aggregation and gradient computed by one ``ppo_ext.policy_loss``
+call, and the metrics TRL logs there, under TRL's keys. ``PPOExtGRPOMixin`` swaps it into a
+``GRPOTrainer``::
+
+    from trl import GRPOTrainer
+    from ppo_ext.compat.trl import PPOExtGRPOMixin
+
+    class Trainer(PPOExtGRPOMixin, GRPOTrainer):
+        pass
+
+    trainer = Trainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
+
+(``from ppo_ext.compat.trl import PPOExtGRPOTrainer`` is that class, built on first use.)
+
+How TRL's options map onto ppo_ext's (docs/SPEC.md):
+
+===============================================  =====================================================
+TRL (``GRPOConfig`` / ``_compute_loss``)          ``ppo_ext.policy_loss``
+===============================================  =====================================================
+``coef_1 = exp(log_ratio)`` (token level)         ``importance_sampling="token"``
+``importance_sampling_level="sequence"``:          ``importance_sampling="seq"`` (the value and the
+``exp(sum(m * log_ratio) / max(n_i, 1))``          gradient through the row's mean, as TRL's autograd)
+``epsilon``, ``epsilon_high`` (None: epsilon)      ``clip_low``, ``clip_high``
+``delta`` (``coef_1 = clamp(coef_1, max=delta)``)  ``ratio_cap=delta``
+``old_per_token_logps`` None (on-policy)           ``old_log_probs=None`` (``old = sg(lp)``)
+off-policy mask (``off_policy_mask_threshold``),   ``token_weights``, their product (the (B, 1) ones
+``entropy_mask``, ``importance_sampling_ratio``    broadcast over the row)
+``grpo``: mean over rows of the row's token mean,  ``"seq-mean-token-mean"``, ``num_seqs = B * gas``
+then / gas
+``bnpo``: sum / max(N, 1) / gas                    ``"token-mean"``, ``num_tokens = N * gas``
+``dr_grpo``: sum / (B * max_completion_length)     ``"seq-mean-token-sum-norm"``, ``num_seqs = B``,
+/ gas                                              ``loss_scale_factor = max_completion_length * gas``
+``dapo``: sum / (max(num_items_in_batch, 1) /      ``"token-mean"``, ``num_tokens`` = that normaliser
+num_processes * gas / steps_per_generation)        (a 0-dim tensor when num_items_in_batch is one)
+``luspo``: mean over rows of the row's sum / gas   ``"seq-mean-token-sum"``, ``num_seqs = B * gas``
+===============================================  =====================================================
+
+``gas`` is ``gradient_accumulation_steps``, the trainer's ``current_gradient_accumulation_steps``;
+``B`` counts every row, empty ones included (TRL's ``.mean()`` over rows and ``per_token_loss.size(0)``);
+``N`` is the number of valid tokens. ``steps_per_generation`` is ``args.steps_per_generation``, which
+``GRPOConfig`` sets to ``gradient_accumulation_steps`` when not given (so does the adapter when it is
+None: ``args.gradient_accumulation_steps``, else the ``gradient_accumulation_steps`` keyword).
+``num_items_in_batch`` is TRL's ``inputs["num_items_in_batch"]`` (the valid tokens of the whole
+generation batch, summed over the processes); without it, ``dapo`` uses this batch's ``N``.
+
+The off-policy mask (DeepSeek-V3.2's, TRL's ``get_off_policy_mask``): a row is kept when its advantage
+is >= 0 or the masked mean over the row of ``nan_to_num(sampling - sg(lp), nan=0)`` is <= the threshold,
+``sampling`` being ``sampling_per_token_logps`` when given, else ``old_per_token_logps`` (else ``sg(lp)``,
+as TRL). ``entropy_mask`` (``top_entropy_quantile < 1``) is TRL's ``get_high_entropy_mask(entropies,
+mask, 1 - top_entropy_quantile)``, which needs a gather of every process's entropies and a quantile: the
+caller passes it (the mixin calls TRL's own method), and it is required exactly when
+``top_entropy_quantile < 1``. ``importance_sampling_ratio`` (vLLM's, (B, T) or (B, 1)) is required exactly
+when ``use_vllm`` and ``vllm_importance_sampling_correction`` are set, the two conditions under which TRL
+puts it into the inputs and applies it; passing one TRL would not apply is a ``ValueError``.
+
+Metrics (0-dim float32 tensors, computed without host synchronisation; TRL calls ``.item()`` on each,
+``PPOExtGRPOMixin`` converts them with one ``.tolist()``), with ``r`` TRL's ``coef_1`` *after* the cap
+``min(r, delta)``:
+
+``clip_ratio/low_mean``     fraction of valid tokens with ``r < 1 - epsilon`` and ``A < 0``
+``clip_ratio/high_mean``    fraction of valid tokens with ``r > 1 + epsilon_high`` and ``A > 0``
+``clip_ratio/region_mean``  fraction with either (= ppo_ext's ``clipfrac_active`` when there is no
+                            ``delta`` or ``delta >= 1 + epsilon_high``, where TRL's clip is in force)
+``clip_ratio/low_min``      min over rows of the row's fraction of low-clipped tokens (rows without a
+                            valid token left out; NaN when no row has one)
+``clip_ratio/high_max``     max over rows of the row's fraction of high-clipped tokens (likewise)
+``entropy``                 mean of ``entropies`` over valid tokens (only when ``entropies`` is given)
+
+As in TRL, when the clip indicator has one column (sequence level with (B,) or (B, 1) advantages, or
+``T = 1``) the ``*_mean`` metrics are means over all ``B`` rows (empty ones count, unclipped: their
+ratio is 1) and the per-row fractions are the indicators themselves; likewise ``entropy`` for ``T = 1``.
+TRL's means are global: ``accelerator.reduce`` sums the numerators and the denominators over the
+processes, and ``low_min``/``high_max`` are taken over the rows ``accelerator.gather`` collects from every
+process. Pass ``accelerator`` (the trainer's ``self.accelerator``, or anything with its ``reduce(tensor,
+reduction="sum")`` and ``gather(tensor)``) to get those values: one ``reduce`` and one ``gather``
+(collectives, no host synchronisation). Without it the metrics are this process's values, which are TRL's
+for a single process. These metrics take a few eager ops on (B, T) tensors under ``torch.no_grad()``
+(the kernel's counts do not split the clip by the sign of ``A`` nor by row); the loss and its gradient
+take one kernel call.
+
+Not supported yet (``NotImplementedError`` naming the option):
+
+- ``loss_type`` ``"cispo"``, ``"sapo"``, ``"vespo"``: other per-token losses (issue 13, the loss families);
+- ``beta != 0`` (the KL term to the reference model, and ``use_bias_correction_kl``): issue 14, the KL term;
+- the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``): a loss term of the entropies,
+  which the kernel does not take, and a controller that updates the trainer's state.
+
+Where the numbers can differ from TRL's on purpose: masked positions never reach anything (TRL multiplies
+by the mask, so a NaN or inf there would make its loss or gradient NaN), except the one-column case above,
+where TRL itself reads the indicators without the mask; the mask is read as 0/1 (TRL's
+``completion_mask * tool_mask`` always is); no rows at all (B = 0) give loss 0, where TRL's mean over
+no rows is NaN.
+
+Checked against TRL 1.16.0's own ``GRPOTrainer._compute_loss``, run for real on a trainer object that
+holds the attributes it reads, in tests/test_compat_trl.py.
+"""
+
+import math
+import numbers
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+import ppo_ext
+
+# PPOExtGRPOTrainer is not in __all__: it imports trl when first asked for (module __getattr__ below).
+__all__ = ["grpo_loss", "PPOExtGRPOMixin", "GRPO_CONFIG_DEFAULTS", "SUPPORTED_LOSS_TYPES", "METRIC_KEYS",
+           "TRL_VERSION"]
+
+TRL_VERSION = "1.16.0"
+
+# GRPOConfig's defaults (trl/trainer/grpo_config.py) for the fields the loss reads; a field an ``args``
+# object lacks takes this value. ``gradient_accumulation_steps`` is TrainingArguments' (default 1).
+GRPO_CONFIG_DEFAULTS = {
+    "loss_type": "dapo",
+    "importance_sampling_level": "token",
+    "epsilon": 0.2,
+    "epsilon_high": None,
+    "delta": None,
+    "beta": 0.0,
+    "use_bias_correction_kl": True,
+    "off_policy_mask_threshold": None,
+    "top_entropy_quantile": 1.0,
+    "entropy_coef": 0.0,
+    "use_adaptive_entropy": False,
+    "use_vllm": False,
+    "vllm_importance_sampling_correction": True,
+    "max_completion_length": 512,
+    "steps_per_generation": None,
+}
+
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_PENDING_LOSS_TYPES = ("cispo", "sapo", "vespo")
+_LEVELS = {"token": "token", "sequence": "seq"}
+LOSS_FAMILIES_ISSUE = "issue 13, the loss families (CISPO, SAPO, VESPO)"
+KL_ISSUE = "issue 14, the KL term (beta, use_bias_correction_kl)"
+
+METRIC_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+               "clip_ratio/high_max")
+
+# The keyword inputs _compute_loss hands _get_per_token_logps_and_entropies from `inputs` (multimodal ones).
+_MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                     "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options
+
+
+def _arg(args, name: str, default=_MISSING):
+    """``args.name`` (or ``args[name]`` for a mapping); GRPOConfig's default when it is not there."""
+    if default is _MISSING:
+        default = GRPO_CONFIG_DEFAULTS[name]
+    if isinstance(args, Mapping):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def _number(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"args.{name} must be a number{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def _options(args) -> SimpleNamespace:
+    """The options of ``args`` that the loss reads, checked; unsupported ones raise NotImplementedError."""
+    if args is None:
+        raise ValueError("grpo_loss needs args (a GRPOConfig, or an object/mapping with its field names)")
+    loss_type = _arg(args, "loss_type")
+    if loss_type in _PENDING_LOSS_TYPES:
+        raise NotImplementedError(
+            f"loss_type={loss_type!r} is not supported by ppo_ext.compat.trl yet ({LOSS_FAMILIES_ISSUE} adds it); "
+            f"supported: {list(SUPPORTED_LOSS_TYPES)}. Use TRL's own GRPOTrainer for it meanwhile.")
+    if loss_type not in SUPPORTED_LOSS_TYPES:
+        known = list(SUPPORTED_LOSS_TYPES + _PENDING_LOSS_TYPES)
+        raise ValueError(f"Unknown loss type: {loss_type!r} (TRL's are {known})")
+    level = _arg(args, "importance_sampling_level")
+    if level not in _LEVELS:
+        raise ValueError(f"Unknown importance sampling level: {level!r}. Possible values are 'token' and 'sequence'.")
+    beta = _number("beta", _arg(args, "beta"))
+    if beta != 0.0:
+        raise NotImplementedError(
+            f"beta={beta} (the KL penalty to the reference model, with use_bias_correction_kl) is not supported by "
+            f"ppo_ext.compat.trl yet ({KL_ISSUE} adds it); set beta=0.0 or use TRL's own GRPOTrainer.")
+    entropy_coef = _number("entropy_coef", _arg(args, "entropy_coef"))
+    if entropy_coef != 0.0 or bool(_arg(args, "use_adaptive_entropy")):
+        raise NotImplementedError(
+            f"the entropy bonus (entropy_coef={entropy_coef}, use_adaptive_entropy="
+            f"{_arg(args, 'use_adaptive_entropy')}) is not supported by ppo_ext.compat.trl: the kernel has no entropy "
+            "term; set entropy_coef=0.0 and use_adaptive_entropy=False, or use TRL's own GRPOTrainer.")
+    epsilon = float(_number("epsilon", _arg(args, "epsilon")))
+    epsilon_high = _number("epsilon_high", _arg(args, "epsilon_high"), optional=True)
+    delta = _number("delta", _arg(args, "delta"), optional=True)
+    threshold = _number("off_policy_mask_threshold", _arg(args, "off_policy_mask_threshold"), optional=True)
+    quantile = float(_number("top_entropy_quantile", _arg(args, "top_entropy_quantile")))
+    return SimpleNamespace(
+        loss_type=loss_type, level=level, epsilon_low=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else float(epsilon_high),
+        delta=None if delta is None else float(delta),
+        off_policy_mask_threshold=None if threshold is None else float(threshold),
+        top_entropy_quantile=quantile,
+        vllm_is=bool(_arg(args, "use_vllm")) and bool(_arg(args, "vllm_importance_sampling_correction")),
+        max_completion_length=_arg(args, "max_completion_length"),
+        steps_per_generation=_arg(args, "steps_per_generation"),
+        gradient_accumulation_steps=_arg(args, "gradient_accumulation_steps", None),
+    )
+
+
+def _positive(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return value
+
+
+def _aggregation(opts, B: int, mask: torch.Tensor, num_items_in_batch, gas, num_processes) -> Dict[str, Any]:
+    """loss_agg_mode and the normalisers of TRL's aggregation for opts.loss_type (training mode)."""
+    lt = opts.loss_type
+    if lt == "grpo":
+        return {"loss_agg_mode": "seq-mean-token-mean", "num_seqs": B * gas}
+    if lt == "luspo":
+        return {"loss_agg_mode": "seq-mean-token-sum", "num_seqs": B * gas}
+    if lt == "bnpo":
+        return {"loss_agg_mode": "token-mean", "num_tokens": None if gas == 1 else torch.count_nonzero(mask) * gas}
+    if lt == "dr_grpo":
+        length = _positive("args.max_completion_length", opts.max_completion_length)
+        return {"loss_agg_mode": "seq-mean-token-sum-norm", "num_seqs": B, "loss_scale_factor": length * gas}
+    # dapo: `num_items_in_batch` spans the generation batch (every process, every step of it)
+    spg = opts.steps_per_generation
+    if spg is None:
+        spg = opts.gradient_accumulation_steps if opts.gradient_accumulation_steps is not None else gas
+    spg = _positive("args.steps_per_generation", spg)
+    n = torch.count_nonzero(mask) if num_items_in_batch is None else num_items_in_batch
+    if isinstance(n, torch.Tensor):
+        normaliser = n.clamp(min=1.0) / num_processes * gas / spg
+    elif isinstance(n, numbers.Real) and not isinstance(n, bool):
+        normaliser = max(float(n), 1.0) / num_processes * gas / spg
+    else:
+        raise TypeError(f"num_items_in_batch must be a number, a 0-dim tensor or None, got {type(n).__name__}")
+    return {"loss_agg_mode": "token-mean", "num_tokens": normaliser}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights and metrics (no host synchronisation: no .item(), no data-dependent Python branch)
+
+
+def _row_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, 1): the mean of x over each row's valid positions (0 for a row without one)."""
+    total = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(-1, keepdim=True)
+    return total / valid.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _off_policy_keep(advantages2d, per_token_logps, old_per_token_logps, sampling_per_token_logps, valid,
+                     threshold: float) -> torch.Tensor:
+    """TRL's off-policy sequence mask: keep where A >= 0 or the row's mean KL(sampler || current) is small."""
+    lp = per_token_logps.detach()
+    sampling = sampling_per_token_logps
+    if sampling is None:
+        sampling = lp if old_per_token_logps is None else old_per_token_logps
+    kl = torch.nan_to_num(sampling - lp, nan=0.0)  # unscored tokens (NaN from vLLM) give no KL evidence
+    return (advantages2d >= 0) | (_row_mean(kl, valid) <= threshold)
+
+
+def _weights(opts, B: int, T: int, advantages2d, per_token_logps, old_per_token_logps, sampling_per_token_logps,
+             importance_sampling_ratio, entropy_mask, valid) -> Optional[torch.Tensor]:
+    if opts.vllm_is and importance_sampling_ratio is None:
+        raise ValueError("args.use_vllm and args.vllm_importance_sampling_correction are set, so TRL multiplies the "
+                         "loss by inputs['importance_sampling_ratio']: pass importance_sampling_ratio")
+    if not opts.vllm_is and importance_sampling_ratio is not None:
+        raise ValueError("importance_sampling_ratio is given, but TRL applies it only when args.use_vllm and "
+                         "args.vllm_importance_sampling_correction are both set")
+    if opts.top_entropy_quantile < 1.0 and entropy_mask is None:
+        raise ValueError(f"args.top_entropy_quantile={opts.top_entropy_quantile} < 1: pass entropy_mask, TRL's "
+                         "trainer.get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile) (it gathers the "
+                         "entropies of every process; PPOExtGRPOMixin does this)")
+    if opts.top_entropy_quantile >= 1.0 and entropy_mask is not None:
+        raise ValueError("entropy_mask is given, but TRL applies it only when args.top_entropy_quantile < 1")
+    keep = None
+    if opts.off_policy_mask_threshold is not None:
+        keep = _off_policy_keep(advantages2d, per_token_logps, old_per_token_logps, sampling_per_token_logps,
+                                valid, opts.off_policy_mask_threshold)
+    if entropy_mask is not None:
+        entropy_mask = entropy_mask.bool()
+        keep = entropy_mask if keep is None else keep & entropy_mask
+    weights = None if keep is None else keep.to(torch.float32)
+    if importance_sampling_ratio is not None:
+        ratio = importance_sampling_ratio.detach()
+        weights = ratio if weights is None else ratio * weights
+    if weights is None:
+        return None
+    if weights.dim() != 2 or weights.shape[0] != B or weights.shape[1] not in (1, T):
+        raise ValueError(f"importance_sampling_ratio / entropy_mask must have shape ({B}, {T}) or ({B}, 1), and "
+                         f"combined with the off-policy mask give {tuple(weights.shape)}")
+    return weights.expand(B, T)
+
+
+def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
+    """TRL's nanmin / nanmax of a 1-d tensor (NaN when every entry is NaN), without a host synchronisation."""
+    if x.numel() == 0:
+        return torch.full((), math.nan, dtype=x.dtype, device=x.device)
+    nan = torch.isnan(x)
+    fill = torch.full((), -math.inf if largest else math.inf, dtype=x.dtype, device=x.device)
+    x = torch.where(nan, fill, x)
+    value = x.amax() if largest else x.amin()
+    return torch.where(nan.all(), torch.full_like(value, math.nan), value)
+
+
+def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator):
+    lp = per_token_logps.detach()
+    log_ratio = torch.zeros_like(lp) if old_per_token_logps is None else lp - old_per_token_logps
+    if opts.level == "sequence":
+        log_ratio = _row_mean(log_ratio, valid)
+    ratio = torch.exp(log_ratio)
+    if opts.delta is not None:
+        ratio = ratio.clamp(max=opts.delta)  # TRL's indicators read the capped coef_1
+    low = (ratio < 1 - opts.epsilon_low) & (advantages2d < 0)
+    high = (ratio > 1 + opts.epsilon_high) & (advantages2d > 0)
+    flags = torch.stack([low, high, low | high]).to(torch.float32)  # (3, B, W), W = 1 or T
+    B = flags.shape[1]
+    valid_f = valid.to(torch.float32)
+    if flags.shape[2] == 1:  # one value per row: every row counts, the mask is not applied (as TRL)
+        sums, count = flags.sum((1, 2)), torch.full((1,), float(B), dtype=torch.float32, device=lp.device)
+        rows = flags[:2, :, 0]
+    else:
+        masked = flags * valid_f
+        sums, count = masked.sum((1, 2)), valid_f.sum().reshape(1)
+        rows = masked[:2].sum(-1) / valid.sum(-1)  # NaN for a row without a valid token
+    stats = [sums, count]
+    if entropies is not None:
+        ent = entropies.detach()
+        if ent.shape[1] == 1:
+            rows_count = torch.full((1,), float(ent.shape[0]), dtype=torch.float32, device=lp.device)
+            stats += [ent.sum().to(torch.float32).reshape(1), rows_count]
+        else:
+            ent = torch.where(valid, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
+            stats += [ent.sum().to(torch.float32).reshape(1), valid_f.sum().reshape(1)]
+    stats = torch.cat(stats)
+    rows = rows.t()  # (B, 2): the rows of every process are gathered along dim 0
+    if accelerator is not None:
+        stats = accelerator.reduce(stats, reduction="sum")
+        rows = accelerator.gather(rows)
+    means = stats[:3] / stats[3].clamp(min=1.0)
+    metrics = {}
+    if entropies is not None:
+        metrics["entropy"] = stats[4] / stats[5].clamp(min=1.0)
+    metrics["clip_ratio/low_mean"] = means[0]
+    metrics["clip_ratio/high_mean"] = means[1]
+    metrics["clip_ratio/region_mean"] = means[2]
+    metrics["clip_ratio/low_min"] = _nan_extreme(rows[:, 0], largest=False)
+    metrics["clip_ratio/high_max"] = _nan_extreme(rows[:, 1], largest=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
+
+
+def grpo_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    args: Any,
+    *,
+    num_items_in_batch=None,
+    importance_sampling_ratio: Optional[torch.Tensor] = None,
+    sampling_per_token_logps: Optional[torch.Tensor] = None,
+    ref_per_token_logps: Optional[torch.Tensor] = None,
+    entropy_mask: Optional[torch.Tensor] = None,
+    entropies: Optional[torch.Tensor] = None,
+    gradient_accumulation_steps: int = 1,
+    num_processes: int = 1,
+    accelerator: Any = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The loss TRL's ``GRPOTrainer._compute_loss`` returns in training mode, and its metrics.
+
+    ``per_token_logps`` (B, T) (the only input with a gradient), ``old_per_token_logps`` (B, T) or None
+    (on-policy), ``advantages`` (B,), (B, 1) or (B, T), ``mask`` (B, T) (TRL's ``completion_mask``, times
+    ``tool_mask`` when there is one; None: all valid), ``args`` a ``GRPOConfig`` or any object/mapping with
+    its field names (a missing one takes GRPOConfig's default, ``GRPO_CONFIG_DEFAULTS``). The keywords are
+    TRL's inputs of the same names (``inputs["num_items_in_batch"]``, ...), the trainer's
+    ``current_gradient_accumulation_steps`` and ``accelerator.num_processes``, the entropy mask and the
+    entropies (for the ``entropy`` metric) and the accelerator (global metrics); see the module docstring.
+    ``ref_per_token_logps`` is read only with ``beta != 0``, which is not supported yet; ``sampling_per_token_logps``
+    only with ``off_policy_mask_threshold``.
+
+    Returns ``(loss, metrics)``: the loss a 0-dim tensor (differentiable w.r.t. ``per_token_logps``), the
+    metrics a dict of 0-dim float32 tensors under TRL's keys (``.item()`` them to log as TRL does). Nothing
+    here synchronises the host.
+    """
+    opts = _options(args)
+    if not isinstance(per_token_logps, torch.Tensor) or per_token_logps.dim() != 2:
+        raise ValueError("per_token_logps must be a (B, T) tensor")
+    gas = _positive("gradient_accumulation_steps", gradient_accumulation_steps)
+    num_processes = _positive("num_processes", num_processes)
+    B, T = per_token_logps.shape
+    if mask is None:
+        mask = torch.ones((B, T), dtype=torch.bool, device=per_token_logps.device)
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    advantages2d = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    valid = mask != 0
+    with torch.no_grad():
+        weights = _weights(opts, B, T, advantages2d, per_token_logps, old_per_token_logps, sampling_per_token_logps,
+                           importance_sampling_ratio, entropy_mask, valid)
+    out = ppo_ext.policy_loss(
+        per_token_logps, old_per_token_logps, advantages, mask,
+        clip_low=opts.epsilon_low, clip_high=opts.epsilon_high, ratio_cap=opts.delta,
+        importance_sampling=_LEVELS[opts.level], token_weights=weights,
+        **_aggregation(opts, B, valid, num_items_in_batch, gas, num_processes),
+    )
+    with torch.no_grad():
+        metrics = _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator)
+    return out.loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class PPOExtGRPOMixin:
+    """Put before ``GRPOTrainer`` in a trainer's bases: ``class Trainer(PPOExtGRPOMixin, GRPOTrainer)``.
+
+    Its ``_compute_loss`` does in training mode what TRL's does, with ``grpo_loss`` for the loss: the
+    same call of TRL's own ``_get_per_token_logps_and_entropies`` (the model's forward), TRL's own
+    ``get_high_entropy_mask`` when ``top_entropy_quantile < 1``, the options from the trainer's attributes
+    (``loss_type``, ``epsilon_low``, ``epsilon_high``, ``importance_sampling_level``, ... and
+    ``args.delta``, ``args.steps_per_generation``), the global metrics through ``self.accelerator``,
+    appended to ``self._metrics["train"]`` under TRL's keys as Python floats (one ``.tolist()`` for all, where
+    TRL calls ``.item()`` on each), and the MoE router's auxiliary loss added as TRL adds it. In evaluation
+    mode (``self.model.training`` False) it calls TRL's own ``_compute_loss``. Unsupported options raise
+    ``NotImplementedError`` before the forward pass.
+    """
+
+    def _ppo_ext_args(self) -> SimpleNamespace:
+        """The options TRL's _compute_loss reads, from where it reads them: the trainer's attributes (set
+        from its args in GRPOTrainer.__init__), and ``args.delta``, ``args.steps_per_generation`` and
+        ``args.use_bias_correction_kl``. The entropy bonus is checked by the caller."""
+        args = self.args
+        return SimpleNamespace(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=_arg(args, "delta"), beta=self.beta,
+            use_bias_correction_kl=_arg(args, "use_bias_correction_kl"),
+            off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
+            entropy_coef=0.0, use_adaptive_entropy=False, use_vllm=self.use_vllm,
+            vllm_importance_sampling_correction=self.vllm_importance_sampling_correction,
+            max_completion_length=self.max_completion_length,
+            steps_per_generation=_arg(args, "steps_per_generation"),
+            gradient_accumulation_steps=_arg(args, "gradient_accumulation_steps", None),
+        )
+
+    def _compute_loss(self, model, inputs):
+        if not self.model.training:
+            return super()._compute_loss(model, inputs)
+        if self._entropy_bonus_enabled:
+            raise NotImplementedError(
+                "the entropy bonus (entropy_coef != 0 or use_adaptive_entropy) is not supported by "
+                "PPOExtGRPOMixin: the kernel has no entropy term; use TRL's own GRPOTrainer for it.")
+        args = self._ppo_ext_args()
+        _options(args)  # unsupported options fail before the forward pass
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled, **{key: inputs.get(key) for key in _MODEL_INPUT_KEYS})
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        gas = self.current_gradient_accumulation_steps
+        use_is = self.use_vllm and self.vllm_importance_sampling_correction
+        loss, metrics = grpo_loss(
+            per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask, args,
+            num_items_in_batch=inputs.get("num_items_in_batch"),
+            importance_sampling_ratio=inputs["importance_sampling_ratio"] if use_is else None,
+            sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+            entropy_mask=entropy_mask, entropies=entropies, gradient_accumulation_steps=gas,
+            num_processes=self.accelerator.num_processes, accelerator=self.accelerator,
+        )
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / gas
+            metrics = {"aux_loss": self.accelerator.gather_for_metrics(aux_loss).mean(), **metrics}
+        values = torch.stack([v.detach().to(torch.float32) for v in metrics.values()]).tolist()
+        for key, value in zip(metrics, values):
+            self._metrics["train"][key].append(value)
+        return loss
+
+
+def __getattr__(name: str):
+    """``PPOExtGRPOTrainer``: ``PPOExtGRPOMixin`` on TRL's ``GRPOTrainer``, built when first asked for."""
+    if name != "PPOExtGRPOTrainer":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from trl import GRPOTrainer
+    except ImportError as exc:
+        raise ImportError(
+            f"ppo_ext.compat.trl.PPOExtGRPOTrainer subclasses trl.GRPOTrainer, but trl could not be imported ({exc}): "
+            f"pip install trl (the adapter follows trl {TRL_VERSION}), or put PPOExtGRPOMixin before your own "
+            "GRPOTrainer subclass") from exc
+    cls = type("PPOExtGRPOTrainer", (PPOExtGRPOMixin, GRPOTrainer), {
+        "__module__": __name__,
+        "__doc__": "TRL's GRPOTrainer with ppo_ext's loss (PPOExtGRPOMixin).",
+    })
+    globals()[name] = cls
+    return cls

@@ -1,0 +1,795 @@
+"""ppo_ext.compat.trl against TRL 1.16.0's own GRPOTrainer._compute_loss.
+
+TRL's code runs for real: trl/trainer/grpo_trainer.py is executed from the installed file (trl installed
+with ``pip install --no-deps trl==1.16.0``; nothing of TRL is copied here) by ``load_trl`` below, with the
+general helpers of tests/frameworks.py (``require``, ``stubbed_imports``, ``stub_class``,
+``stub_function``, ``load_functions``, ``load_or_skip``; frameworks.py has no TRL recipe, so it is here).
+What is stubbed, for the duration of the import only:
+
+- ``trl`` and ``trl.trainer`` are hollow (their ``__init__`` files, which import transformers, are not
+  executed); trl/trainer/grpo_trainer.py itself is real.
+- Every name grpo_trainer.py imports from a package that is not installed here (transformers, accelerate,
+  datasets, huggingface_hub, pandas) or from TRL's other modules is a stand-in: a stub class for a
+  capitalised name, else a stub function that raises if called (read off the file's own import statements
+  with ``ast``). The exceptions, which the import or the loss path calls: ``is_peft_available``,
+  ``is_rich_available``, ``is_trackio_available``, ``is_wandb_available`` return False;
+  ``get_logger`` is ``logging.getLogger``; ``profiling_decorator`` is the identity; ``nanmin`` and
+  ``nanmax`` are TRL's own, compiled from trl/trainer/utils.py; ``GRPOConfig`` is TRL's own dataclass
+  (trl/trainer/grpo_config.py and base_config.py, real, on a stand-in ``TrainingArguments``).
+- torch, numpy and packaging are the real ones.
+
+The trainer is ``object.__new__(GRPOTrainer)`` (``__init__`` would load a model) holding what
+``_compute_loss`` reads: the attributes ``GRPOTrainer.__init__`` sets from ``args`` (``loss_type``,
+``epsilon_low``/``epsilon_high``, ``beta``, ``importance_sampling_level``, ...), ``args`` itself (every
+GRPOConfig field at TRL's default, then the case's options), ``current_gradient_accumulation_steps``, a
+model stand-in with ``.training``, ``_metrics``, and ``FakeAccelerator`` (``num_processes``, ``reduce``,
+``gather``, ``gather_for_metrics``, ``pad_across_processes``: identities for one process; for two, two
+threads exchange their tensors through a barrier, so TRL's collectives really combine two ranks). The
+model's forward, ``_get_per_token_logps_and_entropies``, is replaced on the instance by ``FakeForward``,
+which returns the case's log-probs as a fresh leaf (requires grad), entropies and an optional MoE aux loss.
+So TRL's own code computes the per-token loss, the masks, the aggregation, the gradient and the metrics;
+compared with the adapter (and with ``PPOExtGRPOMixin`` on the same trainer): the loss, the gradient with
+respect to the log-probs (float64) and every metric TRL logs, keys in order.
+
+Without trl 1.16.0 the comparisons skip saying what to install (``PPO_EXT_REQUIRE_FRAMEWORKS=1`` makes
+that a failure); the adapter's own tests (errors, unsupported options, shapes, dtypes) run anyway.
+"""
+
+import ast
+import dataclasses
+import functools
+import importlib
+import logging
+import math
+import sys
+import threading
+import types
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import frameworks
+from ppo_ext.compat import trl as ptrl
+
+B, T, P = 8, 12, 3
+EPS, EPS_HIGH = 0.2, 0.28
+LOSS_TYPES = ptrl.SUPPORTED_LOSS_TYPES
+LEVELS = ("token", "sequence")
+TOL64 = dict(rtol=1e-10, atol=1e-12)
+TOL32 = dict(rtol=2e-5, atol=1e-6)
+MODEL = object()  # the `model` argument, handed on to the forward
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading TRL
+
+
+def _imports(module_name):
+    """{module: [names]} of the top-level import statements of an installed module's file."""
+    top, _, rest = module_name.partition(".")
+    path = frameworks.package_dir(top).joinpath(*rest.split(".")).with_suffix(".py")
+    package = module_name.rpartition(".")[0]
+    found = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rpartition(".")[0]
+            module = node.module if not node.level else (f"{base}.{node.module}" if node.module else base)
+            found.setdefault(module, []).extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                found.setdefault(alias.name, [])
+    return found
+
+
+def _stand_in(module, name):
+    qualname = f"{module}.{name}"
+    if name.lstrip("_")[:1].isupper():
+        return frameworks.stub_class(qualname)
+    return frameworks.stub_function(qualname)
+
+
+@functools.lru_cache(maxsize=None)
+def load_trl():
+    version = frameworks.require("trl", ptrl.TRL_VERSION)
+    hollow = ("trl", "trl.trainer")
+    training_arguments = type("TrainingArguments", (), {"_VALID_DICT_FIELDS": [], "__doc__": "Stand-in."})
+    with frameworks.stubbed_imports(hollow, {"transformers": {"TrainingArguments": training_arguments}}):
+        grpo_config = importlib.import_module("trl.trainer.grpo_config")
+
+    real = ("torch", "numpy", "packaging")
+    stubs = {}
+    for module, names in _imports("trl.trainer.grpo_trainer").items():
+        top = module.partition(".")[0]
+        if top in sys.stdlib_module_names or top in real:
+            continue
+        stubs[module] = {name: _stand_in(module, name) for name in names}
+        parent = module.rpartition(".")[0]
+        while parent and parent not in hollow:
+            stubs.setdefault(parent, {})
+            parent = parent.rpartition(".")[0]
+    never = lambda *args, **kwargs: False  # noqa: E731
+    stubs["transformers"].update(is_trackio_available=never, is_wandb_available=never)
+    stubs["transformers.utils"].update(is_peft_available=never, is_rich_available=never)
+    stubs["accelerate.logging"]["get_logger"] = logging.getLogger
+    stubs["trl.extras.profiling"]["profiling_decorator"] = lambda function: function
+    stubs["trl.trainer.utils"].update(frameworks.load_functions("trl.trainer.utils", ["nanmin", "nanmax"],
+                                                                {"torch": torch}))
+    stubs["trl.trainer.grpo_config"]["GRPOConfig"] = grpo_config.GRPOConfig
+    with frameworks.stubbed_imports(hollow, stubs):
+        grpo_trainer = importlib.import_module("trl.trainer.grpo_trainer")
+    trainer_cls = grpo_trainer.GRPOTrainer
+    mixed = type("MixedTrainer", (ptrl.PPOExtGRPOMixin, trainer_cls), {})
+    return SimpleNamespace(GRPOTrainer=trainer_cls, GRPOConfig=grpo_config.GRPOConfig, Mixed=mixed,
+                           module=grpo_trainer, version=version)
+
+
+@pytest.fixture(scope="module")
+def trl():
+    return frameworks.load_or_skip(load_trl)
+
+
+def grpo_args(trl_ns, **overrides):
+    """Every GRPOConfig field at TRL's default (the dataclass's own), then ``overrides``; steps_per_generation
+    as GRPOConfig.__post_init__ sets it (gradient_accumulation_steps) when not given."""
+    values = {}
+    for field in dataclasses.fields(trl_ns.GRPOConfig):
+        if field.default is not dataclasses.MISSING:
+            values[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            values[field.name] = field.default_factory()
+    values["gradient_accumulation_steps"] = 1  # TrainingArguments' default
+    values.update(overrides)
+    if values["steps_per_generation"] is None:
+        values["steps_per_generation"] = values["gradient_accumulation_steps"]
+    return SimpleNamespace(**values)
+
+
+def plain_args(**overrides):
+    """Args without TRL: GRPOConfig's defaults as the adapter knows them."""
+    return SimpleNamespace(**{**ptrl.GRPO_CONFIG_DEFAULTS, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer stand-ins
+
+
+class _Group:
+    """`size` ranks (threads) exchanging one value each per collective."""
+
+    def __init__(self, size):
+        self.size = size
+        self._barrier = threading.Barrier(size, timeout=60)
+        self._slots = [None] * size
+
+    def exchange(self, rank, value):
+        self._slots[rank] = value
+        self._barrier.wait()
+        values = list(self._slots)
+        self._barrier.wait()
+        return values
+
+
+class FakeAccelerator:
+    """What GRPOTrainer._compute_loss and get_high_entropy_mask use of accelerate's Accelerator, as rank
+    `rank` of `group` (one process without a group). `num_processes` may claim more processes than the
+    group has (a rank that sees only its own data)."""
+
+    def __init__(self, group=None, rank=0, num_processes=None):
+        self.group = group or _Group(1)
+        self.rank = rank
+        self.num_processes = num_processes or self.group.size
+        self.calls = defaultdict(int)
+
+    def reduce(self, tensor, reduction="sum"):
+        assert reduction == "sum"
+        self.calls["reduce"] += 1
+        values = self.group.exchange(self.rank, tensor)
+        return functools.reduce(lambda a, b: a + b, values)
+
+    def gather(self, tensor):
+        self.calls["gather"] += 1
+        values = self.group.exchange(self.rank, tensor)
+        return torch.cat([v.reshape(1) if v.dim() == 0 else v for v in values])
+
+    gather_for_metrics = gather
+
+    def pad_across_processes(self, tensor, dim=0, pad_index=0):
+        assert dim == 0
+        size = max(self.group.exchange(self.rank, tensor.shape[0]))
+        pad = tensor.new_full((size - tensor.shape[0],) + tuple(tensor.shape[1:]), pad_index)
+        return torch.cat([tensor, pad])
+
+
+class FakeForward:
+    """Stands in for _get_per_token_logps_and_entropies: the case's log-probs as a fresh leaf."""
+
+    def __init__(self, logps, entropies, aux_loss=None):
+        self.logps, self.entropies, self.aux_loss = logps, entropies, aux_loss
+        self.calls, self.leaves = [], []
+
+    def __call__(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        self.calls.append(dict(model=model, input_ids=input_ids, attention_mask=attention_mask,
+                               logits_to_keep=logits_to_keep, **kwargs))
+        leaf = self.logps.detach().clone().requires_grad_(True)
+        self.leaves.append(leaf)
+        aux = None if self.aux_loss is None else self.aux_loss.clone()
+        return leaf, self.entropies, aux
+
+
+def make_trainer(cls, args, forward, *, gas=1, accelerator=None, training=True, router_aux_loss_coef=0.0):
+    trainer = object.__new__(cls)
+    trainer.args = args
+    # what GRPOTrainer.__init__ sets from args (trl/trainer/grpo_trainer.py)
+    trainer.loss_type = args.loss_type
+    trainer.importance_sampling_level = args.importance_sampling_level
+    trainer.off_policy_mask_threshold = args.off_policy_mask_threshold
+    trainer.top_entropy_quantile = args.top_entropy_quantile
+    trainer.epsilon_low = args.epsilon
+    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    trainer.beta = args.beta
+    trainer.use_vllm = args.use_vllm
+    trainer.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+    trainer.max_completion_length = args.max_completion_length
+    trainer.entropy_coef = args.entropy_coef
+    trainer.use_adaptive_entropy = args.use_adaptive_entropy
+    trainer._entropy_bonus_enabled = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+    trainer.router_aux_loss_coef = router_aux_loss_coef
+    trainer.aux_loss_enabled = forward.aux_loss is not None and router_aux_loss_coef != 0.0
+    # what transformers' Trainer and the training loop provide
+    trainer.current_gradient_accumulation_steps = gas
+    trainer.accelerator = accelerator or FakeAccelerator()
+    trainer.model = SimpleNamespace(training=training)
+    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    trainer._get_per_token_logps_and_entropies = forward
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases
+
+
+def make_case(seed, *, batch=B, length=T, mask="ragged", adv="row", old=True, dtype=torch.float64, spread=0.3):
+    """Log-probs and old log-probs whose log-ratios (a per-row offset plus per-token noise) put tokens and
+    whole rows on both sides of the clip interval; masks: dense, ragged (right-padded, every row >= 1
+    token), empty_rows (ragged, rows 1 and 4 empty), all_masked; advantages (B,) of alternating signs with
+    one zero, or (B, T)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    lp = -(torch.rand(batch, length, generator=g, dtype=f64) * 2.0 + 0.05)
+    log_ratio = torch.randn(batch, 1, generator=g, dtype=f64) * spread + torch.randn(batch, length, generator=g,
+                                                                                      dtype=f64) * spread
+    lengths = torch.randint(1, length + 1, (batch,), generator=g)
+    if mask == "dense":
+        lengths[:] = length
+    elif mask == "empty_rows":
+        lengths[torch.tensor([1, 4]) % batch] = 0
+    elif mask == "all_masked":
+        lengths[:] = 0
+    m = (torch.arange(length)[None, :] < lengths[:, None]).to(torch.int64)
+    if adv == "row":
+        signs = torch.tensor([1.0, -1.0], dtype=f64).repeat(batch)[:batch]
+        advantages = signs * (torch.randn(batch, generator=g, dtype=f64).abs() + 0.1)
+        if batch > 2:
+            advantages[2] = 0.0
+    else:
+        advantages = torch.randn(batch, length, generator=g, dtype=f64)
+    entropies = torch.rand(batch, length, generator=g, dtype=torch.float32) * 3.0
+    sampling = (lp - log_ratio) + torch.randn(batch, length, generator=g, dtype=f64) * 0.2
+    return dict(lp=lp.to(dtype), old=(lp - log_ratio).to(dtype) if old else None, advantages=advantages.to(dtype),
+                mask=m, entropies=entropies, sampling=sampling.to(dtype),
+                prompt_ids=torch.randint(0, 100, (batch, P), generator=g),
+                completion_ids=torch.randint(0, 100, (batch, length), generator=g))
+
+
+def _trl_ratio(case, args):
+    """The capped ratio TRL's indicators compare, computed here only to keep cases off the boundaries."""
+    lp, old, m = case["lp"].double(), case["old"], case["mask"].double()
+    d = torch.zeros_like(lp) if old is None else lp - old.double()
+    if args.importance_sampling_level == "sequence":
+        d = ((d * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+    return torch.exp(d)
+
+
+def assert_off_bounds(case, args):
+    r = _trl_ratio(case, args)
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    for bound in (1 - args.epsilon, 1 + eps_high) + ((args.delta,) if args.delta is not None else ()):
+        assert float((r - bound).abs().min()) > 1e-6, f"a ratio lies on the bound {bound}: pick another seed"
+
+
+def make_inputs(case, *, num_items_in_batch=None, vllm_ratio=None, sampling=False, tool_mask=None):
+    inputs = {
+        "prompt_ids": case["prompt_ids"], "prompt_mask": torch.ones_like(case["prompt_ids"]),
+        "completion_ids": case["completion_ids"], "completion_mask": case["mask"],
+        "advantages": case["advantages"],
+        "num_items_in_batch": case["mask"].sum() if num_items_in_batch is None else num_items_in_batch,
+    }
+    if case["old"] is not None:
+        inputs["old_per_token_logps"] = case["old"]
+    if vllm_ratio is not None:
+        inputs["importance_sampling_ratio"] = vllm_ratio
+    if sampling:
+        inputs["sampling_per_token_logps"] = case["sampling"]
+    if tool_mask is not None:
+        inputs["tool_mask"] = tool_mask
+    return inputs
+
+
+Result = SimpleNamespace
+
+
+def run_trainer(trl_ns, cls, args, case, inputs, *, gas=1, accelerator=None, aux_loss=None, router_coef=0.0,
+                training=True, own=True):
+    """cls's _compute_loss (TRL's own when `own`, else the class's, e.g. the mixin's), then backward."""
+    forward = FakeForward(case["lp"], case["entropies"], aux_loss)
+    trainer = make_trainer(cls, args, forward, gas=gas, accelerator=accelerator, training=training,
+                           router_aux_loss_coef=router_coef)
+    compute = trl_ns.GRPOTrainer._compute_loss.__get__(trainer) if own else trainer._compute_loss
+    loss = compute(MODEL, inputs)
+    loss.backward()
+    mode = "train" if training else "eval"
+    metrics = {key: values[-1] for key, values in trainer._metrics[mode].items()}
+    return Result(loss=loss.detach(), grad=forward.leaves[-1].grad, metrics=metrics, calls=forward.calls,
+                  trainer=trainer)
+
+
+def run_trl(trl_ns, args, case, inputs, **kwargs):
+    return run_trainer(trl_ns, trl_ns.GRPOTrainer, args, case, inputs, own=True, **kwargs)
+
+
+def run_mixin(trl_ns, args, case, inputs, **kwargs):
+    return run_trainer(trl_ns, trl_ns.Mixed, args, case, inputs, own=False, **kwargs)
+
+
+def run_adapter(args, case, inputs, *, gas=1, num_processes=1, accelerator=None, entropy_mask=None):
+    lp = case["lp"].detach().clone().requires_grad_(True)
+    loss, metrics = ptrl.grpo_loss(
+        lp, inputs.get("old_per_token_logps"), inputs["advantages"],
+        inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"],
+        args, num_items_in_batch=inputs.get("num_items_in_batch"),
+        importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+        sampling_per_token_logps=inputs.get("sampling_per_token_logps"), entropy_mask=entropy_mask,
+        entropies=case["entropies"], gradient_accumulation_steps=gas, num_processes=num_processes,
+        accelerator=accelerator)
+    for value in metrics.values():
+        assert value.dim() == 0 and value.dtype == torch.float32 and value.device == lp.device
+    loss.backward()
+    return Result(loss=loss.detach(), grad=lp.grad, metrics={k: v.item() for k, v in metrics.items()})
+
+
+def assert_same(theirs, ours, tol=TOL64):
+    torch.testing.assert_close(ours.loss, theirs.loss, **tol)
+    torch.testing.assert_close(ours.grad, theirs.grad, **tol)
+    assert list(ours.metrics) == list(theirs.metrics)
+    for key, expected in theirs.metrics.items():
+        got = ours.metrics[key]
+        if math.isnan(expected):
+            assert math.isnan(got), key
+        else:
+            assert got == pytest.approx(expected, rel=1e-6, abs=1e-7), key
+
+
+def compare(trl_ns, case, mixin=True, tol=TOL64, inputs_kw=None, **options):
+    """TRL's _compute_loss, the adapter and the mixin on one case; the three must agree."""
+    gas = options.pop("gas", 1)
+    args = grpo_args(trl_ns, **options)
+    assert_off_bounds(case, args)
+    inputs = make_inputs(case, **(inputs_kw or {}))
+    theirs = run_trl(trl_ns, args, case, inputs, gas=gas)
+    ours = run_adapter(args, case, inputs, gas=gas)
+    assert_same(theirs, ours, tol)
+    if mixin:
+        assert_same(theirs, run_mixin(trl_ns, args, case, inputs, gas=gas), tol)
+    return theirs
+
+
+def test_trl_is_the_installed_release(trl):
+    """The code compared with is TRL's released file, executed from the installed package."""
+    assert trl.version == ptrl.TRL_VERSION
+    installed = frameworks.package_dir("trl") / "trainer" / "grpo_trainer.py"
+    assert trl.GRPOTrainer._compute_loss.__code__.co_filename == str(installed)
+    assert trl.GRPOTrainer.get_off_policy_mask.__code__.co_filename == str(installed)
+    stand_ins = [name for name in ("transformers", "accelerate", "datasets", "huggingface_hub", "pandas",
+                                   "trl.trainer.utils") if (getattr(sys.modules.get(name), "__doc__", None) or "")
+                 .startswith("Stand-in for")]
+    assert stand_ins == []  # sys.modules is put back after the import
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity: loss types x levels x advantages x masks
+
+
+@pytest.mark.parametrize("adv", ["row", "token"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_types_levels_advantages(trl, loss_type, level, adv):
+    theirs = compare(trl, make_case(1, adv=adv, mask="empty_rows"), loss_type=loss_type,
+                     importance_sampling_level=level, epsilon=EPS, epsilon_high=EPS_HIGH)
+    # the case clips on both sides, so the metrics are not trivially 0
+    assert theirs.metrics["clip_ratio/low_mean"] > 0 and theirs.metrics["clip_ratio/high_mean"] > 0
+    assert theirs.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mask", ["dense", "ragged", "empty_rows", "all_masked"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_masks(trl, loss_type, level, mask):
+    theirs = compare(trl, make_case(2, mask=mask), loss_type=loss_type, importance_sampling_level=level)
+    if mask == "all_masked":
+        assert float(theirs.loss) == 0.0
+        # per-row fractions: NaN for rows without a valid token (token level); at the sequence level with (B,)
+        # advantages the indicators are per row already (an empty row's ratio is 1: 0)
+        assert math.isnan(theirs.metrics["clip_ratio/low_min"]) == (level == "token")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_symmetric_epsilon_and_on_policy(trl, loss_type):
+    compare(trl, make_case(3), loss_type=loss_type, epsilon=0.25, epsilon_high=None)
+    compare(trl, make_case(3, old=False), loss_type=loss_type)  # old_per_token_logps absent: ratio 1
+
+
+@pytest.mark.parametrize("adv", ["row", "token"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("delta", [1.1, 1.5])  # below and above 1 + epsilon_high = 1.28
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_delta(trl, loss_type, delta, level, adv):
+    case = make_case(4, adv=adv, spread=0.35)
+    theirs = compare(trl, case, loss_type=loss_type, delta=delta, importance_sampling_level=level,
+                     epsilon=EPS, epsilon_high=EPS_HIGH)
+    args = grpo_args(trl, delta=delta, importance_sampling_level=level)
+    assert bool((_trl_ratio(case, args) > delta).any())  # the cap is reached
+    if delta < 1 + EPS_HIGH:  # the capped ratio never exceeds 1 + epsilon_high: no high clip is counted
+        assert theirs.metrics["clip_ratio/high_mean"] == 0.0
+
+
+@pytest.mark.parametrize("shape", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_vllm_importance_sampling_ratio(trl, loss_type, shape):
+    case = make_case(5)
+    g = torch.Generator().manual_seed(50)
+    width = T if shape == "token" else 1
+    ratio = (torch.rand(B, width, generator=g, dtype=torch.float64) * 1.5 + 0.25)
+    ratio[0] = 0.0  # a masked-out ("*_mask" mode) sequence or token
+    compare(trl, case, loss_type=loss_type, use_vllm=True, vllm_importance_sampling_correction=True,
+            inputs_kw=dict(vllm_ratio=ratio.float()))
+
+
+def _avg_kl(case, sampling):
+    ref = case["sampling"] if sampling else (case["old"] if case["old"] is not None else case["lp"])
+    m = case["mask"].double()
+    return ((ref - case["lp"]).double() * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+@pytest.mark.parametrize("source", ["sampling", "old", "on_policy"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+def test_off_policy_mask(trl, loss_type, level, source):
+    case = make_case(6, old=source != "on_policy", spread=0.4)
+    kl = _avg_kl(case, source == "sampling").sort().values
+    threshold = float((kl[B // 2] + kl[B // 2 - 1]) / 2) if source != "on_policy" else 0.0
+    if source != "on_policy":  # some negative-advantage rows are dropped, some kept
+        dropped = (_avg_kl(case, source == "sampling") > threshold) & (case["advantages"] < 0)
+        assert 0 < int(dropped.sum()) < int((case["advantages"] < 0).sum())
+    compare(trl, case, loss_type=loss_type, importance_sampling_level=level, off_policy_mask_threshold=threshold,
+            inputs_kw=dict(sampling=source == "sampling"))
+
+
+def test_off_policy_mask_with_token_advantages_and_vllm_ratio(trl):
+    case = make_case(7, adv="token")
+    kl = _avg_kl(case, True).sort().values
+    ratio = torch.rand(B, T, generator=torch.Generator().manual_seed(70), dtype=torch.float64) + 0.5
+    compare(trl, case, loss_type="dapo", off_policy_mask_threshold=float((kl[3] + kl[4]) / 2),
+            use_vllm=True, inputs_kw=dict(sampling=True, vllm_ratio=ratio))
+
+
+@pytest.mark.parametrize("gas,spg", [(2, 2), (4, 4), (2, 4), (3, 1)])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_gradient_accumulation(trl, loss_type, gas, spg):
+    case = make_case(8)
+    n = torch.tensor(int(case["mask"].sum()) * spg + 5)  # the generation batch's valid tokens
+    compare(trl, case, loss_type=loss_type, gas=gas, gradient_accumulation_steps=gas, steps_per_generation=spg,
+            inputs_kw=dict(num_items_in_batch=n))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_max_completion_length(trl, loss_type):
+    compare(trl, make_case(9), loss_type=loss_type, max_completion_length=37)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_float32(trl, loss_type, level):
+    compare(trl, make_case(10, dtype=torch.float32), tol=TOL32, loss_type=loss_type, importance_sampling_level=level)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_one_column(trl, loss_type, level):
+    """T = 1: TRL reads the clip indicators of every row, masked ones too; so does the adapter."""
+    compare(trl, make_case(11, length=1, mask="empty_rows", spread=0.5), loss_type=loss_type,
+            importance_sampling_level=level)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two processes
+
+
+def _run_ranks(fns):
+    results, errors = [None] * len(fns), []
+
+    def work(rank):
+        try:
+            results[rank] = fns[rank]()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(len(fns))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_two_processes(trl, loss_type, level):
+    """Each rank's loss (the normalisation by num_processes, the global num_items_in_batch) and TRL's
+    global metrics (accelerator.reduce / gather across the two ranks)."""
+    cases = [make_case(20, mask="empty_rows"), make_case(21, mask="ragged")]
+    n = sum(c["mask"].sum() for c in cases)  # TRL: accelerator.gather(loss_mask.sum()).sum()
+    args = grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, epsilon_high=EPS_HIGH)
+    inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
+
+    def ranks(run, **kw):
+        group = _Group(2)
+        return _run_ranks([functools.partial(run, rank, FakeAccelerator(group, rank), **kw) for rank in (0, 1)])
+
+    theirs = ranks(lambda r, acc: run_trl(trl, args, cases[r], inputs[r], accelerator=acc))
+    ours = ranks(lambda r, acc: run_adapter(args, cases[r], inputs[r], num_processes=2, accelerator=acc))
+    mixin = ranks(lambda r, acc: run_mixin(trl, args, cases[r], inputs[r], accelerator=acc))
+    for rank in (0, 1):
+        assert_same(theirs[rank], ours[rank])
+        assert_same(theirs[rank], mixin[rank])
+    assert theirs[0].metrics == theirs[1].metrics  # global metrics: the same on both ranks
+    # without an accelerator: the same loss and gradient, this rank's own metrics (TRL's with local collectives)
+    for rank in (0, 1):
+        local = run_adapter(args, cases[rank], inputs[rank], num_processes=2)
+        alone = run_trl(trl, args, cases[rank], inputs[rank], accelerator=FakeAccelerator(num_processes=2))
+        assert_same(alone, local)
+        torch.testing.assert_close(local.loss, theirs[rank].loss, **TOL64)
+
+
+def test_adapter_uses_one_reduce_and_one_gather():
+    case = make_case(22)
+    acc = FakeAccelerator()
+    run_adapter(plain_args(), case, make_inputs(case), accelerator=acc)
+    assert dict(acc.calls) == {"reduce": 1, "gather": 1}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The entropy mask (top_entropy_quantile < 1), through TRL's own get_high_entropy_mask
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.2])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_top_entropy_quantile(trl, loss_type, quantile):
+    case = make_case(12, mask="empty_rows")
+    args = grpo_args(trl, loss_type=loss_type, top_entropy_quantile=quantile)
+    inputs = make_inputs(case)
+    theirs = run_trl(trl, args, case, inputs)
+    mixin = run_mixin(trl, args, case, inputs)
+    assert_same(theirs, mixin)
+    entropy_mask = theirs.trainer.get_high_entropy_mask(case["entropies"], case["mask"], 1 - quantile)
+    assert 0 < int(entropy_mask.sum()) < int(case["mask"].sum())
+    assert_same(theirs, run_adapter(args, case, inputs, entropy_mask=entropy_mask))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The mixin
+
+
+def test_mixin_calls_the_forward_as_trl_does(trl):
+    case = make_case(13)
+    args = grpo_args(trl, loss_type="dapo")
+    tool_mask = (torch.rand(B, T, generator=torch.Generator().manual_seed(130)) > 0.2).to(torch.int64)
+    inputs = make_inputs(case, tool_mask=tool_mask)
+    inputs["pixel_values"] = torch.ones(2, 3)
+    theirs = run_trl(trl, args, case, inputs)
+    ours = run_mixin(trl, args, case, inputs)
+    assert_same(theirs, ours)
+    assert len(theirs.calls) == len(ours.calls) == 1
+    a, b = theirs.calls[0], ours.calls[0]
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] is b[key] or a[key] == b[key], key
+
+
+def test_mixin_adds_the_router_aux_loss(trl):
+    case = make_case(14)
+    args = grpo_args(trl, loss_type="grpo")
+    inputs = make_inputs(case)
+    aux = torch.tensor(0.7, dtype=torch.float64)
+    theirs = run_trl(trl, args, case, inputs, gas=2, aux_loss=aux, router_coef=0.01)
+    ours = run_mixin(trl, args, case, inputs, gas=2, aux_loss=aux, router_coef=0.01)
+    assert "aux_loss" in theirs.metrics
+    assert_same(theirs, ours)
+
+
+def test_mixin_in_eval_mode_is_trl(trl, monkeypatch):
+    case = make_case(15)
+    args = grpo_args(trl, loss_type="dapo", gradient_accumulation_steps=4)
+    inputs = make_inputs(case)
+    theirs = run_trl(trl, args, case, inputs, gas=4, training=False)
+    monkeypatch.setattr(ptrl, "grpo_loss", None)  # the mixin must not reach it in eval mode
+    ours = run_mixin(trl, args, case, inputs, gas=4, training=False)
+    assert_same(theirs, ours)
+
+
+def test_mixin_refuses_unsupported_options_before_the_forward(trl):
+    case = make_case(16)
+    for options, words in [({"loss_type": "cispo"}, ("cispo", "issue 13")),
+                           ({"loss_type": "sapo"}, ("sapo", "issue 13")),
+                           ({"loss_type": "vespo"}, ("vespo", "issue 13")),
+                           ({"beta": 0.04}, ("beta", "issue 14")),
+                           ({"entropy_coef": 0.01}, ("entropy",)),
+                           ({"use_adaptive_entropy": True}, ("entropy",))]:
+        args = grpo_args(trl, **options)
+        forward = FakeForward(case["lp"], case["entropies"])
+        trainer = make_trainer(trl.Mixed, args, forward)
+        with pytest.raises(NotImplementedError) as info:
+            trainer._compute_loss(MODEL, make_inputs(case))
+        assert all(word in str(info.value) for word in words), (options, str(info.value))
+        assert forward.calls == []
+
+
+def test_trainer_class_is_built_on_trl(trl, monkeypatch):
+    fake = types.ModuleType("trl")
+    fake.GRPOTrainer = trl.GRPOTrainer
+    monkeypatch.setitem(sys.modules, "trl", fake)
+    ptrl.__dict__.pop("PPOExtGRPOTrainer", None)
+    try:
+        cls = ptrl.PPOExtGRPOTrainer
+        assert ptrl.PPOExtGRPOTrainer is cls  # built once
+    finally:
+        ptrl.__dict__.pop("PPOExtGRPOTrainer", None)
+    assert cls.__mro__[1:3] == (ptrl.PPOExtGRPOMixin, trl.GRPOTrainer)
+    assert cls._compute_loss is ptrl.PPOExtGRPOMixin._compute_loss
+
+
+def test_trainer_class_without_trl_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)
+    ptrl.__dict__.pop("PPOExtGRPOTrainer", None)
+    with pytest.raises(ImportError, match="PPOExtGRPOMixin"):
+        ptrl.PPOExtGRPOTrainer
+    with pytest.raises(AttributeError):
+        ptrl.no_such_name
+
+
+# ----------------------------------------------------------------------------------------------------
+# The adapter alone (no TRL needed)
+
+
+def test_defaults_are_grpo_configs(trl):
+    fields = {f.name: f.default for f in dataclasses.fields(trl.GRPOConfig)}
+    assert {k: fields[k] for k in ptrl.GRPO_CONFIG_DEFAULTS} == ptrl.GRPO_CONFIG_DEFAULTS
+
+
+def test_args_as_mapping_and_missing_fields_take_the_defaults():
+    case = make_case(30)
+    inputs = make_inputs(case)
+    full = run_adapter(plain_args(loss_type="bnpo"), case, inputs)
+    for args in ({"loss_type": "bnpo"}, SimpleNamespace(loss_type="bnpo")):
+        assert_same(full, run_adapter(args, case, inputs))
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"loss_type": "cispo"}, ("cispo", "issue 13")),
+    ({"loss_type": "sapo"}, ("sapo", "issue 13")),
+    ({"loss_type": "vespo"}, ("vespo", "issue 13")),
+    ({"beta": 0.04}, ("beta", "issue 14")),
+    ({"entropy_coef": 0.01}, ("entropy_coef",)),
+    ({"use_adaptive_entropy": True}, ("use_adaptive_entropy",)),
+])
+def test_unsupported_options_raise(options, words):
+    case = make_case(31)
+    with pytest.raises(NotImplementedError) as info:
+        run_adapter(plain_args(**options), case, make_inputs(case))
+    assert all(word in str(info.value) for word in words)
+
+
+def test_bad_options_raise():
+    case = make_case(32)
+    inputs = make_inputs(case)
+    with pytest.raises(ValueError, match="Unknown loss type"):
+        run_adapter(plain_args(loss_type="ppo"), case, inputs)
+    with pytest.raises(ValueError, match="importance sampling level"):
+        run_adapter(plain_args(importance_sampling_level="seq"), case, inputs)
+    with pytest.raises(ValueError, match="pass importance_sampling_ratio"):
+        run_adapter(plain_args(use_vllm=True), case, inputs)
+    with pytest.raises(ValueError, match="applies it only when"):
+        run_adapter(plain_args(), case, {**inputs, "importance_sampling_ratio": torch.ones(B, T)})
+    with pytest.raises(ValueError, match="pass entropy_mask"):
+        run_adapter(plain_args(top_entropy_quantile=0.5), case, inputs)
+    with pytest.raises(ValueError, match="top_entropy_quantile < 1"):
+        run_adapter(plain_args(), case, inputs, entropy_mask=torch.ones(B, T, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        run_adapter(plain_args(use_vllm=True), case, {**inputs, "importance_sampling_ratio": torch.ones(B, T + 1)})
+    with pytest.raises(ValueError, match="max_completion_length"):
+        run_adapter(plain_args(loss_type="dr_grpo", max_completion_length=None), case, inputs)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        run_adapter(plain_args(), case, inputs, gas=0)
+    with pytest.raises(ValueError, match="needs args"):
+        ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"], None)
+
+
+@pytest.mark.parametrize("delta", [None, 1.3, 2.0])
+def test_region_mean_is_the_cores_clipfrac_active(delta):
+    """The module docstring's claim: without delta, or delta >= 1 + epsilon_high, TRL's region is where the
+    clip is in force (ppo_ext's clipfrac_active), for per-token indicators."""
+    import ppo_ext
+
+    case = make_case(34, mask="empty_rows", spread=0.4)
+    _, metrics = ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"],
+                                plain_args(epsilon_high=EPS_HIGH, delta=delta))
+    core = ppo_ext.policy_loss(case["lp"], case["old"], case["advantages"], case["mask"], clip_low=EPS,
+                               clip_high=EPS_HIGH, ratio_cap=delta)
+    assert float(core.metrics["clipfrac_active"]) > 0
+    assert float(metrics["clip_ratio/region_mean"]) == pytest.approx(float(core.metrics["clipfrac_active"]))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_no_rows_gives_zero(loss_type):
+    lp = torch.zeros(0, T, dtype=torch.float64, requires_grad=True)
+    loss, metrics = ptrl.grpo_loss(lp, lp.detach(), torch.zeros(0), torch.zeros(0, T, dtype=torch.int64),
+                                   plain_args(loss_type=loss_type))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and lp.grad.shape == (0, T)
+    assert math.isnan(metrics["clip_ratio/low_min"]) and float(metrics["clip_ratio/low_mean"]) == 0.0
+    assert list(metrics) == list(ptrl.METRIC_KEYS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")
+def test_no_host_synchronisation_on_cuda():
+    import ppo_ext
+
+    if not ppo_ext.built_with_cuda():
+        pytest.skip("ppo_ext was built without its CUDA kernels")
+    case = make_case(33)
+    dev = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+    lp = dev["lp"].clone().requires_grad_(True)
+    kl = _avg_kl(case, True).sort().values
+    ratio = torch.rand(B, T, device="cuda", dtype=torch.float64) + 0.5
+    for loss_type in LOSS_TYPES:
+        args = plain_args(loss_type=loss_type, delta=1.5, use_vllm=True, importance_sampling_level="sequence",
+                          off_policy_mask_threshold=float(kl[4]))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, metrics = ptrl.grpo_loss(lp, dev["old"], dev["advantages"], dev["mask"], args,
+                                           num_items_in_batch=dev["mask"].sum(), importance_sampling_ratio=ratio,
+                                           sampling_per_token_logps=dev["sampling"], entropies=dev["entropies"],
+                                           gradient_accumulation_steps=2)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        cpu_lp = case["lp"].clone().requires_grad_(True)
+        cpu_loss, cpu_metrics = ptrl.grpo_loss(cpu_lp, case["old"], case["advantages"], case["mask"], args,
+                                               num_items_in_batch=case["mask"].sum(),
+                                               importance_sampling_ratio=ratio.cpu(),
+                                               sampling_per_token_logps=case["sampling"],
+                                               entropies=case["entropies"], gradient_accumulation_steps=2)
+        cpu_loss.backward()
+        torch.testing.assert_close(loss.cpu(), cpu_loss, **TOL64)
+        for key in cpu_metrics:
+            torch.testing.assert_close(metrics[key].cpu(), cpu_metrics[key], equal_nan=True)
+        lp.grad = None
