@@ -5,7 +5,9 @@ a chunked eager variant.
 Contenders, each computing the log-probs of the taken tokens from (B, T, V) logits and verl 0.9's vanilla PPO loss
 (clip 0.2 / 0.28, dual clip 3, token-mean), then its gradient w.r.t. the logits:
 
-  eager            logits.float() -> log_softmax -> gather, then verl's loss (baselines/verl.py)
+  eager            logits.float() -> log_softmax -> gather, then verl's loss (verl 0.9.1's own
+                   compute_policy_loss_vanilla, loaded from the installed package by tests/frameworks.py,
+                   its three .item() calls on the metrics included)
   compiled         torch.compile of eager (dynamic=False, one compile per shape)
   chunked          TRL's selective_log_softmax (baselines/trl.py: logsumexp row by row for float32 logits;
                    log_softmax row by row, here upcast to float32 per row, for bf16 ones), then verl's loss
@@ -39,10 +41,11 @@ sys.path.insert(0, ROOT)  # a checkout where ppo_ext was built in place; the ben
 
 import ppo_ext  # noqa: E402
 from benchmarks import harness  # noqa: E402
+from benchmarks.baselines import frameworks  # noqa: E402
 from benchmarks.baselines.trl import selective_log_softmax  # noqa: E402
-from benchmarks.baselines.verl import compute_policy_loss_vanilla  # noqa: E402
+from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
-CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+VERL_CONFIG = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_agg_mode="token-mean")
 OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0, importance_sampling="token",
                loss_agg_mode="token-mean")
 CONTENDERS = ("eager", "compiled", "chunked", "ppo_ext", "ppo_ext-inplace")
@@ -59,11 +62,24 @@ def eager_log_probs(logits, labels):
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+def verl_vanilla():
+    """verl's compute_policy_loss_vanilla as verl's actor calls it (verl's ActorConfig, keyword arguments)."""
+    verl = frameworks().verl()
+    config = verl.actor_config(**VERL_CONFIG)
+    fn = verl.core_algos.compute_policy_loss_vanilla
+
+    def loss(old, lp, adv, mask):
+        return fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask,
+                  loss_agg_mode=config.loss_agg_mode, config=config)[0]
+
+    return loss
+
+
 def with_verl_loss(log_probs_fn):
+    verl_loss = verl_vanilla()
+
     def loss(logits, labels, old, adv, mask):
-        lp = log_probs_fn(logits, labels)
-        pg_loss, _, _, _ = compute_policy_loss_vanilla(old, lp, adv, mask, **CLIP)
-        return pg_loss
+        return verl_loss(old, log_probs_fn(logits, labels), adv, mask)
 
     return loss
 
@@ -162,7 +178,7 @@ def reference(inp, rows_per_chunk):
         x = flat[r0:r0 + rows_per_chunk].double()
         lp[r0:r0 + rows_per_chunk] = torch.log_softmax(x, -1).gather(-1, labels[r0:r0 + rows_per_chunk, None])[:, 0]
     lp = lp.view(B, T).requires_grad_(True)
-    loss, _, _, _ = compute_policy_loss_vanilla(inp.old.double(), lp, inp.adv.double(), inp.mask, **CLIP)
+    loss = policy_loss_reference(lp, inp.old.double(), inp.adv.double(), inp.mask, **OPTIONS).loss
     (g,) = torch.autograd.grad(loss, lp)
     return loss.item(), lp.detach(), g.reshape(-1)
 
@@ -330,6 +346,11 @@ def main():
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     args = p.parse_args()
     devices = harness.devices(p, args)
+    torch._dynamo.config.capture_scalar_outputs = True  # verl's .item() calls inside the compiled graph (README)
+    try:
+        frameworks().verl()
+    except frameworks().FrameworkMissing as exc:
+        p.error(f"the eager contenders run verl's own loss: {exc}")
     harness.configure_torch(args.threads)
 
     mismatch = False

@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""Benchmark ppo_ext.policy_loss against eager PyTorch (written the way verl 0.9 writes it) and torch.compile.
+"""Benchmark ppo_ext.policy_loss against the frameworks' own eager PyTorch code and torch.compile of it.
 
-Every contender is first checked against the float64 reference (ppo_ext.reference): loss, metrics, clip
-counters and gradient, with and without autograd. Then forward alone and forward + backward are timed,
-contenders interleaved in one process, inputs rotated. Also measured: effective bandwidth against the minimum
-bytes the op must move, bytes saved for backward, peak extra memory, ops / CUDA kernels per call, host
-synchronisations (CUDA).
+The eager contender is verl 0.9.1's compute_policy_loss_vanilla / compute_policy_loss_gspo (and, for the
+sequence-level ratio with the gradient through the mean, OpenRLHF 0.11.2's GSPO PolicyLoss), loaded from the
+installed packages by tests/frameworks.py and called as the frameworks' actors call them. Every contender is
+first checked against the float64 reference (ppo_ext.reference): loss, metrics, clip counters and gradient,
+with and without autograd. Then forward alone and forward + backward are timed, contenders interleaved in one
+process, inputs rotated. Also measured: effective bandwidth against the minimum bytes the op must move, bytes
+saved for backward, peak extra memory, ops / CUDA kernels per call, host synchronisations (CUDA).
 
     python benchmarks/bench_policy_loss.py --quick            # under a minute on a 2-core CPU
     python benchmarks/bench_policy_loss.py                    # the reference run, a few minutes
     python benchmarks/bench_policy_loss.py --device cuda      # cpu | cuda | all (default: all that exist)
 
 Writes benchmarks/results/<device>-<date>[-quick].{json,md,png} and exits with 2 if a contender does not match
-the reference. See benchmarks/README.md.
+the reference (or cannot run: verl / OpenRLHF not installed). See benchmarks/README.md.
 """
 
 import math
@@ -29,51 +31,84 @@ sys.path.insert(0, ROOT)  # a checkout where ppo_ext was built in place; the ben
 
 import ppo_ext  # noqa: E402
 from benchmarks import harness  # noqa: E402
-from benchmarks.baselines import verl  # noqa: E402
+from benchmarks.baselines import frameworks  # noqa: E402
 from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
-CONTENDERS = ("eager+item", "eager", "compiled", "ppo_ext")
+CONTENDERS = ("eager", "compiled", "ppo_ext")
 PASSES = ("fwd+bwd", "fwd")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Contenders: verl's eager code (baselines/verl.py) with its .item() calls ("eager+item") and without ("eager"),
-# torch.compile of it, ppo_ext
+# Contenders: the frameworks' own eager code as their users run it ("eager"), torch.compile of it, ppo_ext
 # ---------------------------------------------------------------------------------------------------------------
 
-# The losses benchmarked: verl's function and arguments, and the ppo_ext options that compute the same thing.
-# (ppo_ext's log_ratio_clamp=10 clamps to [-10, 10] where verl's GSPO clamps to (-inf, 10]: the same here,
-# where |log ratio| stays far below 10.)
+# The losses benchmarked: the framework's function and its options, and the ppo_ext options that compute the
+# same thing. (ppo_ext's log_ratio_clamp=10 clamps to [-10, 10] where verl's GSPO clamps to (-inf, 10]: the same
+# here, where |log ratio| stays far below 10.)
 KINDS = {
     "ppo": dict(
-        label="token", eager=verl.compute_policy_loss_vanilla,
-        eager_kwargs=dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0),
+        label="token", framework="verl", function="compute_policy_loss_vanilla",
+        config=dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+                    loss_agg_mode="token-mean"),
         options=dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0,
                      importance_sampling="token", loss_agg_mode="token-mean")),
     "gspo": dict(
-        label="seq-token (GSPO)", eager=verl.compute_policy_loss_gspo,
-        eager_kwargs=dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4),
+        label="seq-token (GSPO)", framework="verl", function="compute_policy_loss_gspo",
+        config=dict(clip_ratio=3e-4, clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode="seq-mean-token-mean"),
         options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=10.0,
                      importance_sampling="seq-token", loss_agg_mode="seq-mean-token-mean")),
     "seq": dict(
-        label="seq", eager=verl.compute_policy_loss_gspo,
-        eager_kwargs=dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4, token_level_grad=False),
-        options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=10.0,
+        label="seq", framework="openrlhf",
+        config=dict(clip_eps_low=3e-4, clip_eps_high=4e-4, policy_loss_type="gspo"),
+        options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=None,
                      importance_sampling="seq", loss_agg_mode="seq-mean-token-mean")),
 }
 
 
-def make_eager(kind, with_item):
-    fn, kwargs = KINDS[kind]["eager"], KINDS[kind]["eager_kwargs"]
+def framework_loss(kind):
+    """The framework's loss of `kind` as a function (lp, old, adv, mask) -> (loss, metrics by ppo_ext's names).
+
+    verl: verl's function with verl's ActorConfig, called as verl's ppo_loss calls it; it ends with three .item()
+    calls on its metrics (a host synchronisation each on a GPU), which are part of verl's function and so of its
+    time. OpenRLHF: its PolicyLoss module, called as its actor calls it; it returns tensors (no synchronisation).
+    Raises frameworks().FrameworkMissing when the package is not installed."""
+    spec = KINDS[kind]
+    if spec["framework"] == "verl":
+        verl = frameworks().verl()
+        config = verl.actor_config(**spec["config"])
+        fn = getattr(verl.core_algos, spec["function"])
+
+        def verl_loss(lp, old, adv, mask):
+            pg_loss, m = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask,
+                            loss_agg_mode=config.loss_agg_mode, config=config)
+            return pg_loss, {"clipfrac_active": m["actor/pg_clipfrac"], "approx_kl": m["actor/ppo_kl"],
+                             "dual_clipfrac": m["actor/pg_clipfrac_lower"]}
+
+        return verl_loss
+    module = frameworks().openrlhf().loss.PolicyLoss(**spec["config"])
+
+    def openrlhf_loss(lp, old, adv, mask):
+        loss, clip_ratio, ppo_kl, _, _ = module(lp, old, adv, action_mask=mask)
+        return loss, {"clipfrac_active": clip_ratio, "approx_kl": ppo_kl}
+
+    return openrlhf_loss
+
+
+def make_eager(kind):
+    try:
+        fn = framework_loss(kind)
+    except frameworks().FrameworkMissing as exc:
+        reason = str(exc)
+
+        def missing(*args):
+            raise RuntimeError(reason)
+
+        return missing
 
     def eager(lp, old, adv, mask):
-        if adv.dim() == 1:  # verl's advantages are (B, T); a (B,) one is broadcast, the cheapest way for eager
+        if adv.dim() == 1:  # the frameworks' advantages are (B, T); a (B,) one is broadcast, the cheapest way
             adv = adv.unsqueeze(-1)
-        pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = fn(old, lp, adv, mask, **kwargs)
-        if with_item:  # what verl 0.9 does before returning
-            pg_clipfrac, ppo_kl, pg_clipfrac_lower = (
-                pg_clipfrac.detach().item(), ppo_kl.detach().item(), pg_clipfrac_lower.detach().item())
-        return pg_loss, {"clipfrac_active": pg_clipfrac, "approx_kl": ppo_kl, "dual_clipfrac": pg_clipfrac_lower}
+        return fn(lp, old, adv, mask)
 
     return eager
 
@@ -89,10 +124,10 @@ def make_ppo_ext(kind):
 
 
 def make_contenders(kind):
+    eager = make_eager(kind)
     return {
-        "eager+item": make_eager(kind, True),
-        "eager": make_eager(kind, False),
-        "compiled": torch.compile(make_eager(kind, False), dynamic=False),
+        "eager": eager,
+        "compiled": torch.compile(eager, dynamic=False),
         "ppo_ext": make_ppo_ext(kind),
     }
 
@@ -215,6 +250,7 @@ def boundary_tokens(case, inp):
     lp, old, m = inp.lp.detach().double(), inp.old.double(), inp.mask
     d = lp - old
     K = opts["log_ratio_clamp"]
+    K = math.inf if K is None else K
     if opts["importance_sampling"] == "token":
         r = torch.exp(d.clamp(-K, K))
     else:
@@ -240,7 +276,7 @@ def reference_result(case, inp):
 
 
 def as_float(x):
-    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)  # verl's ppo_kl requires grad
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)  # verl's are floats already
 
 
 def compare_outputs(out, ref, n_near, errs, prefix=""):
@@ -500,7 +536,7 @@ def timing_table(result):
 
 def resource_table(result):
     cpu = result["meta"]["device"] == "cpu"
-    mem = CONTENDERS[1:]  # eager+item keeps what eager keeps
+    mem = CONTENDERS
     rows = []
     for res in result["cases"]:
         r = res.get("resources")
@@ -551,8 +587,7 @@ def plot(result, path):
     series = sorted((r for r in result["cases"] if r["series"] and "timing" in r), key=lambda r: r["tokens"])
     meta = result["meta"]
     where = f"{meta['threads']} threads" if meta["device"] == "cpu" else f"CUDA {meta['cuda']}"
-    styles = {"eager+item": ("tab:gray", ":"), "eager": ("tab:blue", "-"), "compiled": ("tab:orange", "-"),
-              "ppo_ext": ("tab:green", "-")}
+    styles = {"eager": ("tab:blue", "-"), "compiled": ("tab:orange", "-"), "ppo_ext": ("tab:green", "-")}
     title = (f"PPO policy loss (token ratio, dual clip, A (B,T), mask 0.9): {meta['device_name']}, {where}, "
              f"torch {meta['torch']}")
     return harness.plot_time_against_tokens(series, PASSES, styles, title, path)
@@ -577,6 +612,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     devices = harness.devices(p, args)
     harness.configure_torch(args.threads)
+    # verl's functions end with .item() on their metrics: captured into the compiled graph (one graph, the floats
+    # read at its end) instead of a graph break after which dynamo specialises on each float's value and
+    # recompiles for every new batch
+    torch._dynamo.config.capture_scalar_outputs = True
 
     t0 = time.time()
     mismatch = False

@@ -6,8 +6,12 @@
 - ``ppo_ext.compat.roll``: ``compute_policy_loss`` with ROLL's config vocabulary (``pg_clip``,
   ``use_pg_clip_range``, ``dual_clip_loss``, ``importance_sampling``, ``loss_agg_mode``) and the
   metric keys of ROLL's actor worker.
+- ``ppo_ext.compat.trl``: ``grpo_loss``, the loss of TRL's ``GRPOTrainer._compute_loss`` for a
+  ``GRPOConfig``, and ``PPOExtGRPOMixin`` / ``PPOExtGRPOTrainer`` that swap it into the trainer.
+- ``ppo_ext.compat.openrlhf``: ``PolicyLoss``, a drop-in for OpenRLHF's ``openrlhf.models.loss.PolicyLoss``.
 
-Neither imports its framework: they run (and are tested) without verl or ROLL installed.
+None imports its framework: they run without it installed (``PPOExtGRPOTrainer`` is built from
+``trl.GRPOTrainer`` on first use). The tests compare them with the frameworks' own released code.
 """
 
-__all__ = ["verl", "roll"]
+__all__ = ["verl", "roll", "trl", "openrlhf"]

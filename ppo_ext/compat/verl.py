@@ -21,7 +21,8 @@ verl                                      ppo_ext.policy_loss
 ``clip_ratio``, ``clip_ratio_low/high``    ``clip_low``, ``clip_high`` (None: ``clip_ratio``)
 vanilla: ratio ``exp(clamp(d, -20, 20))``  ``importance_sampling="token"``, ``log_ratio_clamp=20``
 vanilla: dual clip, ``clip_ratio_c``       ``dual_clip=clip_ratio_c`` (default 3.0; always on)
-GSPO: ``sg[s_i]*pi/sg[pi]``, ``max=10``    ``importance_sampling="seq-token"``, ``log_ratio_clamp=10``
+GSPO: ``sg[s_i]*pi/sg[pi]``, ``max=10``    ``importance_sampling="seq-token"``, ``log_ratio_clamp=10``;
+                                           ``loss_agg_mode`` as given (default ``"seq-mean-token-mean"``)
 ``rollout_is_weights``                     ``token_weights``
 ``agg_loss(..., **global_batch_info)``     ``num_tokens=batch_num_tokens``, ``num_seqs=global_batch_size``,
                                            ``loss_scale_factor``; the loss is then multiplied by ``dp_size``
@@ -35,12 +36,21 @@ each rank's loss by ``dp_size`` so that the average of the per-rank gradients is
 loss over the global batch, whose normalisers (``batch_num_tokens``, ``global_batch_size``) are the
 global counts (``ppo_ext.distributed.global_normalisers`` all-reduces them in one collective).
 
+The functions are checked against verl 0.9.1's own ``compute_policy_loss_vanilla``,
+``compute_policy_loss_gspo`` and ``agg_loss`` (verl/trainer/ppo/core_algos.py, loaded from the installed
+package by tests/frameworks.py and called as verl's ``ppo_loss`` in verl/workers/utils/losses.py calls
+them, with verl's own ActorConfig) in tests/test_compat_verl.py.
+
 Where the results can differ from verl's (all of them corner cases, and all documented in the tests):
 
 - A zero normaliser (no valid token in a ``token-mean`` micro-batch with no ``batch_num_tokens``, a
   ``global_batch_size`` of 0) gives loss 0 and gradient 0, where verl divides by zero (NaN/inf).
-- NaN or inf at masked positions never reaches the loss or the gradient; in verl it can reach the
-  gradient (``0 * nan``). ``response_mask`` is read as 0/1 (non-zero = valid), as verl's always is.
+- NaN or inf at masked positions never reaches the loss, the gradient or a metric. In verl a NaN
+  advantage there makes the gradient NaN (``0 * nan`` in the backward of ``-A * ratio``), and a NaN
+  log-prob or advantage makes the loss NaN in the sequence modes (``agg_loss`` multiplies by the mask
+  instead of selecting), as does a NaN log-prob in GSPO (its row mean multiplies the log-ratios by the
+  mask). ``response_mask`` is read as 0/1 (non-zero = valid), as verl's always is (its ``ppo_loss``
+  passes a bool mask).
 - ``seq-mean-token-mean`` divides each row by its token count ``n_i``; verl by ``n_i + 1e-8``; the
   metrics divide by ``N`` where verl divides by ``N + 1e-8`` (relative differences of 1e-8/n).
 - GSPO: verl clamps the log of the sequence ratio from above only (``max=10``); ppo_ext clamps to
@@ -196,9 +206,9 @@ def compute_policy_loss_gspo(
 
     Ratio ``s_i,t = sg[s_i] * pi / sg[pi]`` with ``log s_i`` the masked mean log-ratio of row i,
     clamped at 10; clip ``[1 - clip_ratio_low, 1 + clip_ratio_high]``; no dual clip;
-    ``rollout_is_weights`` multiplying the per-token loss. As in verl, the loss is always aggregated
-    with ``"seq-mean-token-mean"`` (with ``config.global_batch_info``) whatever ``loss_agg_mode`` says;
-    the argument is accepted for the signature and ignored.
+    ``rollout_is_weights`` multiplying the per-token loss; then verl's ``agg_loss`` in ``loss_agg_mode``
+    (verl's actor passes ``config.loss_agg_mode``; the function's default is ``"seq-mean-token-mean"``,
+    the GSPO paper's) with ``config.global_batch_info``.
 
     Returns ``(pg_loss, metrics)`` with ``actor/pg_clipfrac``, ``actor/ppo_kl`` and
     ``actor/pg_clipfrac_lower`` (always 0.0) as Python floats: one host synchronisation, as verl's
@@ -208,12 +218,12 @@ def compute_policy_loss_gspo(
     if config is None:
         raise ValueError("compute_policy_loss_gspo needs the actor config (verl asserts config is not None)")
     clip_low, clip_high = _clip_ratios(config)
-    normalisers, dp_size = _aggregation(config, "seq-mean-token-mean")  # verl's GSPO ignores loss_agg_mode
+    normalisers, dp_size = _aggregation(config, loss_agg_mode)
     out = ppo_ext.policy_loss(
         log_prob, old_log_prob, advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=None,
         importance_sampling="seq-token", log_ratio_clamp=GSPO_LOG_RATIO_CLAMP,
-        loss_agg_mode="seq-mean-token-mean", token_weights=rollout_is_weights, **normalisers,
+        loss_agg_mode=loss_agg_mode, token_weights=rollout_is_weights, **normalisers,
     )
     metrics = {
         "actor/pg_clipfrac": out.metrics["clipfrac_active"],

@@ -1,0 +1,247 @@
+"""OpenRLHF adapter: OpenRLHF 0.11's ``PolicyLoss`` (openrlhf.models.loss) on ppo_ext's kernel.
+
+``PolicyLoss`` here is a drop-in ``torch.nn.Module`` for OpenRLHF 0.11.2's: the same constructor, the
+same ``forward`` and the same return value, ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``
+(0-dim tensors; the last two ``None`` without rollout correction, as OpenRLHF's). The loss and its
+gradient come from one ``ppo_ext.policy_loss`` call (forward and backward fused); OpenRLHF is never
+imported. In OpenRLHF's actor (``ActorPPOTrainer.__init__`` in openrlhf.trainer.ray.ppo_actor)::
+
+    from ppo_ext.compat.openrlhf import PolicyLoss   # instead of: from openrlhf.models import PolicyLoss
+
+and nothing else changes: ``training_step`` calls it as before, ``self.actor_loss_fn(action_log_probs,
+old_action_log_probs, advantages, action_mask=..., rollout_log_probs=..., **loss_batch_info)`` with
+``loss_batch_info = {dp_size, batch_num_tokens, global_batch_size}`` from
+openrlhf.utils.loss_utils (the global counts of the optimizer step, all-reduced over the data-parallel
+group and divided by the gradient-accumulation steps; float32 tensors).
+
+How OpenRLHF's options map onto ppo_ext's (docs/SPEC.md):
+
+- ``clip_eps_low``, ``clip_eps_high``, ``dual_clip``: ``clip_low``, ``clip_high``, ``dual_clip``
+  (OpenRLHF applies the dual clip in both loss types);
+- ``policy_loss_type="ppo"``, ratio ``exp(clamp(d, -20, 20))``: ``importance_sampling="token"``,
+  ``log_ratio_clamp=20``;
+- ``policy_loss_type="gspo"``, ``exp`` of the row's masked mean log-ratio, not clamped:
+  ``importance_sampling="seq"`` (the gradient flows through the mean, as in OpenRLHF's), no clamp;
+- ``token_level_loss=True``: ``loss_agg_mode="token-mean"`` with ``num_tokens=batch_num_tokens``;
+  ``False`` (and always for GSPO): ``"seq-mean-token-mean"`` with ``num_seqs=global_batch_size``;
+- ``dp_size`` multiplies the loss when the mode's normaliser is given (OpenRLHF's ``aggregate_loss``
+  ignores it otherwise);
+- rollout correction with ``"ppo"``: ``token_weights``, the per-token coefficient below; with
+  ``"gspo"``: ``old_log_probs=rollout_log_probs`` (OpenRLHF's GSPO takes its ratio against the rollout
+  policy and weights nothing);
+- ``clip_ratio``: ``metrics["clipfrac_active"]`` (``surr2 < surr1``); ``ppo_kl``:
+  ``metrics["approx_kl"]`` (``mean(-d)``), but for GSPO with rollout correction the mean of
+  ``old_log_probs - log_probs`` (the kernel's ratio is against the rollout policy there).
+
+Rollout (train/inference mismatch) correction, ``is_correction_level`` "token" or "seq" (OpenRLHF's named
+schemes: TIS = token level, "clip" mode; ICEPOP = token level, "mask" mode; seq-mask-tis = seq level,
+"mask" mode; FlashREINFORCE's trust region = seq level, "mask" mode, "binary_kl" gating): with
+``is = exp(old_log_probs - rollout_log_probs)`` and the gated statistic ``s`` (gating "ratio": ``is``
+itself at token level, ``exp`` of the row's masked mean of ``log is`` at seq level; "binary_kl" / "tv":
+the sampled token's binary KL / total variation between ``p = exp(rollout_log_probs)`` and ``q =
+exp(old_log_probs)``, both clamped to ``[1e-6, 1 - 1e-6]``, per token or its row mean), and ``(low,
+high) = is_correction_threshold``, the per-token coefficient is ``clamp(s, low, high)`` ("clip" mode)
+or ``is`` where ``low <= s <= high`` and 0 elsewhere ("mask" mode). It is a constant (no gradient),
+computed here from ``old_log_probs`` and ``rollout_log_probs`` with a few eager elementwise ops and
+passed to the kernel as ``token_weights``; ``is_filter_ratio`` is the fraction of valid tokens (token
+level) or of rows (seq level, every row of the micro-batch) outside the band, ``vllm_kl`` the mean of
+``rollout_log_probs - old_log_probs`` over valid tokens.
+
+The class is checked against OpenRLHF 0.11.2's own ``PolicyLoss`` (loaded from the installed package by
+tests/frameworks.py) in tests/test_compat_openrlhf.py: every option, ragged masks, empty rows, two
+data-parallel ranks with the trainer's global normalisers; loss, gradient and the four metrics.
+
+Where the results differ from OpenRLHF's (corner cases; each is tested):
+
+- No valid token where the mode's normaliser is not given (OpenRLHF's ``masked_mean``: 0 / 0): loss 0
+  and gradient 0 instead of NaN. With no valid token ``clip_ratio``, ``ppo_kl``, ``vllm_kl`` and (token
+  level) ``is_filter_ratio`` are 0 (ppo_ext's convention), where OpenRLHF's are NaN. A zero
+  ``batch_num_tokens`` / ``global_batch_size`` gives 0 where OpenRLHF divides by zero.
+- ``ppo_kl`` for ``policy_loss_type="ppo"``: the kernel's ``approx_kl`` clamps each token's log-ratio
+  to ``[-20, 20]`` (as the ratio is); OpenRLHF's ``ppo_kl`` is not clamped. They differ only where
+  ``|log_probs - old_log_probs| > 20`` (a probability ratio above 4.8e8).
+- NaN or inf at masked positions never reaches the loss, the gradient or a metric (ppo_ext's rule);
+  in OpenRLHF ``(loss * mask).sum()`` lets a NaN there through (``nan * 0``), and a NaN masked
+  ``rollout_log_probs`` or ``old_log_probs`` makes its seq-level gate drop the whole row.
+- ``action_mask`` is read as 0/1 (non-zero = valid), as OpenRLHF's (bool) always is; a float mask
+  with other values would weight tokens in OpenRLHF's sums. ``action_mask=None`` means every token
+  is valid, also where OpenRLHF fails (GSPO; the normalisers given).
+- ``seq-mean-token-mean`` divides each row by ``n_i`` where OpenRLHF divides by ``n_i + 1e-8``
+  (relative differences of 1e-8 / n).
+- Invalid options raise ``ValueError`` at construction (OpenRLHF asserts ``dual_clip > 1`` and checks
+  ``policy_loss_type`` only in ``forward``); clip epsilons must be finite and >= 0 (ppo_ext's rule).
+
+The loss path has no host synchronisation; neither have the metrics (0-dim tensors on the device, as
+OpenRLHF returns them). The rollout correction adds a few eager elementwise passes over
+``old_log_probs`` / ``rollout_log_probs`` (constants, no autograd), as many as OpenRLHF's own.
+"""
+
+import numbers
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+import ppo_ext
+
+__all__ = ["PolicyLoss", "POLICY_LOSS_TYPES", "IS_CORRECTION_LEVELS", "IS_CORRECTION_MODES",
+           "IS_CORRECTION_GATINGS", "PPO_LOG_RATIO_CLAMP"]
+
+POLICY_LOSS_TYPES = ("ppo", "gspo")
+IS_CORRECTION_LEVELS = ("off", "token", "seq")
+IS_CORRECTION_MODES = ("mask", "clip")
+IS_CORRECTION_GATINGS = ("ratio", "binary_kl", "tv")
+PPO_LOG_RATIO_CLAMP = 20.0  # OpenRLHF: (log_probs - old_log_probs).clamp(min=-20.0, max=20.0)
+_PROB_CLAMP = 1e-6  # OpenRLHF's clamp of p and q in the divergence gatings
+
+
+def _masked_sum_count(x: torch.Tensor, mask: Optional[torch.Tensor], dim=None):
+    """(sum of x over valid positions, number of valid positions), masked values selected out (not
+    multiplied), so that NaN at masked positions stays out."""
+    if mask is None:
+        n = torch.tensor(x.shape[-1] if dim is not None else x.numel(), dtype=x.dtype, device=x.device)
+        return x.sum(dim=dim), n
+    valid = mask != 0
+    return torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=dim), \
+        valid.sum(dim=dim).to(x.dtype)
+
+
+def _masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over valid tokens; 0 with none (ppo_ext's convention for metrics)."""
+    s, n = _masked_sum_count(x, mask)
+    return s / n.clamp(min=1)
+
+
+def _row_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, 1) mean over each row's valid tokens; NaN for a row without any, as OpenRLHF's masked_mean
+    (its gate then counts such a row as out of band)."""
+    s, n = _masked_sum_count(x, mask, dim=-1)
+    return (s / n).unsqueeze(-1)
+
+
+class PolicyLoss(torch.nn.Module):
+    """OpenRLHF 0.11's ``PolicyLoss``, computed by ppo_ext's fused kernel (see the module docstring).
+
+    ``PolicyLoss(clip_eps_low=0.2, clip_eps_high=0.2, dual_clip=None, token_level_loss=True,
+    policy_loss_type="ppo", is_correction_level="off", is_correction_mode="mask",
+    is_correction_gating="ratio", is_correction_threshold=(0.5, 5.0))``, OpenRLHF's arguments and
+    defaults, with OpenRLHF's checks (as ``ValueError``).
+
+    ``forward(log_probs, old_log_probs, advantages, action_mask=None, rollout_log_probs=None, dp_size=1,
+    batch_num_tokens=None, global_batch_size=None)`` returns ``(loss, clip_ratio, ppo_kl, vllm_kl,
+    is_filter_ratio)``.
+    """
+
+    def __init__(
+        self,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        dual_clip: Optional[float] = None,
+        token_level_loss: bool = True,
+        policy_loss_type: str = "ppo",
+        is_correction_level: str = "off",
+        is_correction_mode: str = "mask",
+        is_correction_gating: str = "ratio",
+        is_correction_threshold: Sequence[float] = (0.5, 5.0),
+    ) -> None:
+        super().__init__()
+        if policy_loss_type not in POLICY_LOSS_TYPES:
+            raise ValueError(f"Invalid policy loss type: {policy_loss_type!r} (one of {list(POLICY_LOSS_TYPES)})")
+        if dual_clip is not None and not dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
+        if is_correction_level not in IS_CORRECTION_LEVELS:
+            raise ValueError(f"is_correction_level must be off/token/seq, got {is_correction_level}")
+        if is_correction_mode not in IS_CORRECTION_MODES:
+            raise ValueError(f"is_correction_mode must be mask/clip, got {is_correction_mode}")
+        if is_correction_gating not in IS_CORRECTION_GATINGS:
+            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating}")
+        if is_correction_mode == "clip" and (is_correction_level == "seq" or is_correction_gating != "ratio"):
+            raise ValueError("is_correction_mode=clip requires is_correction_level=token and is_correction_gating=ratio")
+        threshold = tuple(is_correction_threshold)
+        if len(threshold) != 2 or not all(isinstance(t, numbers.Real) and not isinstance(t, bool) for t in threshold):
+            raise ValueError(f"is_correction_threshold must be (low, high), got {is_correction_threshold!r}")
+        if is_correction_gating != "ratio" and is_correction_level != "off" and threshold[0] > 0:
+            raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (a single delta)")
+
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+        self.dual_clip = dual_clip
+        self.policy_loss_type = policy_loss_type
+        self.token_level_loss = token_level_loss and policy_loss_type != "gspo"  # GSPO: per-sample mean
+        self.is_correction_level = is_correction_level
+        self.is_correction_mode = is_correction_mode
+        self.is_correction_gating = is_correction_gating
+        self.is_correction_threshold = is_correction_threshold
+        gspo = policy_loss_type == "gspo"
+        self.ppo_ext_loss = ppo_ext.PolicyLoss(
+            clip_low=clip_eps_low, clip_high=clip_eps_high, dual_clip=dual_clip,
+            importance_sampling="seq" if gspo else "token", log_ratio_clamp=None if gspo else PPO_LOG_RATIO_CLAMP,
+            loss_agg_mode="token-mean" if self.token_level_loss else "seq-mean-token-mean",
+        )  # validates the options now
+
+    def _rollout_correction(self, old_log_probs, rollout_log_probs, action_mask):
+        """OpenRLHF's per-token coefficient (token_weights), is_filter_ratio and vllm_kl; all constants."""
+        low, high = self.is_correction_threshold
+        seq = self.is_correction_level == "seq"
+        old, rollout = old_log_probs.detach(), rollout_log_probs.detach()
+        is_log_ratio = old - rollout  # log(pi_train / pi_rollout)
+        token_is = is_log_ratio.exp()
+        if self.is_correction_gating == "ratio":
+            stat = _row_mean(is_log_ratio, action_mask).exp() if seq else token_is
+        else:
+            p = rollout.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
+            q = old.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
+            if self.is_correction_gating == "binary_kl":
+                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+            else:  # tv
+                stat = (p - q).abs()
+            if seq:
+                stat = _row_mean(stat, action_mask)
+        if self.is_correction_mode == "clip":
+            weights = stat.clamp(min=low, max=high)
+            out_of_band = (stat < low) | (stat > high)
+        else:
+            in_band = (stat >= low) & (stat <= high)
+            weights = torch.where(in_band, token_is, torch.zeros((), dtype=token_is.dtype, device=token_is.device))
+            out_of_band = ~in_band
+        out_of_band = out_of_band.to(token_is.dtype)
+        if seq:  # every row of the micro-batch, as OpenRLHF's filtered.float().mean()
+            is_filter_ratio = out_of_band.sum() / max(out_of_band.numel(), 1)
+        else:
+            is_filter_ratio = _masked_mean(out_of_band, action_mask)
+        vllm_kl = _masked_mean(rollout - old, action_mask)
+        return weights, is_filter_ratio, vllm_kl
+
+    def forward(
+        self,
+        log_probs: torch.Tensor,
+        old_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        action_mask: Optional[torch.Tensor] = None,
+        rollout_log_probs: Optional[torch.Tensor] = None,
+        dp_size: int = 1,
+        batch_num_tokens=None,
+        global_batch_size=None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        correction = self.is_correction_level != "off"
+        if correction and rollout_log_probs is None:
+            raise ValueError(f"is_correction_level={self.is_correction_level!r} needs rollout_log_probs")
+        ratio_old, weights, vllm_kl, is_filter_ratio = old_log_probs, None, None, None
+        if correction and self.policy_loss_type == "gspo":
+            ratio_old = rollout_log_probs  # OpenRLHF's GSPO ratio: log_probs - rollout_log_probs
+        elif correction:
+            weights, is_filter_ratio, vllm_kl = self._rollout_correction(old_log_probs, rollout_log_probs,
+                                                                         action_mask)
+        normaliser = batch_num_tokens if self.token_level_loss else global_batch_size
+        out = self.ppo_ext_loss(
+            log_probs, ratio_old, advantages, action_mask, weights,
+            **({"num_tokens": batch_num_tokens} if self.token_level_loss else {"num_seqs": global_batch_size}),
+        )
+        loss = out.loss
+        if normaliser is not None and not (isinstance(dp_size, numbers.Real) and dp_size == 1):
+            loss = loss * dp_size  # against DeepSpeed/DDP averaging the gradients over the ranks
+        clip_ratio = out.metrics["clipfrac_active"]
+        if ratio_old is old_log_probs:
+            ppo_kl = out.metrics["approx_kl"]
+        else:  # the kernel's approx_kl is against the rollout policy here
+            ppo_kl = _masked_mean(old_log_probs.detach() - log_probs.detach(), action_mask)
+        return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
