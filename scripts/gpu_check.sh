@@ -8,7 +8,11 @@
 # 2. runs the CUDA tests (tests/test_cuda.py, then every test's CUDA parametrisation),
 # 3. runs compute-sanitizer memcheck, racecheck, synccheck and initcheck over scripts/gpu_sanitizer_cases.py,
 # 4. runs both benchmarks' GPU quick runs (results into OUTDIR),
-# then the rest of the suite if time is left. Every log and result goes into OUTDIR, with summary.txt
+# then the rest of the suite if time is left. The frameworks the adapter tests and the benchmarks' baselines
+# run (scripts/frameworks.txt) cannot be downloaded there: carry their wheels as .wheels/ (3 MB), made here with
+#   pip download --no-deps --only-binary :all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux1_x86_64 -d .wheels $(cat scripts/frameworks.txt)
+# and they are installed without dependencies into build/frameworks (without them those tests skip). Every log and result goes into OUTDIR, with summary.txt
 # (step, exit status, seconds) and env.txt (GPU, driver, versions). The whole run stays within
 # PPO_EXT_GPU_BUDGET_S seconds (default 540): each step gets what is left, and a step that would overrun is
 # stopped (status 124) and the script goes on to write what it has. Exit status: 0 when every step passed.
@@ -62,7 +66,11 @@ if ! "$PY" -c "import ppo_ext, sys; sys.exit(not ppo_ext.built_with_cuda())" >>"
   exit 1
 fi
 
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if ls "$ROOT"/.wheels/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-index --target "$ROOT/build/frameworks" "$ROOT"/.wheels/*.whl \
+    >"$OUT/frameworks.log" 2>&1 || echo "installing .wheels failed: see $OUT/frameworks.log" | tee -a "$OUT/summary.txt"
+fi
+export PYTHONPATH="$ROOT:$ROOT/build/frameworks${PYTHONPATH:+:$PYTHONPATH}"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts="-ra")
 step test_cuda 270 "${PYTEST[@]}" tests/test_cuda.py --junitxml="$OUT/test_cuda.xml"
 step suite_on_cuda 200 "${PYTEST[@]}" tests -k cuda --ignore=tests/test_cuda.py --ignore=tests/test_cuda_simulated.py \

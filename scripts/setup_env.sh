@@ -36,7 +36,7 @@ if ! "$PY" -c "import ninja, setuptools, wheel, pytest, numpy, expecttest, hypot
 fi
 # The frameworks whose own loss code the adapter tests run (tests/test_compat_*.py): their packages alone,
 # without their dependencies (the tests stub the heavy imports their loss code does not use).
-FRAMEWORKS=(verl==0.9.1 trl==1.16.0 openrlhf==0.11.2)
+mapfile -t FRAMEWORKS < "$ROOT/scripts/frameworks.txt"
 if ! "$PY" - "${FRAMEWORKS[@]}" <<'PYEOF' 2>/dev/null; then
 import sys
 from importlib.metadata import version
