@@ -11,12 +11,15 @@ Capability capability();
 // The CPU_CAPABILITY namespaces, for declaring a kernel in each: PPO_EXT_FOR_EACH_CPU_CAPABILITY(DECLARE).
 #define PPO_EXT_FOR_EACH_CPU_CAPABILITY(X) X(DEFAULT) X(AVX2) X(AVX512)
 
-// Calls `kernel` as compiled for the CPU's instruction set: PPO_EXT_CPU_DISPATCH(policy_loss_kernel, args).
-#define PPO_EXT_CPU_DISPATCH(kernel, ...)                                                   \
-  (::ppo_ext::cpu::capability() == ::ppo_ext::cpu::Capability::Avx512                       \
-       ? ::ppo_ext::cpu::AVX512::kernel(__VA_ARGS__)                                        \
-       : ::ppo_ext::cpu::capability() == ::ppo_ext::cpu::Capability::Avx2                   \
-             ? ::ppo_ext::cpu::AVX2::kernel(__VA_ARGS__)                                    \
-             : ::ppo_ext::cpu::DEFAULT::kernel(__VA_ARGS__))
+// Calls `kernel` as compiled for the CPU's instruction set, read once: PPO_EXT_CPU_DISPATCH(policy_loss_kernel, args).
+#define PPO_EXT_CPU_DISPATCH(kernel, ...)                                     \
+  [&] {                                                                       \
+    namespace isa = ::ppo_ext::cpu;                                           \
+    switch (isa::capability()) {                                              \
+      case isa::Capability::Avx512: return isa::AVX512::kernel(__VA_ARGS__);  \
+      case isa::Capability::Avx2: return isa::AVX2::kernel(__VA_ARGS__);      \
+      default: return isa::DEFAULT::kernel(__VA_ARGS__);                      \
+    }                                                                         \
+  }()
 
 }  // namespace ppo_ext::cpu
