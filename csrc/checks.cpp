@@ -13,6 +13,8 @@ namespace ppo_ext {
 namespace {
 
 // The option names, in the order of their enums (policy_loss.h); ppo_ext/names.py is the Python list.
+constexpr std::string_view kLossTypeNames[] = {"vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl",
+                                               "geo_mean"};
 constexpr std::string_view kImportanceSamplingNames[] = {"token", "seq", "seq-token"};
 constexpr std::string_view kLossAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
                                                   "seq-mean-token-sum", "seq-mean-token-sum-norm"};
@@ -85,6 +87,8 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> loss_scale_factor_value, double clip_low,
                                       std::optional<double> clip_high_or_low, std::optional<double> dual_clip,
                                       std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
+                                      c10::string_view loss_type, double tau_pos, double tau_neg,
+                                      std::optional<double> dro_beta,
                                       c10::string_view importance_sampling, c10::string_view loss_agg_mode,
                                       bool compute_grad) {
   const double clip_high = clip_high_or_low.value_or(clip_low);
@@ -138,9 +142,45 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
     TORCH_CHECK_VALUE(*log_ratio_clamp > 0, "log_ratio_clamp must be > 0 (or None), got ", *log_ratio_clamp);
   }
   LossOptions o;
+  o.loss_type = parse_name<LossType>(kLossTypeNames, loss_type, "loss_type");
+  const std::string_view family = kLossTypeNames[static_cast<int>(o.loss_type)];
+  const bool ratio_family = o.loss_type == LossType::Vanilla || o.loss_type == LossType::Cispo ||
+                            o.loss_type == LossType::Sapo;
+  const bool truncating_family = o.loss_type == LossType::Vanilla || o.loss_type == LossType::DppoTv ||
+                                 o.loss_type == LossType::DppoKl;
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || o.loss_type == LossType::Vanilla,
+                    "dual_clip applies to loss_type \"vanilla\" only, got loss_type \"", family, "\"");
+  TORCH_CHECK_VALUE(!ratio_cap.has_value() || truncating_family,
+                    "ratio_cap applies to loss_type \"vanilla\", \"dppo_tv\" and \"dppo_kl\" only, got loss_type \"",
+                    family, "\"");
+  TORCH_CHECK_VALUE(std::isfinite(tau_pos) && tau_pos > 0, "tau_pos must be a finite number > 0, got ", tau_pos);
+  TORCH_CHECK_VALUE(std::isfinite(tau_neg) && tau_neg > 0, "tau_neg must be a finite number > 0, got ", tau_neg);
+  if (o.loss_type == LossType::Dro) {
+    TORCH_CHECK_VALUE(dro_beta.has_value() && std::isfinite(*dro_beta) && *dro_beta > 0,
+                      "dro_beta must be a finite number > 0 with loss_type \"dro\", got ",
+                      dro_beta.has_value() ? std::to_string(*dro_beta) : std::string("None"));
+  } else {
+    TORCH_CHECK_VALUE(!dro_beta.has_value(), "dro_beta applies to loss_type \"dro\" only, got loss_type \"", family,
+                      "\"");
+  }
   o.importance_sampling = parse_name<ImportanceSampling>(kImportanceSamplingNames, importance_sampling,
                                                          "importance_sampling");
   o.loss_agg_mode = parse_name<LossAggMode>(kLossAggModeNames, loss_agg_mode, "loss_agg_mode");
+  const std::string_view level(importance_sampling.data(), importance_sampling.size());
+  if (o.loss_type == LossType::GeoMean) {
+    TORCH_CHECK_VALUE(o.importance_sampling != ImportanceSampling::Token,
+                      "loss_type \"geo_mean\" is a sequence-level loss: importance_sampling must be \"seq\" or "
+                      "\"seq-token\", got \"", level, "\"");
+  } else {
+    TORCH_CHECK_VALUE(o.importance_sampling == ImportanceSampling::Token || ratio_family, "loss_type \"", family,
+                      "\" is defined at the token level: importance_sampling must be \"token\", got \"", level,
+                      "\"");
+  }
+  o.clip_low = clip_low;
+  o.clip_high = clip_high;
+  o.tau_pos = tau_pos;
+  o.tau_neg = tau_neg;
+  o.dro_beta = dro_beta.value_or(0.0);
   o.ratio_low = 1.0 - clip_low;
   o.ratio_high = 1.0 + clip_high;
   o.has_dual_clip = dual_clip.has_value();

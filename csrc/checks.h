@@ -42,6 +42,8 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> loss_scale_factor_value, double clip_low,
                                       std::optional<double> clip_high, std::optional<double> dual_clip,
                                       std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
+                                      c10::string_view loss_type, double tau_pos, double tau_neg,
+                                      std::optional<double> dro_beta,
                                       c10::string_view importance_sampling, c10::string_view loss_agg_mode,
                                       bool compute_grad);
 

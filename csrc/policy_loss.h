@@ -15,6 +15,10 @@
 
 namespace ppo_ext {
 
+// The loss family (docs/SPEC.md "Loss families"): the clipped PPO surrogate and the other losses the
+// frameworks register. Names in checks.cpp, ppo_ext/names.py LOSS_TYPES.
+enum class LossType : int32_t { Vanilla, Cispo, Sapo, Gpg, Dro, DppoTv, DppoKl, GeoMean };
+
 enum class ImportanceSampling : int32_t { Token, Seq, SeqToken };
 
 enum class LossAggMode : int32_t {
@@ -50,16 +54,20 @@ enum Count : int {
 
 // Validated scalar options of one call.
 struct LossOptions {
+  LossType loss_type;
   ImportanceSampling importance_sampling;
   LossAggMode loss_agg_mode;
-  double ratio_low;   // 1 - clip_low
-  double ratio_high;  // 1 + clip_high
+  double clip_low, clip_high;  // the epsilons (dppo_*: the divergence thresholds; geo_mean: log-ratio bounds)
+  double ratio_low;            // 1 - clip_low
+  double ratio_high;           // 1 + clip_high
   bool has_dual_clip;
   double dual_clip;
   bool has_ratio_cap;
-  double ratio_cap;  // the unclipped term's ratio is min(r, ratio_cap) (TRL's two-sided clip, `delta`)
+  double ratio_cap;  // vanilla: the unclipped term's ratio is min(r, C) (TRL's `delta`); dppo_*: the truncated ratio
   bool has_log_ratio_clamp;
   double log_ratio_clamp;
+  double tau_pos, tau_neg;  // sapo's gate temperatures, for A > 0 and A <= 0
+  double dro_beta;          // dro's quadratic penalty
 };
 
 // A normaliser given by the caller as a number (`value`), or not given (the default applies).
@@ -83,6 +91,8 @@ namespace math {
 
 PPO_HD float exp_(float x) { return expf(x); }
 PPO_HD double exp_(double x) { return exp(x); }
+PPO_HD float log_(float x) { return logf(x); }
+PPO_HD double log_(double x) { return log(x); }
 PPO_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
 PPO_HD double fma_(double a, double b, double c) { return fma(a, b, c); }
 
@@ -102,7 +112,9 @@ struct ScalarOps {
   static PPO_HD T minimum(T a, T b) { return nan_minimum(a, b); }
   static PPO_HD T clamp(T x, T lo, T hi) { return nan_minimum(nan_maximum(x, lo), hi); }
   static PPO_HD T exp(T x) { return exp_(x); }
+  static PPO_HD T log(T x) { return log_(x); }
   static PPO_HD T neg(T x) { return -x; }
+  static PPO_HD bool mask_not(bool m) { return !m; }
   // a * b + c rounded once (the online softmax of log_softmax.h, whose results must not depend on what the
   // compiler chose to contract).
   static PPO_HD T fmadd(T a, T b, T c) { return fma_(a, b, c); }
@@ -126,6 +138,27 @@ PPO_HD ClampedLogRatio<V, typename Ops::Mask> clamp_log_ratio(V log_ratio, const
 }
 
 template <typename V>
+struct LogRatioTerm {
+  V value, derivative;  // derivative: w.r.t. the token's log-ratio d
+};
+
+// A token's term of the sequence-level log-ratio, the masked row mean of which is exponentiated: d itself, or
+// for geo_mean GMPO's sign-aware clip sign(A) min(sign(A) d, sign(A) clamp(d, -eps_lo, eps_hi)), which is
+// min(d, eps_hi) where A > 0, max(d, -eps_lo) where A < 0 and 0 where A = 0 (its derivative 1 where it is d,
+// bounds included as torch.min's tie and torch.clamp's bound give it, else 0).
+template <typename Ops, typename V>
+PPO_HD LogRatioTerm<V> seq_log_ratio_term(V d, V adv, const LossOptions& o) {
+  const V one(1);
+  if (o.loss_type != LossType::GeoMean) return {d, one};
+  const V zero(0), hi(o.clip_high), lo(-o.clip_low);
+  const auto positive = adv > zero, negative = adv < zero;
+  const V value = Ops::select(positive, Ops::minimum(d, hi), Ops::select(negative, Ops::maximum(d, lo), zero));
+  const V derivative = Ops::select(positive, Ops::select(d <= hi, one, zero),
+                                   Ops::select(negative, Ops::select(d >= lo, one, zero), zero));
+  return {value, derivative};
+}
+
+template <typename V>
 struct Ratio {
   V ratio;   // exp(clamped log-ratio)
   V dratio;  // d ratio / d log-ratio: the ratio, or 0 where the clamp is active
@@ -137,21 +170,34 @@ PPO_HD Ratio<V> ratio_of(const ClampedLogRatio<V, Mask>& c) {
   return {r, c.clamped ? Ops::select(c.passes, r, V(0)) : r};
 }
 
+// What the per-token loss of every family reads: the ratio (token or sequence level, after the log-ratio
+// clamp), the token's log-probs, its unclamped log-ratio lp - old, its advantage and its weight.
+template <typename V>
+struct TokenInputs {
+  V ratio, log_prob, old_log_prob, log_ratio, adv, weight;
+};
+
+// One token's weighted loss w * l and its derivative, split in two: through the ratio (the kernel applies
+// d ratio / d log_prob, which depends on the importance-sampling level and the clamp) and directly w.r.t.
+// the token's log-prob (the families whose loss is a stop-gradient weight times lp: cispo, gpg, dro, dppo_*).
+// The counters are the family's (docs/SPEC.md "Loss families"); 0 where a family has none.
 template <typename V, typename Mask>
 struct TokenTerms {
-  V loss;          // w * l
-  V dloss_dratio;  // w * dl/dr
+  V loss;              // w * l
+  V dloss_dratio;      // w * dl/dr
+  V dloss_dlog_prob;   // w * dl/dlp at a fixed ratio
   Mask clipped_low, clipped_high, clip_active, dual_clipped;
 };
 
-// The clipped surrogate of one token (docs/SPEC.md "Per-token loss") and its derivative w.r.t. the ratio,
+// vanilla: the clipped surrogate (docs/SPEC.md "Per-token loss") and its derivative w.r.t. the ratio,
 // with the gradient an eager torch.maximum / torch.minimum / torch.clamp would give, ties included
 // (a tie splits the gradient evenly between the two operands).
 template <typename Ops, typename V>
-PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, const LossOptions& o) {
+PPO_HD TokenTerms<V, typename Ops::Mask> vanilla_terms(const TokenInputs<V>& x, const LossOptions& o) {
   using Mask = typename Ops::Mask;
   const V zero(0), half(0.5), one(1);
   const V lo(o.ratio_low), hi(o.ratio_high);
+  const V ratio = x.ratio, adv = x.adv;
   const V neg_adv = Ops::neg(adv);
   // L1 = -A min(r, C) with the ratio cap C (as torch.clamp(r, max=C): the gradient passes where r <= C).
   V capped_ratio = ratio, cap_passes = one;
@@ -179,8 +225,108 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(V ratio, V adv, V weight, c
   }
   // Where no share reaches the ratio the derivative is exactly 0, as eager autograd's masked backward
   // gives it, even for a non-finite weight or advantage.
-  const V dloss = Ops::select(share != zero, weight * neg_adv * share, zero);
-  return {weight * loss, dloss, ratio < lo, ratio > hi, clipped > unclipped, dual_clipped};
+  const V dloss = Ops::select(share != zero, x.weight * neg_adv * share, zero);
+  return {x.weight * loss, dloss, zero, ratio < lo, ratio > hi, clipped > unclipped, dual_clipped};
+}
+
+// cispo: -sg(clip(r, lo, hi)) * A * lp; the gradient flows through lp only. Counters as vanilla's clip:
+// below / above the bounds, and "active" where the clipped PPO surrogate would take the clipped term.
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> cispo_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), lo(o.ratio_low), hi(o.ratio_high);
+  const V coefficient = x.weight * Ops::neg(x.adv) * Ops::clamp(x.ratio, lo, hi);
+  const Mask low = x.ratio < lo, high = x.ratio > hi;
+  const Mask active = (high & (x.adv > zero)) | (low & (x.adv < zero));
+  return {coefficient * x.log_prob, zero, coefficient, low, high, active, Mask(0)};
+}
+
+// sapo: -A * sigmoid(tau (r - 1)) * 4 / tau, tau = tau_pos where A > 0, else tau_neg. No counters.
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> sapo_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), one(1), four(4);
+  const V tau = Ops::select(x.adv > zero, V(o.tau_pos), V(o.tau_neg));
+  const V gate = one / (one + Ops::exp(Ops::neg(tau * (x.ratio - one))));  // sigmoid(tau (r - 1))
+  const V neg_adv = x.weight * Ops::neg(x.adv);
+  return {neg_adv * (gate * (four / tau)), neg_adv * (four * gate * (one - gate)), zero, Mask(0), Mask(0), Mask(0),
+          Mask(0)};
+}
+
+// gpg: -A * lp. dro: -(A lp - beta / 2 (lp - old)^2), on the unclamped log-ratio. No counters.
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> gpg_dro_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), half_beta(0.5 * o.dro_beta), beta(o.dro_beta);
+  const V w = x.weight;
+  if (o.loss_type == LossType::Gpg) {
+    return {w * (Ops::neg(x.adv) * x.log_prob), zero, w * Ops::neg(x.adv), Mask(0), Mask(0), Mask(0), Mask(0)};
+  }
+  const V d = x.log_ratio;
+  return {w * Ops::neg(x.log_prob * x.adv - half_beta * (d * d)), zero, w * Ops::neg(x.adv - beta * d), Mask(0),
+          Mask(0), Mask(0), Mask(0)};
+}
+
+// dppo_tv / dppo_kl: -A * sg(min(r, C)) * lp on the tokens whose divergence from the old policy stays within
+// the threshold on the side the advantage pushes (clip_high for A > 0, clip_low otherwise), 0 elsewhere.
+// tv: p - p_old; kl: the binary KL p_old (old - lp) + (1 - p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8)),
+// valid also where the move is away from that side (p <= p_old for A > 0). Counters: outside the threshold
+// (clipped_high for A > 0, clipped_low otherwise, clip_active either), dual_clipped where r > C on a kept token.
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> dppo_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), one(1), tiny(1e-8), eps_low(o.clip_low), eps_high(o.clip_high);
+  const V p = Ops::exp(x.log_prob), p_old = Ops::exp(x.old_log_prob);
+  const Mask positive = x.adv > zero;
+  Mask keep_positive, keep_negative;
+  if (o.loss_type == LossType::DppoTv) {
+    keep_positive = (p - p_old) <= eps_high;
+    keep_negative = (p - p_old) >= Ops::neg(eps_low);
+  } else {
+    const V binary_kl = p_old * (x.old_log_prob - x.log_prob) +
+                        (one - p_old) * Ops::log((one - p_old + tiny) / (one - p + tiny));
+    keep_positive = (binary_kl <= eps_high) | (p <= p_old);
+    keep_negative = (binary_kl <= eps_low) | (p >= p_old);
+  }
+  const Mask negative = Ops::mask_not(positive);
+  const Mask keep = (positive & keep_positive) | (negative & keep_negative);
+  const V truncated = o.has_ratio_cap ? Ops::minimum(x.ratio, V(o.ratio_cap)) : x.ratio;
+  const V coefficient = x.weight * (Ops::neg(x.adv) * truncated * Ops::select(keep, one, zero));
+  const Mask dropped = Ops::mask_not(keep);
+  const Mask truncated_kept = o.has_ratio_cap ? keep & (x.ratio > V(o.ratio_cap)) : Mask(0);
+  const Mask dropped_negative = dropped & negative, dropped_positive = dropped & positive;
+  return {coefficient * x.log_prob, zero, coefficient, dropped_negative, dropped_positive, dropped, truncated_kept};
+}
+
+// geo_mean (GMPO): -A * R with R the row's ratio of seq_log_ratio_term (the gradient through it). Counters as
+// verl's: a log-ratio outside [-eps_lo, eps_hi] with A > 0 (clipped_high, verl's pg_clipfrac) or A < 0
+// (clipped_low, its pg_clipfrac_lower); clip_active where the sign-aware clip changed the term.
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> geo_mean_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), hi(o.clip_high), lo(-o.clip_low);
+  const V neg_adv = x.weight * Ops::neg(x.adv);
+  const Mask positive = x.adv > zero, negative = x.adv < zero;
+  const Mask above = x.log_ratio > hi, below = x.log_ratio < lo;
+  const Mask outside = above | below;
+  const Mask outside_negative = outside & negative, outside_positive = outside & positive;
+  const Mask active = (above & positive) | (below & negative);
+  return {neg_adv * x.ratio, neg_adv, zero, outside_negative, outside_positive, active, Mask(0)};
+}
+
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  switch (o.loss_type) {
+    case LossType::Cispo: return cispo_terms<Ops>(x, o);
+    case LossType::Sapo: return sapo_terms<Ops>(x, o);
+    case LossType::Gpg:
+    case LossType::Dro: return gpg_dro_terms<Ops>(x, o);
+    case LossType::DppoTv:
+    case LossType::DppoKl: return dppo_terms<Ops>(x, o);
+    case LossType::GeoMean: return geo_mean_terms<Ops>(x, o);
+    case LossType::Vanilla: break;
+  }
+  return vanilla_terms<Ops>(x, o);
 }
 
 // The weight of a row's tokens in the aggregated sum before the final division.

@@ -61,16 +61,24 @@ def policy_loss(
     importance_sampling: str = "token",
     loss_agg_mode: str = "token-mean",
     log_ratio_clamp: Optional[float] = None,
+    loss_type: str = "vanilla",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    dro_beta: Optional[float] = None,
     token_weights: Optional[torch.Tensor] = None,
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
     loss_scale_factor: Normaliser = None,
 ) -> PolicyLossOutput:
-    """The clipped PPO policy loss, its metrics and its clip counters, in one fused kernel.
+    """The policy loss (the clipped PPO surrogate, or the family ``loss_type`` names), its metrics and its
+    clip counters, in one fused kernel.
 
     log_probs (B, T) float32/bfloat16/float16/float64, the current policy's log-probs of the taken
     tokens; old_log_probs (B, T) or None (on-policy: ratio 1); advantages (B, T), (B, 1) or (B,);
-    mask (B, T), non-zero = the token counts. See docs/SPEC.md for every option. No host synchronisation.
+    mask (B, T), non-zero = the token counts. loss_type (ppo_ext.LOSS_TYPES) picks the family: "vanilla" (the
+    clipped surrogate), "cispo", "sapo" (tau_pos, tau_neg), "gpg", "dro" (dro_beta), "dppo_tv", "dppo_kl"
+    (clip_low/clip_high are their divergence thresholds, ratio_cap their truncation). See docs/SPEC.md for
+    every option. No host synchronisation.
     """
     _check_tensor("log_probs", log_probs, optional=False)
     _check_tensor("old_log_probs", old_log_probs, optional=True)
@@ -89,6 +97,8 @@ def policy_loss(
         clip_low, clip_high, _float_option("dual_clip", dual_clip, optional=True),
         _float_option("ratio_cap", ratio_cap, optional=True),
         _float_option("log_ratio_clamp", log_ratio_clamp, optional=True),
+        _str_option("loss_type", loss_type), _float_option("tau_pos", tau_pos), _float_option("tau_neg", tau_neg),
+        _float_option("dro_beta", dro_beta, optional=True),
         _str_option("importance_sampling", importance_sampling), _str_option("loss_agg_mode", loss_agg_mode),
         compute_grad,
     )

@@ -12,6 +12,9 @@ This module imports nothing, so anything may import it.
 # The values of ``loss_agg_mode``.
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
+# The values of ``loss_type``: the loss families (docs/SPEC.md "Loss families").
+LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+
 # The values of ``importance_sampling``: the level of the ratio (token; sequence, the gradient through the
 # mean; sequence value with a per-token gradient, GSPO-token).
 IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
@@ -36,5 +39,5 @@ COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "cli
 METRIC_INDEX = {name: i for i, name in enumerate(METRIC_NAMES)}
 COUNT_INDEX = {name: i for i, name in enumerate(COUNT_NAMES)}
 
-__all__ = ["LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
+__all__ = ["LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
            "COUNT_INDEX"]

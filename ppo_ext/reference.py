@@ -18,6 +18,8 @@ METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", 
                 "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
 COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
+LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+RATIO_LOSS_TYPES = ("vanilla", "cispo", "sapo")  # the families defined at every importance-sampling level
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                   "seq-mean-token-sum-norm")
 
@@ -56,6 +58,10 @@ def policy_loss_reference(
     importance_sampling: str = "token",
     loss_agg_mode: str = "token-mean",
     log_ratio_clamp: Optional[float] = None,
+    loss_type: str = "vanilla",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    dro_beta: Optional[float] = None,
     token_weights: Optional[torch.Tensor] = None,
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
@@ -64,6 +70,14 @@ def policy_loss_reference(
     if importance_sampling not in IMPORTANCE_SAMPLING_LEVELS:
         raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
                          f"got {importance_sampling!r}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "geo_mean" and importance_sampling == "token":
+        raise ValueError("loss_type 'geo_mean' is a sequence-level loss: importance_sampling 'seq' or 'seq-token'")
+    if importance_sampling != "token" and loss_type not in RATIO_LOSS_TYPES + ("geo_mean",):
+        raise ValueError(f"loss_type {loss_type!r} is defined at the token level only")
+    if loss_type == "dro" and not (dro_beta is not None and dro_beta > 0):
+        raise ValueError(f"dro_beta must be > 0 with loss_type 'dro', got {dro_beta!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     eps_lo = clip_low
@@ -94,22 +108,63 @@ def policy_loss_reference(
     if importance_sampling == "token":
         r = torch.exp(d_tok)
     else:
-        dbar = (d.sum(dim=1) / n.clamp(min=1).to(dtype)).unsqueeze(1)  # 0 for a row with no valid token
+        # q: the token's term of the sequence log-ratio: d, or geo_mean's (GMPO's) sign-aware clip of it
+        q = d
+        if loss_type == "geo_mean":
+            s = torch.sign(A)
+            q = s * torch.minimum(s * d, s * _clamp(d, -eps_lo, eps_hi))
+        qbar = (q.sum(dim=1) / n.clamp(min=1).to(dtype)).unsqueeze(1)  # 0 for a row with no valid token
         if importance_sampling == "seq":
-            log_r = dbar  # the gradient flows through the mean
+            log_r = qbar  # the gradient flows through the mean
         else:  # "seq-token": same value, gradient local to each token
-            log_r = lp - lp.detach() + dbar.detach()
+            log_r = q - q.detach() + qbar.detach()
         if K is not None:
             log_r = _clamp(log_r, -K, K)
         r = torch.exp(log_r).expand(B, T)
 
-    # Per-token loss.
-    L1 = -A * (r if ratio_cap is None else torch.clamp(r, max=ratio_cap))
-    L2 = -A * _clamp(r, 1 - eps_lo, 1 + eps_hi)
-    l_clip = torch.maximum(L1, L2)
-    l = l_clip
-    if c is not None:
-        l = torch.where(A < 0, torch.minimum(l, -A * c), l)
+    # Per-token loss, and the family's counters (docs/SPEC.md "Loss families").
+    no = torch.zeros_like(m)
+    low = high = active = dual = no
+    if loss_type == "vanilla":
+        L1 = -A * (r if ratio_cap is None else torch.clamp(r, max=ratio_cap))
+        L2 = -A * _clamp(r, 1 - eps_lo, 1 + eps_hi)
+        l_clip = torch.maximum(L1, L2)
+        l = l_clip
+        if c is not None:
+            l = torch.where(A < 0, torch.minimum(l, -A * c), l)
+        low, high, active = r < 1 - eps_lo, r > 1 + eps_hi, L2 > L1
+        if c is not None:
+            dual = (A < 0) & (l_clip > -A * c)
+    elif loss_type == "cispo":  # the gradient flows through lp, not through the (stopped) clipped ratio
+        l = -torch.clamp(r, 1 - eps_lo, 1 + eps_hi).detach() * A * lp
+        low, high = r < 1 - eps_lo, r > 1 + eps_hi
+        active = (high & (A > 0)) | (low & (A < 0))
+    elif loss_type == "sapo":
+        tau = torch.where(A > 0, torch.tensor(tau_pos, dtype=dtype), torch.tensor(tau_neg, dtype=dtype))
+        l = -A * torch.sigmoid(tau * (r - 1)) * 4 / tau
+    elif loss_type == "gpg":
+        l = -A * lp
+    elif loss_type == "dro":  # on the unclamped log-ratio
+        l = -(lp * A - 0.5 * dro_beta * (lp - old) ** 2)
+    elif loss_type == "geo_mean":  # -A R, the row's ratio R of the clipped terms; eps are log-ratio bounds
+        l = -A * r
+        outside = (d < -eps_lo) | (d > eps_hi)
+        low, high = outside & (A < 0), outside & (A > 0)
+        active = ((d > eps_hi) & (A > 0)) | ((d < -eps_lo) & (A < 0))
+    else:  # "dppo_tv", "dppo_kl": eps_lo / eps_hi are divergence thresholds
+        p, p_old = torch.exp(lp), torch.exp(old)
+        if loss_type == "dppo_tv":
+            keep_pos, keep_neg = (p - p_old) <= eps_hi, (p - p_old) >= -eps_lo
+        else:
+            binary_kl = p_old * (old - lp) + (1 - p_old) * torch.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+            keep_pos = (binary_kl <= eps_hi) | (p <= p_old)
+            keep_neg = (binary_kl <= eps_lo) | (p >= p_old)
+        keep = torch.where(A > 0, keep_pos, keep_neg).detach()
+        truncated = (r if ratio_cap is None else torch.clamp(r, max=ratio_cap)).detach()
+        l = -A * truncated * lp * keep.to(dtype)
+        low, high, active = ~keep & ~(A > 0), ~keep & (A > 0), ~keep
+        if ratio_cap is not None:
+            dual = keep & (r > ratio_cap)
     l = torch.where(m, w * l, zero)
 
     # Aggregation.
@@ -131,10 +186,7 @@ def policy_loss_reference(
 
     # Counters and metrics, over valid tokens only.
     with torch.no_grad():
-        low = m & (r < 1 - eps_lo)
-        high = m & (r > 1 + eps_hi)
-        active = m & (L2 > L1)
-        dual = m & (A < 0) & (l_clip > -A * c) if c is not None else torch.zeros_like(m)
+        low, high, active, dual = m & low, m & high, m & active, m & dual
         counts = torch.stack([N, S, low.sum(), high.sum(), active.sum(), dual.sum()]).to(torch.int64)
         Nf = N.to(torch.float64)
 

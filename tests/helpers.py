@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 import ppo_ext
-from ppo_ext.names import COUNT_INDEX, COUNT_NAMES, IMPORTANCE_SAMPLING_LEVELS, LOSS_AGG_MODES, METRIC_NAMES
+from ppo_ext.names import (COUNT_INDEX, COUNT_NAMES, IMPORTANCE_SAMPLING_LEVELS, LOSS_AGG_MODES, LOSS_TYPES,
+                           METRIC_NAMES)
 from ppo_ext.reference import policy_loss_reference
 
 # Every mode, from ppo_ext.names (short names for the parametrisations).
@@ -20,6 +21,39 @@ AGG_MODES = LOSS_AGG_MODES
 MASK_KINDS = ("bool", "uint8", "int64", "float32", None)
 ADV_SHAPES = ("BT", "B1", "B")
 MASK_DTYPES = {"bool": torch.bool, "uint8": torch.uint8, "int64": torch.int64, "float32": torch.float32}
+
+# Each loss family with the options it is tested at: its own parameters at values that are not the
+# defaults (a swapped tau shows), dppo's divergence thresholds where the random inputs keep some tokens and
+# drop others, and its truncation in force for some tokens.
+FAMILY_OPTIONS = {
+    "vanilla": {},
+    "cispo": {},
+    "sapo": dict(tau_pos=0.7, tau_neg=1.6),
+    "gpg": {},
+    "dro": dict(dro_beta=0.3),
+    "dppo_tv": dict(clip_low=0.12, clip_high=0.08, ratio_cap=1.6),
+    "dppo_kl": dict(clip_low=0.04, clip_high=0.02, ratio_cap=1.6),
+    "geo_mean": dict(clip_low=0.3, clip_high=0.25),  # log-ratio bounds
+}
+assert tuple(FAMILY_OPTIONS) == LOSS_TYPES
+# The families defined at every importance-sampling level (the others at "token" only).
+RATIO_FAMILIES = ("vanilla", "cispo", "sapo")
+
+
+def family_is_modes(loss_type):
+    """The importance-sampling levels `loss_type` is defined at."""
+    if loss_type == "geo_mean":  # a sequence-level loss
+        return ("seq", "seq-token")
+    return IS_MODES if loss_type in RATIO_FAMILIES else ("token",)
+
+
+def family_options(loss_type, importance_sampling=None, loss_agg_mode="token-mean", clamp=False, **extra):
+    """options() for the family: its FAMILY_OPTIONS (dual clip off: vanilla's alone), at its first level unless
+    importance_sampling is given."""
+    importance_sampling = importance_sampling or family_is_modes(loss_type)[0]
+    return options(importance_sampling, loss_agg_mode, clamp=clamp, loss_type=loss_type,
+                   **{**FAMILY_OPTIONS[loss_type], **extra})
+
 
 # The options the random inputs are made for (ties with their boundaries are kept away).
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, LOG_RATIO_CLAMP = 0.2, 0.28, 1.5, 0.45

@@ -112,6 +112,18 @@ def test_policy_loss_modes(sim, schedule, importance_sampling, loss_agg_mode):
                             f"{importance_sampling}/{loss_agg_mode}/{k}")
 
 
+@pytest.mark.parametrize("loss_type,importance_sampling",
+                         [(f, s) for f in helpers.LOSS_TYPES for s in helpers.family_is_modes(f)])
+def test_policy_loss_families(sim, schedule, loss_type, importance_sampling):
+    # every family on the same grid-stride grid, with the clamp, in both precisions and two aggregations
+    sim.set_sm_count(1)
+    for k, (dtype, agg) in enumerate([(torch.float32, "token-mean"), (torch.float64, "seq-mean-token-mean"),
+                                      (torch.bfloat16, "seq-mean-token-sum")]):
+        x = inputs(11, 45, seed=300 + k, dtype=dtype, adv_shape=("BT", "B", "BT")[k])
+        kw = helpers.family_options(loss_type, importance_sampling, agg, clamp=k != 1)
+        compare_policy_loss(sim, op_args(*x, **kw), f"{loss_type}/{importance_sampling}/{dtype}/{agg}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_policy_loss_dtypes(sim, schedule, dtype):
     for importance_sampling in IS_MODES:

@@ -327,7 +327,7 @@ def test_inputs_are_not_modified(device, importance_sampling, dtype):
 # One list of names (ppo_ext.names): the reference's copy and the C++ op agree with it
 
 
-NAME_LISTS = ("LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES")
+NAME_LISTS = ("LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES")
 
 
 def test_reference_names_are_ppo_ext_names():
@@ -338,6 +338,7 @@ def test_reference_names_are_ppo_ext_names():
         assert getattr(ppo_ext.reference, name) == names, name
         assert isinstance(names, tuple) and len(set(names)) == len(names) and all(isinstance(n, str) for n in names)
     assert ppo_ext.METRIC_NAMES is ppo_ext.names.METRIC_NAMES and ppo_ext.COUNT_NAMES is ppo_ext.names.COUNT_NAMES
+    assert ppo_ext.LOSS_TYPES is ppo_ext.names.LOSS_TYPES
     assert ppo_ext.names.METRIC_INDEX == {n: i for i, n in enumerate(ppo_ext.names.METRIC_NAMES)}
     assert ppo_ext.names.COUNT_INDEX == {n: i for i, n in enumerate(ppo_ext.names.COUNT_NAMES)}
 
@@ -346,7 +347,7 @@ def _op_args(inp, **options):
     return op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, compute_grad=False, clip_high=0.28, **options)
 
 
-OPTION_NAMES = {"loss_agg_mode": ppo_ext.names.LOSS_AGG_MODES,
+OPTION_NAMES = {"loss_type": ppo_ext.names.LOSS_TYPES, "loss_agg_mode": ppo_ext.names.LOSS_AGG_MODES,
                 "importance_sampling": ppo_ext.names.IMPORTANCE_SAMPLING_LEVELS}
 
 
@@ -362,7 +363,8 @@ def test_op_refuses_an_unknown_name_listing_the_names(device, option):
     assert match, f"unexpected message: {excinfo.value}"
     assert tuple(re.findall(r'"([^"]*)"', match.group(1))) == names, match.group(1)
     for name in names:  # and it takes every one of them
-        torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{option: name}))
+        needs = {"dro_beta": 0.1} if (option, name) == ("loss_type", "dro") else {}
+        torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{option: name}, **needs))
 
 
 def test_op_returns_a_metric_and_a_count_per_name(device):

@@ -146,22 +146,34 @@ class PolicyLossKernel {
     return v;
   }
 
-  // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratios.
+  // The mask and, with_log_ratio, the log-probs (and for geo_mean the advantages) that the sequence-level
+  // log-ratio terms of a tile are computed from.
+  TileView seq_view(Tile& t, int64_t i, int64_t t0, int64_t n, bool with_log_ratio) const {
+    if (!with_log_ratio) return TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr};
+    TileView v = log_ratio_view(t, i, t0, n);
+    if (o_.loss_type == LossType::GeoMean) v.advantages = view(a_.advantages, i, t0, n, t.advantages);
+    return v;
+  }
+
+  // Token j's term of the sequence-level log-ratio (math::seq_log_ratio_term) from a seq_view.
+  math::LogRatioTerm<V> seq_term(const TileView& v, int64_t j) const {
+    const V adv = v.advantages != nullptr ? V::loadu(v.advantages + j) : V(0);
+    return math::seq_log_ratio_term<Ops>(V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), adv, o_);
+  }
+
+  // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratio terms.
   void row_prepass(Tile& t, int64_t i, bool sum_log_ratio, int64_t& valid, double& log_ratio_sum) const {
     valid = 0;
     log_ratio_sum = 0;
     const V zero(0), one(1);
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
-      const TileView v = sum_log_ratio ? log_ratio_view(t, i, t0, n)
-                                       : TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr};
+      const TileView v = seq_view(t, i, t0, n, sum_log_ratio);
       V count(0), sum(0);
       for (int64_t j = 0; j < n; j += kVec) {
         const V is_valid = V::loadu(v.mask + j) != zero;
         count += is_valid & one;
-        if (sum_log_ratio) {
-          sum += Ops::select(is_valid, V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), zero);
-        }
+        if (sum_log_ratio) sum += Ops::select(is_valid, seq_term(v, j).value, zero);
       }
       valid += count_lanes(count);
       log_ratio_sum += sum_lanes(sum);
@@ -196,11 +208,18 @@ class PolicyLossKernel {
       for (int64_t j = 0; j < n; j += kVec) {
         const V is_valid = V::loadu(v.mask + j) != zero;
         const V valid_one = is_valid & one;  // a mask lane is all ones or all zeros
-        const auto log_ratio = math::clamp_log_ratio<Ops>(V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), o_);
+        const V lp = V::loadu(v.log_probs + j), old = V::loadu(v.old_log_probs + j);
+        const V raw_log_ratio = lp - old;
+        const auto log_ratio = math::clamp_log_ratio<Ops>(raw_log_ratio, o_);
         const math::Ratio<V> r =
             seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)} : math::ratio_of<Ops>(log_ratio);
-        const auto terms = math::token_terms<Ops>(r.ratio, V::loadu(v.advantages + j), V::loadu(v.weights + j), o_);
+        const V adv = V::loadu(v.advantages + j);
+        const auto terms =
+            math::token_terms<Ops>(math::TokenInputs<V>{r.ratio, lp, old, raw_log_ratio, adv, V::loadu(v.weights + j)}, o_);
+        // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
+        const V dratio = r.dratio * math::seq_log_ratio_term<Ops>(raw_log_ratio, adv, o_).derivative;
         const V weighted_dloss = agg_weight * terms.dloss_dratio;
+        const V direct_grad = agg_weight * terms.dloss_dlog_prob;
         loss += Ops::select(is_valid, agg_weight * terms.loss, zero);
         ratio_sum += Ops::select(is_valid, r.ratio, zero);
         kl_sum -= Ops::select(is_valid, log_ratio.value, zero);
@@ -212,9 +231,11 @@ class PolicyLossKernel {
         n_active += terms.clip_active & valid_one;
         n_dual += terms.dual_clipped & valid_one;
         if (seq_grad) {
+          // The direct term now; pass 3 adds the gradient through the row's ratio.
           dloss_sum += Ops::select(is_valid, weighted_dloss, zero);
+          Ops::select(is_valid, direct_grad, zero).store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
         } else if (grad_row != nullptr) {
-          const V g = Ops::select(is_valid, weighted_dloss * r.dratio, zero);
+          const V g = Ops::select(is_valid, weighted_dloss * dratio + direct_grad, zero);
           g.store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
         }
       }
@@ -236,15 +257,20 @@ class PolicyLossKernel {
     p.counts[kValidTokens] += row_valid;
     p.counts[kValidSeqs] += row_valid > 0 ? 1 : 0;
 
-    // "seq": every valid token u of the row gets dL/dlp[u] = (sum_t m agg_weight dl/dr) * dr/ddbar / n.
+    // "seq": every valid token u of the row gets dL/dlp[u] = (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the
+    // derivative of its log-ratio term, for geo_mean), added to its direct term.
     if (seq_grad) {
       const V coefficient(valid > 0 ? static_cast<acc_t>(row_dloss_sum * row_ratio.dratio / valid) : acc_t(0));
+      const bool term_derivative = o_.loss_type == LossType::GeoMean;
       for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
         const int64_t n = std::min(kTile, a_.T - t0);
-        const acc_t* mask = mask_view(t, i, t0, n);
+        const TileView v = seq_view(t, i, t0, n, term_derivative);
+        acc_t* g_tile = grad_row + t0;
         for (int64_t j = 0; j < n; j += kVec) {
-          const V g = Ops::select(V::loadu(mask + j) != zero, coefficient, zero);
-          g.store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
+          const int count = static_cast<int>(std::min(kVec, n - j));
+          const V c = term_derivative ? coefficient * seq_term(v, j).derivative : coefficient;
+          const V g = Ops::select(V::loadu(v.mask + j) != zero, V::loadu(g_tile + j, count) + c, zero);
+          g.store(g_tile + j, count);
         }
       }
     }

@@ -19,6 +19,8 @@ struct VecOps {
   static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
   static V exp(const V& x) { return x.exp(); }
   static V neg(const V& x) { return x.neg(); }
+  static V log(const V& x) { return x.log(); }
+  static V mask_not(const V& m) { return ~m; }  // a mask lane is all ones or all zeros
   static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
 };
 

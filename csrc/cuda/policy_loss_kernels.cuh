@@ -73,6 +73,16 @@ struct PolicyLossKernelArgs {
   int64_t* counts;
 };
 
+// Token (i, t)'s term of the sequence-level log-ratio (math::seq_log_ratio_term), from its log-probs and
+// advantage; the caller knows the token is valid.
+template <typename acc_t>
+__device__ __forceinline__ math::LogRatioTerm<acc_t> seq_term(const PolicyLossKernelArgs& a, int64_t i, int64_t t) {
+  const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
+  const acc_t adv = a.options.loss_type == LossType::GeoMean ? load<acc_t>(a.advantages, i, t, 0) : acc_t(0);
+  return math::seq_log_ratio_term<math::ScalarOps<acc_t>>(lp - load<acc_t>(a.old_log_probs, i, t, lp), adv,
+                                                          a.options);
+}
+
 // Deterministic block-wide sum: warp shuffles, then warp 0 over the warp totals, in a fixed order.
 template <typename T>
 __device__ T block_sum(T v, T* scratch) {
@@ -172,10 +182,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
         if (!is_valid(a.mask, i, t)) continue;
         ++count;
-        if (seq_level) {
-          const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
-          sum += lp - load<acc_t>(a.old_log_probs, i, t, lp);
-        }
+        if (seq_level) sum += seq_term<acc_t>(a, i, t).value;
       }
       row_valid = block_sum<long long>(count, scratch_i);
       if (seq_level) log_ratio_sum = block_sum<double>(static_cast<double>(sum), scratch_d);
@@ -195,10 +202,14 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
         continue;
       }
       const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
-      const auto log_ratio = math::clamp_log_ratio<Ops>(lp - load<acc_t>(a.old_log_probs, i, t, lp), o);
+      const acc_t old = load<acc_t>(a.old_log_probs, i, t, lp);
+      const auto log_ratio = math::clamp_log_ratio<Ops>(lp - old, o);
       const math::Ratio<acc_t> r = seq_level ? row_ratio : math::ratio_of<Ops>(log_ratio);
-      const auto terms = math::token_terms<Ops>(r.ratio, load<acc_t>(a.advantages, i, t, 0),
-                                                load<acc_t>(a.token_weights, i, t, 1), o);
+      const acc_t adv = load<acc_t>(a.advantages, i, t, 0);
+      const auto terms = math::token_terms<Ops>(
+          math::TokenInputs<acc_t>{r.ratio, lp, old, lp - old, adv, load<acc_t>(a.token_weights, i, t, 1)}, o);
+      // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
+      const acc_t dratio = r.dratio * math::seq_log_ratio_term<Ops>(lp - old, adv, o).derivative;
       loss += agg_weight * terms.loss;
       ratio_sum += r.ratio;
       kl_sum -= log_ratio.value;
@@ -210,20 +221,31 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       n_active += terms.clip_active;
       n_dual += terms.dual_clipped;
       if (seq_grad) {
+        // The direct term now; pass 3 adds the gradient through the row's ratio.
         dloss_sum += agg_weight * terms.dloss_dratio;
+        grad_row[t] = agg_weight * terms.dloss_dlog_prob;
       } else if (grad_row != nullptr) {
-        grad_row[t] = agg_weight * terms.dloss_dratio * r.dratio;
+        grad_row[t] = agg_weight * terms.dloss_dratio * dratio + agg_weight * terms.dloss_dlog_prob;
       }
     }
     n_valid += row_count;
     if (!needs_prepass) row_valid = block_sum<long long>(row_count, scratch_i);
     if (threadIdx.x == 0) n_valid_seqs += row_valid > 0;
 
-    // Pass 3 ("seq"): every valid token u gets (sum_t m agg_weight dl/dr) * dr/ddbar / n.
+    // Pass 3 ("seq"): every valid token u gets (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the derivative
+    // of its log-ratio term, for geo_mean), added to its direct term (each thread reads back the tokens it wrote
+    // in pass 2).
     if (seq_grad) {
       const double row_dloss = block_sum<double>(static_cast<double>(dloss_sum), scratch_d);
       const acc_t coefficient = row_valid > 0 ? static_cast<acc_t>(row_dloss * row_ratio.dratio / row_valid) : acc_t(0);
-      for (int64_t t = threadIdx.x; t < a.T; t += kThreads) grad_row[t] = is_valid(a.mask, i, t) ? coefficient : acc_t(0);
+      const bool term_derivative = o.loss_type == LossType::GeoMean;
+      for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
+        if (!is_valid(a.mask, i, t)) {
+          grad_row[t] = acc_t(0);
+          continue;
+        }
+        grad_row[t] += term_derivative ? coefficient * seq_term<acc_t>(a, i, t).derivative : coefficient;
+      }
     }
   }
 

@@ -29,7 +29,8 @@ using PolicyLossSignature = PolicyLossOutputs(
     const OptionalTensor& num_seqs, const OptionalTensor& loss_scale_factor, std::optional<double> num_tokens_value,
     std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
     std::optional<double> clip_high, std::optional<double> dual_clip, std::optional<double> ratio_cap,
-    std::optional<double> log_ratio_clamp, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
+    std::optional<double> log_ratio_clamp, c10::string_view loss_type, double tau_pos, double tau_neg,
+    std::optional<double> dro_beta, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
     bool compute_grad);
 using PolicyLossBackwardSignature = at::Tensor(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                                const at::Tensor& grad_scale, at::ScalarType dtype);
@@ -60,6 +61,9 @@ struct PolicyLossOptions {
   std::optional<double> clip_high;  // default: clip_low
   std::optional<double> dual_clip, log_ratio_clamp;
   std::optional<double> ratio_cap;  // the unclipped term's ratio capped: min(r, ratio_cap) (TRL's delta)
+  std::string loss_type = "vanilla";  // the family: "vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl"
+  double tau_pos = 1.0, tau_neg = 1.05;  // sapo's gate temperatures
+  std::optional<double> dro_beta;        // dro's penalty (required by "dro")
   std::string importance_sampling = "token";  // "token", "seq", "seq-token"
   std::string loss_agg_mode = "token-mean";
   bool compute_grad = true;  // false: no gradient is saved (an inference-only call)
@@ -72,7 +76,8 @@ inline PolicyLossOutputs policy_loss(const at::Tensor& log_probs, const Optional
   return op.call(
       log_probs, old_log_probs, advantages, o.mask, o.token_weights, o.num_tokens, o.num_seqs, o.loss_scale_factor,
       o.num_tokens_value, o.num_seqs_value, o.loss_scale_factor_value, o.clip_low, o.clip_high, o.dual_clip,
-      o.ratio_cap, o.log_ratio_clamp, o.importance_sampling, o.loss_agg_mode, o.compute_grad);
+      o.ratio_cap, o.log_ratio_clamp, o.loss_type, o.tau_pos, o.tau_neg, o.dro_beta, o.importance_sampling,
+      o.loss_agg_mode, o.compute_grad);
 }
 
 // log_softmax(logits / temperature) at the labels (differentiable w.r.t. the logits), their log-sum-exp and,
