@@ -14,7 +14,7 @@ namespace {
 
 // The option names, in the order of their enums (policy_loss.h); ppo_ext/names.py is the Python list.
 constexpr std::string_view kLossTypeNames[] = {"vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl",
-                                               "geo_mean"};
+                                               "geo_mean", "value"};
 constexpr std::string_view kImportanceSamplingNames[] = {"token", "seq", "seq-token"};
 constexpr std::string_view kLossAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
                                                   "seq-mean-token-sum", "seq-mean-token-sum-norm"};
@@ -153,6 +153,8 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   TORCH_CHECK_VALUE(!ratio_cap.has_value() || truncating_family,
                     "ratio_cap applies to loss_type \"vanilla\", \"dppo_tv\" and \"dppo_kl\" only, got loss_type \"",
                     family, "\"");
+  TORCH_CHECK_VALUE(!log_ratio_clamp.has_value() || o.loss_type != LossType::Value,
+                    "log_ratio_clamp does not apply to loss_type \"value\" (it has no ratio)");
   TORCH_CHECK_VALUE(std::isfinite(tau_pos) && tau_pos > 0, "tau_pos must be a finite number > 0, got ", tau_pos);
   TORCH_CHECK_VALUE(std::isfinite(tau_neg) && tau_neg > 0, "tau_neg must be a finite number > 0, got ", tau_neg);
   if (o.loss_type == LossType::Dro) {

@@ -17,7 +17,13 @@ namespace ppo_ext {
 
 // The loss family (docs/SPEC.md "Loss families"): the clipped PPO surrogate and the other losses the
 // frameworks register. Names in checks.cpp, ppo_ext/names.py LOSS_TYPES.
-enum class LossType : int32_t { Vanilla, Cispo, Sapo, Gpg, Dro, DppoTv, DppoKl, GeoMean };
+enum class LossType : int32_t { Vanilla, Cispo, Sapo, Gpg, Dro, DppoTv, DppoKl, GeoMean, Value };
+
+// Whether a family's gradient goes through the ratio (else it is its direct term w.r.t. lp alone, and the
+// kernels never multiply by d ratio / d lp, which may be inf where the ratio overflows).
+PPO_HD bool has_ratio_gradient(LossType t) {
+  return t == LossType::Vanilla || t == LossType::Sapo || t == LossType::GeoMean;
+}
 
 enum class ImportanceSampling : int32_t { Token, Seq, SeqToken };
 
@@ -57,7 +63,8 @@ struct LossOptions {
   LossType loss_type;
   ImportanceSampling importance_sampling;
   LossAggMode loss_agg_mode;
-  double clip_low, clip_high;  // the epsilons (dppo_*: the divergence thresholds; geo_mean: log-ratio bounds)
+  double clip_low, clip_high;  // the epsilons (dppo_*: the divergence thresholds; geo_mean: log-ratio bounds;
+                               // value: the value clip range)
   double ratio_low;            // 1 - clip_low
   double ratio_high;           // 1 + clip_high
   bool has_dual_clip;
@@ -314,6 +321,25 @@ PPO_HD TokenTerms<V, typename Ops::Mask> geo_mean_terms(const TokenInputs<V>& x,
   return {neg_adv * x.ratio, neg_adv, zero, outside_negative, outside_positive, active, Mask(0)};
 }
 
+// value: the critic's clipped value loss, with the values v in place of lp, the old values in place of old and the
+// returns R in place of A: 0.5 max((v - R)^2, (clamp(v, v_old - eps_lo, v_old + eps_hi) - R)^2), the gradient
+// as eager torch.maximum (ties split) and torch.clamp (passing at its bounds) give it. Counters: v below / above
+// the clip range, and clip_active where the clipped term is the larger (verl's vf_clipfrac).
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> value_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), half(0.5), one(1);
+  const V v = x.log_prob, lo = x.old_log_prob - V(o.clip_low), hi = x.old_log_prob + V(o.clip_high);
+  const V error = v - x.adv, clipped_error = Ops::clamp(v, lo, hi) - x.adv;
+  const V unclipped = error * error, clipped = clipped_error * clipped_error;
+  const V share_unclipped = Ops::select(unclipped < clipped, zero, Ops::select(unclipped == clipped, half, one));
+  const V share_clipped = Ops::select(unclipped > clipped, zero, Ops::select(unclipped == clipped, half, one));
+  const V clamp_passes = Ops::select((v >= lo) & (v <= hi), one, zero);
+  const V dloss = x.weight * (share_unclipped * error + share_clipped * clamp_passes * clipped_error);
+  const Mask below = v < lo, above = v > hi, active = clipped > unclipped;
+  return {x.weight * (half * Ops::maximum(unclipped, clipped)), zero, dloss, below, above, active, Mask(0)};
+}
+
 template <typename Ops, typename V>
 PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(const TokenInputs<V>& x, const LossOptions& o) {
   switch (o.loss_type) {
@@ -324,6 +350,7 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(const TokenInputs<V>& x, co
     case LossType::DppoTv:
     case LossType::DppoKl: return dppo_terms<Ops>(x, o);
     case LossType::GeoMean: return geo_mean_terms<Ops>(x, o);
+    case LossType::Value: return value_terms<Ops>(x, o);
     case LossType::Vanilla: break;
   }
   return vanilla_terms<Ops>(x, o);

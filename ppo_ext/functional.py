@@ -77,7 +77,8 @@ def policy_loss(
     tokens; old_log_probs (B, T) or None (on-policy: ratio 1); advantages (B, T), (B, 1) or (B,);
     mask (B, T), non-zero = the token counts. loss_type (ppo_ext.LOSS_TYPES) picks the family: "vanilla" (the
     clipped surrogate), "cispo", "sapo" (tau_pos, tau_neg), "gpg", "dro" (dro_beta), "dppo_tv", "dppo_kl"
-    (clip_low/clip_high are their divergence thresholds, ratio_cap their truncation). See docs/SPEC.md for
+    (clip_low/clip_high are their divergence thresholds, ratio_cap their truncation), "geo_mean" (GMPO:
+    importance_sampling "seq" or "seq-token", clip_low/clip_high bound the log-ratio). See docs/SPEC.md for
     every option. No host synchronisation.
     """
     _check_tensor("log_probs", log_probs, optional=False)
@@ -103,6 +104,47 @@ def policy_loss(
         compute_grad,
     )
     return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts)
+
+
+class ValueLossOutput(NamedTuple):
+    loss: torch.Tensor  # 0-dim, differentiable w.r.t. values
+    metrics: Dict[str, torch.Tensor]  # "clipfrac": the fraction of valid tokens where the clipped term is larger
+    counts: torch.Tensor  # int64 (6,), names COUNT_NAMES: valid_tokens, valid_seqs, below / above the clip range,
+    #                       the clipped term larger (clipped_active); dual_clipped is 0
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: Optional[torch.Tensor],
+    returns: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    clip_range: Optional[float] = None,
+    clip_range_high: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+    token_weights: Optional[torch.Tensor] = None,
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
+    loss_scale_factor: Normaliser = None,
+) -> ValueLossOutput:
+    """The critic's clipped value loss of PPO, 0.5 * max((v - R)^2, (clamp(v, v_old - eps, v_old + eps) - R)^2)
+    per token (verl's compute_value_loss, OpenRLHF's ValueLoss), aggregated as policy_loss aggregates, forward
+    and backward in the same fused kernel (loss_type="value" of the policy-loss op, docs/SPEC.md).
+
+    values (B, T) (differentiable), old_values (B, T) (the values at rollout; needed with clip_range), returns
+    (B, T) or (B,); clip_range: eps, or None for the unclipped 0.5 * (v - R)^2; clip_range_high: the upper eps
+    (None: clip_range). metrics["clipfrac"] is verl's vf_clipfrac. No host synchronisation.
+    """
+    if clip_range is None:
+        if clip_range_high is not None:
+            raise ValueError("clip_range_high needs clip_range")
+        old_values, clip_range, clip_range_high = None, 0.0, 0.0  # v_old = v: the clipped term is v itself
+    elif old_values is None:
+        raise ValueError("old_values is required with clip_range (the clip is around the old values)")
+    out = policy_loss(values, old_values, returns, mask, loss_type="value", clip_low=clip_range,
+                      clip_high=clip_range_high, loss_agg_mode=loss_agg_mode, token_weights=token_weights,
+                      num_tokens=num_tokens, num_seqs=num_seqs, loss_scale_factor=loss_scale_factor)
+    return ValueLossOutput(out.loss, {"clipfrac": out.metrics["clipfrac_active"]}, out.counts)
 
 
 class PolicyLossFromLogitsOutput(NamedTuple):

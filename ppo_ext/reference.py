@@ -18,7 +18,7 @@ METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", 
                 "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
 COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
-LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "value")
 RATIO_LOSS_TYPES = ("vanilla", "cispo", "sapo")  # the families defined at every importance-sampling level
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                   "seq-mean-token-sum-norm")
@@ -76,6 +76,8 @@ def policy_loss_reference(
         raise ValueError("loss_type 'geo_mean' is a sequence-level loss: importance_sampling 'seq' or 'seq-token'")
     if importance_sampling != "token" and loss_type not in RATIO_LOSS_TYPES + ("geo_mean",):
         raise ValueError(f"loss_type {loss_type!r} is defined at the token level only")
+    if loss_type == "value" and log_ratio_clamp is not None:
+        raise ValueError("log_ratio_clamp does not apply to loss_type 'value'")
     if loss_type == "dro" and not (dro_beta is not None and dro_beta > 0):
         raise ValueError(f"dro_beta must be > 0 with loss_type 'dro', got {dro_beta!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
@@ -151,6 +153,12 @@ def policy_loss_reference(
         outside = (d < -eps_lo) | (d > eps_hi)
         low, high = outside & (A < 0), outside & (A > 0)
         active = ((d > eps_hi) & (A > 0)) | ((d < -eps_lo) & (A < 0))
+    elif loss_type == "value":  # lp: the values, old: the old values, A: the returns
+        lo, hi = old - eps_lo, old + eps_hi
+        clipped = torch.where((lp >= lo) & (lp <= hi), lp, torch.clamp(lp, lo, hi).detach())
+        V1, V2 = (lp - A) ** 2, (clipped - A) ** 2
+        l = 0.5 * torch.maximum(V1, V2)
+        low, high, active = lp < lo, lp > hi, V2 > V1
     else:  # "dppo_tv", "dppo_kl": eps_lo / eps_hi are divergence thresholds
         p, p_old = torch.exp(lp), torch.exp(old)
         if loss_type == "dppo_tv":

@@ -15,7 +15,7 @@ import torch
 import ppo_ext
 from helpers import (AGG_MODES, ADV_SHAPES, CPU_CAPABILITIES, FAMILY_OPTIONS, LOSS_TYPES, MASK_KINDS,
                      bitwise_equal_outputs, check_against_reference, counts_by_name, family_is_modes,
-                     family_options, make_inputs, op_args, run_ext, run_with_cpu_capability, same_bits)
+                     family_options, make_inputs, op_args, run_ext, run_ref, run_with_cpu_capability, same_bits)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -299,13 +299,65 @@ def test_geo_mean_numbers(device):
     assert (c["clipped_low"], c["clipped_active"], c["clipped_high"]) == (2, 1, 0)
 
 
+def test_value_numbers(device):
+    # v = 1.0, v_old = 0.5, eps = 0.2, R = 2.0: clamp(v) = 0.7, (v - R)^2 = 1 < (0.7 - R)^2 = 1.69: the clipped
+    # term wins, its clamp is in force: l = 0.5 * 1.69, gradient 0, clip_active.
+    loss, grad, counts = _one_token(device, 1.0, 0.5, 2.0, loss_type="value", clip_low=0.2, clip_high=0.2)
+    assert loss == pytest.approx(0.5 * 1.69, rel=1e-12) and grad == 0
+    assert (counts["clipped_high"], counts["clipped_active"]) == (1, 1)
+    # R = 0.0: (v - R)^2 = 1 > 0.49: the unclipped term, gradient v - R = 1 (times w = 3)
+    loss, grad, counts = _one_token(device, 1.0, 0.5, 0.0, w=3.0, loss_type="value", clip_low=0.2, clip_high=0.2)
+    assert loss == pytest.approx(3 * 0.5, rel=1e-12) and grad == pytest.approx(3.0, rel=1e-12)
+    assert (counts["clipped_high"], counts["clipped_active"]) == (1, 0)
+
+
+def test_value_loss_api(device):
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(4, 9, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    old = (v.detach() + 0.3 * torch.randn(4, 9, generator=g, dtype=torch.float64).to(device))
+    R = torch.randn(4, 9, generator=g, dtype=torch.float64).to(device)
+    mask = torch.rand(4, 9, generator=g).to(device) < 0.7
+    # unclipped: 0.5 * masked mean of (v - R)^2, written out here
+    out = ppo_ext.value_loss(v, None, R, mask)
+    expected = 0.5 * ((v.detach() - R) ** 2)[mask].mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-12) and out.metrics["clipfrac"].item() == 0
+    out.loss.backward()
+    torch.testing.assert_close(v.grad, torch.where(mask, v.detach() - R, 0.0) / mask.sum())
+    # clipped: against the float64 reference, and the fraction is the count over the valid tokens
+    v.grad = None
+    out = ppo_ext.value_loss(v, old, R, mask, clip_range=0.1, loss_agg_mode="seq-mean-token-mean")
+    ref = ppo_ext.reference.policy_loss_reference(v, old, R, mask, loss_type="value", clip_low=0.1,
+                                                  loss_agg_mode="seq-mean-token-mean")
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-12)
+    c = counts_by_name(out.counts)
+    assert 0 < c["clipped_active"] < c["valid_tokens"]
+    assert out.metrics["clipfrac"].item() == pytest.approx(c["clipped_active"] / c["valid_tokens"], rel=1e-6)
+    with pytest.raises(ValueError, match="old_values is required with clip_range"):
+        ppo_ext.value_loss(v, None, R, mask, clip_range=0.1)
+    with pytest.raises(ValueError, match="log_ratio_clamp does not apply"):
+        ppo_ext.policy_loss(v, old, R, mask, loss_type="value", log_ratio_clamp=1.0)
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "gpg", "dro", "dppo_tv", "dppo_kl", "value"])
+def test_direct_gradient_ignores_an_overflowing_ratio(device, loss_type):
+    """A family whose gradient does not go through the ratio has a finite gradient where the ratio is inf (lp -
+    old = 200, no clamp), as the frameworks' autograd through their .detach() gives it (never 0 * inf)."""
+    kw = family_options(loss_type)
+    inp = _inputs(3, 20, _seed("overflow", loss_type), device, loss_type, dtype=torch.float64)
+    inp.old = inp.lp - 200.0
+    out, grad = run_ext(inp, **kw)
+    ref_out, ref_grad = run_ref(inp, **kw)
+    assert torch.isfinite(grad).all() and torch.isfinite(ref_grad).all()
+    torch.testing.assert_close(grad, ref_grad)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Errors
 
 
 @pytest.mark.parametrize("kw,match", [
     (dict(loss_type="ppo"), 'loss_type must be one of "vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", '
-                            '"dppo_kl", "geo_mean", got "ppo"'),
+                            '"dppo_kl", "geo_mean", "value", got "ppo"'),
     (dict(loss_type="geo_mean"), 'loss_type "geo_mean" is a sequence-level loss: importance_sampling must be '
                                  '"seq" or "seq-token", got "token"'),
     (dict(loss_type="geo_mean", importance_sampling="seq", dual_clip=2.0), 'dual_clip applies to loss_type'),

@@ -183,6 +183,7 @@ class PolicyLossKernel {
   void row(Tile& t, int64_t i, Partials& p) const {
     const bool seq_level = o_.importance_sampling != ImportanceSampling::Token;
     const bool seq_grad = o_.importance_sampling == ImportanceSampling::Seq && a_.token_grad != nullptr;
+    const bool ratio_grad = has_ratio_gradient(o_.loss_type);
     const bool needs_prepass = seq_level || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
     int64_t valid = a_.T;
     double log_ratio_sum = 0;
@@ -235,7 +236,7 @@ class PolicyLossKernel {
           dloss_sum += Ops::select(is_valid, weighted_dloss, zero);
           Ops::select(is_valid, direct_grad, zero).store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
         } else if (grad_row != nullptr) {
-          const V g = Ops::select(is_valid, weighted_dloss * dratio + direct_grad, zero);
+          const V g = Ops::select(is_valid, ratio_grad ? weighted_dloss * dratio + direct_grad : direct_grad, zero);
           g.store(grad_row + t0 + j, static_cast<int>(std::min(kVec, n - j)));
         }
       }
@@ -260,7 +261,8 @@ class PolicyLossKernel {
     // "seq": every valid token u of the row gets dL/dlp[u] = (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the
     // derivative of its log-ratio term, for geo_mean), added to its direct term.
     if (seq_grad) {
-      const V coefficient(valid > 0 ? static_cast<acc_t>(row_dloss_sum * row_ratio.dratio / valid) : acc_t(0));
+      const V coefficient(valid > 0 && ratio_grad ? static_cast<acc_t>(row_dloss_sum * row_ratio.dratio / valid)
+                                                  : acc_t(0));
       const bool term_derivative = o_.loss_type == LossType::GeoMean;
       for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
         const int64_t n = std::min(kTile, a_.T - t0);

@@ -165,6 +165,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   const LossOptions& o = a.options;
   const bool seq_level = o.importance_sampling != ImportanceSampling::Token;
   const bool seq_grad = o.importance_sampling == ImportanceSampling::Seq && a.token_grad != nullptr;
+  const bool ratio_grad = has_ratio_gradient(o.loss_type);
   const bool needs_prepass = seq_level || (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
 
   // This thread's sums over all the rows of this block.
@@ -225,7 +226,8 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
         dloss_sum += agg_weight * terms.dloss_dratio;
         grad_row[t] = agg_weight * terms.dloss_dlog_prob;
       } else if (grad_row != nullptr) {
-        grad_row[t] = agg_weight * terms.dloss_dratio * dratio + agg_weight * terms.dloss_dlog_prob;
+        const acc_t direct = agg_weight * terms.dloss_dlog_prob;
+        grad_row[t] = ratio_grad ? agg_weight * terms.dloss_dratio * dratio + direct : direct;
       }
     }
     n_valid += row_count;
@@ -237,7 +239,8 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
     // in pass 2).
     if (seq_grad) {
       const double row_dloss = block_sum<double>(static_cast<double>(dloss_sum), scratch_d);
-      const acc_t coefficient = row_valid > 0 ? static_cast<acc_t>(row_dloss * row_ratio.dratio / row_valid) : acc_t(0);
+      const acc_t coefficient =
+          row_valid > 0 && ratio_grad ? static_cast<acc_t>(row_dloss * row_ratio.dratio / row_valid) : acc_t(0);
       const bool term_derivative = o.loss_type == LossType::GeoMean;
       for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
         if (!is_valid(a.mask, i, t)) {

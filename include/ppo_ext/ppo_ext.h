@@ -61,7 +61,7 @@ struct PolicyLossOptions {
   std::optional<double> clip_high;  // default: clip_low
   std::optional<double> dual_clip, log_ratio_clamp;
   std::optional<double> ratio_cap;  // the unclipped term's ratio capped: min(r, ratio_cap) (TRL's delta)
-  std::string loss_type = "vanilla";  // the family: "vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl"
+  std::string loss_type = "vanilla";  // the family: ppo_ext.LOSS_TYPES
   double tau_pos = 1.0, tau_neg = 1.05;  // sapo's gate temperatures
   std::optional<double> dro_beta;        // dro's penalty (required by "dro")
   std::string importance_sampling = "token";  // "token", "seq", "seq-token"
