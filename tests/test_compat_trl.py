@@ -56,6 +56,12 @@ from ppo_ext.compat import trl as ptrl
 B, T, P = 8, 12, 3
 EPS, EPS_HIGH = 0.2, 0.28
 LOSS_TYPES = ptrl.SUPPORTED_LOSS_TYPES
+CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+assert set(LOSS_TYPES) == set(CLIP_LOSS_TYPES) | {"cispo", "sapo"}
+# The loss families' options in every case unless a test sets them: cispo's bound (TRL's epsilon_high itself;
+# 1.28 puts the clamp in force for some tokens of the cases; TRL's default, epsilon = 0.2, is refused), and
+# sapo temperatures off their defaults and unlike each other (so swapping them shows), neither exact in float32.
+FAMILY_OPTIONS = {"cispo": {"epsilon_high": 1.28}, "sapo": {"sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.3}}
 LEVELS = ("token", "sequence")
 TOL64 = dict(rtol=1e-10, atol=1e-12)
 TOL32 = dict(rtol=2e-5, atol=1e-6)
@@ -142,6 +148,7 @@ def grpo_args(trl_ns, **overrides):
         elif field.default_factory is not dataclasses.MISSING:
             values[field.name] = field.default_factory()
     values["gradient_accumulation_steps"] = 1  # TrainingArguments' default
+    values.update(FAMILY_OPTIONS.get(overrides.get("loss_type"), {}))
     values.update(overrides)
     if values["steps_per_generation"] is None:
         values["steps_per_generation"] = values["gradient_accumulation_steps"]
@@ -150,7 +157,14 @@ def grpo_args(trl_ns, **overrides):
 
 def plain_args(**overrides):
     """Args without TRL: GRPOConfig's defaults as the adapter knows them."""
-    return SimpleNamespace(**{**ptrl.GRPO_CONFIG_DEFAULTS, **overrides})
+    return SimpleNamespace(**{**ptrl.GRPO_CONFIG_DEFAULTS, **FAMILY_OPTIONS.get(overrides.get("loss_type"), {}),
+                              **overrides})
+
+
+def clip_options(loss_type):
+    """A test's explicit clip bounds: the asymmetric epsilons for the clipped loss types; cispo and sapo
+    keep FAMILY_OPTIONS (cispo's bound is epsilon_high itself, sapo reads neither)."""
+    return dict(epsilon=EPS, epsilon_high=EPS_HIGH) if loss_type in CLIP_LOSS_TYPES else {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,10 +308,19 @@ def _trl_ratio(case, args):
     return torch.exp(d)
 
 
+def _bounds(args):
+    """The values TRL compares its ratio with for args.loss_type."""
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    if args.loss_type == "cispo":
+        return (eps_high,)  # torch.clamp(coef_1, max=epsilon_high); delta is not read
+    if args.loss_type == "sapo":
+        return ()
+    return (1 - args.epsilon, 1 + eps_high) + ((args.delta,) if args.delta is not None else ())
+
+
 def assert_off_bounds(case, args):
     r = _trl_ratio(case, args)
-    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    for bound in (1 - args.epsilon, 1 + eps_high) + ((args.delta,) if args.delta is not None else ()):
+    for bound in _bounds(args):
         assert float((r - bound).abs().min()) > 1e-6, f"a ratio lies on the bound {bound}: pick another seed"
 
 
@@ -408,9 +431,13 @@ def test_trl_is_the_installed_release(trl):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_types_levels_advantages(trl, loss_type, level, adv):
     theirs = compare(trl, make_case(1, adv=adv, mask="empty_rows"), loss_type=loss_type,
-                     importance_sampling_level=level, epsilon=EPS, epsilon_high=EPS_HIGH)
+                     importance_sampling_level=level, **clip_options(loss_type))
+    assert list(theirs.metrics) == ["entropy", *ptrl.METRIC_KEYS_BY_LOSS_TYPE[loss_type]]
     # the case clips on both sides, so the metrics are not trivially 0
-    assert theirs.metrics["clip_ratio/low_mean"] > 0 and theirs.metrics["clip_ratio/high_mean"] > 0
+    if loss_type in CLIP_LOSS_TYPES:
+        assert theirs.metrics["clip_ratio/low_mean"] > 0 and theirs.metrics["clip_ratio/high_mean"] > 0
+    elif loss_type == "cispo":
+        assert 0 < theirs.metrics["cispo_clip_ratio"] < 1
     assert theirs.grad.abs().sum() > 0
 
 
@@ -423,39 +450,51 @@ def test_masks(trl, loss_type, level, mask):
         assert float(theirs.loss) == 0.0
         # per-row fractions: NaN for rows without a valid token (token level); at the sequence level with (B,)
         # advantages the indicators are per row already (an empty row's ratio is 1: 0)
-        assert math.isnan(theirs.metrics["clip_ratio/low_min"]) == (level == "token")
+        if loss_type in CLIP_LOSS_TYPES:
+            assert math.isnan(theirs.metrics["clip_ratio/low_min"]) == (level == "token")
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_symmetric_epsilon_and_on_policy(trl, loss_type):
-    compare(trl, make_case(3), loss_type=loss_type, epsilon=0.25, epsilon_high=None)
+    if loss_type == "cispo":  # epsilon_high=None is epsilon: a bound below 1 (test_cispo_epsilon_high_below_one)
+        compare(trl, make_case(3), loss_type=loss_type, epsilon=0.25, epsilon_high=1.25)
+    else:
+        compare(trl, make_case(3), loss_type=loss_type, epsilon=0.25, epsilon_high=None)
     compare(trl, make_case(3, old=False), loss_type=loss_type)  # old_per_token_logps absent: ratio 1
 
 
 @pytest.mark.parametrize("adv", ["row", "token"])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("delta", [1.1, 1.5])  # below and above 1 + epsilon_high = 1.28
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
 def test_delta(trl, loss_type, delta, level, adv):
+    """delta caps the clipped loss types' coef_1; TRL applies it to neither cispo nor sapo (nor their metric)."""
     case = make_case(4, adv=adv, spread=0.35)
     theirs = compare(trl, case, loss_type=loss_type, delta=delta, importance_sampling_level=level,
-                     epsilon=EPS, epsilon_high=EPS_HIGH)
+                     **clip_options(loss_type))
     args = grpo_args(trl, delta=delta, importance_sampling_level=level)
     assert bool((_trl_ratio(case, args) > delta).any())  # the cap is reached
-    if delta < 1 + EPS_HIGH:  # the capped ratio never exceeds 1 + epsilon_high: no high clip is counted
+    if loss_type in CLIP_LOSS_TYPES and delta < 1 + EPS_HIGH:  # the capped ratio never exceeds 1 + epsilon_high
         assert theirs.metrics["clip_ratio/high_mean"] == 0.0
+    if loss_type == "cispo":  # uncapped: ratios above epsilon_high = 1.28 > delta = 1.1 are counted
+        assert theirs.metrics["cispo_clip_ratio"] > 0
+    if loss_type in ("cispo", "sapo"):  # TRL's numbers are those without delta
+        no_delta = compare(trl, case, loss_type=loss_type, importance_sampling_level=level)
+        assert torch.equal(no_delta.loss, theirs.loss) and torch.equal(no_delta.grad, theirs.grad)
+        assert no_delta.metrics == theirs.metrics
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("shape", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_vllm_importance_sampling_ratio(trl, loss_type, shape):
+def test_vllm_importance_sampling_ratio(trl, loss_type, shape, level):
     case = make_case(5)
     g = torch.Generator().manual_seed(50)
     width = T if shape == "token" else 1
     ratio = (torch.rand(B, width, generator=g, dtype=torch.float64) * 1.5 + 0.25)
     ratio[0] = 0.0  # a masked-out ("*_mask" mode) sequence or token
-    compare(trl, case, loss_type=loss_type, use_vllm=True, vllm_importance_sampling_correction=True,
-            inputs_kw=dict(vllm_ratio=ratio.float()))
+    compare(trl, case, loss_type=loss_type, importance_sampling_level=level, use_vllm=True,
+            vllm_importance_sampling_correction=True, inputs_kw=dict(vllm_ratio=ratio.float()))
 
 
 def _avg_kl(case, sampling):
@@ -466,7 +505,7 @@ def _avg_kl(case, sampling):
 
 @pytest.mark.parametrize("source", ["sampling", "old", "on_policy"])
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo", "cispo", "sapo"])
 def test_off_policy_mask(trl, loss_type, level, source):
     case = make_case(6, old=source != "on_policy", spread=0.4)
     kl = _avg_kl(case, source == "sampling").sort().values
@@ -478,21 +517,46 @@ def test_off_policy_mask(trl, loss_type, level, source):
             inputs_kw=dict(sampling=source == "sampling"))
 
 
-def test_off_policy_mask_with_token_advantages_and_vllm_ratio(trl):
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "sapo"])
+def test_off_policy_mask_with_token_advantages_and_vllm_ratio(trl, loss_type, level):
     case = make_case(7, adv="token")
     kl = _avg_kl(case, True).sort().values
     ratio = torch.rand(B, T, generator=torch.Generator().manual_seed(70), dtype=torch.float64) + 0.5
-    compare(trl, case, loss_type="dapo", off_policy_mask_threshold=float((kl[3] + kl[4]) / 2),
-            use_vllm=True, inputs_kw=dict(sampling=True, vllm_ratio=ratio))
+    compare(trl, case, loss_type=loss_type, importance_sampling_level=level,
+            off_policy_mask_threshold=float((kl[3] + kl[4]) / 2), use_vllm=True,
+            inputs_kw=dict(sampling=True, vllm_ratio=ratio))
 
 
+@pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("gas,spg", [(2, 2), (4, 4), (2, 4), (3, 1)])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_gradient_accumulation(trl, loss_type, gas, spg):
+def test_gradient_accumulation(trl, loss_type, gas, spg, level):
     case = make_case(8)
     n = torch.tensor(int(case["mask"].sum()) * spg + 5)  # the generation batch's valid tokens
     compare(trl, case, loss_type=loss_type, gas=gas, gradient_accumulation_steps=gas, steps_per_generation=spg,
-            inputs_kw=dict(num_items_in_batch=n))
+            importance_sampling_level=level, inputs_kw=dict(num_items_in_batch=n))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_num_items_in_batch(trl, loss_type, level):
+    """dapo's and cispo's normaliser, TRL's inputs["num_items_in_batch"] (a tensor in TRL; 0 is clamped to 1);
+    the adapter also takes a number, and without it this batch's N (what TRL gets for one process and gas 1)."""
+    case = make_case(17, mask="empty_rows")
+    options = dict(loss_type=loss_type, importance_sampling_level=level)
+    n_valid = int(case["mask"].sum())
+    results = {}
+    for n in (53, 106, 0, n_valid):
+        results[n] = compare(trl, case, gas=2, gradient_accumulation_steps=2, **options,
+                             inputs_kw=dict(num_items_in_batch=torch.tensor(n)))
+        as_number = run_adapter(grpo_args(trl, gradient_accumulation_steps=2, **options), case,
+                                {**make_inputs(case), "num_items_in_batch": n}, gas=2)
+        assert_same(results[n], as_number)
+    torch.testing.assert_close(results[106].loss * 2, results[53].loss, **TOL64)  # the normaliser is read
+    torch.testing.assert_close(results[0].loss, results[53].loss * 53, **TOL64)  # max(n, 1)
+    without = run_adapter(grpo_args(trl, **options), case, {**make_inputs(case), "num_items_in_batch": None})
+    assert_same(run_trl(trl, grpo_args(trl, **options), case, make_inputs(case)), without)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -507,11 +571,129 @@ def test_float32(trl, loss_type, level):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
 def test_one_column(trl, loss_type, level):
     """T = 1: TRL reads the clip indicators of every row, masked ones too; so does the adapter."""
     compare(trl, make_case(11, length=1, mask="empty_rows", spread=0.5), loss_type=loss_type,
             importance_sampling_level=level)
+
+
+# ----------------------------------------------------------------------------------------------------
+# cispo and sapo: TRL's bound, its temperatures, what it refuses or ignores
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("eps_high,seed,spread,mask", [(1.0, 1, 0.3, "ragged"), (1.28, 1, 0.3, "empty_rows"),
+                                                       (2.5, 45, 1.0, "empty_rows"), (5.0, 45, 1.0, "empty_rows")])
+def test_cispo_epsilon_high(trl, level, eps_high, seed, spread, mask):
+    """TRL's cispo clamps coef_1 at epsilon_high itself (5.0 is its recommended value); the clamp is in force
+    for some tokens (or rows) and not others, and changes TRL's own gradient. (With 1.0 the case has no empty
+    row: at the sequence level their ratio, 1, would lie on the bound.)"""
+    case = make_case(seed, mask=mask, spread=spread)
+    theirs = compare(trl, case, loss_type="cispo", importance_sampling_level=level, epsilon_high=eps_high)
+    args = grpo_args(trl, loss_type="cispo", importance_sampling_level=level, epsilon_high=eps_high)
+    valid = case["mask"].bool()
+    clamped = (_trl_ratio(case, args) > eps_high).expand(B, T) & valid
+    assert 0 < int(clamped.sum()) < int(valid.sum())
+    positive = clamped & (case["advantages"][:, None] > 0)
+    assert int(positive.sum()) > 0 and theirs.metrics["cispo_clip_ratio"] > 0
+    unclamped = run_trl(trl, grpo_args(trl, loss_type="cispo", importance_sampling_level=level, epsilon_high=1e6),
+                        case, make_inputs(case))
+    assert not torch.allclose(unclamped.grad, theirs.grad)
+    assert unclamped.metrics["cispo_clip_ratio"] == 0.0
+
+
+@pytest.mark.parametrize("eps_high", [None, 0.28, 0.999999, -1.0, math.inf, math.nan, 2.0 ** 53 + 2])
+def test_cispo_epsilon_high_it_cannot_express_is_refused(trl, eps_high):
+    """ppo_ext's cispo clamps at 1 + clip_high, clip_high finite and >= 0: TRL's bound epsilon_high < 1 (its
+    default: None is epsilon, 0.2) cannot be reproduced, nor one that 1 + (e - 1) does not give back exactly."""
+    case = make_case(18)
+    args = grpo_args(trl, loss_type="cispo", epsilon_high=eps_high)
+    if eps_high is not None and math.isfinite(eps_high) and eps_high < 1:
+        assert torch.isfinite(run_trl(trl, args, case, make_inputs(case)).loss)  # a configuration TRL runs
+    shown = EPS if eps_high is None else eps_high
+    with pytest.raises(ValueError, match=f"epsilon_high={shown}"):
+        run_adapter(args, case, make_inputs(case))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("pos,neg", [(1.0, 1.05), (0.3, 2.5), (2.5, 0.3), (1.0, 1.0), (8.0, 0.05)])
+def test_sapo_temperatures(trl, level, pos, neg):
+    """sapo_temperature_pos where A > 0, sapo_temperature_neg elsewhere (the defaults, and others); swapped
+    temperatures give another loss and gradient, so the comparison sees the difference."""
+    case = make_case(19, adv="token", mask="empty_rows", spread=0.5)
+    options = dict(loss_type="sapo", importance_sampling_level=level)
+    theirs = compare(trl, case, sapo_temperature_pos=pos, sapo_temperature_neg=neg, **options)
+    assert list(theirs.metrics) == ["entropy"]
+    if pos != neg:
+        swapped = run_adapter(grpo_args(trl, sapo_temperature_pos=neg, sapo_temperature_neg=pos, **options), case,
+                              make_inputs(case))
+        assert not torch.allclose(swapped.loss, theirs.loss, **TOL64)
+        assert not torch.allclose(swapped.grad, theirs.grad, **TOL64)
+
+
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float64])
+def test_sapo_temperatures_take_torchs_default_dtype(trl, default_dtype):
+    """TRL's torch.where(advantages > 0, pos, neg) makes the temperatures a tensor of torch's default dtype:
+    with float32 (the usual default) 1.3 is 1.2999999523..., even for float64 log-probs; the adapter does the
+    same, so its float64 numbers follow the default dtype as TRL's do."""
+    case = make_case(19, spread=0.5)
+    options = dict(loss_type="sapo", sapo_temperature_pos=0.7, sapo_temperature_neg=1.3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        theirs = compare(trl, case, **options)
+    finally:
+        torch.set_default_dtype(previous)
+    other = torch.float64 if default_dtype == torch.float32 else torch.float32
+    torch.set_default_dtype(other)
+    try:
+        elsewhere = run_trl(trl, grpo_args(trl, **options), case, make_inputs(case))
+    finally:
+        torch.set_default_dtype(previous)
+    assert not torch.allclose(elsewhere.loss, theirs.loss, **TOL64)  # the rounding shows at float64
+
+
+@pytest.mark.parametrize("name", ["sapo_temperature_pos", "sapo_temperature_neg"])
+@pytest.mark.parametrize("value", [0.0, -1.0, math.inf, math.nan, 1e-50, 1e40])
+def test_sapo_temperature_it_cannot_take_is_refused(name, value):
+    """ppo_ext's sapo takes finite temperatures > 0, as TRL's torch.where makes them (1e-50 is 0 in float32,
+    1e40 is inf); TRL would divide by them."""
+    case = make_case(35)
+    with pytest.raises(ValueError, match=name):
+        run_adapter(plain_args(loss_type="sapo", **{name: value}), case, make_inputs(case))
+    with pytest.raises(TypeError, match=name):
+        run_adapter(plain_args(loss_type="sapo", **{name: "1.0"}), case, make_inputs(case))
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
+def test_options_trl_does_not_read_are_not_passed(trl, loss_type):
+    """TRL's cispo reads neither epsilon nor delta, its sapo no clip option at all: values ppo_ext would refuse
+    for the clipped surrogate (a negative epsilon, delta <= 0) change nothing."""
+    case = make_case(36)
+    ignored = dict(epsilon=-0.5, delta=-1.0)
+    if loss_type == "sapo":
+        ignored["epsilon_high"] = -0.3
+    theirs = compare(trl, case, loss_type=loss_type, **ignored)
+    plain = compare(trl, case, loss_type=loss_type)
+    assert torch.equal(theirs.loss, plain.loss) and theirs.metrics == plain.metrics
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("eps_high", [1.0, 1.28, 5.0])
+def test_cispo_clip_ratio_is_the_cores_clipped_active(level, eps_high):
+    """The module docstring's claim: TRL's cispo_clip_ratio (per-token indicators) is ppo_ext's clipped_active
+    count over the valid tokens, with clip_low=1 (no lower bound) and clip_high = epsilon_high - 1."""
+    import ppo_ext
+
+    case = make_case(45, adv="token", mask="empty_rows", spread=1.0)
+    _, metrics = ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"],
+                                plain_args(loss_type="cispo", epsilon_high=eps_high, importance_sampling_level=level))
+    core = ppo_ext.policy_loss(case["lp"], case["old"], case["advantages"], case["mask"], loss_type="cispo",
+                               clip_low=1.0, clip_high=eps_high - 1, importance_sampling=ptrl._LEVELS[level])
+    counts = dict(zip(ppo_ext.COUNT_NAMES, core.counts.tolist()))
+    assert counts["clipped_active"] > 0 and counts["clipped_low"] == 0
+    assert float(metrics["cispo_clip_ratio"]) == pytest.approx(counts["clipped_active"] / counts["valid_tokens"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -544,7 +726,7 @@ def test_two_processes(trl, loss_type, level):
     global metrics (accelerator.reduce / gather across the two ranks)."""
     cases = [make_case(20, mask="empty_rows"), make_case(21, mask="ragged")]
     n = sum(c["mask"].sum() for c in cases)  # TRL: accelerator.gather(loss_mask.sum()).sum()
-    args = grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, epsilon_high=EPS_HIGH)
+    args = grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, **clip_options(loss_type))
     inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
 
     def ranks(run, **kw):
@@ -566,11 +748,20 @@ def test_two_processes(trl, loss_type, level):
         torch.testing.assert_close(local.loss, theirs[rank].loss, **TOL64)
 
 
-def test_adapter_uses_one_reduce_and_one_gather():
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_adapter_uses_one_reduce_and_one_gather(loss_type):
+    """One reduce, and one gather for the clipped loss types' per-row metrics; cispo has no per-row metric,
+    sapo without entropies no metric at all (and calls no collective)."""
     case = make_case(22)
     acc = FakeAccelerator()
-    run_adapter(plain_args(), case, make_inputs(case), accelerator=acc)
-    assert dict(acc.calls) == {"reduce": 1, "gather": 1}
+    run_adapter(plain_args(loss_type=loss_type), case, make_inputs(case), accelerator=acc)
+    assert dict(acc.calls) == ({"reduce": 1, "gather": 1} if loss_type in CLIP_LOSS_TYPES else {"reduce": 1})
+    acc = FakeAccelerator()
+    _, metrics = ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"],
+                                plain_args(loss_type=loss_type), accelerator=acc)
+    assert list(metrics) == list(ptrl.METRIC_KEYS_BY_LOSS_TYPE[loss_type])
+    assert sum(acc.calls.values()) == (0 if loss_type == "sapo" else acc.calls["reduce"] + acc.calls["gather"])
+    assert acc.calls["reduce"] == (0 if loss_type == "sapo" else 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -578,7 +769,7 @@ def test_adapter_uses_one_reduce_and_one_gather():
 
 
 @pytest.mark.parametrize("quantile", [0.5, 0.2])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
 def test_top_entropy_quantile(trl, loss_type, quantile):
     case = make_case(12, mask="empty_rows")
     args = grpo_args(trl, loss_type=loss_type, top_entropy_quantile=quantile)
@@ -637,16 +828,18 @@ def test_mixin_in_eval_mode_is_trl(trl, monkeypatch):
 
 def test_mixin_refuses_unsupported_options_before_the_forward(trl):
     case = make_case(16)
-    for options, words in [({"loss_type": "cispo"}, ("cispo", "issue 13")),
-                           ({"loss_type": "sapo"}, ("sapo", "issue 13")),
-                           ({"loss_type": "vespo"}, ("vespo", "issue 13")),
-                           ({"beta": 0.04}, ("beta", "issue 14")),
-                           ({"entropy_coef": 0.01}, ("entropy",)),
-                           ({"use_adaptive_entropy": True}, ("entropy",))]:
+    for options, words, error in [
+            ({"loss_type": "vespo"}, ("vespo", "issue 13"), NotImplementedError),
+            ({"beta": 0.04}, ("beta", "issue 14"), NotImplementedError),
+            ({"entropy_coef": 0.01}, ("entropy",), NotImplementedError),
+            ({"use_adaptive_entropy": True}, ("entropy",), NotImplementedError),
+            ({"loss_type": "cispo", "epsilon_high": None}, ("epsilon_high=0.2", "cispo"), ValueError),
+            ({"loss_type": "cispo", "epsilon_high": 0.28}, ("epsilon_high=0.28", "cispo"), ValueError),
+            ({"loss_type": "sapo", "sapo_temperature_neg": 0.0}, ("sapo_temperature_neg",), ValueError)]:
         args = grpo_args(trl, **options)
         forward = FakeForward(case["lp"], case["entropies"])
         trainer = make_trainer(trl.Mixed, args, forward)
-        with pytest.raises(NotImplementedError) as info:
+        with pytest.raises(error) as info:
             trainer._compute_loss(MODEL, make_inputs(case))
         assert all(word in str(info.value) for word in words), (options, str(info.value))
         assert forward.calls == []
@@ -693,8 +886,6 @@ def test_args_as_mapping_and_missing_fields_take_the_defaults():
 
 
 @pytest.mark.parametrize("options,words", [
-    ({"loss_type": "cispo"}, ("cispo", "issue 13")),
-    ({"loss_type": "sapo"}, ("sapo", "issue 13")),
     ({"loss_type": "vespo"}, ("vespo", "issue 13")),
     ({"beta": 0.04}, ("beta", "issue 14")),
     ({"entropy_coef": 0.01}, ("entropy_coef",)),
@@ -754,8 +945,11 @@ def test_no_rows_gives_zero(loss_type):
                                    plain_args(loss_type=loss_type))
     loss.backward()
     assert float(loss.detach()) == 0.0 and lp.grad.shape == (0, T)
-    assert math.isnan(metrics["clip_ratio/low_min"]) and float(metrics["clip_ratio/low_mean"]) == 0.0
-    assert list(metrics) == list(ptrl.METRIC_KEYS)
+    assert list(metrics) == list(ptrl.METRIC_KEYS_BY_LOSS_TYPE[loss_type])
+    if loss_type in CLIP_LOSS_TYPES:
+        assert math.isnan(metrics["clip_ratio/low_min"]) and float(metrics["clip_ratio/low_mean"]) == 0.0
+    elif loss_type == "cispo":
+        assert float(metrics["cispo_clip_ratio"]) == 0.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine")

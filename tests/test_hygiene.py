@@ -363,7 +363,8 @@ def test_op_refuses_an_unknown_name_listing_the_names(device, option):
     assert match, f"unexpected message: {excinfo.value}"
     assert tuple(re.findall(r'"([^"]*)"', match.group(1))) == names, match.group(1)
     for name in names:  # and it takes every one of them
-        needs = {"dro_beta": 0.1} if (option, name) == ("loss_type", "dro") else {}
+        needs = {"dro": {"dro_beta": 0.1}, "geo_mean": {"importance_sampling": "seq"}}.get(name, {}) \
+            if option == "loss_type" else {}
         torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{option: name}, **needs))
 
 

@@ -38,6 +38,12 @@ then / gas
 ``dapo``: sum / (max(num_items_in_batch, 1) /      ``"token-mean"``, ``num_tokens`` = that normaliser
 num_processes * gas / steps_per_generation)        (a 0-dim tensor when num_items_in_batch is one)
 ``luspo``: mean over rows of the row's sum / gas   ``"seq-mean-token-sum"``, ``num_seqs = B * gas``
+``cispo``: ``-sg(clamp(coef_1, max=e)) * A * lp`` ``loss_type="cispo"``, ``clip_low=1`` (lower
+(``e = epsilon_high``: the bound is ``e``, not    bound 0: no lower clamp), ``clip_high = e - 1``
+``1 + e``), aggregated as ``dapo``; no ``delta``  (``e < 1`` cannot be expressed: ``ValueError``)
+``sapo``: ``-A sigmoid(t (coef_1 - 1)) 4 / t``,   ``loss_type="sapo"``, ``tau_pos``, ``tau_neg`` as
+``t = sapo_temperature_pos`` (``A > 0``) or       TRL's ``torch.where`` makes them: in torch's
+``_neg``; aggregated as ``grpo``; no ``delta``    default dtype (float32: rounded to float32)
 ===============================================  =====================================================
 
 ``gas`` is ``gradient_accumulation_steps``, the trainer's ``current_gradient_accumulation_steps``;
@@ -59,8 +65,9 @@ when ``use_vllm`` and ``vllm_importance_sampling_correction`` are set, the two c
 puts it into the inputs and applies it; passing one TRL would not apply is a ``ValueError``.
 
 Metrics (0-dim float32 tensors, computed without host synchronisation; TRL calls ``.item()`` on each,
-``PPOExtGRPOMixin`` converts them with one ``.tolist()``), with ``r`` TRL's ``coef_1`` *after* the cap
-``min(r, delta)``:
+``PPOExtGRPOMixin`` converts them with one ``.tolist()``), the keys ``"entropy"`` (when ``entropies`` is
+given) then ``METRIC_KEYS_BY_LOSS_TYPE[loss_type]``, in TRL's order. For the clipped loss types (grpo, bnpo,
+dr_grpo, dapo, luspo; ``METRIC_KEYS``), with ``r`` TRL's ``coef_1`` *after* the cap ``min(r, delta)``:
 
 ``clip_ratio/low_mean``     fraction of valid tokens with ``r < 1 - epsilon`` and ``A < 0``
 ``clip_ratio/high_mean``    fraction of valid tokens with ``r > 1 + epsilon_high`` and ``A > 0``
@@ -71,21 +78,28 @@ Metrics (0-dim float32 tensors, computed without host synchronisation; TRL calls
 ``clip_ratio/high_max``     max over rows of the row's fraction of high-clipped tokens (likewise)
 ``entropy``                 mean of ``entropies`` over valid tokens (only when ``entropies`` is given)
 
+For ``cispo`` the one key ``cispo_clip_ratio``: the fraction of valid tokens with ``r > epsilon_high``
+(TRL's bound, not ``1 + epsilon_high``; ``r`` uncapped: TRL applies ``delta`` to the clipped loss types
+only) and ``A > 0``, which is ppo_ext's ``clipped_active`` count over the valid tokens with the mapping
+above (its low side ``r < 0`` never holds). For ``sapo``, none (TRL logs no clip metric for it).
+
 As in TRL, when the clip indicator has one column (sequence level with (B,) or (B, 1) advantages, or
 ``T = 1``) the ``*_mean`` metrics are means over all ``B`` rows (empty ones count, unclipped: their
 ratio is 1) and the per-row fractions are the indicators themselves; likewise ``entropy`` for ``T = 1``.
 TRL's means are global: ``accelerator.reduce`` sums the numerators and the denominators over the
 processes, and ``low_min``/``high_max`` are taken over the rows ``accelerator.gather`` collects from every
 process. Pass ``accelerator`` (the trainer's ``self.accelerator``, or anything with its ``reduce(tensor,
-reduction="sum")`` and ``gather(tensor)``) to get those values: one ``reduce`` and one ``gather``
-(collectives, no host synchronisation). Without it the metrics are this process's values, which are TRL's
+reduction="sum")`` and ``gather(tensor)``) to get those values: one ``reduce`` and one ``gather`` (only
+the clipped loss types gather; sapo without ``entropies`` has no metric and calls neither; collectives, no
+host synchronisation). Without it the metrics are this process's values, which are TRL's
 for a single process. These metrics take a few eager ops on (B, T) tensors under ``torch.no_grad()``
 (the kernel's counts do not split the clip by the sign of ``A`` nor by row); the loss and its gradient
 take one kernel call.
 
 Not supported yet (``NotImplementedError`` naming the option):
 
-- ``loss_type`` ``"cispo"``, ``"sapo"``, ``"vespo"``: other per-token losses (issue 13, the loss families);
+- ``loss_type="vespo"``: VESPO's sequence-level Gamma weights are not in the kernel yet (issue 13, the loss
+  families);
 - ``beta != 0`` (the KL term to the reference model, and ``use_bias_correction_kl``): issue 14, the KL term;
 - the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``): a loss term of the entropies,
   which the kernel does not take, and a controller that updates the trainer's state.
@@ -94,7 +108,9 @@ Where the numbers can differ from TRL's on purpose: masked positions never reach
 by the mask, so a NaN or inf there would make its loss or gradient NaN), except the one-column case above,
 where TRL itself reads the indicators without the mask; the mask is read as 0/1 (TRL's
 ``completion_mask * tool_mask`` always is); no rows at all (B = 0) give loss 0, where TRL's mean over
-no rows is NaN.
+no rows is NaN. Refused with a ``ValueError`` rather than computed differently: cispo with
+``epsilon_high < 1`` (TRL's default ``epsilon_high=None`` is ``epsilon`` = 0.2; see the table) and sapo
+temperatures that are not finite and > 0 (TRL's sigmoid gate divides by them; ppo_ext's sapo needs them > 0).
 
 Checked against TRL 1.16.0's own ``GRPOTrainer._compute_loss``, run for real on a trainer object that
 holds the attributes it reads, in tests/test_compat_trl.py.
@@ -112,7 +128,7 @@ import ppo_ext
 
 # PPOExtGRPOTrainer is not in __all__: it imports trl when first asked for (module __getattr__ below).
 __all__ = ["grpo_loss", "PPOExtGRPOMixin", "GRPO_CONFIG_DEFAULTS", "SUPPORTED_LOSS_TYPES", "METRIC_KEYS",
-           "TRL_VERSION"]
+           "METRIC_KEYS_BY_LOSS_TYPE", "TRL_VERSION"]
 
 TRL_VERSION = "1.16.0"
 
@@ -124,6 +140,8 @@ GRPO_CONFIG_DEFAULTS = {
     "epsilon": 0.2,
     "epsilon_high": None,
     "delta": None,
+    "sapo_temperature_pos": 1.0,
+    "sapo_temperature_neg": 1.05,
     "beta": 0.0,
     "use_bias_correction_kl": True,
     "off_policy_mask_threshold": None,
@@ -136,14 +154,19 @@ GRPO_CONFIG_DEFAULTS = {
     "steps_per_generation": None,
 }
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-_PENDING_LOSS_TYPES = ("cispo", "sapo", "vespo")
+_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's clipped surrogate (ppo_ext's "vanilla")
+SUPPORTED_LOSS_TYPES = _CLIP_LOSS_TYPES + ("cispo", "sapo")
+_PENDING_LOSS_TYPES = ("vespo",)
 _LEVELS = {"token": "token", "sequence": "seq"}
-LOSS_FAMILIES_ISSUE = "issue 13, the loss families (CISPO, SAPO, VESPO)"
+LOSS_FAMILIES_ISSUE = "issue 13, the loss families (VESPO is not in the kernel yet)"
 KL_ISSUE = "issue 14, the KL term (beta, use_bias_correction_kl)"
 
+# The keys of the loss's own metrics, after "entropy" (logged when `entropies` is given): those of the clipped
+# loss types (METRIC_KEYS), cispo's one, none for sapo.
 METRIC_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
                "clip_ratio/high_max")
+METRIC_KEYS_BY_LOSS_TYPE = {**{lt: METRIC_KEYS for lt in _CLIP_LOSS_TYPES}, "cispo": ("cispo_clip_ratio",),
+                            "sapo": ()}
 
 # The keyword inputs _compute_loss hands _get_per_token_logps_and_entropies from `inputs` (multimodal ones).
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -173,7 +196,8 @@ def _number(name: str, value, optional: bool = False):
 
 
 def _options(args) -> SimpleNamespace:
-    """The options of ``args`` that the loss reads, checked; unsupported ones raise NotImplementedError."""
+    """The options of ``args`` that the loss reads, checked; unsupported ones raise NotImplementedError, values
+    ppo_ext cannot reproduce (cispo's epsilon_high < 1, sapo's temperatures <= 0) ValueError."""
     if args is None:
         raise ValueError("grpo_loss needs args (a GRPOConfig, or an object/mapping with its field names)")
     loss_type = _arg(args, "loss_type")
@@ -203,9 +227,14 @@ def _options(args) -> SimpleNamespace:
     delta = _number("delta", _arg(args, "delta"), optional=True)
     threshold = _number("off_policy_mask_threshold", _arg(args, "off_policy_mask_threshold"), optional=True)
     quantile = float(_number("top_entropy_quantile", _arg(args, "top_entropy_quantile")))
+    epsilon_high = epsilon if epsilon_high is None else float(epsilon_high)
+    tau_pos = tau_neg = None
+    if loss_type == "sapo":
+        tau_pos, tau_neg = _sapo_temperatures(_arg(args, "sapo_temperature_pos"), _arg(args, "sapo_temperature_neg"))
     return SimpleNamespace(
-        loss_type=loss_type, level=level, epsilon_low=epsilon,
-        epsilon_high=epsilon if epsilon_high is None else float(epsilon_high),
+        loss_type=loss_type, level=level, epsilon_low=epsilon, epsilon_high=epsilon_high,
+        cispo_clip_high=_cispo_clip_high(epsilon_high) if loss_type == "cispo" else None,
+        tau_pos=tau_pos, tau_neg=tau_neg,
         delta=None if delta is None else float(delta),
         off_policy_mask_threshold=None if threshold is None else float(threshold),
         top_entropy_quantile=quantile,
@@ -214,6 +243,53 @@ def _options(args) -> SimpleNamespace:
         steps_per_generation=_arg(args, "steps_per_generation"),
         gradient_accumulation_steps=_arg(args, "gradient_accumulation_steps", None),
     )
+
+
+def _cispo_clip_high(epsilon_high: float) -> float:
+    """ppo_ext's clip_high for TRL's cispo, which clamps the ratio at ``epsilon_high`` itself
+    (``torch.clamp(coef_1, max=epsilon_high)``, ScaleRL's eps_max), where ppo_ext clamps at ``1 + clip_high``:
+    ``clip_high = epsilon_high - 1``, exact when ``1 + (epsilon_high - 1) == epsilon_high`` (every double in
+    [1, 2**53)). ppo_ext's ``clip_high >= 0`` cannot express a bound below 1."""
+    if not (math.isfinite(epsilon_high) and epsilon_high >= 1.0):
+        raise ValueError(
+            f"loss_type='cispo' with epsilon_high={epsilon_high}: TRL's cispo clamps the importance ratio at "
+            "epsilon_high itself (torch.clamp(coef_1, max=epsilon_high); ScaleRL's eps_max, recommended 5.0), not at "
+            "1 + epsilon_high, and ppo_ext's cispo clamps at 1 + clip_high with a finite clip_high >= 0, so only a "
+            "finite epsilon_high >= 1 can be reproduced. Note that epsilon_high=None means epsilon (default 0.2), "
+            "a bound below 1. Set epsilon_high >= 1 (e.g. 5.0), or use TRL's own GRPOTrainer.")
+    clip_high = epsilon_high - 1.0
+    if 1.0 + clip_high != epsilon_high:
+        raise ValueError(f"loss_type='cispo' with epsilon_high={epsilon_high}: ppo_ext's bound 1 + clip_high cannot "
+                         "equal it exactly in double precision (it can for every epsilon_high in [1, 2**53))")
+    return clip_high
+
+
+def _sapo_temperatures(pos, neg) -> Tuple[float, float]:
+    """TRL's sapo temperatures as its ``torch.where(advantages > 0, pos, neg)`` makes them: a tensor of torch's
+    default dtype (float32 unless changed), so rounded to it, whatever the dtype of the log-probs."""
+    _number("sapo_temperature_pos", pos)
+    _number("sapo_temperature_neg", neg)
+    try:
+        values = torch.where(torch.tensor([True, False]), pos, neg)
+    except RuntimeError as exc:  # TRL's torch.where fails the same way
+        raise ValueError(f"args.sapo_temperature_pos={pos}, args.sapo_temperature_neg={neg}: TRL's torch.where "
+                         f"cannot make a {torch.get_default_dtype()} tensor of them ({exc})") from exc
+    tau_pos, tau_neg = (float(v) for v in values.tolist())
+    for name, given, value in (("sapo_temperature_pos", pos, tau_pos), ("sapo_temperature_neg", neg, tau_neg)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"args.{name}={given} (as TRL's torch.where makes it, {values.dtype}: {value}): "
+                             "ppo_ext's sapo takes a finite temperature > 0")
+    return tau_pos, tau_neg
+
+
+def _family(opts) -> Dict[str, Any]:
+    """The options of ``ppo_ext.policy_loss`` for TRL's per-token loss (the module docstring's table); what TRL
+    does not read for a loss type (epsilon, epsilon_high, delta for sapo; epsilon, delta for cispo) is not passed."""
+    if opts.loss_type == "cispo":
+        return {"loss_type": "cispo", "clip_low": 1.0, "clip_high": opts.cispo_clip_high}
+    if opts.loss_type == "sapo":
+        return {"loss_type": "sapo", "tau_pos": opts.tau_pos, "tau_neg": opts.tau_neg}
+    return {"clip_low": opts.epsilon_low, "clip_high": opts.epsilon_high, "ratio_cap": opts.delta}
 
 
 def _positive(name: str, value):
@@ -225,7 +301,7 @@ def _positive(name: str, value):
 def _aggregation(opts, B: int, mask: torch.Tensor, num_items_in_batch, gas, num_processes) -> Dict[str, Any]:
     """loss_agg_mode and the normalisers of TRL's aggregation for opts.loss_type (training mode)."""
     lt = opts.loss_type
-    if lt == "grpo":
+    if lt in ("grpo", "sapo"):
         return {"loss_agg_mode": "seq-mean-token-mean", "num_seqs": B * gas}
     if lt == "luspo":
         return {"loss_agg_mode": "seq-mean-token-sum", "num_seqs": B * gas}
@@ -234,7 +310,7 @@ def _aggregation(opts, B: int, mask: torch.Tensor, num_items_in_batch, gas, num_
     if lt == "dr_grpo":
         length = _positive("args.max_completion_length", opts.max_completion_length)
         return {"loss_agg_mode": "seq-mean-token-sum-norm", "num_seqs": B, "loss_scale_factor": length * gas}
-    # dapo: `num_items_in_batch` spans the generation batch (every process, every step of it)
+    # dapo, cispo: `num_items_in_batch` spans the generation batch (every process, every step of it)
     spg = opts.steps_per_generation
     if spg is None:
         spg = opts.gradient_accumulation_steps if opts.gradient_accumulation_steps is not None else gas
@@ -315,26 +391,39 @@ def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
 
 
 def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator):
+    """TRL's metrics for opts.loss_type (keys: "entropy" when entropies are given, then
+    METRIC_KEYS_BY_LOSS_TYPE[loss_type]), with one reduce and, for the clipped loss types, one gather."""
     lp = per_token_logps.detach()
-    log_ratio = torch.zeros_like(lp) if old_per_token_logps is None else lp - old_per_token_logps
-    if opts.level == "sequence":
-        log_ratio = _row_mean(log_ratio, valid)
-    ratio = torch.exp(log_ratio)
-    if opts.delta is not None:
-        ratio = ratio.clamp(max=opts.delta)  # TRL's indicators read the capped coef_1
-    low = (ratio < 1 - opts.epsilon_low) & (advantages2d < 0)
-    high = (ratio > 1 + opts.epsilon_high) & (advantages2d > 0)
-    flags = torch.stack([low, high, low | high]).to(torch.float32)  # (3, B, W), W = 1 or T
-    B = flags.shape[1]
+    clipped_loss = opts.loss_type in _CLIP_LOSS_TYPES
+    flags = []
+    if clipped_loss or opts.loss_type == "cispo":
+        log_ratio = torch.zeros_like(lp) if old_per_token_logps is None else lp - old_per_token_logps
+        if opts.level == "sequence":
+            log_ratio = _row_mean(log_ratio, valid)
+        ratio = torch.exp(log_ratio)
+        if clipped_loss:
+            if opts.delta is not None:
+                ratio = ratio.clamp(max=opts.delta)  # TRL's indicators read the capped coef_1
+            low = (ratio < 1 - opts.epsilon_low) & (advantages2d < 0)
+            high = (ratio > 1 + opts.epsilon_high) & (advantages2d > 0)
+            flags = [low, high, low | high]
+        else:  # cispo: TRL's bound is epsilon_high itself; delta is not applied
+            flags = [(ratio > opts.epsilon_high) & (advantages2d > 0)]
     valid_f = valid.to(torch.float32)
-    if flags.shape[2] == 1:  # one value per row: every row counts, the mask is not applied (as TRL)
-        sums, count = flags.sum((1, 2)), torch.full((1,), float(B), dtype=torch.float32, device=lp.device)
-        rows = flags[:2, :, 0]
-    else:
-        masked = flags * valid_f
-        sums, count = masked.sum((1, 2)), valid_f.sum().reshape(1)
-        rows = masked[:2].sum(-1) / valid.sum(-1)  # NaN for a row without a valid token
-    stats = [sums, count]
+    stats, rows = [], None
+    if flags:
+        flags = torch.stack(flags).to(torch.float32)  # (F, B, W), W = 1 or T
+        B = flags.shape[1]
+        if flags.shape[2] == 1:  # one value per row: every row counts, the mask is not applied (as TRL)
+            sums, count = flags.sum((1, 2)), torch.full((1,), float(B), dtype=torch.float32, device=lp.device)
+            if clipped_loss:
+                rows = flags[:2, :, 0]
+        else:
+            masked = flags * valid_f
+            sums, count = masked.sum((1, 2)), valid_f.sum().reshape(1)
+            if clipped_loss:
+                rows = masked[:2].sum(-1) / valid.sum(-1)  # NaN for a row without a valid token
+        stats += [sums, count]
     if entropies is not None:
         ent = entropies.detach()
         if ent.shape[1] == 1:
@@ -343,20 +432,27 @@ def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, en
         else:
             ent = torch.where(valid, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
             stats += [ent.sum().to(torch.float32).reshape(1), valid_f.sum().reshape(1)]
+    if not stats:
+        return {}
     stats = torch.cat(stats)
-    rows = rows.t()  # (B, 2): the rows of every process are gathered along dim 0
+    if rows is not None:
+        rows = rows.t()  # (B, 2): the rows of every process are gathered along dim 0
     if accelerator is not None:
         stats = accelerator.reduce(stats, reduction="sum")
-        rows = accelerator.gather(rows)
-    means = stats[:3] / stats[3].clamp(min=1.0)
+        if rows is not None:
+            rows = accelerator.gather(rows)
     metrics = {}
     if entropies is not None:
-        metrics["entropy"] = stats[4] / stats[5].clamp(min=1.0)
-    metrics["clip_ratio/low_mean"] = means[0]
-    metrics["clip_ratio/high_mean"] = means[1]
-    metrics["clip_ratio/region_mean"] = means[2]
-    metrics["clip_ratio/low_min"] = _nan_extreme(rows[:, 0], largest=False)
-    metrics["clip_ratio/high_max"] = _nan_extreme(rows[:, 1], largest=True)
+        metrics["entropy"] = stats[-2] / stats[-1].clamp(min=1.0)
+    if clipped_loss:
+        means = stats[:3] / stats[3].clamp(min=1.0)
+        metrics["clip_ratio/low_mean"] = means[0]
+        metrics["clip_ratio/high_mean"] = means[1]
+        metrics["clip_ratio/region_mean"] = means[2]
+        metrics["clip_ratio/low_min"] = _nan_extreme(rows[:, 0], largest=False)
+        metrics["clip_ratio/high_max"] = _nan_extreme(rows[:, 1], largest=True)
+    elif opts.loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = stats[0] / stats[1].clamp(min=1.0)
     return metrics
 
 
@@ -414,8 +510,7 @@ def grpo_loss(
                            importance_sampling_ratio, entropy_mask, valid)
     out = ppo_ext.policy_loss(
         per_token_logps, old_per_token_logps, advantages, mask,
-        clip_low=opts.epsilon_low, clip_high=opts.epsilon_high, ratio_cap=opts.delta,
-        importance_sampling=_LEVELS[opts.level], token_weights=weights,
+        importance_sampling=_LEVELS[opts.level], token_weights=weights, **_family(opts),
         **_aggregation(opts, B, valid, num_items_in_batch, gas, num_processes),
     )
     with torch.no_grad():
@@ -443,12 +538,15 @@ class PPOExtGRPOMixin:
 
     def _ppo_ext_args(self) -> SimpleNamespace:
         """The options TRL's _compute_loss reads, from where it reads them: the trainer's attributes (set
-        from its args in GRPOTrainer.__init__), and ``args.delta``, ``args.steps_per_generation`` and
-        ``args.use_bias_correction_kl``. The entropy bonus is checked by the caller."""
+        from its args in GRPOTrainer.__init__), and ``args.delta``, ``args.sapo_temperature_pos`` / ``_neg``,
+        ``args.steps_per_generation`` and ``args.use_bias_correction_kl``. The entropy bonus is checked by the
+        caller."""
         args = self.args
         return SimpleNamespace(
             loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
             epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=_arg(args, "delta"), beta=self.beta,
+            sapo_temperature_pos=_arg(args, "sapo_temperature_pos"),
+            sapo_temperature_neg=_arg(args, "sapo_temperature_neg"),
             use_bias_correction_kl=_arg(args, "use_bias_correction_kl"),
             off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
             entropy_coef=0.0, use_adaptive_entropy=False, use_vllm=self.use_vllm,
@@ -490,7 +588,7 @@ class PPOExtGRPOMixin:
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / gas
             metrics = {"aux_loss": self.accelerator.gather_for_metrics(aux_loss).mean(), **metrics}
-        values = torch.stack([v.detach().to(torch.float32) for v in metrics.values()]).tolist()
+        values = torch.stack([v.detach().to(torch.float32) for v in metrics.values()]).tolist() if metrics else []
         for key, value in zip(metrics, values):
             self._metrics["train"][key].append(value)
         return loss
