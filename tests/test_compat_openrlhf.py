@@ -446,3 +446,61 @@ def test_return_values_and_no_rollout_needed():
     with torch.no_grad():
         out = po.PolicyLoss(**kw)(inp.lp, inp.old, inp.adv, action_mask=inp.mask)
     assert len(out) == 5 and not out[0].requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------
+# ValueLoss (the critic): ppo_ext.compat.openrlhf.ValueLoss against OpenRLHF's own ValueLoss
+
+
+def _value_inputs(seed, b=B, t=T):
+    """values, old values (off by N(0, 0.3)), returns (N(0, 1)), a mask with an empty row: float64."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(b, t, generator=g, dtype=torch.float64)
+    old = values + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    returns = torch.randn(b, t, generator=g, dtype=torch.float64)
+    mask = torch.rand(b, t, generator=g) < 0.8
+    mask[1] = False
+    return values, old, returns, mask
+
+
+def _run_value(module, inputs, dtype, **info):
+    values, old, returns, mask = (x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    v = values.detach().clone().requires_grad_(True)
+    loss = module(v, old, returns, action_mask=mask, **info)
+    loss.backward()
+    return loss, v.grad
+
+
+@pytest.mark.parametrize("info", [{}, "global"], ids=["local", "global_normalisers"])
+@pytest.mark.parametrize("token_level_loss", [True, False], ids=["token_level", "seq_level"])
+@pytest.mark.parametrize("clip_eps", [None, 0.1, 0.4])
+def test_value_loss_parity(openrlhf, clip_eps, token_level_loss, info):
+    seed = 40 + int(10 * (clip_eps or 0))
+    inputs = _value_inputs(seed)
+    if info == "global":  # as loss_utils makes them: float32 tensors, dp_size 2
+        mask = inputs[3]
+        info = dict(dp_size=2, batch_num_tokens=torch.tensor(float(mask.sum() * 2)),
+                    global_batch_size=torch.tensor(float(2 * B)))
+    ref_loss, ref_grad = _run_value(openrlhf.loss.ValueLoss(clip_eps, token_level_loss), inputs, torch.float64, **info)
+    for dtype in (torch.float32, torch.float64):
+        loss, grad = _run_value(po.ValueLoss(clip_eps, token_level_loss), inputs, dtype, **info)
+        what = f"clip_eps={clip_eps} token_level_loss={token_level_loss} {info} seed={seed} {dtype}"
+        torch.testing.assert_close(loss.double(), ref_loss.detach(), **LOSS_TOL[dtype], msg=lambda m: f"{what}\n{m}")
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=GRAD_RTOL[dtype], atol=GRAD_RTOL[dtype] * 0.01,
+                                   msg=lambda m: f"{what}: gradient\n{m}")
+
+
+def test_value_loss_inputs_clip_some_tokens():
+    """The parity inputs clip some tokens and not others (the clip can change the numbers, so the tests can fail)."""
+    values, old, returns, mask = _value_inputs(41)
+    clipped = (values - old).abs() > 0.1
+    larger = (old + (values - old).clamp(-0.1, 0.1) - returns) ** 2 > (values - returns) ** 2
+    assert 0 < (clipped & larger & mask).sum() < mask.sum()
+
+
+def test_value_loss_signature_is_openrlhfs(openrlhf):
+    for name in ("__init__", "forward"):
+        ours = inspect.signature(getattr(po.ValueLoss, name))
+        theirs = inspect.signature(getattr(openrlhf.loss.ValueLoss, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+        assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()], name

@@ -1,4 +1,4 @@
-"""OpenRLHF adapter: OpenRLHF 0.11's ``PolicyLoss`` (openrlhf.models.loss) on ppo_ext's kernel.
+"""OpenRLHF adapter: OpenRLHF 0.11's ``PolicyLoss`` and ``ValueLoss`` (openrlhf.models.loss) on ppo_ext's kernel.
 
 ``PolicyLoss`` here is a drop-in ``torch.nn.Module`` for OpenRLHF 0.11.2's: the same constructor, the
 same ``forward`` and the same return value, ``(loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio)``
@@ -83,7 +83,7 @@ import torch
 
 import ppo_ext
 
-__all__ = ["PolicyLoss", "POLICY_LOSS_TYPES", "IS_CORRECTION_LEVELS", "IS_CORRECTION_MODES",
+__all__ = ["PolicyLoss", "ValueLoss", "POLICY_LOSS_TYPES", "IS_CORRECTION_LEVELS", "IS_CORRECTION_MODES",
            "IS_CORRECTION_GATINGS", "PPO_LOG_RATIO_CLAMP"]
 
 POLICY_LOSS_TYPES = ("ppo", "gspo")
@@ -236,12 +236,50 @@ class PolicyLoss(torch.nn.Module):
             log_probs, ratio_old, advantages, action_mask, weights,
             **({"num_tokens": batch_num_tokens} if self.token_level_loss else {"num_seqs": global_batch_size}),
         )
-        loss = out.loss
-        if normaliser is not None and not (isinstance(dp_size, numbers.Real) and dp_size == 1):
-            loss = loss * dp_size  # against DeepSpeed/DDP averaging the gradients over the ranks
+        loss = _dp_scaled(out.loss, normaliser, dp_size)
         clip_ratio = out.metrics["clipfrac_active"]
         if ratio_old is old_log_probs:
             ppo_kl = out.metrics["approx_kl"]
         else:  # the kernel's approx_kl is against the rollout policy here
             ppo_kl = _masked_mean(old_log_probs.detach() - log_probs.detach(), action_mask)
         return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+
+def _dp_scaled(loss: torch.Tensor, normaliser, dp_size) -> torch.Tensor:
+    """OpenRLHF's aggregate_loss multiplies by dp_size only when the mode's global normaliser is given."""
+    if normaliser is not None and not (isinstance(dp_size, numbers.Real) and dp_size == 1):
+        return loss * dp_size  # against DeepSpeed/DDP averaging the gradients over the ranks
+    return loss
+
+
+class ValueLoss(torch.nn.Module):
+    """OpenRLHF 0.11's critic ``ValueLoss`` (openrlhf.models.loss), computed by ppo_ext's fused kernel
+    (``ppo_ext.value_loss``, loss_type="value"): ``ValueLoss(clip_eps=None, token_level_loss=True)``,
+    ``forward(values, old_values, returns, action_mask=None, dp_size=1, batch_num_tokens=None,
+    global_batch_size=None)`` returns the loss ``0.5 * aggregate_loss(max((v_clip - R)^2, (v - R)^2))``,
+    ``v_clip = old_values + clamp(values - old_values, -clip_eps, clip_eps)`` (ppo_ext clamps ``values`` to
+    ``[old - eps, old + eps]``: the same numbers up to one rounding of ``old + (v - old)``), or ``0.5 * (v -
+    R)^2`` aggregated without ``clip_eps``. Its aggregation and ``dp_size`` as ``PolicyLoss``'s."""
+
+    def __init__(self, clip_eps: Optional[float] = None, token_level_loss: bool = True) -> None:
+        super().__init__()
+        self.clip_eps = clip_eps
+        self.token_level_loss = token_level_loss
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        old_values: torch.Tensor,
+        returns: torch.Tensor,
+        action_mask: Optional[torch.Tensor] = None,
+        dp_size: int = 1,
+        batch_num_tokens=None,
+        global_batch_size=None,
+    ) -> torch.Tensor:
+        normaliser = batch_num_tokens if self.token_level_loss else global_batch_size
+        out = ppo_ext.value_loss(
+            values, old_values if self.clip_eps is not None else None, returns, action_mask,
+            clip_range=self.clip_eps, loss_agg_mode="token-mean" if self.token_level_loss else "seq-mean-token-mean",
+            **({"num_tokens": batch_num_tokens} if self.token_level_loss else {"num_seqs": global_batch_size}),
+        )
+        return _dp_scaled(out.loss, normaliser, dp_size)
