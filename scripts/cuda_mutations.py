@@ -62,6 +62,18 @@ MUTATIONS = {
         "const int64_t v_vec = aligned16(x) ? (V + P::kSize - 1) / P::kSize * P::kSize : 0;",
         "the forward's 16-byte loads run one pack past the row when V is not a multiple of the pack",
     ),
+    "seq_direct_term_overwritten": (
+        "cuda/policy_loss_kernels.cuh",
+        "grad_row[t] += term_derivative ? coefficient * seq_term<acc_t>(a, i, t).derivative : coefficient;",
+        "grad_row[t] = term_derivative ? coefficient * seq_term<acc_t>(a, i, t).derivative : coefficient;",
+        "the \"seq\" pass 3 overwrites the direct term of pass 2 (cispo's gradient at the sequence level lost)",
+    ),
+    "ratio_gradient_always": (
+        "cuda/policy_loss_kernels.cuh",
+        "grad_row[t] = ratio_grad ? agg_weight * terms.dloss_dratio * dratio + direct : direct;",
+        "grad_row[t] = agg_weight * terms.dloss_dratio * dratio + direct;",
+        "a direct-gradient family multiplied by d ratio / d lp: 0 * inf = NaN where the ratio overflows",
+    ),
 }
 
 
