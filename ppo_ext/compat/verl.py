@@ -1,4 +1,5 @@
-"""verl adapter: verl 0.9's ``compute_policy_loss_vanilla`` and ``compute_policy_loss_gspo`` on ppo_ext's kernel.
+"""verl adapter: verl 0.9's policy losses (``compute_policy_loss_<mode>`` for vanilla, gspo, cispo, sapo, gpg,
+dro, dppo_tv and dppo_kl) on ppo_ext's kernel.
 
 Same signatures, same return values ``(pg_loss, pg_metrics)``, same metric keys, same config reading
 and the same aggregation (``agg_loss`` with ``config.global_batch_info``) as the functions of the same
@@ -8,51 +9,80 @@ computed by one ``ppo_ext.policy_loss`` call (forward and backward fused) instea
 Use inside verl (in every process that builds the actor, e.g. the worker module)::
 
     from ppo_ext.compat import verl as ppo_ext_verl
-    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo")
-    # then: actor_rollout_ref.actor.policy_loss.loss_mode=ppo_ext_vanilla   (or ppo_ext_gspo)
+    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_dppo_kl")
+    # then: actor_rollout_ref.actor.policy_loss.loss_mode=ppo_ext_vanilla   (or ppo_ext_<mode>)
 
 or call the functions directly where verl would call its own.
 
-How verl's options map onto ppo_ext's (see docs/SPEC.md for the latter):
+How verl's options map onto ppo_ext's (see docs/SPEC.md for the latter; ``d = log_prob - old_log_prob``):
 
-========================================  =========================================================
-verl                                      ppo_ext.policy_loss
-========================================  =========================================================
-``clip_ratio``, ``clip_ratio_low/high``    ``clip_low``, ``clip_high`` (None: ``clip_ratio``)
-vanilla: ratio ``exp(clamp(d, -20, 20))``  ``importance_sampling="token"``, ``log_ratio_clamp=20``
-vanilla: dual clip, ``clip_ratio_c``       ``dual_clip=clip_ratio_c`` (default 3.0; always on)
-GSPO: ``sg[s_i]*pi/sg[pi]``, ``max=10``    ``importance_sampling="seq-token"``, ``log_ratio_clamp=10``;
-                                           ``loss_agg_mode`` as given (default ``"seq-mean-token-mean"``)
-``rollout_is_weights``                     ``token_weights``
-``agg_loss(..., **global_batch_info)``     ``num_tokens=batch_num_tokens``, ``num_seqs=global_batch_size``,
-                                           ``loss_scale_factor``; the loss is then multiplied by ``dp_size``
-``actor/pg_clipfrac``                      ``metrics["clipfrac_active"]`` (``L2 > L1``)
-``actor/ppo_kl``                           ``metrics["approx_kl"]`` (``mean(-d)``, ``d`` clamped)
-``actor/pg_clipfrac_lower``                ``metrics["dual_clipfrac"]`` (vanilla); 0.0 (GSPO)
-========================================  =========================================================
+============================================  ======================================================================
+verl                                          ppo_ext.policy_loss
+============================================  ======================================================================
+``clip_ratio``, ``clip_ratio_low/high``       ``clip_low``, ``clip_high`` (None: ``clip_ratio``)
+vanilla: ratio ``exp(clamp(d, -20, 20))``     ``importance_sampling="token"``, ``log_ratio_clamp=20``
+vanilla: dual clip, ``clip_ratio_c``          ``dual_clip=clip_ratio_c`` (default 3.0; always on)
+GSPO: ``sg[s_i]*pi/sg[pi]``, ``max=10``       ``importance_sampling="seq-token"``, ``log_ratio_clamp=10``;
+                                              ``loss_agg_mode`` as given (default ``"seq-mean-token-mean"``)
+cispo: ``-sg(clip(r))*A*log_prob``            ``loss_type="cispo"``, the clip ratios, ``log_ratio_clamp=20``
+sapo: ``tau_pos``, ``tau_neg``                ``loss_type="sapo"``, ``tau_pos``, ``tau_neg`` (ActorConfig's
+                                              1.0, 1.05), ``log_ratio_clamp=20``; always
+                                              ``loss_agg_mode="seq-mean-token-mean"`` (verl ignores the argument)
+gpg: ``-log_prob * A``                        ``loss_type="gpg"``, ``old_log_probs=None`` (verl does not read it)
+dro: ``policy_loss.dro_beta``                 ``loss_type="dro"``, ``dro_beta``; no clamp (``d`` as it is)
+dppo_tv / dppo_kl: the clip ratios            ``loss_type="dppo_tv"`` / ``"dppo_kl"``, ``clip_low``, ``clip_high``
+                                              (the divergence thresholds), ``log_ratio_clamp=20``
+dppo: ``config.get("clip_ratio_c", 20.0)``    ``ratio_cap`` (an ActorConfig has the field: 3.0, not 20.0;
+                                              ``inf``: ``ratio_cap=None``)
+``rollout_is_weights``                        ``token_weights``
+``agg_loss(..., **global_batch_info)``        ``num_tokens=batch_num_tokens``, ``num_seqs=global_batch_size``,
+                                              ``loss_scale_factor``; the loss is then multiplied by ``dp_size``
+``actor/pg_clipfrac``                         ``metrics["clipfrac_active"]`` (vanilla: ``L2 > L1``; GSPO; dppo:
+                                              the tokens not kept); ``metrics["clipfrac"]`` (cispo:
+                                              ``r != clip(r)``, clipped either way); 0.0 (sapo)
+``actor/ppo_kl``                              ``metrics["approx_kl"]`` (``mean(-d)``, ``d`` clamped as the ratio's;
+                                              dro: unclamped)
+``actor/pg_clipfrac_lower``                   ``metrics["dual_clipfrac"]`` (vanilla; dppo: kept tokens with
+                                              ``r > clip_ratio_c``); 0.0 (GSPO, cispo, sapo)
+the metric keys                               verl's, in its order: the three above; dro ``actor/ppo_kl``
+                                              alone; gpg none (``{}``)
+============================================  ======================================================================
 
 ``dp_size`` is there because FSDP/DDP *average* gradients over the data-parallel ranks: verl scales
 each rank's loss by ``dp_size`` so that the average of the per-rank gradients is the gradient of the
 loss over the global batch, whose normalisers (``batch_num_tokens``, ``global_batch_size``) are the
 global counts (``ppo_ext.distributed.global_normalisers`` all-reduces them in one collective).
 
-The functions are checked against verl 0.9.1's own ``compute_policy_loss_vanilla``,
-``compute_policy_loss_gspo`` and ``agg_loss`` (verl/trainer/ppo/core_algos.py, loaded from the installed
-package by tests/frameworks.py and called as verl's ``ppo_loss`` in verl/workers/utils/losses.py calls
-them, with verl's own ActorConfig) in tests/test_compat_verl.py.
+The functions are checked against verl 0.9.1's own ``compute_policy_loss_<mode>`` and ``agg_loss``
+(verl/trainer/ppo/core_algos.py, loaded from the installed package by tests/frameworks.py and called as
+verl's ``ppo_loss`` in verl/workers/utils/losses.py calls them, with verl's own ActorConfig) in
+tests/test_compat_verl.py. verl's quirks are reproduced: sapo's fixed aggregation, dppo's truncation
+read with ``.get`` (3.0 on an ActorConfig, 20.0 only on a config without the key), the clamp to
+``[-20, 20]`` in vanilla, cispo, sapo and dppo but not dro, dppo's keep decisions on the unclamped
+probabilities, the metric dicts with their constant zeros. verl asserts that cispo's and sapo's config
+is an ActorConfig; the adapter reads any config form (ActorConfig, DictConfig, dict, namespace), and
+raises ValueError where verl asserts (no config, dro without ``config.policy_loss``).
 
 Where the results can differ from verl's (all of them corner cases, and all documented in the tests):
 
 - A zero normaliser (no valid token in a ``token-mean`` micro-batch with no ``batch_num_tokens``, a
-  ``global_batch_size`` of 0) gives loss 0 and gradient 0, where verl divides by zero (NaN/inf).
+  ``global_batch_size`` of 0; sapo: any mode) gives loss 0 and gradient 0, where verl divides by zero
+  (NaN/inf).
 - NaN or inf at masked positions never reaches the loss, the gradient or a metric. In verl a NaN
-  advantage there makes the gradient NaN (``0 * nan`` in the backward of ``-A * ratio``), and a NaN
-  log-prob or advantage makes the loss NaN in the sequence modes (``agg_loss`` multiplies by the mask
-  instead of selecting), as does a NaN log-prob in GSPO (its row mean multiplies the log-ratios by the
-  mask). ``response_mask`` is read as 0/1 (non-zero = valid), as verl's always is (its ``ppo_loss``
-  passes a bool mask).
-- ``seq-mean-token-mean`` divides each row by its token count ``n_i``; verl by ``n_i + 1e-8``; the
-  metrics divide by ``N`` where verl divides by ``N + 1e-8`` (relative differences of 1e-8/n).
+  advantage or ``rollout_is_weights`` there makes the gradient NaN (``0 * nan`` in the backward of the
+  product), and so does a NaN log-prob or old log-prob in cispo, dro and dppo (their loss is a coefficient
+  made of them times ``log_prob``); any NaN there makes verl's loss NaN in the sequence modes, and so in
+  sapo whatever the mode (``agg_loss`` multiplies by the mask instead of selecting; not gpg's
+  ``old_log_prob``, which it does not read), as does a NaN log-prob or old log-prob in GSPO (its row
+  mean multiplies the log-ratios by the mask). verl's metrics select (``masked_mean``): never NaN.
+  ``response_mask`` is read as 0/1 (non-zero = valid), as verl's always is (its ``ppo_loss`` passes a
+  bool mask).
+- ``seq-mean-token-mean`` (sapo's always) divides each row by its token count ``n_i``; verl by ``n_i +
+  1e-8``; the metrics divide by ``N`` where verl divides by ``N + 1e-8`` (relative differences of 1e-8/n).
+- Option values ppo_ext refuses raise ValueError where verl computes a number: ``tau_pos``/``tau_neg``
+  not finite and > 0 (verl: infinite or sign-flipped gates), ``dro_beta`` NaN or inf (verl: a NaN or
+  inf loss; None and <= 0 raise in both, with verl's message), negative clip ratios, and dppo's
+  ``clip_ratio_c`` <= 0 or NaN (verl: every ratio truncated to it, or NaN).
 - GSPO: verl clamps the log of the sequence ratio from above only (``max=10``); ppo_ext clamps to
   ``[-10, 10]``. They differ only for a row whose mean log-ratio is below -10 (ratio < 4.5e-5): there
   ppo_ext's per-token loss is ``-A * 4.5e-5`` with gradient 0 instead of ``-A * r`` with gradient
@@ -61,11 +91,19 @@ Where the results can differ from verl's (all of them corner cases, and all docu
   ``[-10, 10]``; verl's GSPO ``ppo_kl`` is not clamped. They differ only if a token's ``|log_prob -
   old_log_prob|`` exceeds 10 (a probability ratio above 22026).
 
+- dppo's keep decisions compare a divergence with a threshold, computed by verl's formula in the inputs'
+  precision (float32 for float32). On 200,000 random float32 tokens they are verl's float32 and float64
+  decisions, and in float64 they are verl's even at the threshold; but a float32 divergence within
+  float32 rounding (~1e-7) of the threshold can be decided otherwise than verl's float32 (exp and log
+  round differently): in the tests, 822 of 20,000 tokens placed there for the TV, 1,574 for the KL, where
+  verl's own float32 and float64 disagree on 1,900 and 6,076.
+
 The loss path has no host synchronisation. The metrics are Python floats, as verl returns them
 (verl calls ``.item()`` on each): converting them costs one synchronisation (one ``.tolist()`` for all
-three). Pass ``return_tensors=True`` to get 0-dim tensors instead and no synchronisation at all.
+of them). Pass ``return_tensors=True`` to get 0-dim tensors instead and no synchronisation at all.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
@@ -74,16 +112,38 @@ import torch
 import ppo_ext
 from ppo_ext.names import LOSS_AGG_MODES
 
-__all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "register",
-           "VANILLA_NAME", "GSPO_NAME", "VANILLA_LOG_RATIO_CLAMP", "GSPO_LOG_RATIO_CLAMP"]
+__all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
+           "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
+           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "register", "LOSS_MODES", "NAMES",
+           "POLICY_LOSSES", "VANILLA_NAME", "GSPO_NAME", "TOKEN_LOG_RATIO_CLAMP", "VANILLA_LOG_RATIO_CLAMP",
+           "GSPO_LOG_RATIO_CLAMP", "DPPO_CLIP_RATIO_C_DEFAULT"]
 
-VANILLA_NAME = "ppo_ext_vanilla"
-GSPO_NAME = "ppo_ext_gspo"
-VANILLA_LOG_RATIO_CLAMP = 20.0  # verl: torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+# verl's loss modes the adapter provides, in register()'s order, and the names register() gives them.
+LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")
+NAMES = {mode: f"ppo_ext_{mode}" for mode in LOSS_MODES}
+VANILLA_NAME = NAMES["vanilla"]
+GSPO_NAME = NAMES["gspo"]
+# verl: torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0) in vanilla, cispo, sapo, dppo_tv, dppo_kl.
+TOKEN_LOG_RATIO_CLAMP = 20.0
+VANILLA_LOG_RATIO_CLAMP = TOKEN_LOG_RATIO_CLAMP
 GSPO_LOG_RATIO_CLAMP = 10.0  # verl: torch.clamp(log_seq_importance_ratio, max=10.0)
+DPPO_CLIP_RATIO_C_DEFAULT = 20.0  # verl's dppo: config.get("clip_ratio_c", 20.0) (ActorConfig has the field: 3.0)
 _GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 _LOSS_AGG_MODES = LOSS_AGG_MODES  # verl's agg_loss takes every mode of ppo_ext, under the same names
 _MISSING = object()
+
+# verl's metric keys per mode, each with the ppo_ext metric that is its value (None: verl's constant 0.0).
+_CLIPFRAC, _KL, _LOWER = "actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"
+_METRICS = {
+    "vanilla": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
+    "gspo": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: None},
+    "cispo": {_CLIPFRAC: "clipfrac", _KL: "approx_kl", _LOWER: None},
+    "sapo": {_CLIPFRAC: None, _KL: "approx_kl", _LOWER: None},
+    "gpg": {},
+    "dro": {_KL: "approx_kl"},
+    "dppo_tv": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
+    "dppo_kl": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
+}
 
 
 def _config_value(config, key: str, default):
@@ -138,11 +198,32 @@ def _aggregation(config, loss_agg_mode: str) -> Tuple[Dict[str, Any], Any]:
 def _finish(loss: torch.Tensor, dp_size, metrics: Dict[str, torch.Tensor], return_tensors: bool):
     if dp_size != 1:
         loss = loss * dp_size
-    if return_tensors:
+    if return_tensors or not metrics:
         return loss, metrics
     # verl returns floats (.item() on each metric): one synchronisation for all of them.
     values = torch.stack([v.to(torch.float32) for v in metrics.values()]).tolist()
     return loss, dict(zip(metrics.keys(), values))
+
+
+def _require_config(config, mode: str) -> None:
+    if config is None:
+        raise ValueError(f"compute_policy_loss_{mode} needs the actor config (verl asserts config is not None)")
+
+
+def _compute(mode: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str, config,
+             rollout_is_weights, return_tensors: bool, **options):
+    """The one ppo_ext.policy_loss call of every adapter: verl's ``agg_loss(..., loss_agg_mode,
+    **config.global_batch_info)`` as normalisers and the dp_size factor, ``rollout_is_weights`` as
+    token_weights, the family's ``options``; then verl's metric dict of ``mode``."""
+    normalisers, dp_size = _aggregation(config, loss_agg_mode)
+    out = ppo_ext.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask,
+        loss_agg_mode=loss_agg_mode, token_weights=rollout_is_weights, **normalisers, **options,
+    )
+    metrics = {key: (out.metrics[name] if name is not None
+                     else torch.zeros((), dtype=torch.float32, device=out.loss.device))
+               for key, name in _METRICS[mode].items()}
+    return _finish(out.loss, dp_size, metrics, return_tensors)
 
 
 def compute_policy_loss_vanilla(
@@ -169,26 +250,16 @@ def compute_policy_loss_vanilla(
     one host synchronisation (verl itself calls ``.item()`` on each); ``return_tensors=True`` keeps
     them as 0-dim tensors. The loss itself is computed without any synchronisation.
     """
-    if config is None:
-        raise ValueError("compute_policy_loss_vanilla needs the actor config (verl asserts config is not None)")
+    _require_config(config, "vanilla")
     clip_low, clip_high = _clip_ratios(config)
     clip_ratio_c = float(_config_value(config, "clip_ratio_c", 3.0))
     if not clip_ratio_c > 1.0:
         raise ValueError("The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0, "
                          f"but get the value: {clip_ratio_c}.")
-    normalisers, dp_size = _aggregation(config, loss_agg_mode)
-    out = ppo_ext.policy_loss(
-        log_prob, old_log_prob, advantages, response_mask,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=clip_ratio_c,
-        importance_sampling="token", log_ratio_clamp=VANILLA_LOG_RATIO_CLAMP,
-        loss_agg_mode=loss_agg_mode, token_weights=rollout_is_weights, **normalisers,
-    )
-    metrics = {
-        "actor/pg_clipfrac": out.metrics["clipfrac_active"],
-        "actor/ppo_kl": out.metrics["approx_kl"],
-        "actor/pg_clipfrac_lower": out.metrics["dual_clipfrac"],
-    }
-    return _finish(out.loss, dp_size, metrics, return_tensors)
+    return _compute("vanilla", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights, return_tensors, loss_type="vanilla", clip_low=clip_low,
+                    clip_high=clip_high, dual_clip=clip_ratio_c, importance_sampling="token",
+                    log_ratio_clamp=TOKEN_LOG_RATIO_CLAMP)
 
 
 def compute_policy_loss_gspo(
@@ -215,44 +286,223 @@ def compute_policy_loss_gspo(
     ``.item()`` calls; ``return_tensors=True`` keeps 0-dim tensors. See the module docstring for the
     two corner cases (log-ratios beyond +-10) where the numbers differ from verl's.
     """
-    if config is None:
-        raise ValueError("compute_policy_loss_gspo needs the actor config (verl asserts config is not None)")
+    _require_config(config, "gspo")
     clip_low, clip_high = _clip_ratios(config)
-    normalisers, dp_size = _aggregation(config, loss_agg_mode)
-    out = ppo_ext.policy_loss(
-        log_prob, old_log_prob, advantages, response_mask,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=None,
-        importance_sampling="seq-token", log_ratio_clamp=GSPO_LOG_RATIO_CLAMP,
-        loss_agg_mode=loss_agg_mode, token_weights=rollout_is_weights, **normalisers,
-    )
-    metrics = {
-        "actor/pg_clipfrac": out.metrics["clipfrac_active"],
-        "actor/ppo_kl": out.metrics["approx_kl"],
-        "actor/pg_clipfrac_lower": torch.zeros((), dtype=torch.float32, device=out.loss.device),
-    }
-    return _finish(out.loss, dp_size, metrics, return_tensors)
+    return _compute("gspo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights, return_tensors, loss_type="vanilla", clip_low=clip_low,
+                    clip_high=clip_high, dual_clip=None, importance_sampling="seq-token",
+                    log_ratio_clamp=GSPO_LOG_RATIO_CLAMP)
 
 
-def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME) -> Tuple[str, str]:
-    """Registers the two functions in verl's policy-loss registry (``core_algos.register_policy_loss``)
-    under ``vanilla_name`` and ``gspo_name``, and returns the names: select them with
-    ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``. verl's own ``vanilla`` and ``gspo`` are
-    left as they are. Call it in every process that builds the actor (the registry is per process).
+def compute_policy_loss_cispo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_cispo`` (CISPO, MiniMax-M1), computed by ppo_ext's fused kernel.
+
+    Per-token loss ``-sg(clamp(r, 1 - clip_ratio_low, 1 + clip_ratio_high)) * A * log_prob`` with ``r =
+    exp(clamp(log_prob - old_log_prob, -20, 20))``: the gradient flows through ``log_prob`` only.
+    ``rollout_is_weights`` multiply it; then verl's ``agg_loss`` in ``loss_agg_mode`` with
+    ``config.global_batch_info``. Metrics as verl's: ``actor/pg_clipfrac`` the fraction of valid tokens
+    whose ratio is clipped (``ratio != clipped_ratio``: below or above the bounds), ``actor/ppo_kl``,
+    ``actor/pg_clipfrac_lower`` always 0.0; floats, or 0-dim tensors with ``return_tensors=True``.
+    """
+    _require_config(config, "cispo")
+    clip_low, clip_high = _clip_ratios(config)
+    return _compute("cispo", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights, return_tensors, loss_type="cispo", clip_low=clip_low,
+                    clip_high=clip_high, log_ratio_clamp=TOKEN_LOG_RATIO_CLAMP)
+
+
+def compute_policy_loss_sapo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_sapo`` (soft adaptive policy optimisation), computed by ppo_ext's
+    fused kernel.
+
+    Per-token loss ``-A * sigmoid(tau (r - 1)) * 4 / tau`` with ``r = exp(clamp(log_prob - old_log_prob,
+    -20, 20))`` and ``tau = config.tau_pos`` where ``A > 0``, else ``config.tau_neg`` (ActorConfig's
+    defaults 1.0 and 1.05); ``rollout_is_weights`` multiply it. As verl's, it aggregates with
+    ``"seq-mean-token-mean"`` whatever ``loss_agg_mode`` says (the argument is accepted and ignored, an
+    invalid mode too), with ``config.global_batch_info``. Metrics: ``actor/pg_clipfrac`` and
+    ``actor/pg_clipfrac_lower`` always 0.0, ``actor/ppo_kl``.
+    """
+    _require_config(config, "sapo")
+    tau_pos = float(_config_value(config, "tau_pos", 1.0))
+    tau_neg = float(_config_value(config, "tau_neg", 1.05))
+    return _compute("sapo", old_log_prob, log_prob, advantages, response_mask, "seq-mean-token-mean", config,
+                    rollout_is_weights, return_tensors, loss_type="sapo", tau_pos=tau_pos, tau_neg=tau_neg,
+                    log_ratio_clamp=TOKEN_LOG_RATIO_CLAMP)
+
+
+def compute_policy_loss_gpg(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_gpg`` (GPG), computed by ppo_ext's fused kernel.
+
+    Per-token loss ``-log_prob * A`` (``old_log_prob`` is not read, as in verl), times
+    ``rollout_is_weights``, then verl's ``agg_loss`` in ``loss_agg_mode`` with
+    ``config.global_batch_info``. Returns ``(pg_loss, {})``: verl's GPG reports no metric.
+    """
+    _require_config(config, "gpg")
+    return _compute("gpg", None, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights, return_tensors, loss_type="gpg")
+
+
+def compute_policy_loss_dro(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_dro`` (direct reward optimisation with a quadratic log-ratio
+    penalty), computed by ppo_ext's fused kernel.
+
+    Per-token loss ``-(log_prob * A - 0.5 * beta * (log_prob - old_log_prob) ** 2)``, the log-ratio not
+    clamped, ``beta = config.policy_loss.dro_beta`` (ValueError, with verl's message, when it is None or
+    <= 0); times ``rollout_is_weights``; then verl's ``agg_loss`` in ``loss_agg_mode`` with
+    ``config.global_batch_info``. Metrics: ``actor/ppo_kl`` alone (the unclamped ``mean(-d)``).
+    """
+    _require_config(config, "dro")
+    policy_loss_config = _config_value(config, "policy_loss", None)
+    if policy_loss_config is None:
+        raise ValueError("compute_policy_loss_dro needs config.policy_loss (verl asserts config.policy_loss is "
+                         "not None)")
+    beta = _config_value(policy_loss_config, "dro_beta", None)
+    if beta is None or beta <= 0:
+        raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
+    return _compute("dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights, return_tensors, loss_type="dro", dro_beta=float(beta))
+
+
+def _compute_dppo(mode: str, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                  rollout_is_weights, return_tensors):
+    _require_config(config, mode)
+    clip_low, clip_high = _clip_ratios(config)  # the divergence thresholds
+    clip_ratio_c = float(_config_value(config, "clip_ratio_c", DPPO_CLIP_RATIO_C_DEFAULT))
+    if not clip_ratio_c > 0:
+        raise ValueError(f"compute_policy_loss_{mode} truncates the ratio at clip_ratio_c, which must be > 0 "
+                         f"(ppo_ext's ratio_cap), got {clip_ratio_c}")
+    return _compute(mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights, return_tensors, loss_type=mode, clip_low=clip_low, clip_high=clip_high,
+                    ratio_cap=None if clip_ratio_c == math.inf else clip_ratio_c,
+                    log_ratio_clamp=TOKEN_LOG_RATIO_CLAMP)
+
+
+def compute_policy_loss_dppo_tv(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_dppo_tv`` (DPPO-Binary-TV), computed by ppo_ext's fused kernel.
+
+    Per-token loss ``-A * sg(min(r, clip_ratio_c)) * log_prob * keep`` with ``r = exp(clamp(log_prob -
+    old_log_prob, -20, 20))``; ``keep`` (a constant) is ``p - p_old <= clip_ratio_high`` where ``A > 0``,
+    ``p - p_old >= -clip_ratio_low`` otherwise (``p = exp(log_prob)``, unclamped; the clip ratios are the
+    TV thresholds, each defaulting to ``clip_ratio``). ``clip_ratio_c`` is read as verl reads it,
+    ``config.get("clip_ratio_c", 20.0)``: ActorConfig's field, 3.0 by default. Times
+    ``rollout_is_weights``, then verl's ``agg_loss`` in ``loss_agg_mode`` with ``config.global_batch_info``.
+    Metrics: ``actor/pg_clipfrac`` (tokens not kept), ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (kept
+    tokens with ``r > clip_ratio_c``).
+    """
+    return _compute_dppo("dppo_tv", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                         rollout_is_weights, return_tensors)
+
+
+def compute_policy_loss_dppo_kl(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_dppo_kl`` (DPPO-Binary-KL), computed by ppo_ext's fused kernel.
+
+    As ``compute_policy_loss_dppo_tv`` with ``keep`` from the binary KL ``b = p_old (old - lp) + (1 -
+    p_old) log((1 - p_old + 1e-8) / (1 - p + 1e-8))``: ``b <= clip_ratio_high or p <= p_old`` where ``A >
+    0``, ``b <= clip_ratio_low or p >= p_old`` otherwise.
+    """
+    return _compute_dppo("dppo_kl", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                         rollout_is_weights, return_tensors)
+
+
+POLICY_LOSSES = {
+    "vanilla": compute_policy_loss_vanilla,
+    "gspo": compute_policy_loss_gspo,
+    "cispo": compute_policy_loss_cispo,
+    "sapo": compute_policy_loss_sapo,
+    "gpg": compute_policy_loss_gpg,
+    "dro": compute_policy_loss_dro,
+    "dppo_tv": compute_policy_loss_dppo_tv,
+    "dppo_kl": compute_policy_loss_dppo_kl,
+}
+assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
+
+
+def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
+             cispo_name: str = NAMES["cispo"], sapo_name: str = NAMES["sapo"], gpg_name: str = NAMES["gpg"],
+             dro_name: str = NAMES["dro"], dppo_tv_name: str = NAMES["dppo_tv"],
+             dppo_kl_name: str = NAMES["dppo_kl"]) -> Tuple[str, ...]:
+    """Registers every function in verl's policy-loss registry (``core_algos.register_policy_loss``), by
+    default as ``ppo_ext_<mode>`` (``NAMES``: ``ppo_ext_vanilla``, ``ppo_ext_gspo``, ``ppo_ext_cispo``,
+    ``ppo_ext_sapo``, ``ppo_ext_gpg``, ``ppo_ext_dro``, ``ppo_ext_dppo_tv``, ``ppo_ext_dppo_kl``), and
+    returns the names in that order (``LOSS_MODES``): select one with
+    ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``. verl's own losses are left as they are.
+    Call it in every process that builds the actor (the registry is per process).
 
     Raises ImportError, saying what to do, when verl cannot be imported.
     """
+    names = (vanilla_name, gspo_name, cispo_name, sapo_name, gpg_name, dro_name, dppo_tv_name, dppo_kl_name)
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as exc:
         raise ImportError(
             "ppo_ext.compat.verl.register() puts ppo_ext's losses into verl's policy-loss registry, but verl "
             f"could not be imported ({exc}). Install verl (pip install verl) in this environment, or call "
-            "ppo_ext.compat.verl.compute_policy_loss_vanilla / compute_policy_loss_gspo directly."
+            "ppo_ext.compat.verl.compute_policy_loss_<mode> (vanilla, gspo, ...) directly."
         ) from exc
     register_policy_loss = getattr(core_algos, "register_policy_loss", None)
     if register_policy_loss is None:
         raise ImportError("this verl has no verl.trainer.ppo.core_algos.register_policy_loss (verl >= 0.5 has); "
                           "call ppo_ext.compat.verl's functions directly instead")
-    register_policy_loss(vanilla_name)(compute_policy_loss_vanilla)
-    register_policy_loss(gspo_name)(compute_policy_loss_gspo)
-    return vanilla_name, gspo_name
+    for mode, name in zip(LOSS_MODES, names):
+        register_policy_loss(name)(POLICY_LOSSES[mode])
+    return names
