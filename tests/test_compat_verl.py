@@ -46,8 +46,10 @@ KINDS = ("vanilla", "gspo")
 NEW_KINDS = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")
 ALL_KINDS = KINDS + NEW_KINDS
 DPPO = ("dppo_tv", "dppo_kl")
-ADAPTER = {kind: getattr(pv, f"compute_policy_loss_{kind}") for kind in ALL_KINDS}
-ALL_NAMES = tuple(f"ppo_ext_{kind}" for kind in ALL_KINDS)  # what register() names them
+# geo_mean (GMPO) has tests of its own (it ignores loss_agg_mode and global_batch_info): registered, not in ALL_KINDS.
+REGISTERED_KINDS = ALL_KINDS + ("geo_mean",)
+ADAPTER = {kind: getattr(pv, f"compute_policy_loss_{kind}") for kind in REGISTERED_KINDS}
+ALL_NAMES = tuple(f"ppo_ext_{kind}" for kind in REGISTERED_KINDS)  # what register() names them
 # verl's metric keys, in its order, per mode.
 VERL_KEYS = {**dict.fromkeys(ALL_KINDS, KEYS), "gpg": (), "dro": ("actor/ppo_kl",)}
 # The options each mode is tested at (ActorConfig fields on top of verl_config's clip ratios): not the
@@ -826,6 +828,8 @@ def test_errors():
         pv.compute_policy_loss_vanilla(*args, "token-mean", _plain_config({"dp_size": 2}))
     for mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         for kind, fn in ADAPTER.items():
+            if kind == "geo_mean":  # reads no global_batch_info, as verl's (test_geo_mean_parity)
+                continue
             with pytest.raises(ValueError, match="global_batch_size is required"):
                 fn(*args, mode, _plain_config({"dp_size": 2, "batch_num_tokens": 5}, **_plain_fields(kind)))
     pv.compute_policy_loss_vanilla(*args, "token-sum", _plain_config({"dp_size": 2}))  # needs no global count
@@ -927,11 +931,11 @@ def test_register_into_verls_registry(verl, monkeypatch):
     monkeypatch.setattr(core_algos, "POLICY_LOSS_REGISTRY", dict(core_algos.POLICY_LOSS_REGISTRY))
     _install_verl_modules(monkeypatch, core_algos)
     assert pv.register() == ALL_NAMES
-    for kind, name in zip(ALL_KINDS, ALL_NAMES):
+    for kind, name in zip(REGISTERED_KINDS, ALL_NAMES):
         assert core_algos.get_policy_loss_fn(name) is ADAPTER[kind]
         assert core_algos.get_policy_loss_fn(kind) is getattr(core_algos, f"compute_policy_loss_{kind}")
     names = pv.register("a", "b", dppo_kl_name="z")
-    assert names == ("a", "b") + ALL_NAMES[2:-1] + ("z",)
+    assert names == ("a", "b") + ALL_NAMES[2:-2] + ("z", ALL_NAMES[-1])
     assert core_algos.get_policy_loss_fn("b") is pv.compute_policy_loss_gspo
     assert core_algos.get_policy_loss_fn("z") is pv.compute_policy_loss_dppo_kl
     for kind, name in zip(ALL_KINDS, ALL_NAMES):
@@ -953,7 +957,7 @@ def test_register_into_a_stand_in_registry(monkeypatch):
 
     _install_verl_modules(monkeypatch, SimpleNamespace(register_policy_loss=register_policy_loss))
     assert pv.register() == ALL_NAMES
-    assert registry == {name: ADAPTER[kind] for kind, name in zip(ALL_KINDS, ALL_NAMES)}
+    assert registry == {name: ADAPTER[kind] for kind, name in zip(REGISTERED_KINDS, ALL_NAMES)}
     assert list(registry) == list(ALL_NAMES)
 
 
@@ -988,3 +992,88 @@ def test_frameworks_loader(verl):
     with pytest.raises(ValueError, match="parent package"):
         with frameworks.stubbed_imports(stubs={"verl.utils.device": {}}):
             pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# geo_mean (GMPO) and the critic's compute_value_loss, against verl's own functions
+
+
+def _geo_inputs(seed, mask="bernoulli", adv_shape="B"):
+    """make_inputs with GMPO's per-sequence advantages (verl: "we only support sequence level advantage"),
+    log-ratios kept away from the log-space clip bounds -CLIP_LOW and CLIP_HIGH."""
+    inp = make_inputs(B, T, seed=seed, adv_shape=adv_shape, log_ratio_clamp=None, dual_clip=None,
+                      clip_low=1 - math.exp(-CLIP_LOW), clip_high=math.exp(CLIP_HIGH) - 1)
+    if adv_shape == "B":
+        inp.adv = inp.adv[:, None].expand(B, T)  # verl's advantages are (B, T)
+    if mask == "ragged":
+        lengths = torch.randint(0, T + 1, (B,), generator=torch.Generator().manual_seed(seed))
+        lengths[0], lengths[1] = T, 0
+        inp.mask = torch.arange(T)[None, :] < lengths[:, None]
+    return inp
+
+
+@pytest.mark.parametrize("dp_size", [1, 2])
+@pytest.mark.parametrize("mask", ["bernoulli", "ragged"])
+@pytest.mark.parametrize("weights", [True, False], ids=["is_weights", "no_weights"])
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_geo_mean_parity(verl, mode, weights, mask, dp_size):
+    """verl's geo_mean ignores loss_agg_mode and global_batch_info (torch.mean over all B rows): so does the
+    adapter, in every mode and with dp_size 2; rollout_is_weights enter as verl's per-row geometric mean."""
+    inp = _geo_inputs(50 + AGG_MODES.index(mode), mask)
+    if not weights:
+        inp.weights = None
+    config = verl_config(verl, mode, trainer_info(inp.mask, dp_size=dp_size))
+    ref = run_verl(verl, "geo_mean", inp, config)
+    for dtype in (torch.float32, torch.float64):
+        got = run_adapter("geo_mean", inp, config, dtype=dtype)
+        assert_same(got, ref, f"geo_mean {mode} {mask} weights={weights} dp={dp_size} {dtype}")
+
+
+def test_geo_mean_inputs_exercise_the_clip(verl):
+    """Some tokens lie outside the log-space clip range on both sides of A (so the clip can change the numbers),
+    and the clip changes verl's loss."""
+    inp = _geo_inputs(50)
+    d, valid, A = inp.lp - inp.old, inp.mask != 0, inp.adv
+    assert ((d > CLIP_HIGH) & (A > 0) & valid).any() and ((d < -CLIP_LOW) & (A < 0) & valid).any()
+    loss, metrics, _ = run_adapter("geo_mean", inp, verl_config(verl, "token-mean"))
+    wide, _, _ = run_adapter("geo_mean", inp, verl_config(verl, "token-mean", clip_ratio_low=5.0, clip_ratio_high=5.0))
+    assert metrics["actor/pg_clipfrac"] > 0 and metrics["actor/pg_clipfrac_lower"] > 0
+    assert loss.item() != wide.item()
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("dp_size", [1, 2])
+@pytest.mark.parametrize("cliprange", [0.05, 0.5])
+def test_value_loss_parity(verl, cliprange, dp_size, mode):
+    g = torch.Generator().manual_seed(60 + AGG_MODES.index(mode))
+    vpreds = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = vpreds + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    returns = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[1] = False
+    info = trainer_info(mask, dp_size=dp_size) if dp_size > 1 else {}
+    kw = dict(cliprange_value=cliprange, loss_agg_mode=mode, **info)
+
+    def run(fn, dtype):
+        v = vpreds.to(dtype).clone().requires_grad_(True)
+        loss, clipfrac = fn(vpreds=v, returns=returns.to(dtype), values=values.to(dtype), response_mask=mask, **kw)
+        loss.backward()
+        return loss.detach(), clipfrac, v.grad
+
+    ref_loss, ref_clipfrac, ref_grad = run(verl.core_algos.compute_value_loss, torch.float64)
+    assert 0 < ref_clipfrac.item() < 1
+    for dtype in (torch.float32, torch.float64):
+        loss, clipfrac, grad = run(pv.compute_value_loss, dtype)
+        what = f"value loss {mode} dp={dp_size} eps={cliprange} {dtype}"
+        torch.testing.assert_close(loss.double(), ref_loss, **LOSS_TOL[dtype], msg=lambda m: f"{what}\n{m}")
+        assert isinstance(clipfrac, torch.Tensor) and clipfrac.shape == ()
+        assert clipfrac.item() == pytest.approx(ref_clipfrac.item(), **METRIC_TOL), what
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5 if dtype == torch.float32 else 1e-9,
+                                   atol=1e-7, msg=lambda m: f"{what}: gradient\n{m}")
+
+
+def test_value_loss_signature_is_verls(verl):
+    ours = inspect.signature(pv.compute_value_loss)
+    theirs = inspect.signature(verl.core_algos.compute_value_loss)
+    assert list(ours.parameters) == list(theirs.parameters)
+    assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()]

@@ -1,5 +1,5 @@
 """verl adapter: verl 0.9's policy losses (``compute_policy_loss_<mode>`` for vanilla, gspo, cispo, sapo, gpg,
-dro, dppo_tv and dppo_kl) on ppo_ext's kernel.
+dro, dppo_tv, dppo_kl and geo_mean) and its critic's ``compute_value_loss`` on ppo_ext's kernel.
 
 Same signatures, same return values ``(pg_loss, pg_metrics)``, same metric keys, same config reading
 and the same aggregation (``agg_loss`` with ``config.global_batch_info``) as the functions of the same
@@ -34,6 +34,12 @@ dppo_tv / dppo_kl: the clip ratios            ``loss_type="dppo_tv"`` / ``"dppo_
                                               (the divergence thresholds), ``log_ratio_clamp=20``
 dppo: ``config.get("clip_ratio_c", 20.0)``    ``ratio_cap`` (an ActorConfig has the field: 3.0, not 20.0;
                                               ``inf``: ``ratio_cap=None``)
+geo_mean: GMPO, ``torch.mean`` over rows      ``loss_type="geo_mean"``, ``importance_sampling="seq"``, the clip
+                                              ratios as log-ratio bounds, ``"seq-mean-token-mean"`` with
+                                              ``num_seqs=B``, no clamp; ``loss_agg_mode`` and
+                                              ``global_batch_info`` ignored (as verl); IS weights: their
+                                              per-row geometric mean
+``compute_value_loss``                        ``ppo_ext.value_loss`` (``loss_type="value"``), verl's arguments
 ``rollout_is_weights``                        ``token_weights``
 ``agg_loss(..., **global_batch_info)``        ``num_tokens=batch_num_tokens``, ``num_seqs=global_batch_size``,
                                               ``loss_scale_factor``; the loss is then multiplied by ``dp_size``
@@ -114,12 +120,13 @@ from ppo_ext.names import LOSS_AGG_MODES
 
 __all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
            "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
-           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "register", "LOSS_MODES", "NAMES",
+           "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_geo_mean",
+           "compute_value_loss", "register", "LOSS_MODES", "NAMES",
            "POLICY_LOSSES", "VANILLA_NAME", "GSPO_NAME", "TOKEN_LOG_RATIO_CLAMP", "VANILLA_LOG_RATIO_CLAMP",
            "GSPO_LOG_RATIO_CLAMP", "DPPO_CLIP_RATIO_C_DEFAULT"]
 
 # verl's loss modes the adapter provides, in register()'s order, and the names register() gives them.
-LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")
+LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
 NAMES = {mode: f"ppo_ext_{mode}" for mode in LOSS_MODES}
 VANILLA_NAME = NAMES["vanilla"]
 GSPO_NAME = NAMES["gspo"]
@@ -143,6 +150,7 @@ _METRICS = {
     "dro": {_KL: "approx_kl"},
     "dppo_tv": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
     "dppo_kl": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
+    "geo_mean": {_CLIPFRAC: "clipfrac_high", _KL: "approx_kl", _LOWER: "clipfrac_low"},
 }
 
 
@@ -170,7 +178,11 @@ def _clip_ratios(config) -> Tuple[float, float]:
 def _aggregation(config, loss_agg_mode: str) -> Tuple[Dict[str, Any], Any]:
     """ppo_ext's normaliser arguments and the dp_size factor for verl's ``agg_loss(loss_agg_mode,
     **config.global_batch_info)``, with verl's checks."""
-    info = _config_value(config, "global_batch_info", None) or {}
+    return _agg_loss_arguments(_config_value(config, "global_batch_info", None) or {}, loss_agg_mode)
+
+
+def _agg_loss_arguments(info: Mapping, loss_agg_mode: str) -> Tuple[Dict[str, Any], Any]:
+    """The same for verl's ``agg_loss(loss_agg_mode, **info)``."""
     unknown = sorted(set(info) - set(_GLOBAL_BATCH_KEYS))
     if unknown:
         raise TypeError(f"config.global_batch_info has unknown keys {unknown}; verl's agg_loss takes "
@@ -464,6 +476,71 @@ def compute_policy_loss_dppo_kl(
                          rollout_is_weights, return_tensors)
 
 
+def compute_policy_loss_geo_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_geo_mean`` (GMPO), computed by ppo_ext's fused kernel.
+
+    Per row ``-mean_t(A) * exp(mean_t(q))`` with ``q = sign(A) min(sign(A) d, sign(A) clamp(d, -clip_ratio_low,
+    clip_ratio_high))`` on the unclamped log-ratio ``d`` (ppo_ext's ``loss_type="geo_mean"``,
+    ``importance_sampling="seq"``), averaged over all ``B`` rows, empty ones included, as verl's
+    ``torch.mean``: verl ignores ``loss_agg_mode`` and ``config.global_batch_info`` (no dp_size factor) here,
+    and so does this function. ``rollout_is_weights`` enter as verl's per-row geometric mean
+    ``exp(mean_t log(w + 1e-10))`` (computed here, eagerly). Metrics: ``actor/pg_clipfrac`` (valid tokens whose
+    log-ratio lies outside the clip range, with ``A > 0``), ``actor/ppo_kl`` (unclamped),
+    ``actor/pg_clipfrac_lower`` (outside, ``A < 0``).
+    """
+    _require_config(config, "geo_mean")
+    clip_low, clip_high = _clip_ratios(config)
+    weights = None
+    if rollout_is_weights is not None:
+        valid = response_mask != 0
+        log_w = torch.where(valid, torch.log(rollout_is_weights.detach() + 1e-10), 0.0)
+        row = log_w.sum(-1, keepdim=True) / (valid.sum(-1, keepdim=True) + 1e-8)
+        weights = torch.exp(row).expand_as(log_prob)
+    out = ppo_ext.policy_loss(
+        log_prob, old_log_prob, advantages, response_mask, loss_type="geo_mean", importance_sampling="seq",
+        loss_agg_mode="seq-mean-token-mean", clip_low=clip_low, clip_high=clip_high, token_weights=weights,
+        num_seqs=log_prob.shape[0],
+    )
+    metrics = {key: out.metrics[name] for key, name in _METRICS["geo_mean"].items()}
+    return _finish(out.loss, 1, metrics, return_tensors)
+
+
+def compute_value_loss(
+    vpreds: torch.Tensor,
+    returns: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: Optional[int] = None,
+    global_batch_size: Optional[int] = None,
+    loss_scale_factor: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """verl's ``compute_value_loss`` (the critic's clipped value loss), computed by ppo_ext's fused kernel
+    (``ppo_ext.value_loss``): ``0.5 * agg_loss(max((vpreds - returns)^2, (clip(vpreds, values -
+    cliprange_value, values + cliprange_value) - returns)^2), loss_agg_mode, dp_size, ...)`` and
+    ``vf_clipfrac``, the fraction of valid tokens where the clipped term is the larger, a 0-dim tensor as
+    verl returns it. The same signature as verl's."""
+    normalisers, dp_size = _agg_loss_arguments(
+        {"dp_size": dp_size, "batch_num_tokens": batch_num_tokens, "global_batch_size": global_batch_size,
+         "loss_scale_factor": loss_scale_factor}, loss_agg_mode)
+    out = ppo_ext.value_loss(vpreds, values, returns, response_mask, clip_range=cliprange_value,
+                             loss_agg_mode=loss_agg_mode, **normalisers)
+    loss = out.loss * dp_size if dp_size != 1 else out.loss
+    return loss, out.metrics["clipfrac"]
+
+
 POLICY_LOSSES = {
     "vanilla": compute_policy_loss_vanilla,
     "gspo": compute_policy_loss_gspo,
@@ -473,6 +550,7 @@ POLICY_LOSSES = {
     "dro": compute_policy_loss_dro,
     "dppo_tv": compute_policy_loss_dppo_tv,
     "dppo_kl": compute_policy_loss_dppo_kl,
+    "geo_mean": compute_policy_loss_geo_mean,
 }
 assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
 
@@ -480,17 +558,19 @@ assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
 def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
              cispo_name: str = NAMES["cispo"], sapo_name: str = NAMES["sapo"], gpg_name: str = NAMES["gpg"],
              dro_name: str = NAMES["dro"], dppo_tv_name: str = NAMES["dppo_tv"],
-             dppo_kl_name: str = NAMES["dppo_kl"]) -> Tuple[str, ...]:
+             dppo_kl_name: str = NAMES["dppo_kl"], geo_mean_name: str = NAMES["geo_mean"]) -> Tuple[str, ...]:
     """Registers every function in verl's policy-loss registry (``core_algos.register_policy_loss``), by
     default as ``ppo_ext_<mode>`` (``NAMES``: ``ppo_ext_vanilla``, ``ppo_ext_gspo``, ``ppo_ext_cispo``,
-    ``ppo_ext_sapo``, ``ppo_ext_gpg``, ``ppo_ext_dro``, ``ppo_ext_dppo_tv``, ``ppo_ext_dppo_kl``), and
+    ``ppo_ext_sapo``, ``ppo_ext_gpg``, ``ppo_ext_dro``, ``ppo_ext_dppo_tv``, ``ppo_ext_dppo_kl``,
+    ``ppo_ext_geo_mean``), and
     returns the names in that order (``LOSS_MODES``): select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``. verl's own losses are left as they are.
     Call it in every process that builds the actor (the registry is per process).
 
     Raises ImportError, saying what to do, when verl cannot be imported.
     """
-    names = (vanilla_name, gspo_name, cispo_name, sapo_name, gpg_name, dro_name, dppo_tv_name, dppo_kl_name)
+    names = (vanilla_name, gspo_name, cispo_name, sapo_name, gpg_name, dro_name, dppo_tv_name, dppo_kl_name,
+             geo_mean_name)
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as exc:
