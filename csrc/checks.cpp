@@ -16,6 +16,9 @@ namespace {
 constexpr std::string_view kLossTypeNames[] = {"vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl",
                                                "geo_mean", "value"};
 constexpr std::string_view kImportanceSamplingNames[] = {"token", "seq", "seq-token"};
+constexpr std::string_view kRolloutIsNames[] = {"none", "token", "seq", "seq-mean"};
+constexpr std::string_view kRolloutIsModeNames[] = {"truncate", "mask"};
+constexpr std::string_view kRolloutIsMaskWeightNames[] = {"unit", "token"};
 constexpr std::string_view kLossAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
                                                   "seq-mean-token-sum", "seq-mean-token-sum-norm"};
 
@@ -88,7 +91,10 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> clip_high_or_low, std::optional<double> dual_clip,
                                       std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
                                       c10::string_view loss_type, double tau_pos, double tau_neg,
-                                      std::optional<double> dro_beta,
+                                      std::optional<double> dro_beta, const OptionalTensor& rollout_log_probs,
+                                      c10::string_view rollout_is, c10::string_view rollout_is_mode,
+                                      std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
+                                      c10::string_view rollout_is_mask_weight,
                                       c10::string_view importance_sampling, c10::string_view loss_agg_mode,
                                       bool compute_grad) {
   const double clip_high = clip_high_or_low.value_or(clip_low);
@@ -122,6 +128,12 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
     check_token_tensor(*token_weights, "token_weights", log_probs);
     TORCH_CHECK_TYPE(is_float(token_weights->scalar_type()),
                      "token_weights must be float32, float64, float16 or bfloat16, got ", token_weights->scalar_type());
+  }
+  if (rollout_log_probs.has_value()) {
+    check_token_tensor(*rollout_log_probs, "rollout_log_probs", log_probs);
+    TORCH_CHECK_TYPE(is_float(rollout_log_probs->scalar_type()),
+                     "rollout_log_probs must be float32, float64, float16 or bfloat16, got ",
+                     rollout_log_probs->scalar_type());
   }
   check_normaliser(num_tokens, num_tokens_value, "num_tokens", log_probs);
   check_normaliser(num_seqs, num_seqs_value, "num_seqs", log_probs);
@@ -178,6 +190,26 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                       "\" is defined at the token level: importance_sampling must be \"token\", got \"", level,
                       "\"");
   }
+  o.rollout_is = parse_name<RolloutIs>(kRolloutIsNames, rollout_is, "rollout_is");
+  o.rollout_is_mode = parse_name<RolloutIsMode>(kRolloutIsModeNames, rollout_is_mode, "rollout_is_mode");
+  o.rollout_is_mask_weight =
+      parse_name<RolloutIsMaskWeight>(kRolloutIsMaskWeightNames, rollout_is_mask_weight, "rollout_is_mask_weight");
+  const bool correcting = o.rollout_is != RolloutIs::None;
+  TORCH_CHECK_VALUE(correcting == rollout_log_probs.has_value(),
+                    correcting ? "rollout_is needs rollout_log_probs (the inference engine's log-probs)"
+                               : "rollout_log_probs was given with rollout_is=\"none\": say which correction");
+  for (const auto& [bound, name] : {std::pair{rollout_is_low, "rollout_is_low"}, std::pair{rollout_is_high, "rollout_is_high"}}) {
+    TORCH_CHECK_VALUE(!bound.has_value() || (std::isfinite(*bound) && *bound >= 0), name,
+                      " must be a finite number >= 0 (or None), got ", bound.value_or(0.0));
+    TORCH_CHECK_VALUE(!bound.has_value() || correcting, name, " was given with rollout_is=\"none\"");
+  }
+  TORCH_CHECK_VALUE(!correcting || rollout_is_low.has_value() || rollout_is_high.has_value(),
+                    "rollout_is needs a bound: rollout_is_low, rollout_is_high or both");
+  TORCH_CHECK_VALUE(!(rollout_is_low.has_value() && rollout_is_high.has_value()) || *rollout_is_low <= *rollout_is_high,
+                    "rollout_is_low must be <= rollout_is_high, got ", rollout_is_low.value_or(0.0), " > ",
+                    rollout_is_high.value_or(0.0));
+  o.rollout_is_low = rollout_is_low.value_or(-INFINITY);
+  o.rollout_is_high = rollout_is_high.value_or(INFINITY);
   o.clip_low = clip_low;
   o.clip_high = clip_high;
   o.tau_pos = tau_pos;
@@ -199,6 +231,7 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                         advantages,
                         mask,
                         token_weights,
+                        rollout_log_probs,
                         {num_tokens, number(num_tokens_value)},
                         {num_seqs, number(num_seqs_value)},
                         {loss_scale_factor, number(loss_scale_factor_value)},

@@ -25,6 +25,7 @@ struct PolicyLossArgs {
   const at::Tensor& advantages;     // (B, T), (B, 1) or (B,)
   const OptionalTensor& mask;       // (B, T) or none
   const OptionalTensor& token_weights;
+  const OptionalTensor& rollout_log_probs;  // (B, T) or none
   NormaliserArg num_tokens, num_seqs, loss_scale_factor;
   LossOptions options;
   bool compute_grad;
@@ -43,7 +44,10 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> clip_high, std::optional<double> dual_clip,
                                       std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
                                       c10::string_view loss_type, double tau_pos, double tau_neg,
-                                      std::optional<double> dro_beta,
+                                      std::optional<double> dro_beta, const OptionalTensor& rollout_log_probs,
+                                      c10::string_view rollout_is, c10::string_view rollout_is_mode,
+                                      std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
+                                      c10::string_view rollout_is_mask_weight,
                                       c10::string_view importance_sampling, c10::string_view loss_agg_mode,
                                       bool compute_grad);
 

@@ -27,6 +27,13 @@ PPO_HD bool has_ratio_gradient(LossType t) {
 
 enum class ImportanceSampling : int32_t { Token, Seq, SeqToken };
 
+// The rollout correction (docs/SPEC.md "Rollout correction"): the unit whose ratio pi_old / pi_rollout is
+// corrected (none, each token, the row's product, the row's geometric mean), how (truncated to the bounds, or
+// masked outside them) and, when masked, what a kept token is weighted by (its unit's ratio or its own).
+enum class RolloutIs : int32_t { None, Token, Seq, SeqMean };
+enum class RolloutIsMode : int32_t { Truncate, Mask };
+enum class RolloutIsMaskWeight : int32_t { Unit, Token };
+
 enum class LossAggMode : int32_t {
   TokenMean,
   TokenSum,
@@ -46,6 +53,10 @@ enum Metric : int {
   kRatioMean,
   kRatioMin,
   kRatioMax,
+  kRolloutWeightMean,
+  kRolloutWeightMin,
+  kRolloutWeightMax,
+  kRolloutFilteredFrac,
   kNumMetrics,
 };
 enum Count : int {
@@ -55,6 +66,8 @@ enum Count : int {
   kClippedHigh,
   kClippedActive,
   kDualClipped,
+  kRolloutFilteredTokens,
+  kRolloutFilteredSeqs,
   kNumCounts,
 };
 
@@ -75,6 +88,10 @@ struct LossOptions {
   double log_ratio_clamp;
   double tau_pos, tau_neg;  // sapo's gate temperatures, for A > 0 and A <= 0
   double dro_beta;          // dro's quadratic penalty
+  RolloutIs rollout_is;
+  RolloutIsMode rollout_is_mode;
+  RolloutIsMaskWeight rollout_is_mask_weight;
+  double rollout_is_low, rollout_is_high;  // the bounds (-inf / inf where not given)
 };
 
 // A normaliser given by the caller as a number (`value`), or not given (the default applies).
@@ -91,6 +108,9 @@ struct Partials {
   double neg_log_ratio_sum;  // sum of m * -clamp(d), for approx_kl
   double ratio_min;
   double ratio_max;
+  double rollout_weight_sum;  // sum of m * rollout weight
+  double rollout_weight_min;
+  double rollout_weight_max;
   int64_t counts[kNumCounts];
 };
 
@@ -163,6 +183,35 @@ PPO_HD LogRatioTerm<V> seq_log_ratio_term(V d, V adv, const LossOptions& o) {
   const V derivative = Ops::select(positive, Ops::select(d <= hi, one, zero),
                                    Ops::select(negative, Ops::select(d >= lo, one, zero), zero));
   return {value, derivative};
+}
+
+template <typename V, typename Mask>
+struct RolloutWeight {
+  V weight;
+  Mask filtered;  // the unit's ratio is outside the bounds
+};
+
+// The rollout-correction weight of a token, a constant of the loss: from the token's log-ratio old - rollout
+// and its unit's (the token's own, or the row's sum or mean of them), exp(unit) truncated to [low, high], or
+// exp(unit) (the token's own exp with RolloutIsMaskWeight::Token) where exp(unit) lies in [low, high], else 0.
+template <typename Ops, typename V>
+PPO_HD RolloutWeight<V, typename Ops::Mask> rollout_weight(V token_log_ratio, V unit_log_ratio, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V lo(o.rollout_is_low), hi(o.rollout_is_high);
+  const V unit = Ops::exp(unit_log_ratio);
+  const Mask below = unit < lo, above = unit > hi;
+  const Mask filtered = below | above;
+  if (o.rollout_is_mode == RolloutIsMode::Truncate) return {Ops::clamp(unit, lo, hi), filtered};
+  const V kept = o.rollout_is_mask_weight == RolloutIsMaskWeight::Token ? Ops::exp(token_log_ratio) : unit;
+  const Mask keep = (unit >= lo) & (unit <= hi);
+  return {Ops::select(keep, kept, V(0)), Ops::mask_not(keep)};
+}
+
+// The unit log-ratio of a row from the sum of its tokens' old - rollout (the product of the ratios, or their
+// geometric mean); 0 for a row with no valid token.
+PPO_HD double row_rollout_log_ratio(RolloutIs level, double sum, int64_t valid_tokens) {
+  if (level == RolloutIs::SeqMean) return valid_tokens > 0 ? sum / static_cast<double>(valid_tokens) : 0.0;
+  return sum;
 }
 
 template <typename V>
@@ -392,10 +441,28 @@ PPO_HD double loss_denominator(LossAggMode mode, Normaliser num_tokens, Normalis
   return 1.0;
 }
 
+// A row's part of the rollout statistics that are not per token: with no correction each valid token's weight is
+// 1; at a sequence level a row with valid tokens whose unit is outside the bounds counts in kRolloutFilteredSeqs
+// (decided in acc_t, as its tokens' weights are).
+template <typename acc_t>
+PPO_HD void add_rollout_row(Partials& p, const LossOptions& o, int64_t row_valid, acc_t row_unit_log_ratio) {
+  if (row_valid == 0) return;
+  if (o.rollout_is == RolloutIs::None) {
+    p.rollout_weight_sum += static_cast<double>(row_valid);
+    p.rollout_weight_min = nan_minimum(p.rollout_weight_min, 1.0);
+    p.rollout_weight_max = nan_maximum(p.rollout_weight_max, 1.0);
+  } else if (o.rollout_is != RolloutIs::Token) {
+    p.counts[kRolloutFilteredSeqs] += rollout_weight<ScalarOps<acc_t>>(acc_t(0), row_unit_log_ratio, o).filtered;
+  }
+}
+
 PPO_HD void init_partials(Partials& p) {
   p.loss = p.ratio_sum = p.neg_log_ratio_sum = 0.0;
   p.ratio_min = INFINITY;
   p.ratio_max = -INFINITY;
+  p.rollout_weight_sum = 0.0;
+  p.rollout_weight_min = INFINITY;
+  p.rollout_weight_max = -INFINITY;
   for (int k = 0; k < kNumCounts; ++k) p.counts[k] = 0;
 }
 
@@ -405,6 +472,9 @@ PPO_HD void combine_partials(Partials& into, const Partials& p) {
   into.neg_log_ratio_sum += p.neg_log_ratio_sum;
   into.ratio_min = nan_minimum(into.ratio_min, p.ratio_min);
   into.ratio_max = nan_maximum(into.ratio_max, p.ratio_max);
+  into.rollout_weight_sum += p.rollout_weight_sum;
+  into.rollout_weight_min = nan_minimum(into.rollout_weight_min, p.rollout_weight_min);
+  into.rollout_weight_max = nan_maximum(into.rollout_weight_max, p.rollout_weight_max);
   for (int k = 0; k < kNumCounts; ++k) into.counts[k] += p.counts[k];
 }
 
@@ -426,6 +496,10 @@ PPO_HD void finalize(const Partials& s, double denominator, acc_t* loss, acc_t* 
   metrics[kRatioMean] = n > 0 ? static_cast<float>(s.ratio_sum * inv_n) : 1.0f;
   metrics[kRatioMin] = n > 0 ? static_cast<float>(s.ratio_min) : 1.0f;
   metrics[kRatioMax] = n > 0 ? static_cast<float>(s.ratio_max) : 1.0f;
+  metrics[kRolloutWeightMean] = n > 0 ? static_cast<float>(s.rollout_weight_sum * inv_n) : 1.0f;
+  metrics[kRolloutWeightMin] = n > 0 ? static_cast<float>(s.rollout_weight_min) : 1.0f;
+  metrics[kRolloutWeightMax] = n > 0 ? static_cast<float>(s.rollout_weight_max) : 1.0f;
+  metrics[kRolloutFilteredFrac] = static_cast<float>(s.counts[kRolloutFilteredTokens] * inv_n);
   for (int k = 0; k < kNumCounts; ++k) counts[k] = s.counts[k];
 }
 

@@ -66,7 +66,7 @@ def global_normalisers(mask: torch.Tensor, group: Optional["dist.ProcessGroup"] 
 
 
 def all_reduce_counts(counts: torch.Tensor, group: Optional["dist.ProcessGroup"] = None) -> torch.Tensor:
-    """The sum over the ranks of ``ppo_ext.policy_loss(...).counts`` (int64 (6,), ``COUNT_NAMES``), in one
+    """The sum over the ranks of ``ppo_ext.policy_loss(...).counts`` (int64 (8,), ``COUNT_NAMES``), in one
     ``all_reduce``. Returns a new tensor; ``counts`` is left as it is."""
     if counts.shape != (len(COUNT_NAMES),) or counts.dtype != torch.int64:
         raise ValueError(f"counts must be the int64 ({len(COUNT_NAMES)},) tensor of ppo_ext.policy_loss, "
@@ -79,8 +79,9 @@ def all_reduce_counts(counts: torch.Tensor, group: Optional["dist.ProcessGroup"]
 
 def clip_fractions(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The clip fractions of ``ppo_ext.METRIC_NAMES`` from (all-reduced) counts, as 0-dim float32 tensors:
-    ``clipfrac``, ``clipfrac_low``, ``clipfrac_high``, ``clipfrac_active``, ``dual_clipfrac``; each count
-    divided by ``valid_tokens`` (0 when there is none), as the kernel computes them for one batch."""
+    ``clipfrac``, ``clipfrac_low``, ``clipfrac_high``, ``clipfrac_active``, ``dual_clipfrac`` and
+    ``rollout_filtered_frac``; each count divided by ``valid_tokens`` (0 when there is none), as the kernel
+    computes them for one batch."""
     c = counts.to(torch.float64)
     n = c[COUNT_INDEX["valid_tokens"]]
     safe = torch.where(n > 0, n, torch.ones_like(n))
@@ -95,5 +96,6 @@ def clip_fractions(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
         "clipfrac_high": high,
         "clipfrac_active": frac(c[COUNT_INDEX["clipped_active"]]),
         "dual_clipfrac": frac(c[COUNT_INDEX["dual_clipped"]]),
+        "rollout_filtered_frac": frac(c[COUNT_INDEX["rollout_filtered_tokens"]]),
     }
     return {k: v.to(torch.float32) for k, v in fractions.items()}

@@ -13,7 +13,7 @@ Normaliser = Union[None, int, float, torch.Tensor]
 class PolicyLossOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, differentiable w.r.t. log_probs
     metrics: Dict[str, torch.Tensor]  # 0-dim float32 tensors, keys METRIC_NAMES
-    counts: torch.Tensor  # int64 (6,), names COUNT_NAMES
+    counts: torch.Tensor  # int64 (8,), names COUNT_NAMES
 
 
 def _split_normaliser(name: str, value: Normaliser):
@@ -65,6 +65,12 @@ def policy_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: Optional[float] = None,
+    rollout_log_probs: Optional[torch.Tensor] = None,
+    rollout_is: str = "none",
+    rollout_is_mode: str = "truncate",
+    rollout_is_low: Optional[float] = None,
+    rollout_is_high: Optional[float] = None,
+    rollout_is_mask_weight: str = "unit",
     token_weights: Optional[torch.Tensor] = None,
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
@@ -86,6 +92,7 @@ def policy_loss(
     _check_tensor("advantages", advantages, optional=False)
     _check_tensor("mask", mask, optional=True)
     _check_tensor("token_weights", token_weights, optional=True)
+    _check_tensor("rollout_log_probs", rollout_log_probs, optional=True)
     clip_low = _float_option("clip_low", clip_low)
     clip_high = clip_low if clip_high is None else _float_option("clip_high", clip_high)
     num_tokens_tensor, num_tokens_value = _split_normaliser("num_tokens", num_tokens)
@@ -99,7 +106,10 @@ def policy_loss(
         _float_option("ratio_cap", ratio_cap, optional=True),
         _float_option("log_ratio_clamp", log_ratio_clamp, optional=True),
         _str_option("loss_type", loss_type), _float_option("tau_pos", tau_pos), _float_option("tau_neg", tau_neg),
-        _float_option("dro_beta", dro_beta, optional=True),
+        _float_option("dro_beta", dro_beta, optional=True), rollout_log_probs, _str_option("rollout_is", rollout_is),
+        _str_option("rollout_is_mode", rollout_is_mode), _float_option("rollout_is_low", rollout_is_low, optional=True),
+        _float_option("rollout_is_high", rollout_is_high, optional=True),
+        _str_option("rollout_is_mask_weight", rollout_is_mask_weight),
         _str_option("importance_sampling", importance_sampling), _str_option("loss_agg_mode", loss_agg_mode),
         compute_grad,
     )
@@ -109,7 +119,7 @@ def policy_loss(
 class ValueLossOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, differentiable w.r.t. values
     metrics: Dict[str, torch.Tensor]  # "clipfrac": the fraction of valid tokens where the clipped term is larger
-    counts: torch.Tensor  # int64 (6,), names COUNT_NAMES: valid_tokens, valid_seqs, below / above the clip range,
+    counts: torch.Tensor  # int64 (8,), names COUNT_NAMES: valid_tokens, valid_seqs, below / above the clip range,
     #                       the clipped term larger (clipped_active); dual_clipped is 0
 
 
@@ -150,7 +160,7 @@ def value_loss(
 class PolicyLossFromLogitsOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, differentiable w.r.t. logits
     metrics: Dict[str, torch.Tensor]  # METRIC_NAMES, and "entropy" (mean over valid tokens) when asked for
-    counts: torch.Tensor  # int64 (6,), names COUNT_NAMES
+    counts: torch.Tensor  # int64 (8,), names COUNT_NAMES
     log_probs: torch.Tensor  # (B, T) float32 log-probs of the labels, detached
     entropy: Optional[torch.Tensor]  # (B, T) float32 per-token entropy (not differentiable), or None
 
@@ -238,10 +248,12 @@ class PolicyLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        per_call = {"token_weights", "num_tokens", "num_seqs", "loss_scale_factor"} & options.keys()
+        per_call = {"token_weights", "rollout_log_probs", "num_tokens", "num_seqs", "loss_scale_factor"} & options.keys()
         if per_call:
             raise TypeError(f"{sorted(per_call)} change with every batch: pass them to forward, not to PolicyLoss()")
-        policy_loss(torch.zeros(0, 0), None, torch.zeros(0), **options)  # validates the options now
+        # validates the options now (a rollout correction's checks need its log-probs)
+        rollout = torch.zeros(0, 0) if options.get("rollout_is", "none") != "none" else None
+        policy_loss(torch.zeros(0, 0), None, torch.zeros(0), rollout_log_probs=rollout, **options)
         self.options = options
 
     def forward(
@@ -252,12 +264,14 @@ class PolicyLoss(torch.nn.Module):
         mask: Optional[torch.Tensor] = None,
         token_weights: Optional[torch.Tensor] = None,
         *,
+        rollout_log_probs: Optional[torch.Tensor] = None,
         num_tokens: Normaliser = None,
         num_seqs: Normaliser = None,
         loss_scale_factor: Normaliser = None,
     ) -> PolicyLossOutput:
         return policy_loss(
-            log_probs, old_log_probs, advantages, mask, token_weights=token_weights, num_tokens=num_tokens,
+            log_probs, old_log_probs, advantages, mask, token_weights=token_weights,
+            rollout_log_probs=rollout_log_probs, num_tokens=num_tokens,
             num_seqs=num_seqs, loss_scale_factor=loss_scale_factor, **self.options,
         )
 

@@ -30,14 +30,25 @@ METRIC_NAMES = (
     "ratio_mean",
     "ratio_min",
     "ratio_max",
+    "rollout_weight_mean",
+    "rollout_weight_min",
+    "rollout_weight_max",
+    "rollout_filtered_frac",
 )
 
 # The entries of ``PolicyLossOutput.counts`` (int64), in order.
-COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
+COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped",
+               "rollout_filtered_tokens", "rollout_filtered_seqs")
+
+# The values of ``rollout_is`` (the unit of the rollout correction), ``rollout_is_mode`` and
+# ``rollout_is_mask_weight`` (docs/SPEC.md "Rollout correction").
+ROLLOUT_IS_LEVELS = ("none", "token", "seq", "seq-mean")
+ROLLOUT_IS_MODES = ("truncate", "mask")
+ROLLOUT_IS_MASK_WEIGHTS = ("unit", "token")
 
 # Positions by name: ``counts[COUNT_INDEX["valid_tokens"]]``.
 METRIC_INDEX = {name: i for i, name in enumerate(METRIC_NAMES)}
 COUNT_INDEX = {name: i for i, name in enumerate(COUNT_NAMES)}
 
-__all__ = ["LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
+__all__ = ["ROLLOUT_IS_LEVELS", "ROLLOUT_IS_MODES", "ROLLOUT_IS_MASK_WEIGHTS", "LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
            "COUNT_INDEX"]

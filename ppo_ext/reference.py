@@ -15,8 +15,13 @@ import torch
 
 # Its own copy of ppo_ext.names (this module imports nothing but torch); tests/test_hygiene.py checks they agree.
 METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", "dual_clipfrac",
-                "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
-COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped")
+                "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "rollout_weight_mean", "rollout_weight_min",
+                "rollout_weight_max", "rollout_filtered_frac")
+COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped",
+               "rollout_filtered_tokens", "rollout_filtered_seqs")
+ROLLOUT_IS_LEVELS = ("none", "token", "seq", "seq-mean")
+ROLLOUT_IS_MODES = ("truncate", "mask")
+ROLLOUT_IS_MASK_WEIGHTS = ("unit", "token")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
 LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "value")
 RATIO_LOSS_TYPES = ("vanilla", "cispo", "sapo")  # the families defined at every importance-sampling level
@@ -29,7 +34,7 @@ Normaliser = Union[None, int, float, torch.Tensor]
 class ReferenceOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, differentiable w.r.t. log_probs
     metrics: Dict[str, torch.Tensor]  # 0-dim float32 tensors, keys METRIC_NAMES
-    counts: torch.Tensor  # int64 (6,), in COUNT_NAMES order
+    counts: torch.Tensor  # int64 (8,), in COUNT_NAMES order
 
 
 def _safe_div(num: torch.Tensor, den) -> torch.Tensor:
@@ -62,6 +67,12 @@ def policy_loss_reference(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: Optional[float] = None,
+    rollout_log_probs: Optional[torch.Tensor] = None,
+    rollout_is: str = "none",
+    rollout_is_mode: str = "truncate",
+    rollout_is_low: Optional[float] = None,
+    rollout_is_high: Optional[float] = None,
+    rollout_is_mask_weight: str = "unit",
     token_weights: Optional[torch.Tensor] = None,
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
@@ -99,6 +110,33 @@ def policy_loss_reference(
     A = advantages.detach().to(dtype)
     A = torch.where(m, (A.unsqueeze(-1) if A.dim() == 1 else A).expand(B, T), zero)
     w = one if token_weights is None else torch.where(m, token_weights.detach().to(dtype), zero)
+
+    # Rollout correction: a constant weight from e = old - rollout per token, or per row (its sum: the product
+    # of the ratios; or its mean: their geometric mean), truncated to the bounds or zero outside them.
+    if (rollout_is == "none") != (rollout_log_probs is None):
+        raise ValueError("rollout_is and rollout_log_probs go together")
+    rollout_w = torch.ones(B, T, dtype=dtype, device=log_probs.device)
+    filtered = torch.zeros(B, T, dtype=torch.bool, device=log_probs.device)
+    if rollout_is != "none":
+        lo = -torch.inf if rollout_is_low is None else rollout_is_low
+        hi = torch.inf if rollout_is_high is None else rollout_is_high
+        e = torch.where(m, old.detach() - rollout_log_probs.detach().to(dtype), zero)
+        if rollout_is == "token":
+            unit = e
+        else:
+            unit = e.sum(dim=1, keepdim=True)
+            if rollout_is == "seq-mean":
+                unit = unit / m.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+            unit = unit.expand(B, T)
+        u = torch.exp(unit)
+        if rollout_is_mode == "truncate":
+            rollout_w = torch.clamp(u, lo, hi)
+            filtered = (u < lo) | (u > hi)
+        else:
+            keep = (u >= lo) & (u <= hi)
+            rollout_w = torch.where(keep, torch.exp(e) if rollout_is_mask_weight == "token" else u, zero)
+            filtered = ~keep
+        w = w * rollout_w
 
     n = m.sum(dim=1)  # n_i, valid tokens of row i
     N = n.sum()
@@ -195,7 +233,10 @@ def policy_loss_reference(
     # Counters and metrics, over valid tokens only.
     with torch.no_grad():
         low, high, active, dual = m & low, m & high, m & active, m & dual
-        counts = torch.stack([N, S, low.sum(), high.sum(), active.sum(), dual.sum()]).to(torch.int64)
+        filtered_tokens = (m & filtered).sum()
+        row_filtered = (n > 0) & filtered.any(dim=1) if rollout_is in ("seq", "seq-mean") else torch.zeros_like(n > 0)
+        counts = torch.stack([N, S, low.sum(), high.sum(), active.sum(), dual.sum(), filtered_tokens,
+                              row_filtered.sum()]).to(torch.int64)
         Nf = N.to(torch.float64)
 
         def frac(x):
@@ -213,6 +254,12 @@ def policy_loss_reference(
             "ratio_mean": torch.where(any_valid, _safe_div(r_valid.sum(), N), one),
             "ratio_min": torch.where(any_valid, torch.where(m, r.detach(), torch.inf).amin() if m.numel() else one, one),
             "ratio_max": torch.where(any_valid, torch.where(m, r.detach(), -torch.inf).amax() if m.numel() else one, one),
+            "rollout_weight_mean": torch.where(any_valid, _safe_div(torch.where(m, rollout_w, zero).sum(), N), one),
+            "rollout_weight_min": torch.where(any_valid, torch.where(m, rollout_w, torch.inf).amin() if m.numel() else one,
+                                              one),
+            "rollout_weight_max": torch.where(any_valid, torch.where(m, rollout_w, -torch.inf).amax() if m.numel()
+                                              else one, one),
+            "rollout_filtered_frac": _safe_div(filtered_tokens.to(torch.float64), Nf),
         }
         metrics = {k: v.to(torch.float32) for k, v in metrics.items()}
     return ReferenceOutput(loss, metrics, counts)

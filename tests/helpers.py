@@ -61,7 +61,8 @@ def family_options(loss_type, importance_sampling=None, loss_agg_mode="token-mea
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP, LOG_RATIO_CLAMP = 0.2, 0.28, 1.5, 0.45
 
 # SPEC: with no valid token the fractions and approx_kl are 0, the ratio statistics 1.
-NO_TOKEN_METRICS = {**dict.fromkeys(METRIC_NAMES, 0.0), "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
+NO_TOKEN_METRICS = {**dict.fromkeys(METRIC_NAMES, 0.0), "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0,
+                    "rollout_weight_mean": 1.0, "rollout_weight_min": 1.0, "rollout_weight_max": 1.0}
 
 
 def counts_by_name(counts: torch.Tensor) -> dict:

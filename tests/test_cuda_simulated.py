@@ -130,6 +130,20 @@ def test_policy_loss_families(sim, schedule, loss_type, importance_sampling):
         compare_policy_loss(sim, args, f"{loss_type} overflowing ratio")
 
 
+@pytest.mark.parametrize("level", ["token", "seq", "seq-mean"])
+def test_policy_loss_rollout_correction(sim, schedule, level):
+    # the rollout correction's row sums (prepass), weights and statistics on the grid-stride grid
+    from test_rollout_correction import CORRECTIONS, correction, with_rollout
+    sim.set_sm_count(1)
+    for k, corr in enumerate(CORRECTIONS):
+        dtype = (torch.float32, torch.float64)[k % 2]
+        inp = with_rollout(make_inputs(11, 45, seed=320 + k, dtype=dtype), 330 + k)
+        is_mode = ("token", "seq", "seq-token")[k % 3]
+        kw = dict(importance_sampling=is_mode, loss_agg_mode=AGG_MODES[k], **correction(level, *corr))
+        compare_policy_loss(sim, op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights,
+                                         rollout_log_probs=inp.rollout, **kw), f"{level}/{corr}/{dtype}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_policy_loss_dtypes(sim, schedule, dtype):
     for importance_sampling in IS_MODES:

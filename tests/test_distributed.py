@@ -168,11 +168,13 @@ def test_without_process_group_values_are_local():
     mask = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0]], dtype=torch.uint8)
     g = ppo_dist.global_normalisers(mask)
     assert [int(v) for v in g] == [3, 2, 3] and all(v.dtype == torch.int64 and v.shape == () for v in g)
-    by_name = dict(valid_tokens=8, valid_seqs=3, clipped_low=1, clipped_high=2, clipped_active=4, dual_clipped=1)
+    by_name = dict(valid_tokens=8, valid_seqs=3, clipped_low=1, clipped_high=2, clipped_active=4, dual_clipped=1,
+                   rollout_filtered_tokens=5, rollout_filtered_seqs=1)
     counts = torch.tensor([by_name[k] for k in COUNT_NAMES])
     assert torch.equal(ppo_dist.all_reduce_counts(counts), counts)
     f = ppo_dist.clip_fractions(counts)
     assert f["clipfrac"].item() == pytest.approx(3 / 8) and f["dual_clipfrac"].item() == pytest.approx(1 / 8)
+    assert f["rollout_filtered_frac"].item() == pytest.approx(5 / 8)
     no_counts = torch.zeros(len(COUNT_NAMES), dtype=torch.int64)
     assert all(v.item() == 0 for v in ppo_dist.clip_fractions(no_counts).values())
     with pytest.raises(ValueError, match="counts"):

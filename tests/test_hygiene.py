@@ -327,7 +327,7 @@ def test_inputs_are_not_modified(device, importance_sampling, dtype):
 # One list of names (ppo_ext.names): the reference's copy and the C++ op agree with it
 
 
-NAME_LISTS = ("LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES")
+NAME_LISTS = ("ROLLOUT_IS_LEVELS", "ROLLOUT_IS_MODES", "ROLLOUT_IS_MASK_WEIGHTS", "LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES")
 
 
 def test_reference_names_are_ppo_ext_names():
@@ -348,6 +348,8 @@ def _op_args(inp, **options):
 
 
 OPTION_NAMES = {"loss_type": ppo_ext.names.LOSS_TYPES, "loss_agg_mode": ppo_ext.names.LOSS_AGG_MODES,
+                "rollout_is": ppo_ext.names.ROLLOUT_IS_LEVELS, "rollout_is_mode": ppo_ext.names.ROLLOUT_IS_MODES,
+                "rollout_is_mask_weight": ppo_ext.names.ROLLOUT_IS_MASK_WEIGHTS,
                 "importance_sampling": ppo_ext.names.IMPORTANCE_SAMPLING_LEVELS}
 
 
@@ -365,7 +367,9 @@ def test_op_refuses_an_unknown_name_listing_the_names(device, option):
     for name in names:  # and it takes every one of them
         needs = {"dro": {"dro_beta": 0.1}, "geo_mean": {"importance_sampling": "seq"}}.get(name, {}) \
             if option == "loss_type" else {}
-        torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{option: name}, **needs))
+        if option.startswith("rollout_is") and name != "none":  # a correction needs its log-probs and a bound
+            needs = dict(rollout_log_probs=inp.old, rollout_is_high=2.0, rollout_is="token")
+        torch.ops.ppo_ext.policy_loss(*_op_args(inp, **{**needs, option: name}))
 
 
 def test_op_returns_a_metric_and_a_count_per_name(device):

@@ -60,11 +60,12 @@ class PolicyLossKernel {
     alignas(64) acc_t advantages[kTile];
     alignas(64) acc_t mask[kTile];
     alignas(64) acc_t weights[kTile];
+    alignas(64) acc_t rollout_log_probs[kTile];
   };
 
   // The tile's pointers: n values of row i from t0 on, as acc_t, readable in whole vectors.
   struct TileView {
-    const acc_t *log_probs, *old_log_probs, *advantages, *mask, *weights;
+    const acc_t *log_probs, *old_log_probs, *advantages, *mask, *weights, *rollout_log_probs;
   };
 
  public:
@@ -149,7 +150,7 @@ class PolicyLossKernel {
   // The mask and, with_log_ratio, the log-probs (and for geo_mean the advantages) that the sequence-level
   // log-ratio terms of a tile are computed from.
   TileView seq_view(Tile& t, int64_t i, int64_t t0, int64_t n, bool with_log_ratio) const {
-    if (!with_log_ratio) return TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr};
+    if (!with_log_ratio) return TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr, nullptr};
     TileView v = log_ratio_view(t, i, t0, n);
     if (o_.loss_type == LossType::GeoMean) v.advantages = view(a_.advantages, i, t0, n, t.advantages);
     return v;
@@ -161,22 +162,29 @@ class PolicyLossKernel {
     return math::seq_log_ratio_term<Ops>(V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), adv, o_);
   }
 
-  // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratio terms.
-  void row_prepass(Tile& t, int64_t i, bool sum_log_ratio, int64_t& valid, double& log_ratio_sum) const {
+  // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratio terms and, for a
+  // sequence-level rollout correction, of its old - rollout log-ratios.
+  void row_prepass(Tile& t, int64_t i, bool sum_log_ratio, bool sum_rollout, int64_t& valid, double& log_ratio_sum,
+                   double& rollout_sum) const {
     valid = 0;
-    log_ratio_sum = 0;
+    log_ratio_sum = rollout_sum = 0;
     const V zero(0), one(1);
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
-      const TileView v = seq_view(t, i, t0, n, sum_log_ratio);
-      V count(0), sum(0);
+      TileView v = seq_view(t, i, t0, n, sum_log_ratio || sum_rollout);
+      if (sum_rollout) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
+      V count(0), sum(0), rollout(0);
       for (int64_t j = 0; j < n; j += kVec) {
         const V is_valid = V::loadu(v.mask + j) != zero;
         count += is_valid & one;
         if (sum_log_ratio) sum += Ops::select(is_valid, seq_term(v, j).value, zero);
+        if (sum_rollout) {
+          rollout += Ops::select(is_valid, V::loadu(v.old_log_probs + j) - V::loadu(v.rollout_log_probs + j), zero);
+        }
       }
       valid += count_lanes(count);
       log_ratio_sum += sum_lanes(sum);
+      rollout_sum += sum_lanes(rollout);
     }
   }
 
@@ -184,10 +192,17 @@ class PolicyLossKernel {
     const bool seq_level = o_.importance_sampling != ImportanceSampling::Token;
     const bool seq_grad = o_.importance_sampling == ImportanceSampling::Seq && a_.token_grad != nullptr;
     const bool ratio_grad = has_ratio_gradient(o_.loss_type);
-    const bool needs_prepass = seq_level || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
+    const bool rollout_on = o_.rollout_is != RolloutIs::None;
+    const bool rollout_seq = o_.rollout_is == RolloutIs::Seq || o_.rollout_is == RolloutIs::SeqMean;
+    const bool needs_prepass = seq_level || rollout_seq || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
     int64_t valid = a_.T;
-    double log_ratio_sum = 0;
-    if (needs_prepass && (a_.mask.data != nullptr || seq_level)) row_prepass(t, i, seq_level, valid, log_ratio_sum);
+    double log_ratio_sum = 0, rollout_sum = 0;
+    if (needs_prepass && (a_.mask.data != nullptr || seq_level || rollout_seq)) {
+      row_prepass(t, i, seq_level, rollout_seq, valid, log_ratio_sum, rollout_sum);
+    }
+    // The rollout correction's unit log-ratio of this row (sequence levels).
+    const acc_t row_rollout_value = static_cast<acc_t>(math::row_rollout_log_ratio(o_.rollout_is, rollout_sum, valid));
+    const V row_rollout(row_rollout_value);
 
     // The sequence-level ratio of this row (unused at token level).
     using ScalarOps = math::ScalarOps<acc_t>;
@@ -204,8 +219,10 @@ class PolicyLossKernel {
       TileView v = log_ratio_view(t, i, t0, n);
       v.advantages = view(a_.advantages, i, t0, n, t.advantages);
       v.weights = view(a_.token_weights, i, t0, n, t.weights);
+      if (rollout_on) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
       V loss(0), ratio_sum(0), kl_sum(0), ratio_min(inf), ratio_max(minus_inf), dloss_sum(0);
       V n_valid(0), n_low(0), n_high(0), n_active(0), n_dual(0);
+      V rollout_sum(0), rollout_min(inf), rollout_max(minus_inf), n_filtered(0);
       for (int64_t j = 0; j < n; j += kVec) {
         const V is_valid = V::loadu(v.mask + j) != zero;
         const V valid_one = is_valid & one;  // a mask lane is all ones or all zeros
@@ -215,8 +232,18 @@ class PolicyLossKernel {
         const math::Ratio<V> r =
             seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)} : math::ratio_of<Ops>(log_ratio);
         const V adv = V::loadu(v.advantages + j);
+        V weight = V::loadu(v.weights + j);
+        if (rollout_on) {  // the correction's weight, a constant of the loss, times the given weight
+          const V rollout_log_ratio = old - V::loadu(v.rollout_log_probs + j);
+          const auto rw = math::rollout_weight<Ops>(rollout_log_ratio, rollout_seq ? row_rollout : rollout_log_ratio, o_);
+          weight = weight * rw.weight;
+          rollout_sum += Ops::select(is_valid, rw.weight, zero);
+          rollout_min = Ops::select(is_valid, Ops::minimum(rollout_min, rw.weight), rollout_min);
+          rollout_max = Ops::select(is_valid, Ops::maximum(rollout_max, rw.weight), rollout_max);
+          n_filtered += rw.filtered & valid_one;
+        }
         const auto terms =
-            math::token_terms<Ops>(math::TokenInputs<V>{r.ratio, lp, old, raw_log_ratio, adv, V::loadu(v.weights + j)}, o_);
+            math::token_terms<Ops>(math::TokenInputs<V>{r.ratio, lp, old, raw_log_ratio, adv, weight}, o_);
         // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
         const V dratio = r.dratio * math::seq_log_ratio_term<Ops>(raw_log_ratio, adv, o_).derivative;
         const V weighted_dloss = agg_weight * terms.dloss_dratio;
@@ -248,6 +275,14 @@ class PolicyLossKernel {
       for (int64_t k = 0; k < kVec; ++k) p.ratio_min = math::nan_minimum<double>(p.ratio_min, lanes[k]);
       ratio_max.store(lanes);
       for (int64_t k = 0; k < kVec; ++k) p.ratio_max = math::nan_maximum<double>(p.ratio_max, lanes[k]);
+      if (rollout_on) {
+        p.rollout_weight_sum += sum_lanes(rollout_sum);
+        rollout_min.store(lanes);
+        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_min = math::nan_minimum<double>(p.rollout_weight_min, lanes[k]);
+        rollout_max.store(lanes);
+        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_max = math::nan_maximum<double>(p.rollout_weight_max, lanes[k]);
+        p.counts[kRolloutFilteredTokens] += count_lanes(n_filtered);
+      }
       row_valid += count_lanes(n_valid);
       p.counts[kClippedLow] += count_lanes(n_low);
       p.counts[kClippedHigh] += count_lanes(n_high);
@@ -257,6 +292,7 @@ class PolicyLossKernel {
     }
     p.counts[kValidTokens] += row_valid;
     p.counts[kValidSeqs] += row_valid > 0 ? 1 : 0;
+    math::add_rollout_row(p, o_, row_valid, row_rollout_value);
 
     // "seq": every valid token u of the row gets dL/dlp[u] = (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the
     // derivative of its log-ratio term, for geo_mean), added to its direct term.

@@ -78,6 +78,7 @@ PolicyLossOutputs policy_loss_device(const PolicyLossArgs& a) {
                      a.advantages_col_stride};
   args.mask = strided(a.mask);
   args.token_weights = strided(a.token_weights);
+  args.rollout_log_probs = strided(a.rollout_log_probs);
   args.B = a.B;
   args.T = a.T;
   args.options = a.options;

@@ -60,7 +60,7 @@ __device__ __forceinline__ bool is_valid(const StridedInput& mask, int64_t i, in
 }
 
 struct PolicyLossKernelArgs {
-  StridedInput log_probs, old_log_probs, advantages, mask, token_weights;
+  StridedInput log_probs, old_log_probs, advantages, mask, token_weights, rollout_log_probs;
   int64_t B, T;
   LossOptions options;
   DeviceNormaliser num_tokens, num_seqs, loss_scale_factor;
@@ -166,28 +166,40 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   const bool seq_level = o.importance_sampling != ImportanceSampling::Token;
   const bool seq_grad = o.importance_sampling == ImportanceSampling::Seq && a.token_grad != nullptr;
   const bool ratio_grad = has_ratio_gradient(o.loss_type);
-  const bool needs_prepass = seq_level || (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
+  const bool rollout_on = o.rollout_is != RolloutIs::None;
+  const bool rollout_seq = o.rollout_is == RolloutIs::Seq || o.rollout_is == RolloutIs::SeqMean;
+  const bool needs_prepass =
+      seq_level || rollout_seq || (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
 
   // This thread's sums over all the rows of this block.
   acc_t loss = 0, ratio_sum = 0, kl_sum = 0;
   acc_t ratio_min = INFINITY, ratio_max = -INFINITY;
   long long n_valid_seqs = 0, n_valid = 0, n_low = 0, n_high = 0, n_active = 0, n_dual = 0;
+  acc_t rollout_sum = 0, rollout_min = INFINITY, rollout_max = -INFINITY;
+  long long n_filtered = 0, n_filtered_seqs = 0;
 
   for (int64_t i = blockIdx.x; i < a.B; i += gridDim.x) {
     // Pass 1: the row's valid tokens and, at sequence level, the masked sum of its log-ratios.
     long long row_valid = a.T;
-    double log_ratio_sum = 0;
+    double log_ratio_sum = 0, row_rollout_sum = 0;
     if (needs_prepass) {
       long long count = 0;
-      acc_t sum = 0;
+      acc_t sum = 0, rollout = 0;
       for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
         if (!is_valid(a.mask, i, t)) continue;
         ++count;
         if (seq_level) sum += seq_term<acc_t>(a, i, t).value;
+        if (rollout_seq) {
+          const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
+          rollout += load<acc_t>(a.old_log_probs, i, t, lp) - load<acc_t>(a.rollout_log_probs, i, t, 0);
+        }
       }
       row_valid = block_sum<long long>(count, scratch_i);
       if (seq_level) log_ratio_sum = block_sum<double>(static_cast<double>(sum), scratch_d);
+      if (rollout_seq) row_rollout_sum = block_sum<double>(static_cast<double>(rollout), scratch_d);
     }
+    // The rollout correction's unit log-ratio of this row (sequence levels).
+    const acc_t row_rollout = static_cast<acc_t>(math::row_rollout_log_ratio(o.rollout_is, row_rollout_sum, row_valid));
     const math::Ratio<acc_t> row_ratio = math::ratio_of<Ops>(
         math::clamp_log_ratio<Ops>(static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, row_valid)), o));
     const acc_t agg_weight = static_cast<acc_t>(math::row_agg_weight(o.loss_agg_mode, row_valid));
@@ -207,8 +219,18 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       const auto log_ratio = math::clamp_log_ratio<Ops>(lp - old, o);
       const math::Ratio<acc_t> r = seq_level ? row_ratio : math::ratio_of<Ops>(log_ratio);
       const acc_t adv = load<acc_t>(a.advantages, i, t, 0);
-      const auto terms = math::token_terms<Ops>(
-          math::TokenInputs<acc_t>{r.ratio, lp, old, lp - old, adv, load<acc_t>(a.token_weights, i, t, 1)}, o);
+      acc_t weight = load<acc_t>(a.token_weights, i, t, 1);
+      if (rollout_on) {  // the correction's weight, a constant of the loss, times the given weight
+        const acc_t rollout_log_ratio = old - load<acc_t>(a.rollout_log_probs, i, t, 0);
+        const auto rw = math::rollout_weight<Ops>(rollout_log_ratio, rollout_seq ? row_rollout : rollout_log_ratio, o);
+        weight *= rw.weight;
+        rollout_sum += rw.weight;
+        rollout_min = math::nan_minimum(rollout_min, rw.weight);
+        rollout_max = math::nan_maximum(rollout_max, rw.weight);
+        n_filtered += rw.filtered;
+      }
+      const auto terms =
+          math::token_terms<Ops>(math::TokenInputs<acc_t>{r.ratio, lp, old, lp - old, adv, weight}, o);
       // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
       const acc_t dratio = r.dratio * math::seq_log_ratio_term<Ops>(lp - old, adv, o).derivative;
       loss += agg_weight * terms.loss;
@@ -232,7 +254,16 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
     }
     n_valid += row_count;
     if (!needs_prepass) row_valid = block_sum<long long>(row_count, scratch_i);
-    if (threadIdx.x == 0) n_valid_seqs += row_valid > 0;
+    if (threadIdx.x == 0 && row_valid > 0) {
+      ++n_valid_seqs;
+      if (!rollout_on) {  // each valid token's weight is 1
+        rollout_sum += static_cast<acc_t>(row_valid);
+        rollout_min = math::nan_minimum(rollout_min, acc_t(1));
+        rollout_max = math::nan_maximum(rollout_max, acc_t(1));
+      } else if (rollout_seq) {
+        n_filtered_seqs += math::rollout_weight<Ops>(acc_t(0), row_rollout, o).filtered;
+      }
+    }
 
     // Pass 3 ("seq"): every valid token u gets (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the derivative
     // of its log-ratio term, for geo_mean), added to its direct term (each thread reads back the tokens it wrote
@@ -258,12 +289,17 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   p.neg_log_ratio_sum = block_sum<double>(static_cast<double>(kl_sum), scratch_d);
   p.ratio_min = block_extreme<double, false>(static_cast<double>(ratio_min), scratch_d);
   p.ratio_max = block_extreme<double, true>(static_cast<double>(ratio_max), scratch_d);
+  p.rollout_weight_sum = block_sum<double>(static_cast<double>(rollout_sum), scratch_d);
+  p.rollout_weight_min = block_extreme<double, false>(static_cast<double>(rollout_min), scratch_d);
+  p.rollout_weight_max = block_extreme<double, true>(static_cast<double>(rollout_max), scratch_d);
   p.counts[kValidTokens] = block_sum<long long>(n_valid, scratch_i);
   p.counts[kValidSeqs] = block_sum<long long>(n_valid_seqs, scratch_i);
   p.counts[kClippedLow] = block_sum<long long>(n_low, scratch_i);
   p.counts[kClippedHigh] = block_sum<long long>(n_high, scratch_i);
   p.counts[kClippedActive] = block_sum<long long>(n_active, scratch_i);
   p.counts[kDualClipped] = block_sum<long long>(n_dual, scratch_i);
+  p.counts[kRolloutFilteredTokens] = block_sum<long long>(n_filtered, scratch_i);
+  p.counts[kRolloutFilteredSeqs] = block_sum<long long>(n_filtered_seqs, scratch_i);
 
   // Publish this block's partials, then take a ticket; the block with the last ticket sees every
   // block's partials (each was fenced before its ticket) and finalizes.

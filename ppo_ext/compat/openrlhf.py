@@ -26,7 +26,8 @@ How OpenRLHF's options map onto ppo_ext's (docs/SPEC.md):
   ``False`` (and always for GSPO): ``"seq-mean-token-mean"`` with ``num_seqs=global_batch_size``;
 - ``dp_size`` multiplies the loss when the mode's normaliser is given (OpenRLHF's ``aggregate_loss``
   ignores it otherwise);
-- rollout correction with ``"ppo"``: ``token_weights``, the per-token coefficient below; with
+- rollout correction with ``"ppo"``: the kernel's rollout correction (ratio gating) or ``token_weights``
+  (the divergence gatings), the per-token coefficient below; with
   ``"gspo"``: ``old_log_probs=rollout_log_probs`` (OpenRLHF's GSPO takes its ratio against the rollout
   policy and weights nothing);
 - ``clip_ratio``: ``metrics["clipfrac_active"]`` (``surr2 < surr1``); ``ppo_kl``:
@@ -41,9 +42,11 @@ itself at token level, ``exp`` of the row's masked mean of ``log is`` at seq lev
 the sampled token's binary KL / total variation between ``p = exp(rollout_log_probs)`` and ``q =
 exp(old_log_probs)``, both clamped to ``[1e-6, 1 - 1e-6]``, per token or its row mean), and ``(low,
 high) = is_correction_threshold``, the per-token coefficient is ``clamp(s, low, high)`` ("clip" mode)
-or ``is`` where ``low <= s <= high`` and 0 elsewhere ("mask" mode). It is a constant (no gradient),
-computed here from ``old_log_probs`` and ``rollout_log_probs`` with a few eager elementwise ops and
-passed to the kernel as ``token_weights``; ``is_filter_ratio`` is the fraction of valid tokens (token
+or ``is`` where ``low <= s <= high`` and 0 elsewhere ("mask" mode). It is a constant (no gradient). The
+ratio gates are the kernel's rollout correction (``rollout_log_probs``, ``rollout_is="token"`` or
+``"seq-mean"``, ``rollout_is_mode="truncate"`` for "clip" or ``"mask"`` with ``rollout_is_mask_weight="token"``,
+the threshold as the bounds): no eager op over the batch. The divergence gates are computed here with a
+few eager elementwise ops and passed to the kernel as ``token_weights``; ``is_filter_ratio`` is the fraction of valid tokens (token
 level) or of rows (seq level, every row of the micro-batch) outside the band, ``vllm_kl`` the mean of
 ``rollout_log_probs - old_log_probs`` over valid tokens.
 
@@ -82,6 +85,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 import ppo_ext
+from ppo_ext.names import COUNT_INDEX
 
 __all__ = ["PolicyLoss", "ValueLoss", "POLICY_LOSS_TYPES", "IS_CORRECTION_LEVELS", "IS_CORRECTION_MODES",
            "IS_CORRECTION_GATINGS", "PPO_LOG_RATIO_CLAMP"]
@@ -172,37 +176,39 @@ class PolicyLoss(torch.nn.Module):
         self.is_correction_gating = is_correction_gating
         self.is_correction_threshold = is_correction_threshold
         gspo = policy_loss_type == "gspo"
+        # The ratio-gated corrections are computed in the kernel (the divergence gates eagerly, as weights).
+        self.kernel_correction = is_correction_level != "off" and is_correction_gating == "ratio" and not gspo
+        correction = {}
+        if self.kernel_correction:
+            low, high = threshold
+            correction = dict(rollout_is="token" if is_correction_level == "token" else "seq-mean",
+                              rollout_is_mode="truncate" if is_correction_mode == "clip" else "mask",
+                              rollout_is_mask_weight="token", rollout_is_low=low, rollout_is_high=high)
         self.ppo_ext_loss = ppo_ext.PolicyLoss(
             clip_low=clip_eps_low, clip_high=clip_eps_high, dual_clip=dual_clip,
             importance_sampling="seq" if gspo else "token", log_ratio_clamp=None if gspo else PPO_LOG_RATIO_CLAMP,
-            loss_agg_mode="token-mean" if self.token_level_loss else "seq-mean-token-mean",
+            loss_agg_mode="token-mean" if self.token_level_loss else "seq-mean-token-mean", **correction,
         )  # validates the options now
 
     def _rollout_correction(self, old_log_probs, rollout_log_probs, action_mask):
-        """OpenRLHF's per-token coefficient (token_weights), is_filter_ratio and vllm_kl; all constants."""
+        """The divergence gates ("binary_kl", "tv", "mask" mode: OpenRLHF allows no other): OpenRLHF's per-token
+        coefficient (token_weights), is_filter_ratio and vllm_kl, all constants, eagerly. (The ratio gates are
+        the kernel's rollout correction.)"""
         low, high = self.is_correction_threshold
         seq = self.is_correction_level == "seq"
         old, rollout = old_log_probs.detach(), rollout_log_probs.detach()
-        is_log_ratio = old - rollout  # log(pi_train / pi_rollout)
-        token_is = is_log_ratio.exp()
-        if self.is_correction_gating == "ratio":
-            stat = _row_mean(is_log_ratio, action_mask).exp() if seq else token_is
-        else:
-            p = rollout.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
-            q = old.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
-            if self.is_correction_gating == "binary_kl":
-                stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
-            else:  # tv
-                stat = (p - q).abs()
-            if seq:
-                stat = _row_mean(stat, action_mask)
-        if self.is_correction_mode == "clip":
-            weights = stat.clamp(min=low, max=high)
-            out_of_band = (stat < low) | (stat > high)
-        else:
-            in_band = (stat >= low) & (stat <= high)
-            weights = torch.where(in_band, token_is, torch.zeros((), dtype=token_is.dtype, device=token_is.device))
-            out_of_band = ~in_band
+        token_is = (old - rollout).exp()  # pi_train / pi_rollout
+        p = rollout.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
+        q = old.exp().clamp(_PROB_CLAMP, 1 - _PROB_CLAMP)
+        if self.is_correction_gating == "binary_kl":
+            stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        else:  # tv
+            stat = (p - q).abs()
+        if seq:
+            stat = _row_mean(stat, action_mask)
+        in_band = (stat >= low) & (stat <= high)
+        weights = torch.where(in_band, token_is, torch.zeros((), dtype=token_is.dtype, device=token_is.device))
+        out_of_band = ~in_band
         out_of_band = out_of_band.to(token_is.dtype)
         if seq:  # every row of the micro-batch, as OpenRLHF's filtered.float().mean()
             is_filter_ratio = out_of_band.sum() / max(out_of_band.numel(), 1)
@@ -210,6 +216,15 @@ class PolicyLoss(torch.nn.Module):
             is_filter_ratio = _masked_mean(out_of_band, action_mask)
         vllm_kl = _masked_mean(rollout - old, action_mask)
         return weights, is_filter_ratio, vllm_kl
+
+    def _kernel_filter_ratio(self, out, rows: int) -> torch.Tensor:
+        """OpenRLHF's is_filter_ratio from the kernel's counts: the filtered fraction of valid tokens, or at the
+        sequence level of all rows (a row without a valid token counts as filtered: its mean is NaN)."""
+        if self.is_correction_level == "token":
+            return out.metrics["rollout_filtered_frac"]
+        counts = out.counts.to(torch.float32)
+        filtered = counts[COUNT_INDEX["rollout_filtered_seqs"]] + rows - counts[COUNT_INDEX["valid_seqs"]]
+        return filtered / max(rows, 1)
 
     def forward(
         self,
@@ -228,14 +243,19 @@ class PolicyLoss(torch.nn.Module):
         ratio_old, weights, vllm_kl, is_filter_ratio = old_log_probs, None, None, None
         if correction and self.policy_loss_type == "gspo":
             ratio_old = rollout_log_probs  # OpenRLHF's GSPO ratio: log_probs - rollout_log_probs
-        elif correction:
+        elif correction and not self.kernel_correction:
             weights, is_filter_ratio, vllm_kl = self._rollout_correction(old_log_probs, rollout_log_probs,
                                                                          action_mask)
+        elif correction:
+            vllm_kl = _masked_mean(rollout_log_probs.detach() - old_log_probs.detach(), action_mask)
         normaliser = batch_num_tokens if self.token_level_loss else global_batch_size
         out = self.ppo_ext_loss(
             log_probs, ratio_old, advantages, action_mask, weights,
+            rollout_log_probs=rollout_log_probs if self.kernel_correction else None,
             **({"num_tokens": batch_num_tokens} if self.token_level_loss else {"num_seqs": global_batch_size}),
         )
+        if self.kernel_correction:
+            is_filter_ratio = self._kernel_filter_ratio(out, log_probs.shape[0])
         loss = _dp_scaled(out.loss, normaliser, dp_size)
         clip_ratio = out.metrics["clipfrac_active"]
         if ratio_old is old_log_probs:
