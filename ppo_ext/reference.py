@@ -148,16 +148,18 @@ def policy_loss_reference(
     if importance_sampling == "token":
         r = torch.exp(d_tok)
     else:
-        # q: the token's term of the sequence log-ratio: d, or geo_mean's (GMPO's) sign-aware clip of it
-        q = d
+        # q: the token's term of the sequence log-ratio: d, or geo_mean's (GMPO's) sign-aware clip of it, and
+        # dq/dd (1 where q = d, torch.minimum's tie and the clamp's bound included)
+        q, dq = d, one
         if loss_type == "geo_mean":
             s = torch.sign(A)
             q = s * torch.minimum(s * d, s * _clamp(d, -eps_lo, eps_hi))
+            dq = torch.where(A > 0, d <= eps_hi, torch.where(A < 0, d >= -eps_lo, False)).to(dtype)
         qbar = (q.sum(dim=1) / n.clamp(min=1).to(dtype)).unsqueeze(1)  # 0 for a row with no valid token
         if importance_sampling == "seq":
             log_r = qbar  # the gradient flows through the mean
-        else:  # "seq-token": same value, gradient local to each token
-            log_r = q - q.detach() + qbar.detach()
+        else:  # "seq-token": same value, gradient local to each token (0 + dq * (lp - sg(lp)): no inf - inf)
+            log_r = dq * (lp - lp.detach()) + qbar.detach()
         if K is not None:
             log_r = _clamp(log_r, -K, K)
         r = torch.exp(log_r).expand(B, T)

@@ -238,7 +238,7 @@ def assert_same(got, ref, what, keys=pr.METRIC_KEYS):
     loss, metrics, grad = got
     ref_loss, ref_metrics, ref_grad = ref
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: loss\n{m}")
-    assert tuple(metrics) == pr.METRIC_KEYS
+    assert tuple(metrics) == tuple(keys)
     for k in keys:
         assert isinstance(metrics[k], float), f"{what}: {k}"
         assert metrics[k] == pytest.approx(ref_metrics[k], **METRIC_TOL), \
@@ -520,3 +520,57 @@ def test_errors_and_tensors():
         assert all(isinstance(v, torch.Tensor) and v.shape == () and v.dtype == torch.float32
                    for v in tensors.values())
         assert {k: v.item() for k, v in tensors.items()} == floats
+
+
+# ----------------------------------------------------------------------------------------------------
+# ROLL's train/infer importance weight (train_infer_correction.is_weight), computed by the kernel
+
+
+def roll_train_infer_is_weight(old_log_probs, infer_log_probs, response_mask, weight_type, upper_bound):
+    """ROLL's is_weight of compute_train_infer_correction (ROLL's train-infer correction module at ROLL_COMMIT,
+    _compute_all_granularity's ratios): exp(old - infer) per token, of the row's masked mean ("geometric") or
+    masked sum ("sequence"), clamped to [0, upper_bound]; and its clip fraction metric."""
+    response_mask = response_mask.long()
+    log_ratio = old_log_probs - infer_log_probs
+    ratio = {
+        "token": log_ratio.exp(),
+        "geometric": roll_masked_mean(log_ratio, response_mask, dim=-1).exp().unsqueeze(-1).expand_as(log_ratio),
+        "sequence": roll_masked_sum(log_ratio, response_mask, dim=-1).exp().unsqueeze(-1).expand_as(log_ratio),
+    }[weight_type]
+    tokens = max(float(response_mask.float().sum()), 1.0)
+    clipfrac = roll_agg_loss((ratio > upper_bound).float(), response_mask, "token-mean", batch_num_tokens=tokens)
+    return ratio.clamp(min=0.0, max=upper_bound), clipfrac.item()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("weight_type", list(pr.IS_WEIGHT_TYPES))
+def test_train_infer_is_weight(weight_type, level, mode):
+    inp = _inputs(70 + MODES.index(mode))
+    g = torch.Generator().manual_seed(71)
+    B_, T_ = inp.lp.shape
+    infer = (inp.old.double() + 0.1 * torch.randn(B_, 1, generator=g, dtype=torch.float64)
+             + 0.1 * torch.randn(B_, T_, generator=g, dtype=torch.float64)).float()
+    # ROLL's batches hold the same padding in both (ratio 1 there): its clip-fraction numerator, an unmasked
+    # token-mean agg_loss, counts padding positions too, so padding must not exceed the bound.
+    infer = torch.where(inp.mask != 0, infer, inp.old)
+    ub = 1.1
+    cfg = _config(level, mode, dual=True)
+    x = inp.f64()
+    weight, clipfrac = roll_train_infer_is_weight(x.old, infer.double(), inp.mask, weight_type, ub)
+    assert 0 < clipfrac < 1, "the bound cuts some tokens, not all"
+    lp = x.lp.clone().requires_grad_(True)
+    ref_loss, ref_metrics = roll_loss_func(lp, x.old, x.adv, inp.mask, cfg, *roll_strategy_normalisers([inp.mask]),
+                                           train_infer_is_weight=weight)
+    ref_loss.backward()
+    ref_metrics["actor/is_weight_clipfrac@sum"] = clipfrac
+    got = run_adapter(inp, infer_log_probs=infer, is_weight_type=weight_type, is_weight_upper_bound=ub,
+                      **_options(cfg))
+    assert_same(got, (ref_loss.detach(), ref_metrics, lp.grad), f"{weight_type} {level} {mode}",
+                keys=pr.METRIC_KEYS + ("actor/is_weight_clipfrac@sum",))
+
+
+def test_train_infer_segment_is_refused():
+    inp = _inputs(72)
+    with pytest.raises(NotImplementedError, match="segment"):
+        run_adapter(inp, infer_log_probs=inp.old, is_weight_type="segment")

@@ -112,7 +112,11 @@ import torch
 import ppo_ext
 from ppo_ext.names import COUNT_INDEX, IMPORTANCE_SAMPLING_LEVELS, LOSS_AGG_MODES
 
-__all__ = ["compute_policy_loss", "ROLL_DEFAULTS", "METRIC_KEYS"]
+__all__ = ["compute_policy_loss", "ROLL_DEFAULTS", "METRIC_KEYS", "IS_WEIGHT_TYPES"]
+
+# ROLL's train/infer importance-weight granularities (TrainInferISWeightConfig.weight_type) and the kernel's
+# rollout-correction level of each.
+IS_WEIGHT_TYPES = {"token": "token", "geometric": "seq-mean", "sequence": "seq"}
 
 # ROLL's PPOConfig / RLVRConfig defaults.
 ROLL_DEFAULTS = {
@@ -192,6 +196,9 @@ def compute_policy_loss(
     batch_num_tokens=None,
     global_valid_samples=None,
     return_tensors: bool = False,
+    infer_log_probs: Optional[torch.Tensor] = None,
+    is_weight_type: str = "token",
+    is_weight_upper_bound: Optional[float] = 1.2,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """ROLL's clipped policy-gradient loss and its metrics, the loss and its gradient by ppo_ext's kernel.
 
@@ -204,6 +211,15 @@ def compute_policy_loss(
     token, of the whole data-parallel batch. Default: those counts of this batch (``N``, ``S``). For data
     parallel pass ``ppo_ext.distributed.global_normalisers(mask)``'s ``num_tokens`` and ``num_seqs``.
     They divide the loss and, as in ROLL, ``actor/clipfrac``, ``actor/approxkl`` and ``actor/policykl``.
+
+    ``infer_log_probs`` (the inference engine's log-probs, ROLL's ``infer_logprobs``) turns on ROLL's
+    train/infer importance weight (``train_infer_correction.is_weight``: ``weight_type`` ``is_weight_type``,
+    ``upper_bound`` ``is_weight_upper_bound``) in the kernel: ``exp(old - infer)`` per token ("token"), of the
+    row's mean ("geometric") or sum ("sequence"), clamped to ``[0, upper_bound]``, multiplying the per-token
+    loss, and the metric ``actor/is_weight_clipfrac@sum`` (valid tokens above the bound over
+    ``batch_num_tokens``; ROLL's numerator counts every position, padding included: at the row levels each of
+    a filtered row's ``T`` positions, as here). "segment" and ROLL's filters (which change the mask) are not
+    supported.
 
     Returns ``(pg_loss, metrics)``, the keys ``METRIC_KEYS``, documented (with how each differs from
     the core API's metric) in the module docstring. Floats cost one host synchronisation (ROLL calls
@@ -242,13 +258,29 @@ def compute_policy_loss(
     else:
         normalisers = {"num_seqs": global_valid_samples}  # None: S, the rows with a valid token
 
+    correction = {}
+    if infer_log_probs is not None:
+        if is_weight_type not in IS_WEIGHT_TYPES:
+            raise NotImplementedError(f"is_weight_type {is_weight_type!r}: ppo_ext computes ROLL's "
+                                      f"{list(IS_WEIGHT_TYPES)} train/infer weights (not 'segment')")
+        correction = dict(rollout_log_probs=infer_log_probs, rollout_is=IS_WEIGHT_TYPES[is_weight_type],
+                          rollout_is_mode="truncate", rollout_is_low=0.0, rollout_is_high=is_weight_upper_bound)
     out = ppo_ext.policy_loss(
         log_probs, old_log_probs, advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=(1.0 + 2.0 * pg_clip) if dual else None,
-        importance_sampling=level, loss_agg_mode=mode, token_weights=weights, **normalisers,
+        importance_sampling=level, loss_agg_mode=mode, token_weights=weights, **normalisers, **correction,
     )
     metrics = _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high,
                        batch_num_tokens, global_valid_samples)
+    if infer_log_probs is not None and is_weight_upper_bound is not None:
+        # ROLL's numerator sums (weight > bound) over every position: at the token level the valid tokens above
+        # the bound (padding holds ratio 1), at a row level every one of a filtered row's T positions.
+        tokens = out.counts[COUNT_INDEX["valid_tokens"]] if batch_num_tokens is None else batch_num_tokens
+        if is_weight_type == "token":
+            above = out.counts[COUNT_INDEX["rollout_filtered_tokens"]]
+        else:
+            above = out.counts[COUNT_INDEX["rollout_filtered_seqs"]] * T
+        metrics["actor/is_weight_clipfrac@sum"] = _div(above.to(torch.float32), tokens)
     if return_tensors:
         return out.loss, metrics
     values = torch.stack(list(metrics.values())).tolist()  # the one synchronisation
