@@ -1,7 +1,8 @@
 """Every CUDA kernel of ppo_ext, launched once or twice on small inputs and checked against the CPU op: the
 workload that scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
 Small enough to finish in seconds under each tool; covers the aligned and unaligned (odd V, sliced rows)
-paths, the grid-stride loops (more rows than blocks), every importance-sampling level, entropy on and off,
+paths, the grid-stride loops (more rows than blocks), every importance-sampling level, loss families of each
+kind with the rollout correction at each of its levels, entropy on and off,
 the in-place backward and rows with zero upstream gradient. Exit status 1 on a mismatch."""
 
 import sys
@@ -23,17 +24,29 @@ def policy_loss_cases():
     adv = torch.randn(B, generator=g)
     mask = torch.rand(B, T, generator=g) < 0.8
     mask[3] = False
-    for importance_sampling in ("token", "seq", "seq-token"):
+    rollout = old + 0.1 * torch.randn(B, T, generator=g)
+    # every importance-sampling level, then a loss family of each kind (direct gradient, sequence-level term,
+    # the value loss) with the rollout correction at each of its levels
+    cases = [dict(importance_sampling=level, dual_clip=3.0) for level in ("token", "seq", "seq-token")]
+    cases += [dict(loss_type="cispo", importance_sampling="seq", rollout_is="seq", rollout_is_high=2.0),
+              dict(loss_type="geo_mean", importance_sampling="seq", rollout_is="token", rollout_is_mode="mask",
+                   rollout_is_low=0.8, rollout_is_high=1.25),
+              dict(loss_type="dppo_kl", ratio_cap=2.0, rollout_is="seq-mean", rollout_is_mode="mask",
+                   rollout_is_mask_weight="token", rollout_is_low=0.9, rollout_is_high=1.1),
+              dict(loss_type="value", clip_low=0.1)]
+    for options in cases:
         for dtype in (torch.float32, torch.bfloat16):
             outs = []
             for device in ("cpu", "cuda"):
-                x = lp.to(device, dtype).requires_grad_(True)
-                out = ppo_ext.policy_loss(x, old.to(device), adv.to(device), mask.to(device), dual_clip=3.0,
-                                          importance_sampling=importance_sampling, loss_agg_mode="seq-mean-token-mean",
-                                          num_tokens=torch.tensor(float(mask.sum()), device=device))
+                x = lp.to(device, dtype).detach().clone().requires_grad_(True)  # a fresh leaf per run
+                correction = {"rollout_log_probs": rollout.to(device)} if "rollout_is" in options else {}
+                out = ppo_ext.policy_loss(x, old.to(device), adv.to(device), mask.to(device),
+                                          loss_agg_mode="seq-mean-token-mean",
+                                          num_tokens=torch.tensor(float(mask.sum()), device=device), **correction,
+                                          **options)
                 out.loss.backward()
                 outs.append((out.loss, out.counts, x.grad))
-            what = f"policy_loss {importance_sampling} {dtype}"
+            what = f"policy_loss {options} {dtype}"
             close(outs[1][0], outs[0][0], what)
             assert torch.equal(outs[1][1].cpu(), outs[0][1]), what
             close(outs[1][2].float(), outs[0][2].float(), what, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
