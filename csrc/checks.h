@@ -65,6 +65,23 @@ struct PolicyLossEntry<PolicyLossOutputs(Args...)> {
 template <PolicyLossOutputs (*Impl)(const PolicyLossArgs&)>
 constexpr PolicyLossSignature* checked_policy_loss = &PolicyLossEntry<PolicyLossSignature>::template call<Impl>;
 
+// The inputs, shape and options of a backend's kernel arguments (the CPU's and the CUDA PolicyLossKernelArgs)
+// from the checked arguments; `view(tensor, row_stride, col_stride)` makes the backend's (B, T) view of one input.
+template <typename KernelArgs, typename MakeView>
+void set_policy_loss_inputs(KernelArgs& k, const PolicyLossArgs& a, MakeView view) {
+  using View = decltype(view(a.log_probs, 0, 0));
+  const auto optional = [&](const OptionalTensor& t) { return t.has_value() ? view(*t, t->stride(0), t->stride(1)) : View{}; };
+  k.log_probs = view(a.log_probs, a.log_probs.stride(0), a.log_probs.stride(1));
+  k.old_log_probs = optional(a.old_log_probs);
+  k.advantages = view(a.advantages, a.advantages_row_stride, a.advantages_col_stride);
+  k.mask = optional(a.mask);
+  k.token_weights = optional(a.token_weights);
+  k.rollout_log_probs = optional(a.rollout_log_probs);
+  k.B = a.B;
+  k.T = a.T;
+  k.options = a.options;
+}
+
 void check_policy_loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                      const at::Tensor& grad_scale, at::ScalarType dtype);
 

@@ -12,12 +12,6 @@ namespace ppo_ext::cpu {
 
 namespace {
 
-StridedInput strided(const at::Tensor& t) {
-  return {t.const_data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
-}
-
-StridedInput strided(const OptionalTensor& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
-
 // A tensor normaliser is read here, on the CPU (no synchronisation), and checked as numbers are.
 Normaliser read_normaliser(const NormaliserArg& n, const char* name) {
   if (!n.tensor.has_value()) return n.number;
@@ -30,16 +24,9 @@ PolicyLossOutputs policy_loss_cpu(const PolicyLossArgs& a) {
   at::Tensor loss, metrics, counts, token_grad, grad_scale;  // not structured bindings: the lambda below uses them
   std::tie(loss, metrics, counts, token_grad, grad_scale) = empty_policy_loss_outputs(a.log_probs, a.compute_grad);
   PolicyLossKernelArgs args;
-  args.log_probs = strided(a.log_probs);
-  args.old_log_probs = strided(a.old_log_probs);
-  args.advantages = {a.advantages.const_data_ptr(), a.advantages.scalar_type(), a.advantages_row_stride,
-                     a.advantages_col_stride};
-  args.mask = strided(a.mask);
-  args.token_weights = strided(a.token_weights);
-  args.rollout_log_probs = strided(a.rollout_log_probs);
-  args.B = a.B;
-  args.T = a.T;
-  args.options = a.options;
+  set_policy_loss_inputs(args, a, [](const at::Tensor& t, int64_t row_stride, int64_t col_stride) {
+    return StridedInput{t.const_data_ptr(), t.scalar_type(), row_stride, col_stride};
+  });
   args.token_grad = a.compute_grad ? token_grad.mutable_data_ptr() : nullptr;
   const Normaliser tokens = read_normaliser(a.num_tokens, "num_tokens");
   const Normaliser seqs = read_normaliser(a.num_seqs, "num_seqs");

@@ -51,10 +51,6 @@ struct KernelScalar<at::BFloat16> {
 template <typename scalar_t>
 using kernel_scalar_t = typename KernelScalar<scalar_t>::type;
 
-inline StridedInput strided(const at::Tensor& t) {
-  return {t.const_data_ptr(), dtype_code(t.scalar_type()), t.stride(0), t.stride(1)};
-}
-inline StridedInput strided(const OptionalTensor& t) { return t.has_value() ? strided(*t) : StridedInput{}; }
 
 // A tensor normaliser is read by the kernel's last block, on the device.
 inline DeviceNormaliser device_normaliser(const NormaliserArg& n) {
@@ -72,16 +68,9 @@ PolicyLossOutputs policy_loss_device(const PolicyLossArgs& a) {
   at::Tensor workspace = at::empty({layout.bytes}, a.log_probs.options().dtype(at::kByte));
   auto* workspace_bytes = static_cast<uint8_t*>(workspace.mutable_data_ptr());
   PolicyLossKernelArgs args;
-  args.log_probs = strided(a.log_probs);
-  args.old_log_probs = strided(a.old_log_probs);
-  args.advantages = {a.advantages.const_data_ptr(), dtype_code(a.advantages.scalar_type()), a.advantages_row_stride,
-                     a.advantages_col_stride};
-  args.mask = strided(a.mask);
-  args.token_weights = strided(a.token_weights);
-  args.rollout_log_probs = strided(a.rollout_log_probs);
-  args.B = a.B;
-  args.T = a.T;
-  args.options = a.options;
+  set_policy_loss_inputs(args, a, [](const at::Tensor& t, int64_t row_stride, int64_t col_stride) {
+    return StridedInput{t.const_data_ptr(), dtype_code(t.scalar_type()), row_stride, col_stride};
+  });
   args.token_grad = a.compute_grad ? token_grad.mutable_data_ptr() : nullptr;
   args.partials = reinterpret_cast<Partials*>(workspace_bytes);
   args.blocks_done = reinterpret_cast<unsigned int*>(workspace_bytes + layout.counter_offset);
