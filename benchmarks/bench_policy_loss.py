@@ -2,14 +2,15 @@
 """Benchmark ppo_ext.policy_loss against the frameworks' own eager PyTorch code and torch.compile of it.
 
 The eager contender is verl 0.9.1's compute_policy_loss_vanilla / compute_policy_loss_gspo (and, for the
-sequence-level ratio with the gradient through the mean, OpenRLHF 0.11.2's GSPO PolicyLoss), loaded from the
+sequence-level ratio with the gradient through the mean, OpenRLHF 0.11.2's GSPO PolicyLoss; for the other loss
+families, verl's compute_policy_loss_cispo / _sapo / _gpg / _dro / _dppo_tv / _dppo_kl), loaded from the
 installed packages by tests/frameworks.py and called as the frameworks' actors call them. Every contender is
 first checked against the float64 reference (ppo_ext.reference): loss, metrics, clip counters and gradient,
 with and without autograd. Then forward alone and forward + backward are timed, contenders interleaved in one
 process, inputs rotated. Also measured: effective bandwidth against the minimum bytes the op must move, bytes
 saved for backward, peak extra memory, ops / CUDA kernels per call, host synchronisations (CUDA).
 
-    python benchmarks/bench_policy_loss.py --quick            # under a minute on a 2-core CPU
+    python benchmarks/bench_policy_loss.py --quick            # about a minute on a 2-core CPU
     python benchmarks/bench_policy_loss.py                    # the reference run, a few minutes
     python benchmarks/bench_policy_loss.py --device cuda      # cpu | cuda | all (default: all that exist)
 
@@ -17,6 +18,7 @@ Writes benchmarks/results/<device>-<date>[-quick].{json,md,png} and exits with 2
 the reference (or cannot run: verl / OpenRLHF not installed). See benchmarks/README.md.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -42,54 +44,122 @@ PASSES = ("fwd+bwd", "fwd")
 # Contenders: the frameworks' own eager code as their users run it ("eager"), torch.compile of it, ppo_ext
 # ---------------------------------------------------------------------------------------------------------------
 
-# The losses benchmarked: the framework's function and its options, and the ppo_ext options that compute the
-# same thing. (ppo_ext's log_ratio_clamp=10 clamps to [-10, 10] where verl's GSPO clamps to (-inf, 10]: the same
-# here, where |log ratio| stays far below 10.)
+# The losses benchmarked: the framework's function and its options, the names of its metrics in ppo_ext's terms
+# (`metrics`: the framework's key -> ppo_ext's metric; every key the framework returns must be there), and the
+# ppo_ext options that compute the same thing. (ppo_ext's log_ratio_clamp=10 clamps to [-10, 10] where verl's GSPO
+# clamps to (-inf, 10]: the same here, where |log ratio| stays far below 10.)
+VERL_METRICS = {"actor/pg_clipfrac": "clipfrac_active", "actor/ppo_kl": "approx_kl",
+                "actor/pg_clipfrac_lower": "dual_clipfrac"}
 KINDS = {
     "ppo": dict(
         label="token", framework="verl", function="compute_policy_loss_vanilla",
         config=dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
                     loss_agg_mode="token-mean"),
+        metrics=VERL_METRICS,
         options=dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0,
                      importance_sampling="token", loss_agg_mode="token-mean")),
     "gspo": dict(
         label="seq-token (GSPO)", framework="verl", function="compute_policy_loss_gspo",
         config=dict(clip_ratio=3e-4, clip_ratio_low=3e-4, clip_ratio_high=4e-4, loss_agg_mode="seq-mean-token-mean"),
+        metrics=VERL_METRICS,
         options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=10.0,
                      importance_sampling="seq-token", loss_agg_mode="seq-mean-token-mean")),
     "seq": dict(
         label="seq", framework="openrlhf",
         config=dict(clip_eps_low=3e-4, clip_eps_high=4e-4, policy_loss_type="gspo"),
+        metrics={"clip_ratio": "clipfrac_active", "ppo_kl": "approx_kl"},  # PolicyLoss's 2nd and 3rd outputs
         options=dict(clip_low=3e-4, clip_high=4e-4, log_ratio_clamp=None,
                      importance_sampling="seq", loss_agg_mode="seq-mean-token-mean")),
+    # The other loss families verl registers (ppo_ext's loss_type), verl's defaults where it has them.
+    # cispo: -sg(clip(r, 0.8, 1.28)) A lp; verl's pg_clipfrac counts r outside the bounds (ppo_ext's clipfrac),
+    # its pg_clipfrac_lower is a constant 0 (ppo_ext's dual_clipfrac is 0 for cispo: checked equal).
+    "cispo": dict(
+        label="cispo", framework="verl", function="compute_policy_loss_cispo",
+        config=dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, loss_agg_mode="token-mean"),
+        metrics={"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl",
+                 "actor/pg_clipfrac_lower": "dual_clipfrac"},
+        options=dict(loss_type="cispo", clip_low=0.2, clip_high=0.28, log_ratio_clamp=20.0,
+                     loss_agg_mode="token-mean")),
+    # sapo: verl aggregates with seq-mean-token-mean whatever loss_agg_mode it is given (here token-mean, its
+    # default); its two clipfracs are constant 0s, checked against ppo_ext's clipfrac / dual_clipfrac (0 for sapo).
+    "sapo": dict(
+        label="sapo", framework="verl", function="compute_policy_loss_sapo",
+        config=dict(tau_pos=1.0, tau_neg=1.05, loss_agg_mode="token-mean"),
+        metrics={"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl",
+                 "actor/pg_clipfrac_lower": "dual_clipfrac"},
+        options=dict(loss_type="sapo", tau_pos=1.0, tau_neg=1.05, log_ratio_clamp=20.0,
+                     loss_agg_mode="seq-mean-token-mean")),
+    # gpg: -A lp; verl returns no metrics.
+    "gpg": dict(
+        label="gpg", framework="verl", function="compute_policy_loss_gpg",
+        config=dict(loss_agg_mode="token-mean"), metrics={},
+        options=dict(loss_type="gpg", loss_agg_mode="token-mean")),
+    # dro: -(A lp - beta/2 (lp - old)^2), beta from config.policy_loss.dro_beta, no clamp; verl's one metric is
+    # ppo_kl (the mean of old - lp, unclamped).
+    "dro": dict(
+        label="dro", framework="verl", function="compute_policy_loss_dro",
+        config=dict(loss_agg_mode="token-mean"), policy_loss=dict(loss_mode="dro", dro_beta=0.1),
+        metrics={"actor/ppo_kl": "approx_kl"},
+        options=dict(loss_type="dro", dro_beta=0.1, loss_agg_mode="token-mean")),
+    # dppo_tv / dppo_kl: clip_ratio_low / high are the divergence thresholds (verl's defaults 0.2 / 0.28: here
+    # 0.5% (tv) and 1.1% (kl) of the tokens are dropped), clip_ratio_c the truncation of the ratio (verl reads
+    # config.get("clip_ratio_c", 20.0); ActorConfig has the field, set to 20 here: ~130 kept tokens per 1M are
+    # truncated). verl's pg_clipfrac is the dropped fraction (ppo_ext's clipfrac_active), its pg_clipfrac_lower
+    # the truncated kept fraction (ppo_ext's dual_clipfrac).
+    "dppo_tv": dict(
+        label="dppo_tv", framework="verl", function="compute_policy_loss_dppo_tv",
+        config=dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=20.0,
+                    loss_agg_mode="token-mean"),
+        metrics=VERL_METRICS,
+        options=dict(loss_type="dppo_tv", clip_low=0.2, clip_high=0.28, ratio_cap=20.0, log_ratio_clamp=20.0,
+                     loss_agg_mode="token-mean")),
+    "dppo_kl": dict(
+        label="dppo_kl", framework="verl", function="compute_policy_loss_dppo_kl",
+        config=dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=20.0,
+                    loss_agg_mode="token-mean"),
+        metrics=VERL_METRICS,
+        options=dict(loss_type="dppo_kl", clip_low=0.2, clip_high=0.28, ratio_cap=20.0, log_ratio_clamp=20.0,
+                     loss_agg_mode="token-mean")),
 }
+FAMILIES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")  # the kinds with a loss_type other than vanilla
+
+
+def verl_config(verl, spec):
+    """verl's ActorConfig of a kind: its `config` fields, and `policy_loss` (verl's PolicyLossConfig, the class of
+    ActorConfig's policy_loss field: dro reads config.policy_loss.dro_beta) when the kind sets any of its fields."""
+    fields = dict(spec["config"])
+    if "policy_loss" in spec:
+        (field,) = [f for f in dataclasses.fields(verl.ActorConfig) if f.name == "policy_loss"]
+        fields["policy_loss"] = field.default_factory(**spec["policy_loss"])
+    return verl.actor_config(**fields)
 
 
 def framework_loss(kind):
     """The framework's loss of `kind` as a function (lp, old, adv, mask) -> (loss, metrics by ppo_ext's names).
 
-    verl: verl's function with verl's ActorConfig, called as verl's ppo_loss calls it; it ends with three .item()
-    calls on its metrics (a host synchronisation each on a GPU), which are part of verl's function and so of its
+    verl: verl's function with verl's ActorConfig, called as verl's ppo_loss calls it; it ends with .item() calls
+    on its metrics (a host synchronisation each on a GPU), which are part of verl's function and so of its
     time. OpenRLHF: its PolicyLoss module, called as its actor calls it; it returns tensors (no synchronisation).
+    The metrics are renamed by the kind's `metrics` map (a metric it does not name is an error).
     Raises frameworks().FrameworkMissing when the package is not installed."""
     spec = KINDS[kind]
+    names = spec["metrics"]
     if spec["framework"] == "verl":
         verl = frameworks().verl()
-        config = verl.actor_config(**spec["config"])
+        config = verl_config(verl, spec)
         fn = getattr(verl.core_algos, spec["function"])
 
         def verl_loss(lp, old, adv, mask):
             pg_loss, m = fn(old_log_prob=old, log_prob=lp, advantages=adv, response_mask=mask,
                             loss_agg_mode=config.loss_agg_mode, config=config)
-            return pg_loss, {"clipfrac_active": m["actor/pg_clipfrac"], "approx_kl": m["actor/ppo_kl"],
-                             "dual_clipfrac": m["actor/pg_clipfrac_lower"]}
+            return pg_loss, {names[k]: v for k, v in m.items()}
 
         return verl_loss
     module = frameworks().openrlhf().loss.PolicyLoss(**spec["config"])
 
     def openrlhf_loss(lp, old, adv, mask):
         loss, clip_ratio, ppo_kl, _, _ = module(lp, old, adv, action_mask=mask)
-        return loss, {"clipfrac_active": clip_ratio, "approx_kl": ppo_kl}
+        return loss, {names["clip_ratio"]: clip_ratio, names["ppo_kl"]: ppo_kl}
 
     return openrlhf_loss
 
@@ -169,16 +239,21 @@ VARIANTS = [
     Case(16, 8192, kind="seq", adv="B"),
     Case(16, 8192, kind="seq"),
 ]
+# the other loss families at 1M tokens, with advantages (B,): they are the critic-free (GRPO-style) losses, whose
+# advantage is one number per sequence
+FAMILY_CASES = [Case(128, 8192, kind=kind, adv="B") for kind in FAMILIES]
 
 
 def all_cases(quick, device):
     if not quick:
-        return [Case(B, T, series=True) for B, T in SERIES_SHAPES] + VARIANTS
+        return [Case(B, T, series=True) for B, T in SERIES_SHAPES] + VARIANTS + FAMILY_CASES
     # the shapes of the targets (CPU: 8K and 1M tokens; GPU: 32K and 4M tokens), a middle one, and one variant of
-    # everything else: GSPO, advantages (B,), odd T, empty rows (a torch.compile costs ~4 s a case on 2 cores)
+    # everything else: GSPO, advantages (B,), odd T, empty rows (a torch.compile costs ~4 s a case on 2 cores);
+    # on the CPU also the other families at 1M tokens (their targets)
     shapes = [(8, 1024), (64, 2048), (128, 8192)] if device == "cpu" else [(8, 1024), (32, 1024), (128, 8192),
                                                                              (512, 8192)]
-    return [Case(B, T, series=True) for B, T in shapes] + [Case(16, 4097, kind="gspo", adv="B", mask="empty-rows")]
+    return ([Case(B, T, series=True) for B, T in shapes] + [Case(16, 4097, kind="gspo", adv="B", mask="empty-rows")]
+            + (FAMILY_CASES if device == "cpu" else []))
 
 
 @dataclass
@@ -243,24 +318,59 @@ FRACTIONS = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", "du
 
 
 def boundary_tokens(case, inp):
-    """Valid tokens whose float64 ratio lies within 2e-6 (relative) of a clip boundary: float32 may put them on
-    the other side, which flips their gradient and their clip counters (with a sequence ratio, the whole row's).
-    They are left out of the gradient comparison and allowed for in the counters."""
+    """Valid tokens that float32 may put on the other side of a threshold than float64, which flips their clip
+    counters and, where the threshold is a discontinuity of the loss, their gradient (with a sequence ratio, the
+    whole row's). They are left out of the gradient comparison and allowed for in the counters. The thresholds
+    are the family's: the ratio's clip bounds (and the dual clip) for vanilla and cispo (within 2e-6 relative);
+    for dppo_* the divergence thresholds (tv: p - p_old within 2e-6; kl: the binary KL within 2e-6 (1 + |(1 - p_old
+    + 1e-8) / (1 - p + 1e-8)|), float32's error of its log term) and the truncation C (the counter only). sapo, gpg
+    and dro have none."""
     opts = KINDS[case.kind]["options"]
+    loss_type = opts.get("loss_type", "vanilla")
     lp, old, m = inp.lp.detach().double(), inp.old.double(), inp.mask
     d = lp - old
-    K = opts["log_ratio_clamp"]
+    K = opts.get("log_ratio_clamp")
     K = math.inf if K is None else K
-    if opts["importance_sampling"] == "token":
+    if opts.get("importance_sampling", "token") == "token":
         r = torch.exp(d.clamp(-K, K))
     else:
         dbar = torch.where(m, d, 0).sum(-1) / m.sum(-1).clamp(min=1)
         r = torch.exp(dbar.clamp(-K, K))[:, None].expand_as(d)
-    bounds = [1 - opts["clip_low"], 1 + opts["clip_high"]] + ([opts["dual_clip"]] if "dual_clip" in opts else [])
     near = torch.zeros_like(m)
-    for b in bounds:
-        near |= (r - b).abs() <= 2e-6 * b
+    if loss_type in ("vanilla", "cispo"):
+        bounds = [1 - opts["clip_low"], 1 + opts["clip_high"]] + ([opts["dual_clip"]] if "dual_clip" in opts else [])
+        for b in bounds:
+            near |= (r - b).abs() <= 2e-6 * b
+    elif loss_type in ("dppo_tv", "dppo_kl"):
+        p, p_old = torch.exp(lp), torch.exp(old)
+        if loss_type == "dppo_tv":
+            divergence, bounds, tol = p - p_old, [opts["clip_high"], -opts["clip_low"]], 2e-6
+        else:
+            num, den = 1 - p_old + 1e-8, 1 - p + 1e-8
+            divergence = p_old * (old - lp) + (1 - p_old) * torch.log(num / den)
+            bounds, tol = [opts["clip_low"], opts["clip_high"]], 2e-6 * (1 + (num / den).abs())
+        for b in bounds:
+            near |= (divergence - b).abs() <= tol  # NaN (p > 1 in kl): False, as on both sides
+        if opts.get("ratio_cap") is not None:
+            near |= (r - opts["ratio_cap"]).abs() <= 2e-6 * opts["ratio_cap"]
     return near & m
+
+
+def grad_rtol(case, inp):
+    """The gradient's relative tolerance per token: 1e-4, and for sapo 4 eps32 / (1 - gate) more, where its gate
+    sigmoid(tau (r - 1)) saturates: float32 holds 1 - gate (in the derivative 4 gate (1 - gate)) only to ~eps32
+    absolute, so a token whose gate is within 1e-6 of 1 has its gradient right to ~10% at best, and
+    none at all (0) once the gate rounds to 1 (every contender alike, eager's torch.sigmoid included)."""
+    opts = KINDS[case.kind]["options"]
+    if opts.get("loss_type") != "sapo":
+        return 1e-4
+    d = (inp.lp.detach().double() - inp.old.double())
+    K = opts.get("log_ratio_clamp")
+    r = torch.exp(d if K is None else d.clamp(-K, K))
+    adv = inp.adv.double()
+    adv = (adv if adv.dim() == 2 else adv[:, None]).expand_as(d)
+    tau = torch.where(adv > 0, opts["tau_pos"], opts["tau_neg"]).double()
+    return 1e-4 + 4 * 2.0 ** -23 / torch.sigmoid(-tau * (r - 1))  # 1 - gate, in float64
 
 
 def reference_result(case, inp):
@@ -272,7 +382,7 @@ def reference_result(case, inp):
     # the size of one token's loss, for an absolute tolerance on a loss that may sum to ~0
     scale = float((adv.abs() if adv.dim() == 2 else adv.abs()[:, None]).expand_as(lp)[inp.mask].sum()) / n
     return dict(loss=float(out.loss.detach()), metrics={k: float(v) for k, v in out.metrics.items()},
-                counts=out.counts.tolist(), grad=grad, scale=scale, n=n)
+                counts=out.counts.tolist(), grad=grad, grad_rtol=grad_rtol(case, inp), scale=scale, n=n)
 
 
 def as_float(x):
@@ -319,7 +429,10 @@ def check_contender(fn, inp, ref, near):
     gmax = float(ref["grad"].abs().max()) if grad.numel() else 0.0
     errs["grad_max_abs_err"] = float(diff[~near].max()) if bool((~near).any()) else 0.0
     errs["grad_max_abs"] = gmax
-    if not bool((diff <= 1e-4 * ref["grad"].abs() + 1e-6 * gmax)[~near].all()):  # also catches NaN
+    rtol = ref["grad_rtol"]
+    if isinstance(rtol, torch.Tensor):  # the tokens whose tolerance is widened beyond 2x (sapo's saturated gates)
+        errs["grad_ill_conditioned_tokens"] = int(((rtol > 2e-4) & inp.mask).sum())
+    if not bool((diff <= rtol * ref["grad"].abs() + 1e-6 * gmax)[~near].all()):  # also catches NaN
         problems.append("grad")
 
     with torch.no_grad():
@@ -432,10 +545,10 @@ def run_device(device, args, cases):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def find_case(result, B, T):
-    """The plain case of a shape: token ratio, advantages (B, T), mask density 0.9."""
+def find_case(result, B, T, kind="ppo", adv="BT"):
+    """The case of a shape and kind with mask density 0.9 (by default the plain one: token ratio, advantages (B, T))."""
     for res in result["cases"]:
-        if (res["B"], res["T"], res["kind"], res["adv"], res["mask"]) == (B, T, "ppo", "BT", "0.9") and "timing" in res:
+        if (res["B"], res["T"], res["kind"], res["adv"], res["mask"]) == (B, T, kind, adv, "0.9") and "timing" in res:
             return res
     return None
 
@@ -453,8 +566,8 @@ def targets(result):
         else:
             out.append(dict(target=target, measured=fmt.format(value), met=value >= goal))
 
-    def add_speedup(target, B, T, base, goal):
-        res = find_case(result, B, T)
+    def add_speedup(target, B, T, base, goal, kind="ppo", adv="BT"):
+        res = find_case(result, B, T, kind, adv)
         value = res["timing"]["fwd+bwd"].get("ppo_ext", {}).get(f"speedup_vs_{base}") if res else None
         add(target, value, goal, res=res)
 
@@ -463,6 +576,12 @@ def targets(result):
         add_speedup("fwd+bwd >= 10x eager at 1M tokens (128x8192)", 128, 8192, "eager", 10)
         add_speedup("fwd+bwd >= 1.5x torch.compile at 1M tokens (128x8192)", 128, 8192, "compiled", 1.5)
         add_speedup("fwd+bwd >= 3x eager at 8K tokens (8x1024)", 8, 1024, "eager", 3)
+        for case in FAMILY_CASES:  # the same bar at 1M tokens for the other families (advantages (B,))
+            label, where = KINDS[case.kind]["label"], f"{case.B}x{case.T}, {'A(B,)' if case.adv == 'B' else 'A(B,T)'}"
+            add_speedup(f"{label}: fwd+bwd >= 10x eager at 1M tokens ({where})", case.B, case.T, "eager", 10,
+                        case.kind, case.adv)
+            add_speedup(f"{label}: fwd+bwd >= 1.5x torch.compile at 1M tokens ({where})", case.B, case.T,
+                        "compiled", 1.5, case.kind, case.adv)
     else:
         add_speedup("fwd+bwd >= 15x eager at 32K tokens (32x1024)", 32, 1024, "eager", 15)
         add_speedup("fwd+bwd >= 2x torch.compile at 32K tokens (32x1024)", 32, 1024, "compiled", 2)
@@ -606,7 +725,7 @@ def write_markdown(result, path, png):
 
 
 def main(argv=None):
-    p = harness.parser(__doc__.split("\n\n")[0], "4 cases (5 on a GPU), short timings: under a minute on 2 CPU cores",
+    p = harness.parser(__doc__.split("\n\n")[0], "10 cases (5 on a GPU), short timings: about a minute on 2 CPU cores",
                        "<device>-<date>[-quick].{json,md,png}")
     p.add_argument("--cases", help="only the cases whose name contains this, e.g. '128x8192'")
     args = p.parse_args(argv)
