@@ -34,6 +34,9 @@ enum class RolloutIs : int32_t { None, Token, Seq, SeqMean };
 enum class RolloutIsMode : int32_t { Truncate, Mask };
 enum class RolloutIsMaskWeight : int32_t { Unit, Token };
 
+// Whether the correction's unit is a row (its ratio from the row's sum of old - rollout, in the first pass).
+PPO_HD bool is_row_level(RolloutIs level) { return level == RolloutIs::Seq || level == RolloutIs::SeqMean; }
+
 enum class LossAggMode : int32_t {
   TokenMean,
   TokenSum,
@@ -441,19 +444,12 @@ PPO_HD double loss_denominator(LossAggMode mode, Normaliser num_tokens, Normalis
   return 1.0;
 }
 
-// A row's part of the rollout statistics that are not per token: with no correction each valid token's weight is
-// 1; at a sequence level a row with valid tokens whose unit is outside the bounds counts in kRolloutFilteredSeqs
-// (decided in acc_t, as its tokens' weights are).
+// Whether a row counts in kRolloutFilteredSeqs: a row-level correction, a valid token, and the row's unit outside
+// the bounds (decided in acc_t, as its tokens' weights are).
 template <typename acc_t>
-PPO_HD void add_rollout_row(Partials& p, const LossOptions& o, int64_t row_valid, acc_t row_unit_log_ratio) {
-  if (row_valid == 0) return;
-  if (o.rollout_is == RolloutIs::None) {
-    p.rollout_weight_sum += static_cast<double>(row_valid);
-    p.rollout_weight_min = nan_minimum(p.rollout_weight_min, 1.0);
-    p.rollout_weight_max = nan_maximum(p.rollout_weight_max, 1.0);
-  } else if (o.rollout_is != RolloutIs::Token) {
-    p.counts[kRolloutFilteredSeqs] += rollout_weight<ScalarOps<acc_t>>(acc_t(0), row_unit_log_ratio, o).filtered;
-  }
+PPO_HD bool rollout_row_filtered(const LossOptions& o, int64_t row_valid, acc_t row_unit_log_ratio) {
+  return row_valid > 0 && is_row_level(o.rollout_is) &&
+         rollout_weight<ScalarOps<acc_t>>(acc_t(0), row_unit_log_ratio, o).filtered;
 }
 
 PPO_HD void init_partials(Partials& p) {
@@ -478,10 +474,11 @@ PPO_HD void combine_partials(Partials& into, const Partials& p) {
   for (int k = 0; k < kNumCounts; ++k) into.counts[k] += p.counts[k];
 }
 
-// Loss, gradient scale (1/denominator, 0 for a zero denominator) and metrics from the batch sums.
+// Loss, gradient scale (1/denominator, 0 for a zero denominator) and metrics from the batch sums. Without a rollout
+// correction every weight is 1 (the kernels accumulate none).
 template <typename acc_t>
-PPO_HD void finalize(const Partials& s, double denominator, acc_t* loss, acc_t* grad_scale, float* metrics,
-                     int64_t* counts) {
+PPO_HD void finalize(const Partials& s, double denominator, RolloutIs rollout_is, acc_t* loss, acc_t* grad_scale,
+                     float* metrics, int64_t* counts) {
   const bool has_denominator = denominator != 0.0;
   *loss = has_denominator ? static_cast<acc_t>(s.loss / denominator) : acc_t(0);
   *grad_scale = has_denominator ? static_cast<acc_t>(1.0 / denominator) : acc_t(0);
@@ -496,9 +493,10 @@ PPO_HD void finalize(const Partials& s, double denominator, acc_t* loss, acc_t* 
   metrics[kRatioMean] = n > 0 ? static_cast<float>(s.ratio_sum * inv_n) : 1.0f;
   metrics[kRatioMin] = n > 0 ? static_cast<float>(s.ratio_min) : 1.0f;
   metrics[kRatioMax] = n > 0 ? static_cast<float>(s.ratio_max) : 1.0f;
-  metrics[kRolloutWeightMean] = n > 0 ? static_cast<float>(s.rollout_weight_sum * inv_n) : 1.0f;
-  metrics[kRolloutWeightMin] = n > 0 ? static_cast<float>(s.rollout_weight_min) : 1.0f;
-  metrics[kRolloutWeightMax] = n > 0 ? static_cast<float>(s.rollout_weight_max) : 1.0f;
+  const bool weighted = rollout_is != RolloutIs::None && n > 0;
+  metrics[kRolloutWeightMean] = weighted ? static_cast<float>(s.rollout_weight_sum * inv_n) : 1.0f;
+  metrics[kRolloutWeightMin] = weighted ? static_cast<float>(s.rollout_weight_min) : 1.0f;
+  metrics[kRolloutWeightMax] = weighted ? static_cast<float>(s.rollout_weight_max) : 1.0f;
   metrics[kRolloutFilteredFrac] = static_cast<float>(s.counts[kRolloutFilteredTokens] * inv_n);
   for (int k = 0; k < kNumCounts; ++k) counts[k] = s.counts[k];
 }

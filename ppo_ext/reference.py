@@ -195,8 +195,7 @@ def policy_loss_reference(
         active = ((d > eps_hi) & (A > 0)) | ((d < -eps_lo) & (A < 0))
     elif loss_type == "value":  # lp: the values, old: the old values, A: the returns
         lo, hi = old - eps_lo, old + eps_hi
-        clipped = torch.where((lp >= lo) & (lp <= hi), lp, torch.clamp(lp, lo, hi).detach())
-        V1, V2 = (lp - A) ** 2, (clipped - A) ** 2
+        V1, V2 = (lp - A) ** 2, (_clamp(lp, lo, hi) - A) ** 2
         l = 0.5 * torch.maximum(V1, V2)
         low, high, active = lp < lo, lp > hi, V2 > V1
     else:  # "dppo_tv", "dppo_kl": eps_lo / eps_hi are divergence thresholds

@@ -193,7 +193,7 @@ class PolicyLossKernel {
     const bool seq_grad = o_.importance_sampling == ImportanceSampling::Seq && a_.token_grad != nullptr;
     const bool ratio_grad = has_ratio_gradient(o_.loss_type);
     const bool rollout_on = o_.rollout_is != RolloutIs::None;
-    const bool rollout_seq = o_.rollout_is == RolloutIs::Seq || o_.rollout_is == RolloutIs::SeqMean;
+    const bool rollout_seq = is_row_level(o_.rollout_is);
     const bool needs_prepass = seq_level || rollout_seq || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
     int64_t valid = a_.T;
     double log_ratio_sum = 0, rollout_sum = 0;
@@ -292,7 +292,7 @@ class PolicyLossKernel {
     }
     p.counts[kValidTokens] += row_valid;
     p.counts[kValidSeqs] += row_valid > 0 ? 1 : 0;
-    math::add_rollout_row(p, o_, row_valid, row_rollout_value);
+    p.counts[kRolloutFilteredSeqs] += math::rollout_row_filtered(o_, row_valid, row_rollout_value);
 
     // "seq": every valid token u of the row gets dL/dlp[u] = (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the
     // derivative of its log-ratio term, for geo_mean), added to its direct term.

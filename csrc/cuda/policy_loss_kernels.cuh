@@ -153,8 +153,8 @@ __device__ void finalize_warp(const PolicyLossKernelArgs& a, int num_partials) {
   const double denominator = math::loss_denominator(
       a.options.loss_agg_mode, read_normaliser(a.num_tokens), read_normaliser(a.num_seqs),
       read_normaliser(a.loss_scale_factor), total.counts[kValidTokens], total.counts[kValidSeqs], a.T);
-  math::finalize<acc_t>(total, denominator, static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.grad_scale),
-                        a.metrics, a.counts);
+  math::finalize<acc_t>(total, denominator, a.options.rollout_is, static_cast<acc_t*>(a.loss),
+                        static_cast<acc_t*>(a.grad_scale), a.metrics, a.counts);
 }
 
 template <typename acc_t>
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   const bool seq_grad = o.importance_sampling == ImportanceSampling::Seq && a.token_grad != nullptr;
   const bool ratio_grad = has_ratio_gradient(o.loss_type);
   const bool rollout_on = o.rollout_is != RolloutIs::None;
-  const bool rollout_seq = o.rollout_is == RolloutIs::Seq || o.rollout_is == RolloutIs::SeqMean;
+  const bool rollout_seq = is_row_level(o.rollout_is);
   const bool needs_prepass =
       seq_level || rollout_seq || (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
 
@@ -254,15 +254,9 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
     }
     n_valid += row_count;
     if (!needs_prepass) row_valid = block_sum<long long>(row_count, scratch_i);
-    if (threadIdx.x == 0 && row_valid > 0) {
-      ++n_valid_seqs;
-      if (!rollout_on) {  // each valid token's weight is 1
-        rollout_sum += static_cast<acc_t>(row_valid);
-        rollout_min = math::nan_minimum(rollout_min, acc_t(1));
-        rollout_max = math::nan_maximum(rollout_max, acc_t(1));
-      } else if (rollout_seq) {
-        n_filtered_seqs += math::rollout_weight<Ops>(acc_t(0), row_rollout, o).filtered;
-      }
+    if (threadIdx.x == 0) {
+      n_valid_seqs += row_valid > 0;
+      n_filtered_seqs += math::rollout_row_filtered(o, row_valid, row_rollout);
     }
 
     // Pass 3 ("seq"): every valid token u gets (sum_t m agg_weight dl/dr) * dr/ddbar / n (times the derivative

@@ -232,10 +232,14 @@ def _compute(mode: str, old_log_prob, log_prob, advantages, response_mask, loss_
         log_prob, old_log_prob, advantages, response_mask,
         loss_agg_mode=loss_agg_mode, token_weights=rollout_is_weights, **normalisers, **options,
     )
-    metrics = {key: (out.metrics[name] if name is not None
-                     else torch.zeros((), dtype=torch.float32, device=out.loss.device))
-               for key, name in _METRICS[mode].items()}
-    return _finish(out.loss, dp_size, metrics, return_tensors)
+    return _finish(out.loss, dp_size, _verl_metrics(mode, out), return_tensors)
+
+
+def _verl_metrics(mode: str, out) -> Dict[str, torch.Tensor]:
+    """verl's metric dict of ``mode`` from ppo_ext's output (``_METRICS``; None: verl's constant 0.0)."""
+    return {key: (out.metrics[name] if name is not None
+                  else torch.zeros((), dtype=torch.float32, device=out.loss.device))
+            for key, name in _METRICS[mode].items()}
 
 
 def compute_policy_loss_vanilla(
@@ -511,8 +515,7 @@ def compute_policy_loss_geo_mean(
         loss_agg_mode="seq-mean-token-mean", clip_low=clip_low, clip_high=clip_high, token_weights=weights,
         num_seqs=log_prob.shape[0],
     )
-    metrics = {key: out.metrics[name] for key, name in _METRICS["geo_mean"].items()}
-    return _finish(out.loss, 1, metrics, return_tensors)
+    return _finish(out.loss, 1, _verl_metrics("geo_mean", out), return_tensors)
 
 
 def compute_value_loss(
