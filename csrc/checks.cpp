@@ -14,7 +14,7 @@ namespace {
 
 // The option names, in the order of their enums (policy_loss.h); ppo_ext/names.py is the Python list.
 constexpr std::string_view kLossTypeNames[] = {"vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl",
-                                               "geo_mean", "value"};
+                                               "geo_mean", "vespo", "value"};
 constexpr std::string_view kImportanceSamplingNames[] = {"token", "seq", "seq-token"};
 constexpr std::string_view kRolloutIsNames[] = {"none", "token", "seq", "seq-mean"};
 constexpr std::string_view kRolloutIsModeNames[] = {"truncate", "mask"};
@@ -91,7 +91,9 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       std::optional<double> clip_high_or_low, std::optional<double> dual_clip,
                                       std::optional<double> ratio_cap, std::optional<double> log_ratio_clamp,
                                       c10::string_view loss_type, double tau_pos, double tau_neg,
-                                      std::optional<double> dro_beta, const OptionalTensor& rollout_log_probs,
+                                      std::optional<double> dro_beta, double vespo_k_pos, double vespo_lambda_pos,
+                                      double vespo_k_neg, double vespo_lambda_neg,
+                                      const OptionalTensor& rollout_log_probs,
                                       c10::string_view rollout_is, c10::string_view rollout_is_mode,
                                       std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
                                       c10::string_view rollout_is_mask_weight,
@@ -167,6 +169,9 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                     family, "\"");
   TORCH_CHECK_VALUE(!log_ratio_clamp.has_value() || o.loss_type != LossType::Value,
                     "log_ratio_clamp does not apply to loss_type \"value\" (it has no ratio)");
+  TORCH_CHECK_VALUE(!log_ratio_clamp.has_value() || o.loss_type != LossType::Vespo,
+                    "log_ratio_clamp does not apply to loss_type \"vespo\" (its row log-weight clamps each log-ratio to "
+                    "[-20, 20] itself)");
   TORCH_CHECK_VALUE(std::isfinite(tau_pos) && tau_pos > 0, "tau_pos must be a finite number > 0, got ", tau_pos);
   TORCH_CHECK_VALUE(std::isfinite(tau_neg) && tau_neg > 0, "tau_neg must be a finite number > 0, got ", tau_neg);
   if (o.loss_type == LossType::Dro) {
@@ -176,6 +181,10 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   } else {
     TORCH_CHECK_VALUE(!dro_beta.has_value(), "dro_beta applies to loss_type \"dro\" only, got loss_type \"", family,
                       "\"");
+  }
+  for (const auto& [value, name] : {std::pair{vespo_k_pos, "vespo_k_pos"}, std::pair{vespo_lambda_pos, "vespo_lambda_pos"},
+                                    std::pair{vespo_k_neg, "vespo_k_neg"}, std::pair{vespo_lambda_neg, "vespo_lambda_neg"}}) {
+    TORCH_CHECK_VALUE(std::isfinite(value), name, " must be a finite number, got ", value);
   }
   o.importance_sampling = parse_name<ImportanceSampling>(kImportanceSamplingNames, importance_sampling,
                                                          "importance_sampling");
@@ -195,6 +204,10 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   o.rollout_is_mask_weight =
       parse_name<RolloutIsMaskWeight>(kRolloutIsMaskWeightNames, rollout_is_mask_weight, "rollout_is_mask_weight");
   const bool correcting = o.rollout_is != RolloutIs::None;
+  TORCH_CHECK_VALUE(o.loss_type != LossType::Vespo || !is_row_level(o.rollout_is),
+                    "loss_type \"vespo\" takes a token-level rollout correction (rollout_is \"token\"), whose log-weights "
+                    "join its row log-weight; got rollout_is \"", std::string_view(rollout_is.data(), rollout_is.size()),
+                    "\"");
   TORCH_CHECK_VALUE(correcting == rollout_log_probs.has_value(),
                     correcting ? "rollout_is needs rollout_log_probs (the inference engine's log-probs)"
                                : "rollout_log_probs was given with rollout_is=\"none\": say which correction");
@@ -215,6 +228,10 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   o.tau_pos = tau_pos;
   o.tau_neg = tau_neg;
   o.dro_beta = dro_beta.value_or(0.0);
+  o.vespo_k_pos = vespo_k_pos;
+  o.vespo_k_neg = vespo_k_neg;
+  o.vespo_lambda_pos = vespo_lambda_pos;
+  o.vespo_lambda_neg = vespo_lambda_neg;
   o.ratio_low = 1.0 - clip_low;
   o.ratio_high = 1.0 + clip_high;
   o.has_dual_clip = dual_clip.has_value();

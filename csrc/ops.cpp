@@ -9,7 +9,7 @@ TORCH_LIBRARY(ppo_ext, m) {
   // per-token gradient of the un-normalised loss sum when compute_grad (else an empty tensor), and
   // the scale 1/denominator that the backward applies to it. clip_high=None is clip_low; a normaliser
   // is a 0-dim tensor or a number (*_value), not both; ratio_cap caps the unclipped term's ratio; loss_type is
-  // the family (ppo_ext.LOSS_TYPES), tau_pos/tau_neg are sapo's, dro_beta dro's; rollout_* the rollout correction computed in the kernel
+  // the family (ppo_ext.LOSS_TYPES), tau_pos/tau_neg are sapo's, dro_beta dro's, vespo_* vespo's; rollout_* the rollout correction computed in the kernel
   // from rollout_log_probs. The defaults are
   // ppo_ext.policy_loss's.
   m.def(
@@ -18,7 +18,8 @@ TORCH_LIBRARY(ppo_ext, m) {
       "Tensor? loss_scale_factor=None, float? num_tokens_value=None, float? num_seqs_value=None, "
       "float? loss_scale_factor_value=None, float clip_low=0.2, float? clip_high=None, float? dual_clip=None, "
       "float? ratio_cap=None, float? log_ratio_clamp=None, str loss_type=\"vanilla\", float tau_pos=1.0, "
-      "float tau_neg=1.05, float? dro_beta=None, Tensor? rollout_log_probs=None, str rollout_is=\"none\", "
+      "float tau_neg=1.05, float? dro_beta=None, float vespo_k_pos=2.0, float vespo_lambda_pos=3.0, "
+      "float vespo_k_neg=3.0, float vespo_lambda_neg=2.0, Tensor? rollout_log_probs=None, str rollout_is=\"none\", "
       "str rollout_is_mode=\"truncate\", float? rollout_is_low=None, float? rollout_is_high=None, "
       "str rollout_is_mask_weight=\"unit\", str importance_sampling=\"token\", "
       "str loss_agg_mode=\"token-mean\", bool compute_grad=True) "

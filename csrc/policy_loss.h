@@ -17,7 +17,7 @@ namespace ppo_ext {
 
 // The loss family (docs/SPEC.md "Loss families"): the clipped PPO surrogate and the other losses the
 // frameworks register. Names in checks.cpp, ppo_ext/names.py LOSS_TYPES.
-enum class LossType : int32_t { Vanilla, Cispo, Sapo, Gpg, Dro, DppoTv, DppoKl, GeoMean, Value };
+enum class LossType : int32_t { Vanilla, Cispo, Sapo, Gpg, Dro, DppoTv, DppoKl, GeoMean, Vespo, Value };
 
 // Whether a family's gradient goes through the ratio (else it is its direct term w.r.t. lp alone, and the
 // kernels never multiply by d ratio / d lp, which may be inf where the ratio overflows).
@@ -33,6 +33,16 @@ enum class ImportanceSampling : int32_t { Token, Seq, SeqToken };
 enum class RolloutIs : int32_t { None, Token, Seq, SeqMean };
 enum class RolloutIsMode : int32_t { Truncate, Mask };
 enum class RolloutIsMaskWeight : int32_t { Unit, Token };
+
+// Whether the family reads a row statistic of the log-ratios, summed in the first pass: the sequence-level ratio
+// (importance_sampling "seq", "seq-token"), or vespo's row log-weight.
+PPO_HD bool has_row_log_ratio(LossType t, ImportanceSampling level) {
+  return level != ImportanceSampling::Token || t == LossType::Vespo;
+}
+
+// Whether the rollout correction's weight multiplies the loss: for every family but vespo, whose row log-weight
+// takes the log of it instead (TRL's get_gamma_weights).
+PPO_HD bool rollout_weights_loss(LossType t) { return t != LossType::Vespo; }
 
 // Whether the correction's unit is a row (its ratio from the row's sum of old - rollout, in the first pass).
 PPO_HD bool is_row_level(RolloutIs level) { return level == RolloutIs::Seq || level == RolloutIs::SeqMean; }
@@ -91,6 +101,8 @@ struct LossOptions {
   double log_ratio_clamp;
   double tau_pos, tau_neg;  // sapo's gate temperatures, for A > 0 and A <= 0
   double dro_beta;          // dro's quadratic penalty
+  double vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg;  // vespo's Gamma weight, for A >= 0 and
+                                                                        // A < 0
   RolloutIs rollout_is;
   RolloutIsMode rollout_is_mode;
   RolloutIsMaskWeight rollout_is_mask_weight;
@@ -167,6 +179,11 @@ PPO_HD ClampedLogRatio<V, typename Ops::Mask> clamp_log_ratio(V log_ratio, const
   return {Ops::clamp(log_ratio, lo, hi), true, static_cast<Mask>((log_ratio >= lo) & (log_ratio <= hi))};
 }
 
+// vespo's bounds (TRL's get_gamma_weights): a token's log-ratio is clamped to [-20, 20], the log of its rollout
+// weight and the row's log-weight to [log(1e-8), 20].
+constexpr double kVespoLogRatioBound = 20.0;
+constexpr double kVespoLogWeightLow = -18.420680743952367;  // log(1e-8)
+
 template <typename V>
 struct LogRatioTerm {
   V value, derivative;  // derivative: w.r.t. the token's log-ratio d
@@ -176,9 +193,11 @@ struct LogRatioTerm {
 // for geo_mean GMPO's sign-aware clip sign(A) min(sign(A) d, sign(A) clamp(d, -eps_lo, eps_hi)), which is
 // min(d, eps_hi) where A > 0, max(d, -eps_lo) where A < 0 and 0 where A = 0 (its derivative 1 where it is d,
 // bounds included as torch.min's tie and torch.clamp's bound give it, else 0).
+// For vespo, d clamped to [-20, 20] (the derivative unused: vespo's weight is a constant of the loss).
 template <typename Ops, typename V>
 PPO_HD LogRatioTerm<V> seq_log_ratio_term(V d, V adv, const LossOptions& o) {
   const V one(1);
+  if (o.loss_type == LossType::Vespo) return {Ops::clamp(d, V(-kVespoLogRatioBound), V(kVespoLogRatioBound)), one};
   if (o.loss_type != LossType::GeoMean) return {d, one};
   const V zero(0), hi(o.clip_high), lo(-o.clip_low);
   const auto positive = adv > zero, negative = adv < zero;
@@ -217,6 +236,26 @@ PPO_HD double row_rollout_log_ratio(RolloutIs level, double sum, int64_t valid_t
   return sum;
 }
 
+// Whether the first pass sums a term of the rollout correction over the row (rollout_row_term).
+PPO_HD bool has_row_rollout_sum(const LossOptions& o) {
+  return is_row_level(o.rollout_is) || (o.loss_type == LossType::Vespo && o.rollout_is != RolloutIs::None);
+}
+
+// A valid token's term of that row sum, from its log-ratio old - rollout: itself (the row-level units), or for
+// vespo (token level) the log of its correction weight clamped to [log(1e-8), 20], which joins the row's log-weight.
+template <typename Ops, typename V>
+PPO_HD V rollout_row_term(V rollout_log_ratio, const LossOptions& o) {
+  if (o.loss_type != LossType::Vespo) return rollout_log_ratio;
+  const V weight = rollout_weight<Ops>(rollout_log_ratio, rollout_log_ratio, o).weight;
+  return Ops::clamp(Ops::log(weight), V(kVespoLogWeightLow), V(kVespoLogRatioBound));
+}
+
+// vespo's row log-weight log w: the sum of its valid tokens' clamped log-ratios (and rollout terms), clamped to
+// [log(1e-8), 20]; 0 for a row with no valid token.
+PPO_HD double vespo_row_log_weight(double sum) {
+  return sum != sum ? sum : fmin(fmax(sum, kVespoLogWeightLow), kVespoLogRatioBound);
+}
+
 template <typename V>
 struct Ratio {
   V ratio;   // exp(clamped log-ratio)
@@ -230,10 +269,11 @@ PPO_HD Ratio<V> ratio_of(const ClampedLogRatio<V, Mask>& c) {
 }
 
 // What the per-token loss of every family reads: the ratio (token or sequence level, after the log-ratio
-// clamp), the token's log-probs, its unclamped log-ratio lp - old, its advantage and its weight.
+// clamp), the token's log-probs, its unclamped log-ratio lp - old, its advantage, its weight and, for vespo, its
+// row's log-weight (vespo_row_log_weight).
 template <typename V>
 struct TokenInputs {
-  V ratio, log_prob, old_log_prob, log_ratio, adv, weight;
+  V ratio, log_prob, old_log_prob, log_ratio, adv, weight, row_log_weight;
 };
 
 // One token's weighted loss w * l and its derivative, split in two: through the ratio (the kernel applies
@@ -373,6 +413,22 @@ PPO_HD TokenTerms<V, typename Ops::Mask> geo_mean_terms(const TokenInputs<V>& x,
   return {neg_adv * x.ratio, neg_adv, zero, outside_negative, outside_positive, active, Mask(0)};
 }
 
+// vespo (TRL): -sg(phi) * A * lp with the Gamma weight phi = exp(lambda + k log w - lambda w) of the row's
+// log-weight log w, (k, lambda) = (k_pos, lambda_pos) where A >= 0, else (k_neg, lambda_neg); a phi that is NaN or
+// inf is 0 (TRL's nan_to_num). No counters.
+template <typename Ops, typename V>
+PPO_HD TokenTerms<V, typename Ops::Mask> vespo_terms(const TokenInputs<V>& x, const LossOptions& o) {
+  using Mask = typename Ops::Mask;
+  const V zero(0), inf(INFINITY);
+  const Mask nonnegative = x.adv >= zero;
+  const V k = Ops::select(nonnegative, V(o.vespo_k_pos), V(o.vespo_k_neg));
+  const V lambda = Ops::select(nonnegative, V(o.vespo_lambda_pos), V(o.vespo_lambda_neg));
+  const V log_w = x.row_log_weight;
+  const V phi = Ops::exp(lambda + k * log_w - lambda * Ops::exp(log_w));
+  const V coefficient = x.weight * (Ops::neg(Ops::select(phi < inf, phi, zero)) * x.adv);
+  return {coefficient * x.log_prob, zero, coefficient, Mask(0), Mask(0), Mask(0), Mask(0)};
+}
+
 // value: the critic's clipped value loss, with the values v in place of lp, the old values in place of old and the
 // returns R in place of A: 0.5 max((v - R)^2, (clamp(v, v_old - eps_lo, v_old + eps_hi) - R)^2), the gradient
 // as eager torch.maximum (ties split) and torch.clamp (passing at its bounds) give it. Counters: v below / above
@@ -402,6 +458,7 @@ PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(const TokenInputs<V>& x, co
     case LossType::DppoTv:
     case LossType::DppoKl: return dppo_terms<Ops>(x, o);
     case LossType::GeoMean: return geo_mean_terms<Ops>(x, o);
+    case LossType::Vespo: return vespo_terms<Ops>(x, o);
     case LossType::Value: return value_terms<Ops>(x, o);
     case LossType::Vanilla: break;
   }

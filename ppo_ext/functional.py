@@ -65,6 +65,10 @@ def policy_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: Optional[float] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     rollout_log_probs: Optional[torch.Tensor] = None,
     rollout_is: str = "none",
     rollout_is_mode: str = "truncate",
@@ -84,7 +88,9 @@ def policy_loss(
     mask (B, T), non-zero = the token counts. loss_type (ppo_ext.LOSS_TYPES) picks the family: "vanilla" (the
     clipped surrogate), "cispo", "sapo" (tau_pos, tau_neg), "gpg", "dro" (dro_beta), "dppo_tv", "dppo_kl"
     (clip_low/clip_high are their divergence thresholds, ratio_cap their truncation), "geo_mean" (GMPO:
-    importance_sampling "seq" or "seq-token", clip_low/clip_high bound the log-ratio). See docs/SPEC.md for
+    importance_sampling "seq" or "seq-token", clip_low/clip_high bound the log-ratio), "vespo" (TRL's VESPO: the
+    row's Gamma weight with vespo_k_pos, vespo_lambda_pos for A >= 0 and vespo_k_neg, vespo_lambda_neg for A < 0;
+    a rollout_is="token" correction joins its row log-weight instead of weighting the loss). See docs/SPEC.md for
     every option. No host synchronisation.
     """
     _check_tensor("log_probs", log_probs, optional=False)
@@ -106,7 +112,9 @@ def policy_loss(
         _float_option("ratio_cap", ratio_cap, optional=True),
         _float_option("log_ratio_clamp", log_ratio_clamp, optional=True),
         _str_option("loss_type", loss_type), _float_option("tau_pos", tau_pos), _float_option("tau_neg", tau_neg),
-        _float_option("dro_beta", dro_beta, optional=True), rollout_log_probs, _str_option("rollout_is", rollout_is),
+        _float_option("dro_beta", dro_beta, optional=True), _float_option("vespo_k_pos", vespo_k_pos),
+        _float_option("vespo_lambda_pos", vespo_lambda_pos), _float_option("vespo_k_neg", vespo_k_neg),
+        _float_option("vespo_lambda_neg", vespo_lambda_neg), rollout_log_probs, _str_option("rollout_is", rollout_is),
         _str_option("rollout_is_mode", rollout_is_mode), _float_option("rollout_is_low", rollout_is_low, optional=True),
         _float_option("rollout_is_high", rollout_is_high, optional=True),
         _str_option("rollout_is_mask_weight", rollout_is_mask_weight),

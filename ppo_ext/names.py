@@ -13,7 +13,7 @@ This module imports nothing, so anything may import it.
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 # The values of ``loss_type``: the loss families (docs/SPEC.md "Loss families").
-LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "value")
+LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "vespo", "value")
 
 # The values of ``importance_sampling``: the level of the ratio (token; sequence, the gradient through the
 # mean; sequence value with a per-token gradient, GSPO-token).

@@ -9,6 +9,7 @@ Arithmetic is done in float32 for float32/bfloat16/float16 log_probs and in floa
 like the kernels. The gradient w.r.t. log_probs comes from ordinary autograd.
 """
 
+import math
 from typing import Dict, NamedTuple, Optional, Union
 
 import torch
@@ -23,7 +24,7 @@ ROLLOUT_IS_LEVELS = ("none", "token", "seq", "seq-mean")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 ROLLOUT_IS_MASK_WEIGHTS = ("unit", "token")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
-LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "value")
+LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "vespo", "value")
 RATIO_LOSS_TYPES = ("vanilla", "cispo", "sapo")  # the families defined at every importance-sampling level
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum",
                   "seq-mean-token-sum-norm")
@@ -67,6 +68,10 @@ def policy_loss_reference(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     dro_beta: Optional[float] = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
     rollout_log_probs: Optional[torch.Tensor] = None,
     rollout_is: str = "none",
     rollout_is_mode: str = "truncate",
@@ -87,8 +92,10 @@ def policy_loss_reference(
         raise ValueError("loss_type 'geo_mean' is a sequence-level loss: importance_sampling 'seq' or 'seq-token'")
     if importance_sampling != "token" and loss_type not in RATIO_LOSS_TYPES + ("geo_mean",):
         raise ValueError(f"loss_type {loss_type!r} is defined at the token level only")
-    if loss_type == "value" and log_ratio_clamp is not None:
-        raise ValueError("log_ratio_clamp does not apply to loss_type 'value'")
+    if loss_type in ("value", "vespo") and log_ratio_clamp is not None:
+        raise ValueError(f"log_ratio_clamp does not apply to loss_type {loss_type!r}")
+    if loss_type == "vespo" and rollout_is not in ("none", "token"):
+        raise ValueError("loss_type 'vespo' takes a token-level rollout correction only")
     if loss_type == "dro" and not (dro_beta is not None and dro_beta > 0):
         raise ValueError(f"dro_beta must be > 0 with loss_type 'dro', got {dro_beta!r}")
     if loss_agg_mode not in LOSS_AGG_MODES:
@@ -136,7 +143,8 @@ def policy_loss_reference(
             keep = (u >= lo) & (u <= hi)
             rollout_w = torch.where(keep, torch.exp(e) if rollout_is_mask_weight == "token" else u, zero)
             filtered = ~keep
-        w = w * rollout_w
+        if loss_type != "vespo":  # vespo's row log-weight takes the log of the weight instead
+            w = w * rollout_w
 
     n = m.sum(dim=1)  # n_i, valid tokens of row i
     N = n.sum()
@@ -198,6 +206,18 @@ def policy_loss_reference(
         V1, V2 = (lp - A) ** 2, (_clamp(lp, lo, hi) - A) ** 2
         l = 0.5 * torch.maximum(V1, V2)
         low, high, active = lp < lo, lp > hi, V2 > V1
+    elif loss_type == "vespo":  # TRL's VESPO: a constant Gamma weight of the row's log-weight, times -A lp
+        with torch.no_grad():
+            terms = torch.clamp(d, -20.0, 20.0)
+            if rollout_is != "none":
+                terms = terms + torch.clamp(torch.log(rollout_w), math.log(1e-8), 20.0)
+            log_w = torch.clamp(torch.where(m, terms, zero).sum(dim=1, keepdim=True), math.log(1e-8), 20.0)
+            nonneg = A >= 0
+            k = torch.where(nonneg, torch.tensor(vespo_k_pos, dtype=dtype), torch.tensor(vespo_k_neg, dtype=dtype))
+            lam = torch.where(nonneg, torch.tensor(vespo_lambda_pos, dtype=dtype),
+                              torch.tensor(vespo_lambda_neg, dtype=dtype))
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        l = -phi * A * lp
     else:  # "dppo_tv", "dppo_kl": eps_lo / eps_hi are divergence thresholds
         p, p_old = torch.exp(lp), torch.exp(old)
         if loss_type == "dppo_tv":

@@ -34,6 +34,7 @@ FAMILY_OPTIONS = {
     "dppo_tv": dict(clip_low=0.12, clip_high=0.08, ratio_cap=1.6),
     "dppo_kl": dict(clip_low=0.04, clip_high=0.02, ratio_cap=1.6),
     "geo_mean": dict(clip_low=0.3, clip_high=0.25),  # log-ratio bounds
+    "vespo": dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5),
     "value": dict(clip_low=0.15, clip_high=0.2),  # the value clip range around the old values
 }
 assert tuple(FAMILY_OPTIONS) == LOSS_TYPES
@@ -52,7 +53,7 @@ def family_options(loss_type, importance_sampling=None, loss_agg_mode="token-mea
     """options() for the family: its FAMILY_OPTIONS (dual clip off: vanilla's alone), at its first level unless
     importance_sampling is given."""
     importance_sampling = importance_sampling or family_is_modes(loss_type)[0]
-    clamp = clamp and loss_type != "value"  # the value loss has no ratio to clamp (refused)
+    clamp = clamp and loss_type not in ("value", "vespo")  # no ratio to clamp (value), its own clamp (vespo): refused
     return options(importance_sampling, loss_agg_mode, clamp=clamp, loss_type=loss_type,
                    **{**FAMILY_OPTIONS[loss_type], **extra})
 

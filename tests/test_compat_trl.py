@@ -57,11 +57,14 @@ B, T, P = 8, 12, 3
 EPS, EPS_HIGH = 0.2, 0.28
 LOSS_TYPES = ptrl.SUPPORTED_LOSS_TYPES
 CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-assert set(LOSS_TYPES) == set(CLIP_LOSS_TYPES) | {"cispo", "sapo"}
+assert set(LOSS_TYPES) == set(CLIP_LOSS_TYPES) | {"cispo", "sapo", "vespo"}
 # The loss families' options in every case unless a test sets them: cispo's bound (TRL's epsilon_high itself;
 # 1.28 puts the clamp in force for some tokens of the cases; TRL's default, epsilon = 0.2, is refused), and
-# sapo temperatures off their defaults and unlike each other (so swapping them shows), neither exact in float32.
-FAMILY_OPTIONS = {"cispo": {"epsilon_high": 1.28}, "sapo": {"sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.3}}
+# sapo temperatures off their defaults and unlike each other (so swapping them shows), neither exact in float32;
+# vespo's Gamma parameters likewise, and a per-token vLLM mode (TRL's __init__ refuses the default sequence_mask).
+FAMILY_OPTIONS = {"cispo": {"epsilon_high": 1.28}, "sapo": {"sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.3},
+                  "vespo": {"vespo_k_pos": 1.7, "vespo_lambda_pos": 2.3, "vespo_k_neg": 2.6, "vespo_lambda_neg": 1.1,
+                            "vllm_importance_sampling_mode": "token_truncate"}}
 LEVELS = ("token", "sequence")
 TOL64 = dict(rtol=1e-10, atol=1e-12)
 TOL32 = dict(rtol=2e-5, atol=1e-6)
@@ -247,6 +250,7 @@ def make_trainer(cls, args, forward, *, gas=1, accelerator=None, training=True, 
     trainer.beta = args.beta
     trainer.use_vllm = args.use_vllm
     trainer.vllm_importance_sampling_correction = args.vllm_importance_sampling_correction
+    trainer.vllm_importance_sampling_mode = args.vllm_importance_sampling_mode
     trainer.max_completion_length = args.max_completion_length
     trainer.entropy_coef = args.entropy_coef
     trainer.use_adaptive_entropy = args.use_adaptive_entropy
@@ -438,6 +442,8 @@ def test_loss_types_levels_advantages(trl, loss_type, level, adv):
         assert theirs.metrics["clip_ratio/low_mean"] > 0 and theirs.metrics["clip_ratio/high_mean"] > 0
     elif loss_type == "cispo":
         assert 0 < theirs.metrics["cispo_clip_ratio"] < 1
+    elif loss_type == "vespo":  # the weights vary over the rows (not all 0, not all 1)
+        assert 0.05 < theirs.metrics["vespo/phi_seq_mean"] < 0.95
     assert theirs.grad.abs().sum() > 0
 
 
@@ -493,8 +499,20 @@ def test_vllm_importance_sampling_ratio(trl, loss_type, shape, level):
     width = T if shape == "token" else 1
     ratio = (torch.rand(B, width, generator=g, dtype=torch.float64) * 1.5 + 0.25)
     ratio[0] = 0.0  # a masked-out ("*_mask" mode) sequence or token
-    compare(trl, case, loss_type=loss_type, importance_sampling_level=level, use_vllm=True,
-            vllm_importance_sampling_correction=True, inputs_kw=dict(vllm_ratio=ratio.float()))
+    if loss_type == "vespo" and shape == "token":
+        # TRL sums vespo's log(ratio) over every position, where its own ratio is 1 at masked ones (computed from
+        # a masked difference); the adapter reads valid positions only, so the case is one TRL makes
+        ratio = torch.where(case["mask"].bool(), ratio, 1.0)
+    # TRL computes the ratio from the old log-probs, in their dtype; float32 here (not vespo): a weight's rounding
+    ratio = ratio if loss_type == "vespo" else ratio.float()
+    options = dict(loss_type=loss_type, importance_sampling_level=level, use_vllm=True,
+                   vllm_importance_sampling_correction=True, inputs_kw=dict(vllm_ratio=ratio))
+    if loss_type == "vespo" and shape == "sequence":  # TRL's __init__ refuses its sequence modes for vespo
+        with pytest.raises(ValueError, match="per-token importance_sampling_ratio"):
+            run_adapter(grpo_args(trl, **{k: v for k, v in options.items() if k != "inputs_kw"}), case,
+                        make_inputs(case, vllm_ratio=ratio))
+        return
+    compare(trl, case, **options)
 
 
 def _avg_kl(case, sampling):
@@ -505,7 +523,7 @@ def _avg_kl(case, sampling):
 
 @pytest.mark.parametrize("source", ["sampling", "old", "on_policy"])
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo", "cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "luspo", "cispo", "sapo", "vespo"])
 def test_off_policy_mask(trl, loss_type, level, source):
     case = make_case(6, old=source != "on_policy", spread=0.4)
     kl = _avg_kl(case, source == "sampling").sort().values
@@ -518,11 +536,12 @@ def test_off_policy_mask(trl, loss_type, level, source):
 
 
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "sapo"])
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo", "sapo", "vespo"])
 def test_off_policy_mask_with_token_advantages_and_vllm_ratio(trl, loss_type, level):
     case = make_case(7, adv="token")
     kl = _avg_kl(case, True).sort().values
     ratio = torch.rand(B, T, generator=torch.Generator().manual_seed(70), dtype=torch.float64) + 0.5
+    ratio = torch.where(case["mask"].bool(), ratio, 1.0)  # as TRL makes it (test_vllm_importance_sampling_ratio)
     compare(trl, case, loss_type=loss_type, importance_sampling_level=level,
             off_policy_mask_threshold=float((kl[3] + kl[4]) / 2), use_vllm=True,
             inputs_kw=dict(sampling=True, vllm_ratio=ratio))
@@ -652,6 +671,27 @@ def test_sapo_temperatures_take_torchs_default_dtype(trl, default_dtype):
     finally:
         torch.set_default_dtype(previous)
     assert not torch.allclose(elsewhere.loss, theirs.loss, **TOL64)  # the rounding shows at float64
+
+
+@pytest.mark.parametrize("adv", ["row", "token"])
+@pytest.mark.parametrize("params", [(2.0, 3.0, 3.0, 2.0),  # GRPOConfig's defaults
+                                    (1.7, 2.3, 2.6, 1.1), (0.5, -1.0, 1.5, 1e-6)])  # lambdas below 1e-4: clamped
+def test_vespo_parameters(trl, params, adv):
+    """(k_pos, lambda_pos) where A >= 0, (k_neg, lambda_neg) elsewhere; swapped they give other numbers."""
+    case = make_case(21, adv=adv, spread=0.2)
+    names = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+    theirs = compare(trl, case, loss_type="vespo", **dict(zip(names, params)))
+    assert 0 < theirs.metrics["vespo/phi_seq_mean"] and theirs.grad.abs().sum() > 0
+    swapped = dict(zip(names, params[2:] + params[:2]))
+    assert not torch.allclose(compare(trl, case, loss_type="vespo", **swapped).grad, theirs.grad)
+
+
+def test_vespo_row_log_weight_clamps(trl):
+    """Rows whose log-ratios sum beyond [log(1e-8), 20] (spread 3 over 12 tokens), and log-ratios beyond 20."""
+    case = make_case(22, spread=3.0)
+    case["old"][0, 0] = case["lp"][0, 0] - 30.0
+    theirs = compare(trl, case, loss_type="vespo", vespo_k_pos=0.2, vespo_k_neg=0.3)
+    assert theirs.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["sapo_temperature_pos", "sapo_temperature_neg"])
@@ -829,7 +869,8 @@ def test_mixin_in_eval_mode_is_trl(trl, monkeypatch):
 def test_mixin_refuses_unsupported_options_before_the_forward(trl):
     case = make_case(16)
     for options, words, error in [
-            ({"loss_type": "vespo"}, ("vespo", "issue 13"), NotImplementedError),
+            ({"loss_type": "vespo", "use_vllm": True, "vllm_importance_sampling_mode": "sequence_mask"},
+             ("VESPO", "token_truncate"), ValueError),
             ({"beta": 0.04}, ("beta", "issue 14"), NotImplementedError),
             ({"entropy_coef": 0.01}, ("entropy",), NotImplementedError),
             ({"use_adaptive_entropy": True}, ("entropy",), NotImplementedError),
@@ -886,7 +927,6 @@ def test_args_as_mapping_and_missing_fields_take_the_defaults():
 
 
 @pytest.mark.parametrize("options,words", [
-    ({"loss_type": "vespo"}, ("vespo", "issue 13")),
     ({"beta": 0.04}, ("beta", "issue 14")),
     ({"entropy_coef": 0.01}, ("entropy_coef",)),
     ({"use_adaptive_entropy": True}, ("use_adaptive_entropy",)),

@@ -142,6 +142,10 @@ def test_policy_loss_rollout_correction(sim, schedule, level):
         kw = dict(importance_sampling=is_mode, loss_agg_mode=AGG_MODES[k], **correction(level, *corr))
         compare_policy_loss(sim, op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights,
                                          rollout_log_probs=inp.rollout, **kw), f"{level}/{corr}/{dtype}")
+        if level == "token":  # vespo: the weights' logs summed in the prepass into the row's log-weight
+            vespo = {**helpers.family_options("vespo", loss_agg_mode=AGG_MODES[k]), **correction(level, *corr)}
+            compare_policy_loss(sim, op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights,
+                                             rollout_log_probs=inp.rollout, **vespo), f"vespo/{corr}/{dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

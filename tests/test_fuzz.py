@@ -101,8 +101,11 @@ def cases(draw):
     )
     if loss_type != "vanilla":
         opts["dual_clip"] = None  # vanilla's alone
-    if loss_type == "value":
-        opts["log_ratio_clamp"] = None  # no ratio
+    if loss_type in ("value", "vespo"):
+        opts["log_ratio_clamp"] = None  # no ratio (value), its own clamp (vespo)
+    if loss_type == "vespo":
+        opts.update({name: draw(st.floats(0.1, 4.0)) for name in
+                     ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")})
     if loss_type == "sapo":
         opts.update(tau_pos=draw(st.floats(0.1, 5.0)), tau_neg=draw(st.floats(0.1, 5.0)))
     if loss_type == "dro":
@@ -373,6 +376,16 @@ def _magnitudes(x, valid, opts, T):
         bound = Aw * size
     elif loss_type == "dro":
         bound = w * (A * size + opts["dro_beta"] * (d * d + d.abs()))
+    elif loss_type == "vespo":
+        # -phi A lp, phi = exp(lam + k log w - lam w): an error e in the row's log-weight (a sum of |d|-sized
+        # terms) changes phi by |k - lam w| e relative
+        log_w = torch.where(valid, d.clamp(-20, 20), zero).sum(1, keepdim=True).clamp(math.log(1e-8), 20)
+        nonneg = x["adv"] >= 0
+        k = torch.where(nonneg, opts["vespo_k_pos"], opts["vespo_k_neg"])
+        lam = torch.where(nonneg, opts["vespo_lambda_pos"], opts["vespo_lambda_neg"])
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        spread = torch.where(valid, d.abs(), zero).sum(1, keepdim=True) + 1
+        bound = Aw * size * phi * (1 + (k - lam * torch.exp(log_w)).abs() * spread)
     else:  # value: w (|v - R| + eps + 1)^2
         bound = w * (torch.where(valid, (x["lp"] - x["adv"]).abs(), zero) + eps_lo + eps_hi + 1) ** 2
     bound = torch.where(valid, bound, zero)
@@ -521,7 +534,8 @@ FIXED = {
     "empty-batch": _case(B=0, T=0),
     **{f"family-{f}": _case(B=7, T=65, spread=1.0, mask="empty-rows", opts=dict(
         loss_type=f, importance_sampling=family_is_modes(f)[-1], loss_agg_mode="seq-mean-token-mean",
-        **dict(sapo=dict(tau_pos=0.7, tau_neg=1.6), dro=dict(dro_beta=0.3)).get(f, {})))
+        **dict(sapo=dict(tau_pos=0.7, tau_neg=1.6), dro=dict(dro_beta=0.3),
+               vespo=dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5)).get(f, {})))
        for f in LOSS_TYPES[1:]},
     "no-tokens": _case(B=4, T=0),
     "no-rows": _case(B=0, T=17),

@@ -29,8 +29,11 @@ def _family_cases():
 
 
 def _inputs(B, T, seed, device, loss_type, **kw):
-    """make_inputs kept away from the family's ratio boundaries (ratio_cap as one more)."""
+    """make_inputs kept away from the family's ratio boundaries (ratio_cap as one more); for vespo with row sums of
+    the log-ratios within about [-1.5, 1.5], where its Gamma weight varies (it is ~0 beyond a few units)."""
     cap = FAMILY_OPTIONS[loss_type].get("ratio_cap")
+    if loss_type == "vespo":
+        kw = {"row_offset": 1.0 / T, "row_jitter": 0.1 / T, "token_noise": 0.5 / math.sqrt(T), **kw}
     return make_inputs(B, T, seed=seed, device=device, dual_clip=cap, **kw)
 
 
@@ -110,12 +113,17 @@ def test_gradcheck(device, loss_type, is_mode):
     # seq-token's gradient is by definition local (docs/SPEC.md), so its rows get a constant w * A. The
     # stopped-weight families get every ratio e^2, beyond every bound and cap (cispo's weight is then 1 + clip_high,
     # dppo's the cap C or a dropped token): there the derivative of the value is the gradient they define.
+    # vespo's Gamma weight is constant where its row log-weight is clamped: every log-ratio -25 puts every row
+    # (one valid token is enough) at log(1e-8), where small k keep the weight of order 1.
     constant_row = is_mode == "seq-token"
-    kw = family_options(loss_type, is_mode, "seq-mean-token-mean")
+    vespo_k = dict(vespo_k_pos=0.1, vespo_k_neg=0.2) if loss_type == "vespo" else {}
+    kw = family_options(loss_type, is_mode, "seq-mean-token-mean", **vespo_k)
     inp = _inputs(3, 6, _seed("gradcheck", loss_type, is_mode), device, loss_type, dtype=torch.float64,
                   margin=1e-3, adv_shape="B" if constant_row else "BT", weights=not constant_row)
     if loss_type in STOPPED_WEIGHT:
         inp.old = inp.lp - 2.0
+    if loss_type == "vespo":
+        inp.old = inp.lp + 25.0
     lp = inp.lp.clone().requires_grad_(True)
 
     def loss(x):
@@ -299,6 +307,56 @@ def test_geo_mean_numbers(device):
     assert (c["clipped_low"], c["clipped_active"], c["clipped_high"]) == (2, 1, 0)
 
 
+def _vespo_row(device, d, adv, rollout=None, **kw):
+    """One row of len(d) valid tokens (log-ratios d, old = -1) and a masked fifth with a huge log-ratio, token-mean."""
+    n = len(d)
+    old = torch.full((1, n + 1), -1.0, dtype=torch.float64, device=device)
+    lp = (old + torch.tensor([list(d) + [1e4]], dtype=torch.float64, device=device)).requires_grad_(True)
+    mask = torch.tensor([[True] * n + [False]], device=device)
+    if rollout is not None:
+        kw["rollout_log_probs"] = old - torch.tensor([list(rollout) + [0.0]], dtype=torch.float64, device=device)
+    out = ppo_ext.policy_loss(lp, old, torch.tensor([adv], dtype=torch.float64, device=device), mask,
+                              loss_type="vespo", **kw)
+    out.loss.backward()
+    return out.loss.item(), lp.grad[0].tolist(), lp.detach()[0, :n].tolist()
+
+
+def _vespo_expected(log_w, adv, lps, k, lam):
+    """TRL's get_gamma_weights and loss, evaluated here: phi = exp(lam + k log w - lam w), l = -phi A lp."""
+    phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+    n = len(lps)
+    return -phi * adv * sum(lps) / n, [-phi * adv / n] * n + [0.0]
+
+
+def test_vespo_numbers(device):
+    log_1e8 = math.log(1e-8)
+    # A >= 0: (k, lambda) = (2, 3) (the defaults); log w = the row's sum of log-ratios (the masked token unread).
+    for d, log_w in [((0.2, -0.5, 0.1), -0.2),
+                     ((-25.0, 10.0), -10.0),  # each log-ratio clamped to [-20, 20] first
+                     ((-15.0, -10.0), log_1e8)]:  # the row's log-weight clamped to [log(1e-8), 20]
+        loss, grad, lps = _vespo_row(device, d, 1.5)
+        expected_loss, expected_grad = _vespo_expected(log_w, 1.5, lps, 2.0, 3.0)
+        assert loss == pytest.approx(expected_loss, rel=1e-12), d
+        assert grad == pytest.approx(expected_grad, rel=1e-12), d
+    # A < 0: (k_neg, lambda_neg), taken as given (TRL's clamp of lambda to >= 1e-4 is its adapter's)
+    loss, grad, lps = _vespo_row(device, (0.3, 0.4), -0.7, vespo_k_neg=1.2, vespo_lambda_neg=-0.5)
+    expected_loss, expected_grad = _vespo_expected(0.7, -0.7, lps, 1.2, -0.5)
+    assert loss == pytest.approx(expected_loss, rel=1e-12) and grad == pytest.approx(expected_grad, rel=1e-12)
+    # a weight that overflows is 0 (TRL's nan_to_num), not inf or NaN
+    loss, grad, _ = _vespo_row(device, (0.5, 0.5), 1.0, vespo_k_pos=800.0, vespo_lambda_pos=1.0)
+    assert loss == 0.0 and grad == [0.0, 0.0, 0.0]
+    # a token-level rollout correction joins the log-weight (old - rollout = 0.3, 0.6, truncated at 1.5: the log
+    # of each weight) and does not multiply the loss
+    rollout_kw = dict(rollout_is="token", rollout_is_high=1.5)
+    loss, grad, lps = _vespo_row(device, (0.2, -0.5), 1.5, rollout=(0.3, 0.6), **rollout_kw)
+    expected_loss, expected_grad = _vespo_expected(-0.3 + 0.3 + math.log(1.5), 1.5, lps, 2.0, 3.0)
+    assert loss == pytest.approx(expected_loss, rel=1e-12) and grad == pytest.approx(expected_grad, rel=1e-12)
+    # masked (IcePop): the second token's weight is 0, whose log is clamped to log(1e-8)
+    loss, grad, lps = _vespo_row(device, (0.2, -0.5), 1.5, rollout=(0.3, 0.6), **rollout_kw, rollout_is_mode="mask")
+    expected_loss, expected_grad = _vespo_expected(-0.3 + 0.3 + log_1e8, 1.5, lps, 2.0, 3.0)
+    assert loss == pytest.approx(expected_loss, rel=1e-12) and grad == pytest.approx(expected_grad, rel=1e-12)
+
+
 def test_value_numbers(device):
     # v = 1.0, v_old = 0.5, eps = 0.2, R = 2.0: clamp(v) = 0.7, (v - R)^2 = 1 < (0.7 - R)^2 = 1.69: the clipped
     # term wins, its clamp is in force: l = 0.5 * 1.69, gradient 0, clip_active.
@@ -338,7 +396,7 @@ def test_value_loss_api(device):
         ppo_ext.policy_loss(v, old, R, mask, loss_type="value", log_ratio_clamp=1.0)
 
 
-@pytest.mark.parametrize("loss_type", ["cispo", "gpg", "dro", "dppo_tv", "dppo_kl", "value"])
+@pytest.mark.parametrize("loss_type", ["cispo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo", "value"])
 def test_direct_gradient_ignores_an_overflowing_ratio(device, loss_type):
     """A family whose gradient does not go through the ratio has a finite gradient where the ratio is inf (lp -
     old = 1000, no clamp: inf even in float64), as the frameworks' autograd through their .detach() gives it (never 0 * inf)."""
@@ -357,7 +415,7 @@ def test_direct_gradient_ignores_an_overflowing_ratio(device, loss_type):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(loss_type="ppo"), 'loss_type must be one of "vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", '
-                            '"dppo_kl", "geo_mean", "value", got "ppo"'),
+                            '"dppo_kl", "geo_mean", "vespo", "value", got "ppo"'),
     (dict(loss_type="geo_mean"), 'loss_type "geo_mean" is a sequence-level loss: importance_sampling must be '
                                  '"seq" or "seq-token", got "token"'),
     (dict(loss_type="geo_mean", importance_sampling="seq", dual_clip=2.0), 'dual_clip applies to loss_type'),
@@ -370,6 +428,12 @@ def test_direct_gradient_ignores_an_overflowing_ratio(device, loss_type):
     (dict(loss_type="dppo_kl", importance_sampling="seq-token"), 'loss_type "dppo_kl" is defined at the token'),
     (dict(loss_type="sapo", tau_pos=0.0), "tau_pos must be a finite number > 0"),
     (dict(loss_type="sapo", tau_neg=float("inf")), "tau_neg must be a finite number > 0"),
+    (dict(loss_type="vespo", importance_sampling="seq"), 'loss_type "vespo" is defined at the token level'),
+    (dict(loss_type="vespo", log_ratio_clamp=5.0), 'log_ratio_clamp does not apply to loss_type "vespo"'),
+    (dict(loss_type="vespo", vespo_k_pos=float("nan")), "vespo_k_pos must be a finite number"),
+    (dict(loss_type="vespo", vespo_lambda_neg=float("inf")), "vespo_lambda_neg must be a finite number"),
+    (dict(loss_type="vespo", rollout_log_probs=torch.zeros(2, 3), rollout_is="seq", rollout_is_high=2.0),
+     'loss_type "vespo" takes a token-level rollout correction (rollout_is "token")'),
 ])
 def test_family_argument_errors(kw, match):
     lp = torch.zeros(2, 3)

@@ -147,8 +147,8 @@ class PolicyLossKernel {
     return v;
   }
 
-  // The mask and, with_log_ratio, the log-probs (and for geo_mean the advantages) that the sequence-level
-  // log-ratio terms of a tile are computed from.
+  // The mask and, with_log_ratio, the log-probs (and for geo_mean the advantages) that the row's log-ratio terms
+  // of a tile are computed from.
   TileView seq_view(Tile& t, int64_t i, int64_t t0, int64_t n, bool with_log_ratio) const {
     if (!with_log_ratio) return TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr, nullptr};
     TileView v = log_ratio_view(t, i, t0, n);
@@ -162,8 +162,8 @@ class PolicyLossKernel {
     return math::seq_log_ratio_term<Ops>(V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j), adv, o_);
   }
 
-  // Valid tokens of row i and, for the sequence ratio, the masked sum of its log-ratio terms and, for a
-  // sequence-level rollout correction, of its old - rollout log-ratios.
+  // Valid tokens of row i and, for a row statistic of the log-ratios (has_row_log_ratio), the masked sum of its
+  // log-ratio terms and, where has_row_rollout_sum, of its rollout terms (math::rollout_row_term).
   void row_prepass(Tile& t, int64_t i, bool sum_log_ratio, bool sum_rollout, int64_t& valid, double& log_ratio_sum,
                    double& rollout_sum) const {
     valid = 0;
@@ -179,7 +179,8 @@ class PolicyLossKernel {
         count += is_valid & one;
         if (sum_log_ratio) sum += Ops::select(is_valid, seq_term(v, j).value, zero);
         if (sum_rollout) {
-          rollout += Ops::select(is_valid, V::loadu(v.old_log_probs + j) - V::loadu(v.rollout_log_probs + j), zero);
+          const V rollout_log_ratio = V::loadu(v.old_log_probs + j) - V::loadu(v.rollout_log_probs + j);
+          rollout += Ops::select(is_valid, math::rollout_row_term<Ops>(rollout_log_ratio, o_), zero);
         }
       }
       valid += count_lanes(count);
@@ -194,15 +195,22 @@ class PolicyLossKernel {
     const bool ratio_grad = has_ratio_gradient(o_.loss_type);
     const bool rollout_on = o_.rollout_is != RolloutIs::None;
     const bool rollout_seq = is_row_level(o_.rollout_is);
-    const bool needs_prepass = seq_level || rollout_seq || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
+    const bool row_log_ratio = has_row_log_ratio(o_.loss_type, o_.importance_sampling);
+    const bool row_rollout_sum = math::has_row_rollout_sum(o_);
+    const bool weighting = rollout_weights_loss(o_.loss_type);
+    const bool needs_prepass = row_log_ratio || row_rollout_sum || o_.loss_agg_mode == LossAggMode::SeqMeanTokenMean;
     int64_t valid = a_.T;
     double log_ratio_sum = 0, rollout_sum = 0;
-    if (needs_prepass && (a_.mask.data != nullptr || seq_level || rollout_seq)) {
-      row_prepass(t, i, seq_level, rollout_seq, valid, log_ratio_sum, rollout_sum);
+    if (needs_prepass && (a_.mask.data != nullptr || row_log_ratio || row_rollout_sum)) {
+      row_prepass(t, i, row_log_ratio, row_rollout_sum, valid, log_ratio_sum, rollout_sum);
     }
     // The rollout correction's unit log-ratio of this row (sequence levels).
     const acc_t row_rollout_value = static_cast<acc_t>(math::row_rollout_log_ratio(o_.rollout_is, rollout_sum, valid));
     const V row_rollout(row_rollout_value);
+    // vespo's row log-weight (its rollout terms included).
+    const V row_log_weight(o_.loss_type == LossType::Vespo
+                               ? static_cast<acc_t>(math::vespo_row_log_weight(log_ratio_sum + rollout_sum))
+                               : acc_t(0));
 
     // The sequence-level ratio of this row (unused at token level).
     using ScalarOps = math::ScalarOps<acc_t>;
@@ -236,14 +244,14 @@ class PolicyLossKernel {
         if (rollout_on) {  // the correction's weight, a constant of the loss, times the given weight
           const V rollout_log_ratio = old - V::loadu(v.rollout_log_probs + j);
           const auto rw = math::rollout_weight<Ops>(rollout_log_ratio, rollout_seq ? row_rollout : rollout_log_ratio, o_);
-          weight = weight * rw.weight;
+          if (weighting) weight = weight * rw.weight;
           rollout_sum += Ops::select(is_valid, rw.weight, zero);
           rollout_min = Ops::select(is_valid, Ops::minimum(rollout_min, rw.weight), rollout_min);
           rollout_max = Ops::select(is_valid, Ops::maximum(rollout_max, rw.weight), rollout_max);
           n_filtered += rw.filtered & valid_one;
         }
         const auto terms =
-            math::token_terms<Ops>(math::TokenInputs<V>{r.ratio, lp, old, raw_log_ratio, adv, weight}, o_);
+            math::token_terms<Ops>(math::TokenInputs<V>{r.ratio, lp, old, raw_log_ratio, adv, weight, row_log_weight}, o_);
         // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
         const V dratio = r.dratio * math::seq_log_ratio_term<Ops>(raw_log_ratio, adv, o_).derivative;
         const V weighted_dloss = agg_weight * terms.dloss_dratio;

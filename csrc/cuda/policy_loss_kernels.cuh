@@ -168,8 +168,11 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   const bool ratio_grad = has_ratio_gradient(o.loss_type);
   const bool rollout_on = o.rollout_is != RolloutIs::None;
   const bool rollout_seq = is_row_level(o.rollout_is);
-  const bool needs_prepass =
-      seq_level || rollout_seq || (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
+  const bool row_log_ratio = has_row_log_ratio(o.loss_type, o.importance_sampling);
+  const bool row_rollout_sum = math::has_row_rollout_sum(o);
+  const bool weighting = rollout_weights_loss(o.loss_type);
+  const bool needs_prepass = row_log_ratio || row_rollout_sum ||
+                             (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
 
   // This thread's sums over all the rows of this block.
   acc_t loss = 0, ratio_sum = 0, kl_sum = 0;
@@ -179,27 +182,35 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   long long n_filtered = 0, n_filtered_seqs = 0;
 
   for (int64_t i = blockIdx.x; i < a.B; i += gridDim.x) {
-    // Pass 1: the row's valid tokens and, at sequence level, the masked sum of its log-ratios.
+    // Pass 1: the row's valid tokens and, for a row statistic, the masked sums of its log-ratio and rollout terms.
     long long row_valid = a.T;
-    double log_ratio_sum = 0, row_rollout_sum = 0;
+    double log_ratio_sum = 0, row_rollout_sum_value = 0;
     if (needs_prepass) {
       long long count = 0;
       acc_t sum = 0, rollout = 0;
       for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
         if (!is_valid(a.mask, i, t)) continue;
         ++count;
-        if (seq_level) sum += seq_term<acc_t>(a, i, t).value;
-        if (rollout_seq) {
+        if (row_log_ratio) sum += seq_term<acc_t>(a, i, t).value;
+        if (row_rollout_sum) {
           const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
-          rollout += load<acc_t>(a.old_log_probs, i, t, lp) - load<acc_t>(a.rollout_log_probs, i, t, 0);
+          const acc_t rollout_log_ratio =
+              load<acc_t>(a.old_log_probs, i, t, lp) - load<acc_t>(a.rollout_log_probs, i, t, 0);
+          rollout += math::rollout_row_term<Ops>(rollout_log_ratio, o);
         }
       }
       row_valid = block_sum<long long>(count, scratch_i);
-      if (seq_level) log_ratio_sum = block_sum<double>(static_cast<double>(sum), scratch_d);
-      if (rollout_seq) row_rollout_sum = block_sum<double>(static_cast<double>(rollout), scratch_d);
+      if (row_log_ratio) log_ratio_sum = block_sum<double>(static_cast<double>(sum), scratch_d);
+      if (row_rollout_sum) row_rollout_sum_value = block_sum<double>(static_cast<double>(rollout), scratch_d);
     }
     // The rollout correction's unit log-ratio of this row (sequence levels).
-    const acc_t row_rollout = static_cast<acc_t>(math::row_rollout_log_ratio(o.rollout_is, row_rollout_sum, row_valid));
+    const acc_t row_rollout =
+        static_cast<acc_t>(math::row_rollout_log_ratio(o.rollout_is, row_rollout_sum_value, row_valid));
+    // vespo's row log-weight (its rollout terms included).
+    const acc_t row_log_weight =
+        o.loss_type == LossType::Vespo
+            ? static_cast<acc_t>(math::vespo_row_log_weight(log_ratio_sum + row_rollout_sum_value))
+            : acc_t(0);
     const math::Ratio<acc_t> row_ratio = math::ratio_of<Ops>(
         math::clamp_log_ratio<Ops>(static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, row_valid)), o));
     const acc_t agg_weight = static_cast<acc_t>(math::row_agg_weight(o.loss_agg_mode, row_valid));
@@ -223,14 +234,14 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       if (rollout_on) {  // the correction's weight, a constant of the loss, times the given weight
         const acc_t rollout_log_ratio = old - load<acc_t>(a.rollout_log_probs, i, t, 0);
         const auto rw = math::rollout_weight<Ops>(rollout_log_ratio, rollout_seq ? row_rollout : rollout_log_ratio, o);
-        weight *= rw.weight;
+        if (weighting) weight *= rw.weight;
         rollout_sum += rw.weight;
         rollout_min = math::nan_minimum(rollout_min, rw.weight);
         rollout_max = math::nan_maximum(rollout_max, rw.weight);
         n_filtered += rw.filtered;
       }
       const auto terms =
-          math::token_terms<Ops>(math::TokenInputs<acc_t>{r.ratio, lp, old, lp - old, adv, weight}, o);
+          math::token_terms<Ops>(math::TokenInputs<acc_t>{r.ratio, lp, old, lp - old, adv, weight, row_log_weight}, o);
       // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
       const acc_t dratio = r.dratio * math::seq_log_ratio_term<Ops>(lp - old, adv, o).derivative;
       loss += agg_weight * terms.loss;

@@ -30,7 +30,8 @@ using PolicyLossSignature = PolicyLossOutputs(
     std::optional<double> num_seqs_value, std::optional<double> loss_scale_factor_value, double clip_low,
     std::optional<double> clip_high, std::optional<double> dual_clip, std::optional<double> ratio_cap,
     std::optional<double> log_ratio_clamp, c10::string_view loss_type, double tau_pos, double tau_neg,
-    std::optional<double> dro_beta, const OptionalTensor& rollout_log_probs, c10::string_view rollout_is,
+    std::optional<double> dro_beta, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
+    double vespo_lambda_neg, const OptionalTensor& rollout_log_probs, c10::string_view rollout_is,
     c10::string_view rollout_is_mode, std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
     c10::string_view rollout_is_mask_weight, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
     bool compute_grad);
@@ -66,6 +67,8 @@ struct PolicyLossOptions {
   std::string loss_type = "vanilla";  // the family: ppo_ext.LOSS_TYPES
   double tau_pos = 1.0, tau_neg = 1.05;  // sapo's gate temperatures
   std::optional<double> dro_beta;        // dro's penalty (required by "dro")
+  // vespo's Gamma weight exp(lambda + k log w - lambda w) of the row's log-weight: (k, lambda) for A >= 0 and A < 0.
+  double vespo_k_pos = 2.0, vespo_lambda_pos = 3.0, vespo_k_neg = 3.0, vespo_lambda_neg = 2.0;
   // The rollout correction from the inference engine's log-probs: "none", "token", "seq", "seq-mean"; "truncate"
   // or "mask" to [rollout_is_low, rollout_is_high]; kept tokens weighted by their "unit"'s ratio or their "token"'s.
   OptionalTensor rollout_log_probs;
@@ -83,7 +86,8 @@ inline PolicyLossOutputs policy_loss(const at::Tensor& log_probs, const Optional
   return op.call(
       log_probs, old_log_probs, advantages, o.mask, o.token_weights, o.num_tokens, o.num_seqs, o.loss_scale_factor,
       o.num_tokens_value, o.num_seqs_value, o.loss_scale_factor_value, o.clip_low, o.clip_high, o.dual_clip,
-      o.ratio_cap, o.log_ratio_clamp, o.loss_type, o.tau_pos, o.tau_neg, o.dro_beta, o.rollout_log_probs,
+      o.ratio_cap, o.log_ratio_clamp, o.loss_type, o.tau_pos, o.tau_neg, o.dro_beta, o.vespo_k_pos,
+      o.vespo_lambda_pos, o.vespo_k_neg, o.vespo_lambda_neg, o.rollout_log_probs,
       o.rollout_is, o.rollout_is_mode, o.rollout_is_low, o.rollout_is_high, o.rollout_is_mask_weight,
       o.importance_sampling, o.loss_agg_mode, o.compute_grad);
 }

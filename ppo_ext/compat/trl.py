@@ -44,6 +44,13 @@ num_processes * gas / steps_per_generation)        (a 0-dim tensor when num_item
 ``sapo``: ``-A sigmoid(t (coef_1 - 1)) 4 / t``,   ``loss_type="sapo"``, ``tau_pos``, ``tau_neg`` as
 ``t = sapo_temperature_pos`` (``A > 0``) or       TRL's ``torch.where`` makes them: in torch's
 ``_neg``; aggregated as ``grpo``; no ``delta``    default dtype (float32: rounded to float32)
+``vespo``: ``-sg(phi) * A * lp``, ``phi`` the     ``loss_type="vespo"``, ``vespo_k_pos`` ... as TRL's
+Gamma weight of the row's log-weight             ``torch.where`` makes them (float32); always
+(``get_gamma_weights``, ``vespo_k_pos``,          ``importance_sampling="token"`` (TRL's level does not
+``vespo_lambda_pos``, ``vespo_k_neg``,            reach its loss); vLLM's ratio (``token_*`` modes
+``vespo_lambda_neg``); vLLM's ratio joins the     only, as TRL's ``__init__`` demands) as
+log-weight; aggregated as ``dapo``; no ``delta``   ``rollout_log_probs = old - log(ratio)``,
+                                                  ``rollout_is="token"``, ``rollout_is_low=0``
 ===============================================  =====================================================
 
 ``gas`` is ``gradient_accumulation_steps``, the trainer's ``current_gradient_accumulation_steps``;
@@ -81,7 +88,10 @@ dr_grpo, dapo, luspo; ``METRIC_KEYS``), with ``r`` TRL's ``coef_1`` *after* the 
 For ``cispo`` the one key ``cispo_clip_ratio``: the fraction of valid tokens with ``r > epsilon_high``
 (TRL's bound, not ``1 + epsilon_high``; ``r`` uncapped: TRL applies ``delta`` to the clipped loss types
 only) and ``A > 0``, which is ppo_ext's ``clipped_active`` count over the valid tokens with the mapping
-above (its low side ``r < 0`` never holds). For ``sapo``, none (TRL logs no clip metric for it).
+above (its low side ``r < 0`` never holds). For ``sapo``, none (TRL logs no clip metric for it). For ``vespo`` the
+one key ``vespo/phi_seq_mean``: the mean of the Gamma weight over the rows (all ``B``, empty ones included: their
+weight is 1) with (B,) or (B, 1) advantages, over the valid tokens with (B, T) ones, as TRL's ``global_masked_mean``
+of its ``phi_seq``; computed by a few eager ops here (the kernel's metrics do not include it).
 
 As in TRL, when the clip indicator has one column (sequence level with (B,) or (B, 1) advantages, or
 ``T = 1``) the ``*_mean`` metrics are means over all ``B`` rows (empty ones count, unclipped: their
@@ -98,8 +108,6 @@ take one kernel call.
 
 Not supported yet (``NotImplementedError`` naming the option):
 
-- ``loss_type="vespo"``: VESPO's sequence-level Gamma weights are not in the kernel yet (issue 13, the loss
-  families);
 - ``beta != 0`` (the KL term to the reference model, and ``use_bias_correction_kl``): issue 14, the KL term;
 - the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``): a loss term of the entropies,
   which the kernel does not take, and a controller that updates the trainer's state.
@@ -108,7 +116,10 @@ Where the numbers can differ from TRL's on purpose: masked positions never reach
 by the mask, so a NaN or inf there would make its loss or gradient NaN), except the one-column case above,
 where TRL itself reads the indicators without the mask; the mask is read as 0/1 (TRL's
 ``completion_mask * tool_mask`` always is); no rows at all (B = 0) give loss 0, where TRL's mean over
-no rows is NaN. Refused with a ``ValueError`` rather than computed differently: cispo with
+no rows is NaN; for vespo, the vLLM ratio at masked positions is not read (TRL sums its log over every position,
+where TRL's own ratio is 1: it is computed from a masked difference), and the ratio reaches the row's log-weight
+as ``exp(old - (old - log(ratio)))`` in the log-probs' dtype, which can differ from ``log(ratio)`` by half an ulp of
+``old`` per token. Refused with a ``ValueError`` rather than computed differently: cispo with
 ``epsilon_high < 1`` (TRL's default ``epsilon_high=None`` is ``epsilon`` = 0.2; see the table) and sapo
 temperatures that are not finite and > 0 (TRL's sigmoid gate divides by them; ppo_ext's sapo needs them > 0).
 
@@ -148,17 +159,21 @@ GRPO_CONFIG_DEFAULTS = {
     "top_entropy_quantile": 1.0,
     "entropy_coef": 0.0,
     "use_adaptive_entropy": False,
+    "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0,
+    "vespo_k_neg": 3.0,
+    "vespo_lambda_neg": 2.0,
     "use_vllm": False,
     "vllm_importance_sampling_correction": True,
+    "vllm_importance_sampling_mode": "sequence_mask",
     "max_completion_length": 512,
     "steps_per_generation": None,
 }
 
 _CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's clipped surrogate (ppo_ext's "vanilla")
-SUPPORTED_LOSS_TYPES = _CLIP_LOSS_TYPES + ("cispo", "sapo")
-_PENDING_LOSS_TYPES = ("vespo",)
+SUPPORTED_LOSS_TYPES = _CLIP_LOSS_TYPES + ("cispo", "sapo", "vespo")
 _LEVELS = {"token": "token", "sequence": "seq"}
-LOSS_FAMILIES_ISSUE = "issue 13, the loss families (VESPO is not in the kernel yet)"
+_VESPO_PARAMETERS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 KL_ISSUE = "issue 14, the KL term (beta, use_bias_correction_kl)"
 
 # The keys of the loss's own metrics, after "entropy" (logged when `entropies` is given): those of the clipped
@@ -166,7 +181,7 @@ KL_ISSUE = "issue 14, the KL term (beta, use_bias_correction_kl)"
 METRIC_KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
                "clip_ratio/high_max")
 METRIC_KEYS_BY_LOSS_TYPE = {**{lt: METRIC_KEYS for lt in _CLIP_LOSS_TYPES}, "cispo": ("cispo_clip_ratio",),
-                            "sapo": ()}
+                            "sapo": (), "vespo": ("vespo/phi_seq_mean",)}
 
 # The keyword inputs _compute_loss hands _get_per_token_logps_and_entropies from `inputs` (multimodal ones).
 _MODEL_INPUT_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -201,13 +216,8 @@ def _options(args) -> SimpleNamespace:
     if args is None:
         raise ValueError("grpo_loss needs args (a GRPOConfig, or an object/mapping with its field names)")
     loss_type = _arg(args, "loss_type")
-    if loss_type in _PENDING_LOSS_TYPES:
-        raise NotImplementedError(
-            f"loss_type={loss_type!r} is not supported by ppo_ext.compat.trl yet ({LOSS_FAMILIES_ISSUE} adds it); "
-            f"supported: {list(SUPPORTED_LOSS_TYPES)}. Use TRL's own GRPOTrainer for it meanwhile.")
     if loss_type not in SUPPORTED_LOSS_TYPES:
-        known = list(SUPPORTED_LOSS_TYPES + _PENDING_LOSS_TYPES)
-        raise ValueError(f"Unknown loss type: {loss_type!r} (TRL's are {known})")
+        raise ValueError(f"Unknown loss type: {loss_type!r} (TRL's are {list(SUPPORTED_LOSS_TYPES)})")
     level = _arg(args, "importance_sampling_level")
     if level not in _LEVELS:
         raise ValueError(f"Unknown importance sampling level: {level!r}. Possible values are 'token' and 'sequence'.")
@@ -231,14 +241,22 @@ def _options(args) -> SimpleNamespace:
     tau_pos = tau_neg = None
     if loss_type == "sapo":
         tau_pos, tau_neg = _sapo_temperatures(_arg(args, "sapo_temperature_pos"), _arg(args, "sapo_temperature_neg"))
+    vllm_is = bool(_arg(args, "use_vllm")) and bool(_arg(args, "vllm_importance_sampling_correction"))
+    vespo = None
+    if loss_type == "vespo":
+        vespo = _vespo_parameters(args)
+        mode = _arg(args, "vllm_importance_sampling_mode")
+        if vllm_is and mode not in ("token_truncate", "token_mask"):  # as GRPOTrainer.__init__
+            raise ValueError("VESPO loss requires `vllm_importance_sampling_mode` to be either 'token_truncate' or "
+                             f"'token_mask'. Got: {mode}.")
     return SimpleNamespace(
         loss_type=loss_type, level=level, epsilon_low=epsilon, epsilon_high=epsilon_high,
         cispo_clip_high=_cispo_clip_high(epsilon_high) if loss_type == "cispo" else None,
-        tau_pos=tau_pos, tau_neg=tau_neg,
+        tau_pos=tau_pos, tau_neg=tau_neg, vespo=vespo,
         delta=None if delta is None else float(delta),
         off_policy_mask_threshold=None if threshold is None else float(threshold),
         top_entropy_quantile=quantile,
-        vllm_is=bool(_arg(args, "use_vllm")) and bool(_arg(args, "vllm_importance_sampling_correction")),
+        vllm_is=vllm_is,
         max_completion_length=_arg(args, "max_completion_length"),
         steps_per_generation=_arg(args, "steps_per_generation"),
         gradient_accumulation_steps=_arg(args, "gradient_accumulation_steps", None),
@@ -264,17 +282,40 @@ def _cispo_clip_high(epsilon_high: float) -> float:
     return clip_high
 
 
-def _sapo_temperatures(pos, neg) -> Tuple[float, float]:
-    """TRL's sapo temperatures as its ``torch.where(advantages > 0, pos, neg)`` makes them: a tensor of torch's
+def _as_trl_where(name_pos: str, pos, name_neg: str, neg) -> Tuple[torch.Tensor, float, float]:
+    """Two per-sign parameters as TRL's ``torch.where(advantages ..., pos, neg)`` makes them: a tensor of torch's
     default dtype (float32 unless changed), so rounded to it, whatever the dtype of the log-probs."""
-    _number("sapo_temperature_pos", pos)
-    _number("sapo_temperature_neg", neg)
+    _number(name_pos, pos)
+    _number(name_neg, neg)
     try:
         values = torch.where(torch.tensor([True, False]), pos, neg)
     except RuntimeError as exc:  # TRL's torch.where fails the same way
-        raise ValueError(f"args.sapo_temperature_pos={pos}, args.sapo_temperature_neg={neg}: TRL's torch.where "
-                         f"cannot make a {torch.get_default_dtype()} tensor of them ({exc})") from exc
-    tau_pos, tau_neg = (float(v) for v in values.tolist())
+        raise ValueError(f"args.{name_pos}={pos}, args.{name_neg}={neg}: TRL's torch.where cannot make a "
+                         f"{torch.get_default_dtype()} tensor of them ({exc})") from exc
+    first, second = (float(v) for v in values.tolist())
+    return values, first, second
+
+
+def _vespo_parameters(args) -> Dict[str, float]:
+    """ppo_ext's vespo_* options for TRL's ``get_gamma_weights``: k and lambda as its ``torch.where`` makes them,
+    lambda clamped to >= 1e-4 in that dtype (TRL's clamp, which ppo_ext's vespo does not do); every one finite
+    (ppo_ext refuses others)."""
+    k_pos, k_neg = _VESPO_PARAMETERS[0], _VESPO_PARAMETERS[2]
+    lambda_pos, lambda_neg = _VESPO_PARAMETERS[1], _VESPO_PARAMETERS[3]
+    _, kp, kn = _as_trl_where(k_pos, _arg(args, k_pos), k_neg, _arg(args, k_neg))
+    lambdas, _, _ = _as_trl_where(lambda_pos, _arg(args, lambda_pos), lambda_neg, _arg(args, lambda_neg))
+    lp, ln = (float(v) for v in lambdas.clamp(min=1e-4).tolist())
+    values = {k_pos: kp, lambda_pos: lp, k_neg: kn, lambda_neg: ln}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"args.{name}={_arg(args, name)} (as TRL's torch.where makes it: {value}): ppo_ext's "
+                             "vespo takes finite parameters")
+    return values
+
+
+def _sapo_temperatures(pos, neg) -> Tuple[float, float]:
+    """TRL's sapo temperatures as its ``torch.where(advantages > 0, pos, neg)`` makes them (_as_trl_where)."""
+    values, tau_pos, tau_neg = _as_trl_where("sapo_temperature_pos", pos, "sapo_temperature_neg", neg)
     for name, given, value in (("sapo_temperature_pos", pos, tau_pos), ("sapo_temperature_neg", neg, tau_neg)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"args.{name}={given} (as TRL's torch.where makes it, {values.dtype}: {value}): "
@@ -289,6 +330,8 @@ def _family(opts) -> Dict[str, Any]:
         return {"loss_type": "cispo", "clip_low": 1.0, "clip_high": opts.cispo_clip_high}
     if opts.loss_type == "sapo":
         return {"loss_type": "sapo", "tau_pos": opts.tau_pos, "tau_neg": opts.tau_neg}
+    if opts.loss_type == "vespo":
+        return {"loss_type": "vespo", **opts.vespo}
     return {"clip_low": opts.epsilon_low, "clip_high": opts.epsilon_high, "ratio_cap": opts.delta}
 
 
@@ -310,7 +353,7 @@ def _aggregation(opts, B: int, mask: torch.Tensor, num_items_in_batch, gas, num_
     if lt == "dr_grpo":
         length = _positive("args.max_completion_length", opts.max_completion_length)
         return {"loss_agg_mode": "seq-mean-token-sum-norm", "num_seqs": B, "loss_scale_factor": length * gas}
-    # dapo, cispo: `num_items_in_batch` spans the generation batch (every process, every step of it)
+    # dapo, cispo, vespo: `num_items_in_batch` spans the generation batch (every process, every step of it)
     spg = opts.steps_per_generation
     if spg is None:
         spg = opts.gradient_accumulation_steps if opts.gradient_accumulation_steps is not None else gas
@@ -368,7 +411,7 @@ def _weights(opts, B: int, T: int, advantages2d, per_token_logps, old_per_token_
         entropy_mask = entropy_mask.bool()
         keep = entropy_mask if keep is None else keep & entropy_mask
     weights = None if keep is None else keep.to(torch.float32)
-    if importance_sampling_ratio is not None:
+    if importance_sampling_ratio is not None and opts.loss_type != "vespo":  # vespo's log-weight takes it (_rollout)
         ratio = importance_sampling_ratio.detach()
         weights = ratio if weights is None else ratio * weights
     if weights is None:
@@ -377,6 +420,39 @@ def _weights(opts, B: int, T: int, advantages2d, per_token_logps, old_per_token_
         raise ValueError(f"importance_sampling_ratio / entropy_mask must have shape ({B}, {T}) or ({B}, 1), and "
                          f"combined with the off-policy mask give {tuple(weights.shape)}")
     return weights.expand(B, T)
+
+
+def _vespo_log_ratio_of_vllm(opts, B: int, T: int, per_token_logps, old_per_token_logps,
+                             importance_sampling_ratio) -> Dict[str, Any]:
+    """For vespo, vLLM's per-token ratio as the kernel's token-level rollout correction, whose log joins the row's
+    log-weight (TRL's get_gamma_weights): rollout_log_probs = old - log(ratio), unbounded (rollout_is_low=0).
+    Nothing for the other loss types (their ratio is a token weight, _weights)."""
+    if opts.loss_type != "vespo" or importance_sampling_ratio is None:
+        return {}
+    ratio = importance_sampling_ratio.detach()
+    if ratio.shape != (B, T):
+        raise ValueError(f"loss_type='vespo' takes a per-token importance_sampling_ratio of shape ({B}, {T}) (TRL's "
+                         f"'token_truncate' / 'token_mask' modes), got {tuple(ratio.shape)}")
+    dtype = torch.promote_types(per_token_logps.dtype, torch.float32)
+    old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+    rollout = old.to(dtype) - torch.log(ratio).to(dtype)  # TRL's log, in the ratio's dtype
+    return {"rollout_log_probs": rollout, "rollout_is": "token", "rollout_is_low": 0.0}
+
+
+def _vespo_phi(opts, log_ratio, advantages2d, valid, importance_sampling_ratio) -> torch.Tensor:
+    """TRL's phi_seq for its metric: the Gamma weight of the row's log-weight, (B, 1), or (B, T) with (B, T)
+    advantages (what the kernel computes per token, here in eager ops for the metric alone)."""
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    terms = torch.where(valid, log_ratio.clamp(-20.0, 20.0), zero)
+    if importance_sampling_ratio is not None:
+        log_is = torch.log(importance_sampling_ratio.detach()).clamp(math.log(1e-8), 20.0).to(log_ratio.dtype)
+        terms = terms + torch.where(valid, log_is, zero)
+    log_w = terms.sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+    nonneg = advantages2d >= 0
+    v = opts.vespo
+    k = torch.where(nonneg, v["vespo_k_pos"], v["vespo_k_neg"]).to(log_ratio.dtype)
+    lam = torch.where(nonneg, v["vespo_lambda_pos"], v["vespo_lambda_neg"]).to(log_ratio.dtype)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -390,12 +466,17 @@ def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
     return torch.where(nan.all(), torch.full_like(value, math.nan), value)
 
 
-def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator):
+def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator,
+             importance_sampling_ratio=None):
     """TRL's metrics for opts.loss_type (keys: "entropy" when entropies are given, then
     METRIC_KEYS_BY_LOSS_TYPE[loss_type]), with one reduce and, for the clipped loss types, one gather."""
     lp = per_token_logps.detach()
     clipped_loss = opts.loss_type in _CLIP_LOSS_TYPES
     flags = []
+    phi = None
+    if opts.loss_type == "vespo":
+        log_ratio = torch.zeros_like(lp) if old_per_token_logps is None else lp - old_per_token_logps
+        phi = _vespo_phi(opts, log_ratio, advantages2d, valid, importance_sampling_ratio)
     if clipped_loss or opts.loss_type == "cispo":
         log_ratio = torch.zeros_like(lp) if old_per_token_logps is None else lp - old_per_token_logps
         if opts.level == "sequence":
@@ -424,6 +505,13 @@ def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, en
             if clipped_loss:
                 rows = masked[:2].sum(-1) / valid.sum(-1)  # NaN for a row without a valid token
         stats += [sums, count]
+    if phi is not None:  # TRL's global_masked_mean(phi_seq): over the rows when it has one column
+        if phi.shape[1] == 1:
+            stats += [phi.sum().to(torch.float32).reshape(1),
+                      torch.full((1,), float(phi.shape[0]), dtype=torch.float32, device=lp.device)]
+        else:
+            stats += [torch.where(valid, phi, torch.zeros((), dtype=phi.dtype, device=phi.device)).sum()
+                      .to(torch.float32).reshape(1), valid_f.sum().reshape(1)]
     if entropies is not None:
         ent = entropies.detach()
         if ent.shape[1] == 1:
@@ -453,6 +541,8 @@ def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, en
         metrics["clip_ratio/high_max"] = _nan_extreme(rows[:, 1], largest=True)
     elif opts.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = stats[0] / stats[1].clamp(min=1.0)
+    elif opts.loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = stats[0] / stats[1].clamp(min=1.0)
     return metrics
 
 
@@ -508,13 +598,17 @@ def grpo_loss(
     with torch.no_grad():
         weights = _weights(opts, B, T, advantages2d, per_token_logps, old_per_token_logps, sampling_per_token_logps,
                            importance_sampling_ratio, entropy_mask, valid)
+        rollout = _vespo_log_ratio_of_vllm(opts, B, T, per_token_logps, old_per_token_logps, importance_sampling_ratio)
+    # TRL's importance_sampling_level does not reach vespo's loss (nor its metric): the kernel's token level
+    level = "token" if opts.loss_type == "vespo" else _LEVELS[opts.level]
     out = ppo_ext.policy_loss(
         per_token_logps, old_per_token_logps, advantages, mask,
-        importance_sampling=_LEVELS[opts.level], token_weights=weights, **_family(opts),
+        importance_sampling=level, token_weights=weights, **_family(opts), **rollout,
         **_aggregation(opts, B, valid, num_items_in_batch, gas, num_processes),
     )
     with torch.no_grad():
-        metrics = _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator)
+        metrics = _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator,
+                           importance_sampling_ratio)
     return out.loss, metrics
 
 
@@ -539,6 +633,7 @@ class PPOExtGRPOMixin:
     def _ppo_ext_args(self) -> SimpleNamespace:
         """The options TRL's _compute_loss reads, from where it reads them: the trainer's attributes (set
         from its args in GRPOTrainer.__init__), and ``args.delta``, ``args.sapo_temperature_pos`` / ``_neg``,
+        ``args.vespo_*``,
         ``args.steps_per_generation`` and ``args.use_bias_correction_kl``. The entropy bonus is checked by the
         caller."""
         args = self.args
@@ -547,6 +642,8 @@ class PPOExtGRPOMixin:
             epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=_arg(args, "delta"), beta=self.beta,
             sapo_temperature_pos=_arg(args, "sapo_temperature_pos"),
             sapo_temperature_neg=_arg(args, "sapo_temperature_neg"),
+            **{name: _arg(args, name) for name in _VESPO_PARAMETERS},
+            vllm_importance_sampling_mode=self.vllm_importance_sampling_mode,
             use_bias_correction_kl=_arg(args, "use_bias_correction_kl"),
             off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
             entropy_coef=0.0, use_adaptive_entropy=False, use_vllm=self.use_vllm,
