@@ -3,7 +3,8 @@
 
 The eager contender is verl 0.9.1's compute_policy_loss_vanilla / compute_policy_loss_gspo (and, for the
 sequence-level ratio with the gradient through the mean, OpenRLHF 0.11.2's GSPO PolicyLoss; for the other loss
-families, verl's compute_policy_loss_cispo / _sapo / _gpg / _dro / _dppo_tv / _dppo_kl), loaded from the
+families, verl's compute_policy_loss_cispo / _sapo / _gpg / _dro / _dppo_tv / _dppo_kl and TRL 1.16's VESPO
+(GRPOTrainer.get_gamma_weights and its loss lines)), loaded from the
 installed packages by tests/frameworks.py and called as the frameworks' actors call them. Every contender is
 first checked against the float64 reference (ppo_ext.reference): loss, metrics, clip counters and gradient,
 with and without autograd. Then forward alone and forward + backward are timed, contenders interleaved in one
@@ -120,8 +121,17 @@ KINDS = {
         metrics=VERL_METRICS,
         options=dict(loss_type="dppo_kl", clip_low=0.2, clip_high=0.28, ratio_cap=20.0, log_ratio_clamp=20.0,
                      loss_agg_mode="token-mean")),
+    # vespo: TRL's, with its default Gamma parameters and dapo aggregation (one process, no accumulation: the
+    # valid tokens); TRL's one metric (vespo/phi_seq_mean) is not a kernel metric. Its inputs are near on-policy
+    # (log-ratios N(0, 0.01): a row's sum over ~7400 tokens is ~N(0, 0.86), where the weight varies; off-policy
+    # rows of 8192 tokens would all have weight ~0).
+    "vespo": dict(
+        label="vespo", framework="trl", config=dict(k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0),
+        metrics={}, spread=(0.01, 0.01),
+        options=dict(loss_type="vespo", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+                     loss_agg_mode="token-mean")),
 }
-FAMILIES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")  # the kinds with a loss_type other than vanilla
+FAMILIES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo")  # the kinds with a loss_type but vanilla
 
 
 def verl_config(verl, spec):
@@ -155,6 +165,18 @@ def framework_loss(kind):
             return pg_loss, {names[k]: v for k, v in m.items()}
 
         return verl_loss
+    if spec["framework"] == "trl":
+        gamma_weights = frameworks().trl().GRPOTrainer.get_gamma_weights
+
+        def trl_loss(lp, old, adv, mask):
+            # GRPOTrainer._compute_loss for loss_type="vespo" (one process, no accumulation): TRL's own
+            # get_gamma_weights, then its two lines of loss and dapo aggregation
+            phi_seq = gamma_weights(advantages=adv, log_ratio_per_token=lp - old, mask=mask,
+                                    importance_sampling_ratio=None, **spec["config"])
+            per_token_loss = -phi_seq * adv * lp
+            return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0), {}
+
+        return trl_loss
     module = frameworks().openrlhf().loss.PolicyLoss(**spec["config"])
 
     def openrlhf_loss(lp, old, adv, mask):
@@ -269,12 +291,14 @@ class Inputs:
 
 
 def make_inputs(case: Case, device, seed):
-    """log-probs off the old ones by N(0, 0.15), 1% of tokens far off-policy (N(0, 1.5): the dual clip acts)."""
+    """log-probs off the old ones by N(0, 0.15), 1% of tokens far off-policy (N(0, 1.5): the dual clip acts); the
+    kind's `spread` (near, far) where it sets one."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, T = case.B, case.T
+    near_sd, far_sd = KINDS[case.kind].get("spread", (0.15, 1.5))
     old = -4.0 * torch.rand(B, T, generator=g)
     far = torch.rand(B, T, generator=g) < 0.01
-    lp = old + torch.where(far, 1.5, 0.15) * torch.randn(B, T, generator=g)
+    lp = old + torch.where(far, far_sd, near_sd) * torch.randn(B, T, generator=g)
     adv = torch.randn(B, T, generator=g) if case.adv == "BT" else torch.randn(B, generator=g)
     if case.mask == "0.9":
         mask = torch.rand(B, T, generator=g) < 0.9

@@ -74,6 +74,12 @@ MUTATIONS = {
         "grad_row[t] = agg_weight * terms.dloss_dratio * dratio + direct;",
         "a direct-gradient family multiplied by d ratio / d lp: 0 * inf = NaN where the ratio overflows",
     ),
+    "vespo_rollout_weights_the_loss": (
+        "cuda/policy_loss_kernels.cuh",
+        "if (weighting) weight *= rw.weight;",
+        "weight *= rw.weight;",
+        "vespo's rollout weight multiplies the loss too (it belongs in the row's log-weight only)",
+    ),
 }
 
 

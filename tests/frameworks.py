@@ -68,6 +68,9 @@ Recipes (what this repository's tests and benchmarks load; each is loaded once p
 dataclass, verl/workers/config/actor.py), ``actor_config(**fields)`` (an ActorConfig with the fields
 verl's ``__post_init__`` insists on filled in) and ``version``.
 
+``trl()`` -> namespace with ``GRPOTrainer`` (trl/trainer/grpo_trainer.py's class: ``_compute_loss``,
+``get_gamma_weights``, ...), ``GRPOConfig``, ``module`` (grpo_trainer) and ``version``.
+
 ``openrlhf()`` -> namespace with ``loss`` (the module openrlhf.models.loss: ``PolicyLoss``,
 ``aggregate_loss``), ``utils`` (openrlhf.models.utils: ``masked_mean``) and ``version``.
 """
@@ -79,6 +82,7 @@ import importlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import sys
 import types
@@ -87,10 +91,11 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 __all__ = ["FrameworkMissing", "StubUsed", "require", "package_dir", "stub_class", "stub_function",
            "stubbed_imports", "load_module", "load_functions", "load_or_skip", "verl", "openrlhf",
-           "VERL_VERSION", "OPENRLHF_VERSION"]
+           "trl", "VERL_VERSION", "OPENRLHF_VERSION", "TRL_VERSION"]
 
 VERL_VERSION = "0.9.1"
 OPENRLHF_VERSION = "0.11.2"
+TRL_VERSION = "1.16.0"
 REQUIRE_ENV = "PPO_EXT_REQUIRE_FRAMEWORKS"
 
 
@@ -346,3 +351,69 @@ def openrlhf() -> types.SimpleNamespace:
         utils = importlib.import_module("openrlhf.models.utils")
         loss = importlib.import_module("openrlhf.models.loss")
     return types.SimpleNamespace(loss=loss, utils=utils, version=version)
+
+
+def _top_level_imports(module_name):
+    """{module: [names]} of the top-level import statements of an installed module's file."""
+    top, _, rest = module_name.partition(".")
+    path = package_dir(top).joinpath(*rest.split(".")).with_suffix(".py")
+    package = module_name.rpartition(".")[0]
+    found = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rpartition(".")[0]
+            module = node.module if not node.level else (f"{base}.{node.module}" if node.module else base)
+            found.setdefault(module, []).extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                found.setdefault(alias.name, [])
+    return found
+
+
+def _stand_in(module, name):
+    qualname = f"{module}.{name}"
+    if name.lstrip("_")[:1].isupper():
+        return stub_class(qualname)
+    return stub_function(qualname)
+
+
+@functools.lru_cache(maxsize=None)
+def trl() -> types.SimpleNamespace:
+    """TRL 1.16.0's trl/trainer/grpo_trainer.py (GRPOTrainer) and grpo_config.py (GRPOConfig), from the installed
+    package. Hollow: trl, trl.trainer (their __init__ import transformers). Every name grpo_trainer.py imports from a
+    package that is not installed here (transformers, accelerate, datasets, huggingface_hub, pandas) or from TRL's
+    other modules is a stand-in (read off its import statements), except what the import or the loss path calls:
+    is_peft_available, is_rich_available, is_trackio_available, is_wandb_available (False), get_logger
+    (logging.getLogger), profiling_decorator (the identity), nanmin / nanmax (TRL's own, from
+    trl/trainer/utils.py) and GRPOConfig (TRL's dataclass on a stand-in TrainingArguments)."""
+    version = require("trl", TRL_VERSION)
+    hollow = ("trl", "trl.trainer")
+    training_arguments = type("TrainingArguments", (), {"_VALID_DICT_FIELDS": [], "__doc__": "Stand-in."})
+    with stubbed_imports(hollow, {"transformers": {"TrainingArguments": training_arguments}}):
+        grpo_config = importlib.import_module("trl.trainer.grpo_config")
+
+    real = ("torch", "numpy", "packaging")
+    stubs = {}
+    for module, names in _top_level_imports("trl.trainer.grpo_trainer").items():
+        top = module.partition(".")[0]
+        if top in sys.stdlib_module_names or top in real:
+            continue
+        stubs[module] = {name: _stand_in(module, name) for name in names}
+        parent = module.rpartition(".")[0]
+        while parent and parent not in hollow:
+            stubs.setdefault(parent, {})
+            parent = parent.rpartition(".")[0]
+    never = lambda *args, **kwargs: False  # noqa: E731
+    stubs["transformers"].update(is_trackio_available=never, is_wandb_available=never)
+    stubs["transformers.utils"].update(is_peft_available=never, is_rich_available=never)
+    stubs["accelerate.logging"]["get_logger"] = logging.getLogger
+    stubs["trl.extras.profiling"]["profiling_decorator"] = lambda function: function
+    torch = importlib.import_module("torch")
+    stubs["trl.trainer.utils"].update(load_functions("trl.trainer.utils", ["nanmin", "nanmax"], {"torch": torch}))
+    stubs["trl.trainer.grpo_config"]["GRPOConfig"] = grpo_config.GRPOConfig
+    with stubbed_imports(hollow, stubs):
+        grpo_trainer = importlib.import_module("trl.trainer.grpo_trainer")
+    return types.SimpleNamespace(GRPOTrainer=grpo_trainer.GRPOTrainer, GRPOConfig=grpo_config.GRPOConfig,
+                                 module=grpo_trainer, version=version)

@@ -1,10 +1,8 @@
 """ppo_ext.compat.trl against TRL 1.16.0's own GRPOTrainer._compute_loss.
 
 TRL's code runs for real: trl/trainer/grpo_trainer.py is executed from the installed file (trl installed
-with ``pip install --no-deps trl==1.16.0``; nothing of TRL is copied here) by ``load_trl`` below, with the
-general helpers of tests/frameworks.py (``require``, ``stubbed_imports``, ``stub_class``,
-``stub_function``, ``load_functions``, ``load_or_skip``; frameworks.py has no TRL recipe, so it is here).
-What is stubbed, for the duration of the import only:
+with ``pip install --no-deps trl==1.16.0``; nothing of TRL is copied here) by tests/frameworks.py's ``trl()``
+recipe (shared with the benchmark). What is stubbed, for the duration of the import only:
 
 - ``trl`` and ``trl.trainer`` are hollow (their ``__init__`` files, which import transformers, are not
   executed); trl/trainer/grpo_trainer.py itself is real.
@@ -35,11 +33,8 @@ Without trl 1.16.0 the comparisons skip saying what to install (``PPO_EXT_REQUIR
 that a failure); the adapter's own tests (errors, unsupported options, shapes, dtypes) run anyway.
 """
 
-import ast
 import dataclasses
 import functools
-import importlib
-import logging
 import math
 import sys
 import threading
@@ -75,65 +70,14 @@ MODEL = object()  # the `model` argument, handed on to the forward
 # Loading TRL
 
 
-def _imports(module_name):
-    """{module: [names]} of the top-level import statements of an installed module's file."""
-    top, _, rest = module_name.partition(".")
-    path = frameworks.package_dir(top).joinpath(*rest.split(".")).with_suffix(".py")
-    package = module_name.rpartition(".")[0]
-    found = {}
-    for node in ast.parse(path.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.ImportFrom):
-            base = package
-            for _ in range(max(node.level - 1, 0)):
-                base = base.rpartition(".")[0]
-            module = node.module if not node.level else (f"{base}.{node.module}" if node.module else base)
-            found.setdefault(module, []).extend(alias.name for alias in node.names)
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                found.setdefault(alias.name, [])
-    return found
-
-
-def _stand_in(module, name):
-    qualname = f"{module}.{name}"
-    if name.lstrip("_")[:1].isupper():
-        return frameworks.stub_class(qualname)
-    return frameworks.stub_function(qualname)
-
-
 @functools.lru_cache(maxsize=None)
 def load_trl():
-    version = frameworks.require("trl", ptrl.TRL_VERSION)
-    hollow = ("trl", "trl.trainer")
-    training_arguments = type("TrainingArguments", (), {"_VALID_DICT_FIELDS": [], "__doc__": "Stand-in."})
-    with frameworks.stubbed_imports(hollow, {"transformers": {"TrainingArguments": training_arguments}}):
-        grpo_config = importlib.import_module("trl.trainer.grpo_config")
-
-    real = ("torch", "numpy", "packaging")
-    stubs = {}
-    for module, names in _imports("trl.trainer.grpo_trainer").items():
-        top = module.partition(".")[0]
-        if top in sys.stdlib_module_names or top in real:
-            continue
-        stubs[module] = {name: _stand_in(module, name) for name in names}
-        parent = module.rpartition(".")[0]
-        while parent and parent not in hollow:
-            stubs.setdefault(parent, {})
-            parent = parent.rpartition(".")[0]
-    never = lambda *args, **kwargs: False  # noqa: E731
-    stubs["transformers"].update(is_trackio_available=never, is_wandb_available=never)
-    stubs["transformers.utils"].update(is_peft_available=never, is_rich_available=never)
-    stubs["accelerate.logging"]["get_logger"] = logging.getLogger
-    stubs["trl.extras.profiling"]["profiling_decorator"] = lambda function: function
-    stubs["trl.trainer.utils"].update(frameworks.load_functions("trl.trainer.utils", ["nanmin", "nanmax"],
-                                                                {"torch": torch}))
-    stubs["trl.trainer.grpo_config"]["GRPOConfig"] = grpo_config.GRPOConfig
-    with frameworks.stubbed_imports(hollow, stubs):
-        grpo_trainer = importlib.import_module("trl.trainer.grpo_trainer")
-    trainer_cls = grpo_trainer.GRPOTrainer
-    mixed = type("MixedTrainer", (ptrl.PPOExtGRPOMixin, trainer_cls), {})
-    return SimpleNamespace(GRPOTrainer=trainer_cls, GRPOConfig=grpo_config.GRPOConfig, Mixed=mixed,
-                           module=grpo_trainer, version=version)
+    """frameworks.trl() (TRL's own grpo_trainer.py and GRPOConfig), and the mixin on TRL's GRPOTrainer."""
+    ns = frameworks.trl()
+    assert ns.version == ptrl.TRL_VERSION
+    mixed = type("MixedTrainer", (ptrl.PPOExtGRPOMixin, ns.GRPOTrainer), {})
+    return SimpleNamespace(GRPOTrainer=ns.GRPOTrainer, GRPOConfig=ns.GRPOConfig, Mixed=mixed, module=ns.module,
+                           version=ns.version)
 
 
 @pytest.fixture(scope="module")

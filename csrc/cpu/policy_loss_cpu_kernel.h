@@ -207,10 +207,13 @@ class PolicyLossKernel {
     // The rollout correction's unit log-ratio of this row (sequence levels).
     const acc_t row_rollout_value = static_cast<acc_t>(math::row_rollout_log_ratio(o_.rollout_is, rollout_sum, valid));
     const V row_rollout(row_rollout_value);
-    // vespo's row log-weight (its rollout terms included).
-    const V row_log_weight(o_.loss_type == LossType::Vespo
-                               ? static_cast<acc_t>(math::vespo_row_log_weight(log_ratio_sum + rollout_sum))
-                               : acc_t(0));
+    // vespo's Gamma weights of the row's log-weight (its rollout terms included), for A >= 0 and A < 0.
+    V row_weight_pos(0), row_weight_neg(0);
+    if (o_.loss_type == LossType::Vespo) {
+      const acc_t log_w = static_cast<acc_t>(math::vespo_row_log_weight(log_ratio_sum + rollout_sum));
+      row_weight_pos = V(math::vespo_row_weight(log_w, true, o_));
+      row_weight_neg = V(math::vespo_row_weight(log_w, false, o_));
+    }
 
     // The sequence-level ratio of this row (unused at token level).
     using ScalarOps = math::ScalarOps<acc_t>;
@@ -250,8 +253,8 @@ class PolicyLossKernel {
           rollout_max = Ops::select(is_valid, Ops::maximum(rollout_max, rw.weight), rollout_max);
           n_filtered += rw.filtered & valid_one;
         }
-        const auto terms =
-            math::token_terms<Ops>(math::TokenInputs<V>{r.ratio, lp, old, raw_log_ratio, adv, weight, row_log_weight}, o_);
+        const math::TokenInputs<V> x{r.ratio, lp, old, raw_log_ratio, adv, weight, row_weight_pos, row_weight_neg};
+        const auto terms = math::token_terms<Ops>(x, o_);
         // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
         const V dratio = r.dratio * math::seq_log_ratio_term<Ops>(raw_log_ratio, adv, o_).derivative;
         const V weighted_dloss = agg_weight * terms.dloss_dratio;

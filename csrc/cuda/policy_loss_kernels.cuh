@@ -206,11 +206,13 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
     // The rollout correction's unit log-ratio of this row (sequence levels).
     const acc_t row_rollout =
         static_cast<acc_t>(math::row_rollout_log_ratio(o.rollout_is, row_rollout_sum_value, row_valid));
-    // vespo's row log-weight (its rollout terms included).
-    const acc_t row_log_weight =
-        o.loss_type == LossType::Vespo
-            ? static_cast<acc_t>(math::vespo_row_log_weight(log_ratio_sum + row_rollout_sum_value))
-            : acc_t(0);
+    // vespo's Gamma weights of the row's log-weight (its rollout terms included), for A >= 0 and A < 0.
+    acc_t row_weight_pos = 0, row_weight_neg = 0;
+    if (o.loss_type == LossType::Vespo) {
+      const acc_t log_w = static_cast<acc_t>(math::vespo_row_log_weight(log_ratio_sum + row_rollout_sum_value));
+      row_weight_pos = math::vespo_row_weight(log_w, true, o);
+      row_weight_neg = math::vespo_row_weight(log_w, false, o);
+    }
     const math::Ratio<acc_t> row_ratio = math::ratio_of<Ops>(
         math::clamp_log_ratio<Ops>(static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, row_valid)), o));
     const acc_t agg_weight = static_cast<acc_t>(math::row_agg_weight(o.loss_agg_mode, row_valid));
@@ -240,8 +242,8 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
         rollout_max = math::nan_maximum(rollout_max, rw.weight);
         n_filtered += rw.filtered;
       }
-      const auto terms =
-          math::token_terms<Ops>(math::TokenInputs<acc_t>{r.ratio, lp, old, lp - old, adv, weight, row_log_weight}, o);
+      const math::TokenInputs<acc_t> x{r.ratio, lp, old, lp - old, adv, weight, row_weight_pos, row_weight_neg};
+      const auto terms = math::token_terms<Ops>(x, o);
       // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
       const acc_t dratio = r.dratio * math::seq_log_ratio_term<Ops>(lp - old, adv, o).derivative;
       loss += agg_weight * terms.loss;
