@@ -33,6 +33,7 @@ def policy_loss_cases():
                    rollout_is_low=0.8, rollout_is_high=1.25),
               dict(loss_type="dppo_kl", ratio_cap=2.0, rollout_is="seq-mean", rollout_is_mode="mask",
                    rollout_is_mask_weight="token", rollout_is_low=0.9, rollout_is_high=1.1),
+              dict(loss_type="vespo", rollout_is="token", rollout_is_high=1.5),
               dict(loss_type="value", clip_low=0.1)]
     for options in cases:
         for dtype in (torch.float32, torch.bfloat16):
