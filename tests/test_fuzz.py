@@ -378,12 +378,12 @@ def _magnitudes(x, valid, opts, T):
         bound = w * (A * size + opts["dro_beta"] * (d * d + d.abs()))
     elif loss_type == "vespo":
         # -phi A lp, phi = exp(lam + k log w - lam w): an error e in the row's log-weight (a sum of |d|-sized
-        # terms) changes phi by |k - lam w| e relative
+        # terms) changes phi by |k - lam w| e relative; below float32's smallest normal phi underflows (to 0)
         log_w = torch.where(valid, d.clamp(-20, 20), zero).sum(1, keepdim=True).clamp(math.log(1e-8), 20)
         nonneg = x["adv"] >= 0
         k = torch.where(nonneg, opts["vespo_k_pos"], opts["vespo_k_neg"])
         lam = torch.where(nonneg, opts["vespo_lambda_pos"], opts["vespo_lambda_neg"])
-        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).clamp(min=torch.finfo(torch.float32).tiny)
         spread = torch.where(valid, d.abs(), zero).sum(1, keepdim=True) + 1
         bound = Aw * size * phi * (1 + (k - lam * torch.exp(log_w)).abs() * spread)
     else:  # value: w (|v - R| + eps + 1)^2
@@ -537,6 +537,11 @@ FIXED = {
         **dict(sapo=dict(tau_pos=0.7, tau_neg=1.6), dro=dict(dro_beta=0.3),
                vespo=dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5)).get(f, {})))
        for f in LOSS_TYPES[1:]},
+    # (found by the fuzz) vespo's weight below float32's range: 0 in float32, 5e-66 in float64
+    "vespo-weight-underflow": _case(B=5, T=36, seed=4857, weights=False, mask="empty-rows", density=0.25,
+                                    old_layout="expanded", spread=0.01, opts=dict(
+                                        loss_type="vespo", clip_low=0.0, clip_high=None, vespo_k_pos=1.0,
+                                        vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=1.0)),
     "no-tokens": _case(B=4, T=0),
     "no-rows": _case(B=0, T=17),
     "all-masked-seq-mean": _case(mask="all-masked", opts=dict(loss_agg_mode="seq-mean-token-mean")),
