@@ -300,8 +300,7 @@ def _vespo_parameters(args) -> Dict[str, float]:
     """ppo_ext's vespo_* options for TRL's ``get_gamma_weights``: k and lambda as its ``torch.where`` makes them,
     lambda clamped to >= 1e-4 in that dtype (TRL's clamp, which ppo_ext's vespo does not do); every one finite
     (ppo_ext refuses others)."""
-    k_pos, k_neg = _VESPO_PARAMETERS[0], _VESPO_PARAMETERS[2]
-    lambda_pos, lambda_neg = _VESPO_PARAMETERS[1], _VESPO_PARAMETERS[3]
+    k_pos, lambda_pos, k_neg, lambda_neg = _VESPO_PARAMETERS
     _, kp, kn = _as_trl_where(k_pos, _arg(args, k_pos), k_neg, _arg(args, k_neg))
     lambdas, _, _ = _as_trl_where(lambda_pos, _arg(args, lambda_pos), lambda_neg, _arg(args, lambda_neg))
     lp, ln = (float(v) for v in lambdas.clamp(min=1e-4).tolist())
@@ -411,7 +410,7 @@ def _weights(opts, B: int, T: int, advantages2d, per_token_logps, old_per_token_
         entropy_mask = entropy_mask.bool()
         keep = entropy_mask if keep is None else keep & entropy_mask
     weights = None if keep is None else keep.to(torch.float32)
-    if importance_sampling_ratio is not None and opts.loss_type != "vespo":  # vespo's log-weight takes it (_rollout)
+    if importance_sampling_ratio is not None and opts.loss_type != "vespo":  # vespo: _vespo_log_ratio_of_vllm
         ratio = importance_sampling_ratio.detach()
         weights = ratio if weights is None else ratio * weights
     if weights is None:
