@@ -70,11 +70,12 @@ class PolicyLossFunction<PolicyLossOutputs(const at::Tensor&, Rest...)>
   }
 };
 
-// ppo_ext::token_log_probs: only log_probs is differentiable (logsumexp is saved for the backward, the
-// entropy is a metric, not a loss term). The forward saves the logits themselves (no copy) and the per-row
-// log-sum-exp; the backward is ppo_ext::token_log_probs_backward, or, with inplace_backward, the
-// token_log_probs_backward_inplace op, which overwrites the saved logits with their gradient and returns
-// them as the gradient (anything else that saved the logits then fails autograd's version check).
+// ppo_ext::token_log_probs: log_probs and, when computed, the entropy are differentiable (logsumexp is saved for
+// the backward). The forward saves the logits themselves (no copy), the per-row log-sum-exp and the entropy; the
+// backward is ppo_ext::token_log_probs_backward, or, with inplace_backward, the token_log_probs_backward_inplace
+// op, which overwrites the saved logits with their gradient and returns them as the gradient (anything else that
+// saved the logits then fails autograd's version check). An entropy with no upstream gradient adds nothing to the
+// backward (its term is not computed).
 // The dispatcher handle of ppo_ext::token_log_probs_backward_inplace, looked up once (used by the
 // autograd backward and by the ADInplaceOrView kernel below).
 const auto& token_log_probs_backward_inplace_op() {
@@ -89,9 +90,13 @@ class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunc
     static const auto op = typed_op<TokenLogProbsSignature>("ppo_ext::token_log_probs");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [log_probs, logsumexp, entropy] = op.call(logits, labels, temperature, compute_entropy, inplace_backward);
-    ctx->mark_non_differentiable({logsumexp, entropy});
+    if (compute_entropy) {
+      ctx->mark_non_differentiable({logsumexp});
+    } else {
+      ctx->mark_non_differentiable({logsumexp, entropy});
+    }
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({logits, labels, logsumexp});
+    ctx->save_for_backward({logits, labels, logsumexp, entropy});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["inplace_backward"] = inplace_backward;
     return {log_probs, logsumexp, entropy};
@@ -100,19 +105,24 @@ class TokenLogProbsFunction : public torch::autograd::Function<TokenLogProbsFunc
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     variable_list grad_inputs(5);
     const at::Tensor& grad_log_probs = grad_outputs[0];
-    if (!grad_log_probs.defined()) return grad_inputs;
+    const at::Tensor& grad_entropy = grad_outputs[2];
+    if (!grad_log_probs.defined() && !grad_entropy.defined()) return grad_inputs;
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "ppo_ext.token_log_probs is differentiable once: backward with create_graph=True (double backward) "
                 "is not supported");
     const variable_list saved = ctx->get_saved_variables();
     const double temperature = ctx->saved_data["temperature"].toDouble();
+    // (an entropy-only loss: the log-probs' upstream gradient is 0)
+    const at::Tensor g = grad_log_probs.defined() ? grad_log_probs : at::zeros_like(saved[2]);
+    const OptionalTensor g_entropy = grad_entropy.defined() ? OptionalTensor(grad_entropy) : std::nullopt;
+    const OptionalTensor entropy = grad_entropy.defined() ? OptionalTensor(saved[3]) : std::nullopt;
     if (ctx->saved_data["inplace_backward"].toBool()) {
-      token_log_probs_backward_inplace_op().call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
+      token_log_probs_backward_inplace_op().call(g, saved[0], saved[1], saved[2], temperature, g_entropy, entropy);
       grad_inputs[0] = saved[0].detach();  // the same buffer, now holding the gradient
       return grad_inputs;
     }
     static const auto backward_op = typed_op<TokenLogProbsBackwardSignature>("ppo_ext::token_log_probs_backward");
-    grad_inputs[0] = backward_op.call(grad_log_probs, saved[0], saved[1], saved[2], temperature);
+    grad_inputs[0] = backward_op.call(g, saved[0], saved[1], saved[2], temperature, g_entropy, entropy);
     return grad_inputs;
   }
 };
@@ -128,10 +138,12 @@ TokenLogProbsOutputs token_log_probs_autograd(const at::Tensor& logits, const at
 // so that autograd notices any other use of the overwritten values.
 void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_log_probs, const at::Tensor& logits,
                                                         const at::Tensor& labels, const at::Tensor& logsumexp,
-                                                        double temperature) {
+                                                        double temperature, const OptionalTensor& grad_entropy,
+                                                        const OptionalTensor& entropy) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    token_log_probs_backward_inplace_op().call(grad_log_probs, logits, labels, logsumexp, temperature);
+    token_log_probs_backward_inplace_op().call(grad_log_probs, logits, labels, logsumexp, temperature, grad_entropy,
+                                               entropy);
   }
   torch::autograd::impl::bump_version(logits);
 }

@@ -19,19 +19,23 @@ constexpr std::string_view kImportanceSamplingNames[] = {"token", "seq", "seq-to
 constexpr std::string_view kRolloutIsNames[] = {"none", "token", "seq", "seq-mean"};
 constexpr std::string_view kRolloutIsModeNames[] = {"truncate", "mask"};
 constexpr std::string_view kRolloutIsMaskWeightNames[] = {"unit", "token"};
+// kl_estimator: verl's kl_penalty names (each also with a "+" suffix), and the estimator each names.
+constexpr std::string_view kKlEstimatorNames[] = {"kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"};
+constexpr KlEstimator kKlEstimatorOfName[] = {KlEstimator::K1, KlEstimator::K1, KlEstimator::Abs, KlEstimator::K2,
+                                              KlEstimator::K2, KlEstimator::K3, KlEstimator::K3};
 constexpr std::string_view kLossAggModeNames[] = {"token-mean", "token-sum", "seq-mean-token-mean",
                                                   "seq-mean-token-sum", "seq-mean-token-sum-norm"};
 
-// The enum value named `s`, or an error: `<argument> must be one of "a", "b", got "s"`.
+// The enum value named `s`, or an error: `<argument> must be one of "a", "b", got "s"<note>`.
 template <typename Enum, size_t N>
-Enum parse_name(const std::string_view (&names)[N], c10::string_view s, const char* argument) {
+Enum parse_name(const std::string_view (&names)[N], c10::string_view s, const char* argument, const char* note = "") {
   const std::string_view name(s.data(), s.size());
   for (size_t k = 0; k < N; ++k) {
     if (names[k] == name) return static_cast<Enum>(k);
   }
   std::string expected;
   for (size_t k = 0; k < N; ++k) expected += (k ? ", \"" : "\"") + std::string(names[k]) + "\"";
-  TORCH_CHECK_VALUE(false, argument, " must be one of ", expected, ", got \"", name, "\"");
+  TORCH_CHECK_VALUE(false, argument, " must be one of ", expected, ", got \"", name, "\"", note);
 }
 
 // The floating dtypes the kernels read (float8 and complex are refused by name).
@@ -97,6 +101,9 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       c10::string_view rollout_is, c10::string_view rollout_is_mode,
                                       std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
                                       c10::string_view rollout_is_mask_weight,
+                                      const OptionalTensor& ref_log_probs, double kl_coef,
+                                      c10::string_view kl_estimator, std::optional<double> kl_clamp,
+                                      bool kl_bias_correction,
                                       c10::string_view importance_sampling, c10::string_view loss_agg_mode,
                                       bool compute_grad) {
   const double clip_high = clip_high_or_low.value_or(clip_low);
@@ -221,6 +228,32 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
   TORCH_CHECK_VALUE(!(rollout_is_low.has_value() && rollout_is_high.has_value()) || *rollout_is_low <= *rollout_is_high,
                     "rollout_is_low must be <= rollout_is_high, got ", rollout_is_low.value_or(0.0), " > ",
                     rollout_is_high.value_or(0.0));
+  o.has_ref_kl = ref_log_probs.has_value();
+  if (o.has_ref_kl) {
+    check_token_tensor(*ref_log_probs, "ref_log_probs", log_probs);
+    TORCH_CHECK_TYPE(is_float(ref_log_probs->scalar_type()),
+                     "ref_log_probs must be float32, float64, float16 or bfloat16, got ", ref_log_probs->scalar_type());
+    TORCH_CHECK_VALUE(o.loss_type != LossType::Value,
+                      "ref_log_probs does not apply to loss_type \"value\" (the critic has no reference policy)");
+  }
+  TORCH_CHECK_VALUE(std::isfinite(kl_coef), "kl_coef must be a finite number, got ", kl_coef);
+  TORCH_CHECK_VALUE(kl_coef == 0 || o.has_ref_kl, "kl_coef needs ref_log_probs (the reference policy's log-probs)");
+  std::string_view estimator(kl_estimator.data(), kl_estimator.size());
+  o.kl_straight_through = !estimator.empty() && estimator.back() == '+';
+  if (o.kl_straight_through) estimator.remove_suffix(1);
+  o.kl_estimator = kKlEstimatorOfName[parse_name<size_t>(
+      kKlEstimatorNames, c10::string_view(estimator.data(), estimator.size()), "kl_estimator",
+      " (each may end in \"+\": its value with k2's gradient)")];
+  TORCH_CHECK_VALUE(o.has_ref_kl || !(kl_clamp.has_value() || kl_bias_correction),
+                    "kl_clamp and kl_bias_correction need ref_log_probs (the reference policy's log-probs)");
+  TORCH_CHECK_VALUE(!kl_clamp.has_value() || *kl_clamp > 0, "kl_clamp must be > 0 (or None: the estimator's own), got ",
+                    kl_clamp.value_or(0.0));
+  // None: the estimator's own clamps (verl's k3: lp - ref to [-20, 20], the value to [-10, 10]); a number: the value's only.
+  const bool verl_k3 = o.kl_estimator == KlEstimator::K3 && !kl_clamp.has_value();
+  o.kl_clamp = kl_clamp.value_or(verl_k3 ? 10.0 : INFINITY);
+  o.kl_log_ratio_clamp = verl_k3 ? 20.0 : INFINITY;
+  o.kl_coef = kl_coef;
+  o.kl_bias_correction = kl_bias_correction;
   o.rollout_is_low = rollout_is_low.value_or(-INFINITY);
   o.rollout_is_high = rollout_is_high.value_or(INFINITY);
   o.clip_low = clip_low;
@@ -249,6 +282,7 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                         mask,
                         token_weights,
                         rollout_log_probs,
+                        ref_log_probs,
                         {num_tokens, number(num_tokens_value)},
                         {num_seqs, number(num_seqs_value)},
                         {loss_scale_factor, number(loss_scale_factor_value)},
@@ -310,12 +344,20 @@ LogitsLayout check_token_log_probs_args(const at::Tensor& logits, const at::Tens
   return l;
 }
 
-LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                                 const at::Tensor& labels, const at::Tensor& logsumexp,
-                                                 double temperature) {
+TokenLogProbsBackwardInputs check_token_log_probs_backward_args(const at::Tensor& grad_log_probs,
+                                                                const at::Tensor& logits, const at::Tensor& labels,
+                                                                const at::Tensor& logsumexp, double temperature,
+                                                                const OptionalTensor& grad_entropy,
+                                                                const OptionalTensor& entropy) {
   const LogitsLayout layout = check_token_log_probs_args(logits, labels, temperature);
   const auto acc = acc_type_for(logits.scalar_type());
-  for (const auto& [t, name] : {std::pair{&grad_log_probs, "grad_log_probs"}, std::pair{&logsumexp, "logsumexp"}}) {
+  TORCH_CHECK_VALUE(grad_entropy.has_value() == entropy.has_value(),
+                    "grad_entropy and entropy go together (the entropy's gradient needs the forward's entropy)");
+  const at::Tensor none;
+  for (const auto& [t, name] : {std::pair{&grad_log_probs, "grad_log_probs"}, std::pair{&logsumexp, "logsumexp"},
+                                std::pair{grad_entropy ? &*grad_entropy : &none, "grad_entropy"},
+                                std::pair{entropy ? &*entropy : &none, "entropy"}}) {
+    if (!t->defined()) continue;
     TORCH_CHECK_VALUE(t->device() == logits.device(), name, " must be on the device of logits (", logits.device(),
                       "), got ", t->device());
     TORCH_CHECK_VALUE(t->sizes() == labels.sizes(), name, " must have the shape of labels ", labels.sizes(), ", got ",
@@ -323,9 +365,13 @@ LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_prob
     TORCH_CHECK_TYPE(is_float(t->scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
                      t->scalar_type());
   }
-  TORCH_CHECK_TYPE(logsumexp.scalar_type() == acc, "logsumexp must be the ", acc,
-                   " tensor saved by token_log_probs, got ", logsumexp.scalar_type());
-  return layout;
+  for (const auto& [t, name] : {std::pair{&logsumexp, "logsumexp"}, std::pair{entropy ? &*entropy : &none, "entropy"}}) {
+    TORCH_CHECK_TYPE(!t->defined() || t->scalar_type() == acc, name, " must be the ", acc,
+                     " tensor saved by token_log_probs, got ", t->scalar_type());
+  }
+  const auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
+  return {layout, as_acc(grad_log_probs), logsumexp.contiguous(), grad_entropy ? as_acc(*grad_entropy) : none,
+          entropy ? entropy->contiguous() : none};
 }
 
 void check_writable_logits(const at::Tensor& logits) {

@@ -26,6 +26,7 @@ struct PolicyLossArgs {
   const OptionalTensor& mask;       // (B, T) or none
   const OptionalTensor& token_weights;
   const OptionalTensor& rollout_log_probs;  // (B, T) or none
+  const OptionalTensor& ref_log_probs;      // (B, T) or none
   NormaliserArg num_tokens, num_seqs, loss_scale_factor;
   LossOptions options;
   bool compute_grad;
@@ -50,6 +51,9 @@ PolicyLossArgs check_policy_loss_args(const at::Tensor& log_probs, const Optiona
                                       c10::string_view rollout_is, c10::string_view rollout_is_mode,
                                       std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
                                       c10::string_view rollout_is_mask_weight,
+                                      const OptionalTensor& ref_log_probs, double kl_coef,
+                                      c10::string_view kl_estimator, std::optional<double> kl_clamp,
+                                      bool kl_bias_correction,
                                       c10::string_view importance_sampling, c10::string_view loss_agg_mode,
                                       bool compute_grad);
 
@@ -79,6 +83,7 @@ void set_policy_loss_inputs(KernelArgs& k, const PolicyLossArgs& a, MakeView vie
   k.mask = optional(a.mask);
   k.token_weights = optional(a.token_weights);
   k.rollout_log_probs = optional(a.rollout_log_probs);
+  k.ref_log_probs = optional(a.ref_log_probs);
   k.B = a.B;
   k.T = a.T;
   k.options = a.options;
@@ -106,10 +111,21 @@ struct LogitsLayout {
 // naming the argument. The CPU backend checks the labels' range too (CUDA: a NaN log-prob, no synchronisation).
 LogitsLayout check_token_log_probs_args(const at::Tensor& logits, const at::Tensor& labels, double temperature);
 
-// The same, and grad_log_probs / logsumexp of the labels' shape (float32, float64 for float64 logits).
-LogitsLayout check_token_log_probs_backward_args(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                                 const at::Tensor& labels, const at::Tensor& logsumexp,
-                                                 double temperature);
+// The per-row inputs of the token_log_probs backward ops, checked: of the labels' shape, on the logits' device,
+// contiguous and in the accumulation type (float32, float64 for float64 logits; grad_log_probs converted, e.g.
+// the expanded gradient of a sum()). grad_entropy / entropy undefined: no entropy term.
+struct TokenLogProbsBackwardInputs {
+  LogitsLayout layout;
+  at::Tensor grad_log_probs, logsumexp, grad_entropy, entropy;
+};
+
+// The arguments of the backward ops: those of token_log_probs, grad_log_probs and the saved logsumexp, and
+// grad_entropy with the saved entropy (both or neither).
+TokenLogProbsBackwardInputs check_token_log_probs_backward_args(const at::Tensor& grad_log_probs,
+                                                                const at::Tensor& logits, const at::Tensor& labels,
+                                                                const at::Tensor& logsumexp, double temperature,
+                                                                const OptionalTensor& grad_entropy,
+                                                                const OptionalTensor& entropy);
 
 // The in-place backward writes every row of the logits: they must not overlap (e.g. an expand()ed tensor).
 void check_writable_logits(const at::Tensor& logits);

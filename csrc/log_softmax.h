@@ -9,7 +9,9 @@
 // The max is taken, and the offsets formed, on the raw logits: x - M is <= 0 for every x <= M (and exactly 0
 // at the max) however large the logits, so no exp overflows; scaling the max first (M * inv_t rounded)
 // and each offset unrounded made the largest offset up to half an ulp of M / T, which overflows exp for
-// logits of ~1.5e9 (float32) at T != 1. W is taken relative to the max, so the entropy has no
+// logits of ~1.5e9 (float32) at T != 1. The backward's element gradient (logit_grad) takes the entropy's
+// term too when the entropy has an upstream gradient (an entropy bonus): dH/dx = -p (log p + H) / T, in the
+// same pass. W is taken relative to the max, so the entropy has no
 // cancellation between two large numbers. Stats combine in any grouping (per lane, per tile, per
 // thread, per warp), which is what the kernels do, in a fixed order (deterministic).
 // -inf logits (masked vocabulary) contribute nothing, NaN propagates, as in eager log_softmax.
@@ -114,12 +116,29 @@ PPO_HD RowResult<T> finish(const Stats<T>& s, T label_diff, T inv_t) {
           log_sum - s.xsum / s.sum};
 }
 
-// d log_prob / d x_v = onehot(label) - softmax(x)_v: the softmax part of an element's gradient,
-// -coefficient * exp(x - lse), x the scaled logit (softmax::scaled; coefficient = upstream gradient /
-// temperature); the caller adds `coefficient` at the label.
-template <typename Ops, typename V>
-PPO_HD V softmax_grad(const V& x, const V& lse, const V& neg_coefficient) {
-  return neg_coefficient * Ops::exp(x - lse);
+// The upstream gradients of a row, divided by the temperature and negated (the backward's per-row constants):
+// -g / T for the log-prob, and with kEntropy -g_H / T for the entropy and the row's entropy H itself.
+template <typename V>
+struct RowGrad {
+  V neg_coefficient;          // -g / T
+  V neg_entropy_coefficient;  // -g_H / T (kEntropy)
+  V entropy;                  // H (kEntropy)
+};
+
+// An element's gradient without the label's one-hot term (the caller adds g / T at the label), x the scaled
+// logit (softmax::scaled), log p = x - lse:
+//   d log_prob / d x_v = (onehot - p_v) / T,   d H / d x_v = -p_v (log p_v + H) / T,
+// so -p_v (g + g_H (log p_v + H)) / T. log p is floored at kLogProbFloor where the entropy enters: a -inf logit
+// (p = 0) gives 0, not 0 * -inf. Without kEntropy the log-prob's term alone, as before the entropy had a gradient.
+constexpr double kLogProbFloor = -1e4;  // exp() of it is 0 in float32 and float64; g_H times it stays finite
+template <bool kEntropy, typename Ops, typename V>
+PPO_HD V logit_grad(const V& x, const V& lse, const RowGrad<V>& c) {
+  if constexpr (kEntropy) {
+    const V log_p = Ops::maximum(x - lse, V(kLogProbFloor));
+    return Ops::exp(log_p) * Ops::fmadd(c.neg_entropy_coefficient, log_p + c.entropy, c.neg_coefficient);
+  } else {
+    return c.neg_coefficient * Ops::exp(x - lse);
+  }
 }
 
 }  // namespace ppo_ext::softmax

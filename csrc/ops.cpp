@@ -10,7 +10,8 @@ TORCH_LIBRARY(ppo_ext, m) {
   // the scale 1/denominator that the backward applies to it. clip_high=None is clip_low; a normaliser
   // is a 0-dim tensor or a number (*_value), not both; ratio_cap caps the unclipped term's ratio; loss_type is
   // the family (ppo_ext.LOSS_TYPES), tau_pos/tau_neg are sapo's, dro_beta dro's, vespo_* vespo's; rollout_* the rollout correction computed in the kernel
-  // from rollout_log_probs. The defaults are
+  // from rollout_log_probs; ref_log_probs and kl_* the KL to the reference policy (kl_clamp=None: the estimator's
+  // own, 10 for k3, else none). The defaults are
   // ppo_ext.policy_loss's.
   m.def(
       "policy_loss(Tensor log_probs, Tensor? old_log_probs, Tensor advantages, Tensor? mask=None, "
@@ -21,7 +22,9 @@ TORCH_LIBRARY(ppo_ext, m) {
       "float tau_neg=1.05, float? dro_beta=None, float vespo_k_pos=2.0, float vespo_lambda_pos=3.0, "
       "float vespo_k_neg=3.0, float vespo_lambda_neg=2.0, Tensor? rollout_log_probs=None, str rollout_is=\"none\", "
       "str rollout_is_mode=\"truncate\", float? rollout_is_low=None, float? rollout_is_high=None, "
-      "str rollout_is_mask_weight=\"unit\", str importance_sampling=\"token\", "
+      "str rollout_is_mask_weight=\"unit\", Tensor? ref_log_probs=None, float kl_coef=0.0, "
+      "str kl_estimator=\"low_var_kl\", float? kl_clamp=None, bool kl_bias_correction=False, "
+      "str importance_sampling=\"token\", "
       "str loss_agg_mode=\"token-mean\", bool compute_grad=True) "
       "-> (Tensor loss, Tensor metrics, Tensor counts, Tensor token_grad, Tensor grad_scale)");
   // Backward: grad_log_probs = grad_loss * grad_scale * token_grad, in `dtype` (that of log_probs).
@@ -31,20 +34,22 @@ TORCH_LIBRARY(ppo_ext, m) {
   // x = logits / temperature, log_probs = log_softmax(x)[label], logsumexp = logsumexp(x) (saved for the
   // backward) and, when compute_entropy, the entropy -sum softmax(x) log_softmax(x) (else a (0,) tensor);
   // all float32 (float64 for float64 logits), contiguous. Online max / sum-exp: no log-softmax is
-  // materialised. Only log_probs is differentiable; inplace_backward makes the autograd formula write the
+  // materialised. log_probs and (when computed) the entropy are differentiable; inplace_backward makes the autograd formula write the
   // gradient into the logits' buffer (token_log_probs_backward_inplace): the logits are then gone.
   m.def(
       "token_log_probs(Tensor logits, Tensor labels, float temperature=1.0, bool compute_entropy=False, "
       "bool inplace_backward=False) -> (Tensor log_probs, Tensor logsumexp, Tensor entropy)");
-  // grad_logits = grad_log_probs * (onehot(label) - exp(x - logsumexp)) / temperature, in logits' dtype and
-  // shape (contiguous); rows with grad_log_probs == 0 are zeros, written without reading their logits.
+  // grad_logits = (grad_log_probs * (onehot(label) - p) - grad_entropy * p * (log p + entropy)) / temperature,
+  // p = exp(x - logsumexp), in logits' dtype and shape (contiguous); grad_entropy and the forward's entropy
+  // (both or neither: the entropy's term is then not computed); rows whose upstream gradients are 0 are zeros,
+  // written without reading their logits.
   m.def(
       "token_log_probs_backward(Tensor grad_log_probs, Tensor logits, Tensor labels, Tensor logsumexp, "
-      "float temperature) -> Tensor");
+      "float temperature, Tensor? grad_entropy=None, Tensor? entropy=None) -> Tensor");
   // The same gradient, written over the logits (which are read once, row by row, before being overwritten).
   m.def(
       "token_log_probs_backward_inplace(Tensor grad_log_probs, Tensor(a!) logits, Tensor labels, "
-      "Tensor logsumexp, float temperature) -> ()");
+      "Tensor logsumexp, float temperature, Tensor? grad_entropy=None, Tensor? entropy=None) -> ()");
 }
 
 }  // namespace ppo_ext

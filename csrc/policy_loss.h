@@ -51,6 +51,10 @@ PPO_HD bool rollout_weights_loss(LossType t) { return t != LossType::Vespo; }
 // Whether the correction's unit is a row (its ratio from the row's sum of old - rollout, in the first pass).
 PPO_HD bool is_row_level(RolloutIs level) { return level == RolloutIs::Seq || level == RolloutIs::SeqMean; }
 
+// The estimator of the KL to the reference policy (docs/SPEC.md "KL to a reference policy"), from d = lp - ref:
+// k1 = d, abs = |d|, k2 = d^2 / 2, k3 = exp(-d) + d - 1. Names in checks.cpp, ppo_ext/names.py KL_ESTIMATORS.
+enum class KlEstimator : int32_t { K1, Abs, K2, K3 };
+
 enum class LossAggMode : int32_t {
   TokenMean,
   TokenSum,
@@ -74,6 +78,8 @@ enum Metric : int {
   kRolloutWeightMin,
   kRolloutWeightMax,
   kRolloutFilteredFrac,
+  kKl,
+  kKlLoss,
   kNumMetrics,
 };
 enum Count : int {
@@ -111,6 +117,13 @@ struct LossOptions {
   RolloutIsMode rollout_is_mode;
   RolloutIsMaskWeight rollout_is_mask_weight;
   double rollout_is_low, rollout_is_high;  // the bounds (-inf / inf where not given)
+  bool has_ref_kl;              // ref_log_probs given: the KL to the reference policy is computed
+  double kl_coef;               // its coefficient in the loss (0: metrics only)
+  KlEstimator kl_estimator;
+  bool kl_straight_through;     // "+": the estimator's value with k2's gradient (verl's kl_penalty)
+  double kl_clamp;              // the value clamped to [-kl_clamp, kl_clamp] (inf: not clamped)
+  double kl_log_ratio_clamp;    // k3's lp - ref clamped to [-20, 20] first, as verl's (inf: not clamped)
+  bool kl_bias_correction;      // times the loss's ratio, gradient through it (TRL's use_bias_correction_kl)
 };
 
 // A normaliser given by the caller as a number (`value`), or not given (the default applies).
@@ -130,6 +143,8 @@ struct Partials {
   double rollout_weight_sum;  // sum of m * rollout weight
   double rollout_weight_min;
   double rollout_weight_max;
+  double ref_kl_sum;  // sum of m * the KL estimate, for the `kl` metric
+  double ref_kl_agg;  // sum of m * agg_weight * the KL estimate: kl_loss before the division
   int64_t counts[kNumCounts];
 };
 
@@ -137,6 +152,8 @@ namespace math {
 
 PPO_HD float exp_(float x) { return expf(x); }
 PPO_HD double exp_(double x) { return exp(x); }
+PPO_HD float expm1_(float x) { return expm1f(x); }
+PPO_HD double expm1_(double x) { return expm1(x); }
 PPO_HD float log_(float x) { return logf(x); }
 PPO_HD double log_(double x) { return log(x); }
 PPO_HD float fma_(float a, float b, float c) { return fmaf(a, b, c); }
@@ -158,6 +175,7 @@ struct ScalarOps {
   static PPO_HD T minimum(T a, T b) { return nan_minimum(a, b); }
   static PPO_HD T clamp(T x, T lo, T hi) { return nan_minimum(nan_maximum(x, lo), hi); }
   static PPO_HD T exp(T x) { return exp_(x); }
+  static PPO_HD T expm1(T x) { return expm1_(x); }
   static PPO_HD T log(T x) { return log_(x); }
   static PPO_HD T neg(T x) { return -x; }
   static PPO_HD bool mask_not(bool m) { return !m; }
@@ -457,6 +475,63 @@ PPO_HD TokenTerms<V, typename Ops::Mask> value_terms(const TokenInputs<V>& x, co
   return {x.weight * (half * Ops::maximum(unclipped, clipped)), zero, dloss, below, above, active, Mask(0)};
 }
 
+template <typename V>
+struct KlTerms {
+  V value;       // the token's KL estimate
+  V dlog_prob;   // its derivative w.r.t. lp at a fixed ratio
+  V dratio;      // and w.r.t. the ratio (kl_bias_correction), 0 otherwise
+};
+
+// A token's KL to the reference policy (docs/SPEC.md "KL to a reference policy"), from its log-prob, the
+// reference's and the loss's ratio: the estimator of d = lp - ref, its value clamped to [-kl_clamp, kl_clamp]
+// (the gradient stopped outside, as torch.clamp), with "+" k2's gradient d instead (verl's straight-through
+// kl_penalty, whose gradient ignores the clamp), and with kl_bias_correction times the ratio (TRL).
+template <typename Ops, typename V>
+PPO_HD KlTerms<V> ref_kl_terms(V log_prob, V ref_log_prob, V ratio, const LossOptions& o) {
+  const V zero(0), one(1), half(0.5);
+  const V d = log_prob - ref_log_prob;
+  V value = d, derivative = one;
+  switch (o.kl_estimator) {
+    case KlEstimator::K1: break;
+    case KlEstimator::Abs:  // torch.abs: gradient sgn(d), 0 at d = 0
+      value = Ops::select(d < zero, Ops::neg(d), d);
+      derivative = Ops::select(d > zero, one, Ops::select(d < zero, Ops::neg(one), zero));
+      break;
+    case KlEstimator::K2:
+      value = half * (d * d);
+      derivative = d;
+      break;
+    case KlEstimator::K3: {
+      V x = d;  // verl clamps ref - lp to [-20, 20] before its exp: finite where lp = -inf
+      V inside = one;
+      if (o.kl_log_ratio_clamp < INFINITY) {
+        const V bound(o.kl_log_ratio_clamp);
+        inside = Ops::select((d >= Ops::neg(bound)) & (d <= bound), one, zero);
+        x = Ops::clamp(d, Ops::neg(bound), bound);
+      }
+      // e^-x - 1 = ref / pi - 1 through expm1: k3 ~ x^2 / 2 and its derivative ~ x are small where the policy
+      // is near the reference, and exp(-x) - 1 would lose them to cancellation in float32
+      const V em1 = Ops::expm1(Ops::neg(x));
+      value = em1 + x;
+      derivative = inside * Ops::neg(em1);
+      break;
+    }
+  }
+  if (o.kl_clamp < INFINITY) {
+    const V hi(o.kl_clamp), lo(-o.kl_clamp);
+    derivative = Ops::select((value >= lo) & (value <= hi), derivative, zero);
+    value = Ops::clamp(value, lo, hi);
+  }
+  if (o.kl_straight_through) derivative = d;
+  if (o.kl_bias_correction) return {value * ratio, derivative * ratio, value};
+  return {value, derivative, zero};
+}
+
+// Whether the gradient of the loss goes through the ratio: the family's, or the bias-corrected KL term's.
+PPO_HD bool gradient_through_ratio(const LossOptions& o) {
+  return ppo_ext::has_ratio_gradient(o.loss_type) || (o.has_ref_kl && o.kl_bias_correction && o.kl_coef != 0);
+}
+
 template <typename Ops, typename V>
 PPO_HD TokenTerms<V, typename Ops::Mask> token_terms(const TokenInputs<V>& x, const LossOptions& o) {
   switch (o.loss_type) {
@@ -525,6 +600,7 @@ PPO_HD void init_partials(Partials& p) {
   p.rollout_weight_sum = 0.0;
   p.rollout_weight_min = INFINITY;
   p.rollout_weight_max = -INFINITY;
+  p.ref_kl_sum = p.ref_kl_agg = 0.0;
   for (int k = 0; k < kNumCounts; ++k) p.counts[k] = 0;
 }
 
@@ -537,16 +613,19 @@ PPO_HD void combine_partials(Partials& into, const Partials& p) {
   into.rollout_weight_sum += p.rollout_weight_sum;
   into.rollout_weight_min = nan_minimum(into.rollout_weight_min, p.rollout_weight_min);
   into.rollout_weight_max = nan_maximum(into.rollout_weight_max, p.rollout_weight_max);
+  into.ref_kl_sum += p.ref_kl_sum;
+  into.ref_kl_agg += p.ref_kl_agg;
   for (int k = 0; k < kNumCounts; ++k) into.counts[k] += p.counts[k];
 }
 
-// Loss, gradient scale (1/denominator, 0 for a zero denominator) and metrics from the batch sums. Without a rollout
-// correction every weight is 1 (the kernels accumulate none).
+// Loss (the policy loss plus kl_coef times the KL loss), gradient scale (1/denominator, 0 for a zero denominator)
+// and metrics from the batch sums. Without a rollout correction every weight is 1 (the kernels accumulate none).
 template <typename acc_t>
-PPO_HD void finalize(const Partials& s, double denominator, RolloutIs rollout_is, acc_t* loss, acc_t* grad_scale,
+PPO_HD void finalize(const Partials& s, double denominator, const LossOptions& o, acc_t* loss, acc_t* grad_scale,
                      float* metrics, int64_t* counts) {
   const bool has_denominator = denominator != 0.0;
-  *loss = has_denominator ? static_cast<acc_t>(s.loss / denominator) : acc_t(0);
+  const double loss_sum = o.has_ref_kl && o.kl_coef != 0 ? s.loss + o.kl_coef * s.ref_kl_agg : s.loss;
+  *loss = has_denominator ? static_cast<acc_t>(loss_sum / denominator) : acc_t(0);
   *grad_scale = has_denominator ? static_cast<acc_t>(1.0 / denominator) : acc_t(0);
   const int64_t n = s.counts[kValidTokens];
   const double inv_n = n > 0 ? 1.0 / static_cast<double>(n) : 0.0;
@@ -559,11 +638,13 @@ PPO_HD void finalize(const Partials& s, double denominator, RolloutIs rollout_is
   metrics[kRatioMean] = n > 0 ? static_cast<float>(s.ratio_sum * inv_n) : 1.0f;
   metrics[kRatioMin] = n > 0 ? static_cast<float>(s.ratio_min) : 1.0f;
   metrics[kRatioMax] = n > 0 ? static_cast<float>(s.ratio_max) : 1.0f;
-  const bool weighted = rollout_is != RolloutIs::None && n > 0;
+  const bool weighted = o.rollout_is != RolloutIs::None && n > 0;
   metrics[kRolloutWeightMean] = weighted ? static_cast<float>(s.rollout_weight_sum * inv_n) : 1.0f;
   metrics[kRolloutWeightMin] = weighted ? static_cast<float>(s.rollout_weight_min) : 1.0f;
   metrics[kRolloutWeightMax] = weighted ? static_cast<float>(s.rollout_weight_max) : 1.0f;
   metrics[kRolloutFilteredFrac] = static_cast<float>(s.counts[kRolloutFilteredTokens] * inv_n);
+  metrics[kKl] = static_cast<float>(s.ref_kl_sum * inv_n);
+  metrics[kKlLoss] = has_denominator ? static_cast<float>(s.ref_kl_agg / denominator) : 0.0f;
   for (int k = 0; k < kNumCounts; ++k) counts[k] = s.counts[k];
 }
 

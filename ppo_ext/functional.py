@@ -1,5 +1,6 @@
 """The public API: ppo_ext.policy_loss and the PolicyLoss module (see docs/SPEC.md)."""
 
+import inspect
 import numbers
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
@@ -42,6 +43,12 @@ def _float_option(name: str, value, optional: bool = False) -> Optional[float]:
     raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
 
 
+def _bool_option(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
 def _str_option(name: str, value) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__}")
@@ -75,6 +82,11 @@ def policy_loss(
     rollout_is_low: Optional[float] = None,
     rollout_is_high: Optional[float] = None,
     rollout_is_mask_weight: str = "unit",
+    ref_log_probs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "low_var_kl",
+    kl_clamp: Optional[float] = None,
+    kl_bias_correction: bool = False,
     token_weights: Optional[torch.Tensor] = None,
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
@@ -92,36 +104,56 @@ def policy_loss(
     row's Gamma weight with vespo_k_pos, vespo_lambda_pos for A >= 0 and vespo_k_neg, vespo_lambda_neg for A < 0;
     a rollout_is="token" correction joins its row log-weight instead of weighting the loss). See docs/SPEC.md for
     every option. No host synchronisation.
+
+    ref_log_probs (B, T), the reference policy's log-probs: the KL to it per token by kl_estimator (verl's
+    kl_penalty names: "low_var_kl"/"k3", "kl"/"k1", "abs", "mse"/"k2", each with a "+" suffix for k2's gradient),
+    its value clamped to [-kl_clamp, kl_clamp] (None: the estimator's own, verl's for k3), times the loss's ratio
+    with kl_bias_correction (TRL's use_bias_correction_kl), aggregated as the loss (token_weights do not scale it);
+    kl_coef times it is added to the loss. metrics["kl"] is its mean over valid tokens, metrics["kl_loss"] its
+    aggregated value (without kl_coef). Same kernel pass.
     """
+    return _policy_loss(**locals())[0]
+
+
+# policy_loss's keyword options and their defaults (what _policy_loss reads).
+_POLICY_LOSS_KEYWORDS = {name: p.default for name, p in inspect.signature(policy_loss).parameters.items()
+                         if p.kind == inspect.Parameter.KEYWORD_ONLY}
+
+
+def _policy_loss(log_probs, old_log_probs, advantages, mask, **o) -> Tuple[PolicyLossOutput, torch.Tensor]:
+    """policy_loss (its keywords in ``o``), and the op's grad_scale: 1 / the denominator of the aggregation, by
+    which policy_loss_from_logits aggregates the entropy as the loss."""
     _check_tensor("log_probs", log_probs, optional=False)
     _check_tensor("old_log_probs", old_log_probs, optional=True)
     _check_tensor("advantages", advantages, optional=False)
     _check_tensor("mask", mask, optional=True)
-    _check_tensor("token_weights", token_weights, optional=True)
-    _check_tensor("rollout_log_probs", rollout_log_probs, optional=True)
-    clip_low = _float_option("clip_low", clip_low)
-    clip_high = clip_low if clip_high is None else _float_option("clip_high", clip_high)
-    num_tokens_tensor, num_tokens_value = _split_normaliser("num_tokens", num_tokens)
-    num_seqs_tensor, num_seqs_value = _split_normaliser("num_seqs", num_seqs)
-    scale_tensor, scale_value = _split_normaliser("loss_scale_factor", loss_scale_factor)
+    for name in ("token_weights", "rollout_log_probs", "ref_log_probs"):
+        _check_tensor(name, o[name], optional=True)
+    clip_low = _float_option("clip_low", o["clip_low"])
+    clip_high = clip_low if o["clip_high"] is None else _float_option("clip_high", o["clip_high"])
+    num_tokens_tensor, num_tokens_value = _split_normaliser("num_tokens", o["num_tokens"])
+    num_seqs_tensor, num_seqs_value = _split_normaliser("num_seqs", o["num_seqs"])
+    scale_tensor, scale_value = _split_normaliser("loss_scale_factor", o["loss_scale_factor"])
     compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
-    loss, metrics, counts, _, _ = torch.ops.ppo_ext.policy_loss(
-        log_probs, old_log_probs, advantages, mask, token_weights,
+
+    def number(name, optional=False):
+        return _float_option(name, o[name], optional)
+
+    loss, metrics, counts, _, grad_scale = torch.ops.ppo_ext.policy_loss(
+        log_probs, old_log_probs, advantages, mask, o["token_weights"],
         num_tokens_tensor, num_seqs_tensor, scale_tensor, num_tokens_value, num_seqs_value, scale_value,
-        clip_low, clip_high, _float_option("dual_clip", dual_clip, optional=True),
-        _float_option("ratio_cap", ratio_cap, optional=True),
-        _float_option("log_ratio_clamp", log_ratio_clamp, optional=True),
-        _str_option("loss_type", loss_type), _float_option("tau_pos", tau_pos), _float_option("tau_neg", tau_neg),
-        _float_option("dro_beta", dro_beta, optional=True), _float_option("vespo_k_pos", vespo_k_pos),
-        _float_option("vespo_lambda_pos", vespo_lambda_pos), _float_option("vespo_k_neg", vespo_k_neg),
-        _float_option("vespo_lambda_neg", vespo_lambda_neg), rollout_log_probs, _str_option("rollout_is", rollout_is),
-        _str_option("rollout_is_mode", rollout_is_mode), _float_option("rollout_is_low", rollout_is_low, optional=True),
-        _float_option("rollout_is_high", rollout_is_high, optional=True),
-        _str_option("rollout_is_mask_weight", rollout_is_mask_weight),
-        _str_option("importance_sampling", importance_sampling), _str_option("loss_agg_mode", loss_agg_mode),
+        clip_low, clip_high, number("dual_clip", True), number("ratio_cap", True), number("log_ratio_clamp", True),
+        _str_option("loss_type", o["loss_type"]), number("tau_pos"), number("tau_neg"), number("dro_beta", True),
+        number("vespo_k_pos"), number("vespo_lambda_pos"), number("vespo_k_neg"), number("vespo_lambda_neg"),
+        o["rollout_log_probs"], _str_option("rollout_is", o["rollout_is"]),
+        _str_option("rollout_is_mode", o["rollout_is_mode"]), number("rollout_is_low", True),
+        number("rollout_is_high", True), _str_option("rollout_is_mask_weight", o["rollout_is_mask_weight"]),
+        o["ref_log_probs"], number("kl_coef"), _str_option("kl_estimator", o["kl_estimator"]),
+        number("kl_clamp", True), _bool_option("kl_bias_correction", o["kl_bias_correction"]),
+        _str_option("importance_sampling", o["importance_sampling"]), _str_option("loss_agg_mode", o["loss_agg_mode"]),
         compute_grad,
     )
-    return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts)
+    return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts), grad_scale
 
 
 class ValueLossOutput(NamedTuple):
@@ -167,10 +199,11 @@ def value_loss(
 
 class PolicyLossFromLogitsOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, differentiable w.r.t. logits
-    metrics: Dict[str, torch.Tensor]  # METRIC_NAMES, and "entropy" (mean over valid tokens) when asked for
+    metrics: Dict[str, torch.Tensor]  # METRIC_NAMES, "entropy" (mean over valid tokens) when computed,
+    #                                   "entropy_loss" (aggregated as the loss) with entropy_coef
     counts: torch.Tensor  # int64 (8,), names COUNT_NAMES
     log_probs: torch.Tensor  # (B, T) float32 log-probs of the labels, detached
-    entropy: Optional[torch.Tensor]  # (B, T) float32 per-token entropy (not differentiable), or None
+    entropy: Optional[torch.Tensor]  # (B, T) float32 per-token entropy (differentiable), or None
 
 
 def log_probs_from_logits(
@@ -188,8 +221,10 @@ def log_probs_from_logits(
     logits (B, T, V) or (N, V), float32/bfloat16/float16/float64, the V dimension contiguous, rows of any
     stride (e.g. ``full_logits[:, :-1]`` of a (B, T + 1, V) tensor, without a copy); labels int64 (B, T)
     (or (N,), or (B, T) with N = B * T). Returns (log_probs, entropy): float32 (float64 for float64
-    logits) of the labels' shape; log_probs is differentiable w.r.t. the logits, entropy (None unless
-    return_entropy) is not. inplace_backward=True writes the gradient into the logits' buffer: after
+    logits) of the labels' shape, both differentiable w.r.t. the logits (entropy None unless return_entropy): an
+    entropy term's gradient, dH/dx = -p (log p + H) / temperature, joins the log-probs' in the same backward pass
+    over the logits (nothing of it is computed when the entropy gets no gradient). inplace_backward=True writes the
+    gradient into the logits' buffer: after
     backward the logits hold their gradient, not their values. Labels must lie in [0, V): on the CPU
     anything else raises ValueError; on a GPU it is not checked (a check would synchronise with the host)
     and gives a NaN log-prob, unless check_labels=True (a debugging aid: one host synchronisation).
@@ -225,6 +260,7 @@ def policy_loss_from_logits(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    entropy_coef: float = 0.0,
     inplace_backward: bool = False,
     check_labels: bool = False,
     **loss_options,
@@ -236,18 +272,44 @@ def policy_loss_from_logits(
     logits (B, T, V) or (B * T, V); labels int64 (B, T); old_log_probs, advantages, mask and every keyword
     option of policy_loss (clip_low, dual_clip, loss_agg_mode, num_tokens, ...) as there. Returns loss, metrics, counts (as policy_loss), the detached (B, T) log-probs and,
     with return_entropy, the (B, T) entropy and its mean over valid tokens as metrics["entropy"].
-    inplace_backward and check_labels: see log_probs_from_logits.
+    entropy_coef: the entropy bonus, ``loss - entropy_coef * agg(entropy)``, the entropy aggregated as the loss
+    (the same loss_agg_mode and normalisers, not weighted by token_weights: verl's entropy_loss, logged as
+    metrics["entropy_loss"]), its gradient in the same backward pass over the logits; the entropy is computed
+    whenever entropy_coef != 0 (returned only with return_entropy). inplace_backward and check_labels: see
+    log_probs_from_logits.
     """
+    entropy_coef = _float_option("entropy_coef", entropy_coef)
     log_probs, entropy = log_probs_from_logits(
-        logits, labels, temperature=temperature, return_entropy=return_entropy,
+        logits, labels, temperature=temperature, return_entropy=bool(return_entropy) or entropy_coef != 0,
         inplace_backward=inplace_backward, check_labels=check_labels)
-    out = policy_loss(log_probs, old_log_probs, advantages, mask, **loss_options)
-    metrics = out.metrics
+    unknown = loss_options.keys() - _POLICY_LOSS_KEYWORDS.keys()
+    if unknown:
+        raise TypeError(f"policy_loss_from_logits() got unexpected keyword arguments {sorted(unknown)}")
+    out, grad_scale = _policy_loss(log_probs, old_log_probs, advantages, mask,
+                                   **{**_POLICY_LOSS_KEYWORDS, **loss_options})
+    loss, metrics = out.loss, out.metrics
     if entropy is not None:
+        valid = None if mask is None else mask != 0
+        masked = entropy if valid is None else torch.where(valid, entropy, 0)
         valid_tokens = out.counts[COUNT_INDEX["valid_tokens"]]
-        entropy_sum = entropy.sum() if mask is None else torch.where(mask != 0, entropy, 0).sum()
-        metrics = {**metrics, "entropy": (entropy_sum / valid_tokens.clamp(min=1)).float()}
-    return PolicyLossFromLogitsOutput(out.loss, metrics, out.counts, log_probs.detach(), entropy)
+        metrics = {**metrics, "entropy": (masked.detach().sum() / valid_tokens.clamp(min=1)).float()}
+        if entropy_coef != 0:
+            entropy_loss = _aggregate_like_the_loss(masked, valid, loss_options.get("loss_agg_mode", "token-mean"),
+                                                    grad_scale)
+            loss = loss - entropy_coef * entropy_loss
+            metrics["entropy_loss"] = entropy_loss.detach().float()
+    return PolicyLossFromLogitsOutput(loss, metrics, out.counts, log_probs.detach(),
+                                      entropy if return_entropy else None)
+
+
+def _aggregate_like_the_loss(x: torch.Tensor, valid: Optional[torch.Tensor], loss_agg_mode: str,
+                             grad_scale: torch.Tensor) -> torch.Tensor:
+    """x (B, T), 0 at masked positions, aggregated as the policy loss is (docs/SPEC.md "Aggregation"): its sum,
+    each row's divided by its valid tokens for seq-mean-token-mean, times the kernel's 1 / denominator."""
+    if loss_agg_mode == "seq-mean-token-mean":
+        n = torch.full_like(x[:, :1], x.shape[1]) if valid is None else valid.sum(1, keepdim=True).to(x.dtype)
+        x = x / n.clamp(min=1)
+    return x.sum() * grad_scale
 
 
 class PolicyLoss(torch.nn.Module):
@@ -256,12 +318,13 @@ class PolicyLoss(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        per_call = {"token_weights", "rollout_log_probs", "num_tokens", "num_seqs", "loss_scale_factor"} & options.keys()
+        per_call = {"token_weights", "rollout_log_probs", "ref_log_probs", "num_tokens", "num_seqs", "loss_scale_factor"} & options.keys()
         if per_call:
             raise TypeError(f"{sorted(per_call)} change with every batch: pass them to forward, not to PolicyLoss()")
-        # validates the options now (a rollout correction's checks need its log-probs)
+        # validates the options now (a rollout correction's and the KL's checks need their log-probs)
         rollout = torch.zeros(0, 0) if options.get("rollout_is", "none") != "none" else None
-        policy_loss(torch.zeros(0, 0), None, torch.zeros(0), rollout_log_probs=rollout, **options)
+        ref = torch.zeros(0, 0) if any(name.startswith("kl_") for name in options) else None
+        policy_loss(torch.zeros(0, 0), None, torch.zeros(0), rollout_log_probs=rollout, ref_log_probs=ref, **options)
         self.options = options
 
     def forward(
@@ -273,13 +336,14 @@ class PolicyLoss(torch.nn.Module):
         token_weights: Optional[torch.Tensor] = None,
         *,
         rollout_log_probs: Optional[torch.Tensor] = None,
+        ref_log_probs: Optional[torch.Tensor] = None,
         num_tokens: Normaliser = None,
         num_seqs: Normaliser = None,
         loss_scale_factor: Normaliser = None,
     ) -> PolicyLossOutput:
         return policy_loss(
             log_probs, old_log_probs, advantages, mask, token_weights=token_weights,
-            rollout_log_probs=rollout_log_probs, num_tokens=num_tokens,
+            rollout_log_probs=rollout_log_probs, ref_log_probs=ref_log_probs, num_tokens=num_tokens,
             num_seqs=num_seqs, loss_scale_factor=loss_scale_factor, **self.options,
         )
 

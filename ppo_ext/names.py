@@ -34,6 +34,8 @@ METRIC_NAMES = (
     "rollout_weight_min",
     "rollout_weight_max",
     "rollout_filtered_frac",
+    "kl",
+    "kl_loss",
 )
 
 # The entries of ``PolicyLossOutput.counts`` (int64), in order.
@@ -46,9 +48,13 @@ ROLLOUT_IS_LEVELS = ("none", "token", "seq", "seq-mean")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 ROLLOUT_IS_MASK_WEIGHTS = ("unit", "token")
 
+# The values of ``kl_estimator`` (verl's kl_penalty names; each may also end in "+": the value with k2's gradient)
+# (docs/SPEC.md "KL to a reference policy").
+KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+
 # Positions by name: ``counts[COUNT_INDEX["valid_tokens"]]``.
 METRIC_INDEX = {name: i for i, name in enumerate(METRIC_NAMES)}
 COUNT_INDEX = {name: i for i, name in enumerate(COUNT_NAMES)}
 
-__all__ = ["ROLLOUT_IS_LEVELS", "ROLLOUT_IS_MODES", "ROLLOUT_IS_MASK_WEIGHTS", "LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
+__all__ = ["KL_ESTIMATORS", "ROLLOUT_IS_LEVELS", "ROLLOUT_IS_MODES", "ROLLOUT_IS_MASK_WEIGHTS", "LOSS_TYPES", "LOSS_AGG_MODES", "IMPORTANCE_SAMPLING_LEVELS", "METRIC_NAMES", "COUNT_NAMES", "METRIC_INDEX",
            "COUNT_INDEX"]

@@ -17,12 +17,13 @@ import torch
 # Its own copy of ppo_ext.names (this module imports nothing but torch); tests/test_hygiene.py checks they agree.
 METRIC_NAMES = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", "dual_clipfrac",
                 "approx_kl", "ratio_mean", "ratio_min", "ratio_max", "rollout_weight_mean", "rollout_weight_min",
-                "rollout_weight_max", "rollout_filtered_frac")
+                "rollout_weight_max", "rollout_filtered_frac", "kl", "kl_loss")
 COUNT_NAMES = ("valid_tokens", "valid_seqs", "clipped_low", "clipped_high", "clipped_active", "dual_clipped",
                "rollout_filtered_tokens", "rollout_filtered_seqs")
 ROLLOUT_IS_LEVELS = ("none", "token", "seq", "seq-mean")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 ROLLOUT_IS_MASK_WEIGHTS = ("unit", "token")
+KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "seq", "seq-token")
 LOSS_TYPES = ("vanilla", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "vespo", "value")
 RATIO_LOSS_TYPES = ("vanilla", "cispo", "sapo")  # the families defined at every importance-sampling level
@@ -78,6 +79,11 @@ def policy_loss_reference(
     rollout_is_low: Optional[float] = None,
     rollout_is_high: Optional[float] = None,
     rollout_is_mask_weight: str = "unit",
+    ref_log_probs: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "low_var_kl",
+    kl_clamp: Optional[float] = None,
+    kl_bias_correction: bool = False,
     token_weights: Optional[torch.Tensor] = None,
     num_tokens: Normaliser = None,
     num_seqs: Normaliser = None,
@@ -98,6 +104,14 @@ def policy_loss_reference(
         raise ValueError("loss_type 'vespo' takes a token-level rollout correction only")
     if loss_type == "dro" and not (dro_beta is not None and dro_beta > 0):
         raise ValueError(f"dro_beta must be > 0 with loss_type 'dro', got {dro_beta!r}")
+    straight_through = kl_estimator.endswith("+")
+    estimator = kl_estimator[:-1] if straight_through else kl_estimator
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} (each may end in '+'), got {kl_estimator!r}")
+    if ref_log_probs is None and (kl_coef != 0 or kl_clamp is not None or kl_bias_correction):
+        raise ValueError("kl_coef, kl_clamp and kl_bias_correction need ref_log_probs")
+    if ref_log_probs is not None and loss_type == "value":
+        raise ValueError("ref_log_probs does not apply to loss_type 'value'")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
     eps_lo = clip_low
@@ -234,22 +248,48 @@ def policy_loss_reference(
             dual = keep & (r > ratio_cap)
     l = torch.where(m, w * l, zero)
 
-    # Aggregation.
-    row_sum = l.sum(dim=1)
-    total = row_sum.sum()
-    if loss_agg_mode == "token-mean":
-        loss = _safe_div(total, N if num_tokens is None else num_tokens)
-    elif loss_agg_mode == "token-sum":
-        loss = total
-    elif loss_agg_mode == "seq-mean-token-mean":
-        row_mean = torch.where(n > 0, row_sum / n.clamp(min=1).to(dtype), zero)
-        loss = _safe_div(row_mean.sum(), S if num_seqs is None else num_seqs)
-    elif loss_agg_mode == "seq-mean-token-sum":
-        loss = _safe_div(total, S if num_seqs is None else num_seqs)
-    else:  # "seq-mean-token-sum-norm"
+    # KL to the reference policy, per token, from k = lp - ref (verl's kl_penalty; TRL's bias correction): not
+    # weighted by w, aggregated as the loss, kl_coef times it added to the loss.
+    kl = torch.zeros_like(lp)
+    if ref_log_probs is not None:
+        k = lp - torch.where(m, ref_log_probs.detach().to(dtype), zero)
+        if estimator in ("kl", "k1"):
+            kl = k
+        elif estimator == "abs":
+            kl = k.abs()
+        elif estimator in ("mse", "k2"):
+            kl = 0.5 * k.square()
+        else:  # k3 = ref/pi - log(ref/pi) - 1; verl's own clamps unless kl_clamp is given
+            x = -k if kl_clamp is not None else -_clamp(k, -20.0, 20.0)
+            kl = torch.exp(x) - x - 1
+        bound = 10.0 if kl_clamp is None and estimator in ("low_var_kl", "k3") else kl_clamp
+        if bound is not None:
+            kl = _clamp(kl, -bound, bound)
+        if straight_through:  # the value of the estimator, the gradient of k2
+            kl = 0.5 * k.square() - (0.5 * k.square()).detach() + kl.detach()
+        if kl_bias_correction:
+            kl = kl * r
+        kl = torch.where(m, kl, zero)
+
+    def aggregate(x):
+        row_sum = x.sum(dim=1)
+        total = row_sum.sum()
+        if loss_agg_mode == "token-mean":
+            return _safe_div(total, N if num_tokens is None else num_tokens)
+        if loss_agg_mode == "token-sum":
+            return total
+        if loss_agg_mode == "seq-mean-token-mean":
+            row_mean = torch.where(n > 0, row_sum / n.clamp(min=1).to(dtype), zero)
+            return _safe_div(row_mean.sum(), S if num_seqs is None else num_seqs)
+        if loss_agg_mode == "seq-mean-token-sum":
+            return _safe_div(total, S if num_seqs is None else num_seqs)
+        # "seq-mean-token-sum-norm"
         seqs = torch.as_tensor(S if num_seqs is None else num_seqs, dtype=dtype, device=lp.device)
         scale = torch.as_tensor(T if loss_scale_factor is None else loss_scale_factor, dtype=dtype, device=lp.device)
-        loss = _safe_div(total, seqs * scale)
+        return _safe_div(total, seqs * scale)
+
+    kl_loss = aggregate(kl)
+    loss = aggregate(l) + kl_coef * kl_loss if kl_coef != 0 else aggregate(l)
 
     # Counters and metrics, over valid tokens only.
     with torch.no_grad():
@@ -281,6 +321,8 @@ def policy_loss_reference(
             "rollout_weight_max": torch.where(any_valid, torch.where(m, rollout_w, -torch.inf).amax() if m.numel()
                                               else one, one),
             "rollout_filtered_frac": _safe_div(filtered_tokens.to(torch.float64), Nf),
+            "kl": _safe_div(kl.detach().sum(), N),
+            "kl_loss": kl_loss.detach(),
         }
         metrics = {k: v.to(torch.float32) for k, v in metrics.items()}
     return ReferenceOutput(loss, metrics, counts)

@@ -70,8 +70,8 @@ MUTATIONS = {
     ),
     "ratio_gradient_always": (
         "cuda/policy_loss_kernels.cuh",
-        "grad_row[t] = ratio_grad ? agg_weight * terms.dloss_dratio * dratio + direct : direct;",
-        "grad_row[t] = agg_weight * terms.dloss_dratio * dratio + direct;",
+        "grad_row[t] = ratio_grad ? agg_weight * dloss_dratio * dratio + direct : direct;",
+        "grad_row[t] = agg_weight * dloss_dratio * dratio + direct;",
         "a direct-gradient family multiplied by d ratio / d lp: 0 * inf = NaN where the ratio overflows",
     ),
     "vespo_rollout_weights_the_loss": (
@@ -79,6 +79,18 @@ MUTATIONS = {
         "if (weighting) weight *= rw.weight;",
         "weight *= rw.weight;",
         "vespo's rollout weight multiplies the loss too (it belongs in the row's log-weight only)",
+    ),
+    "ref_kl_sum_weighted": (
+        "cuda/policy_loss_kernels.cuh",
+        "ref_kl_agg += agg_weight * kl.value;",
+        "ref_kl_agg += agg_weight * weight * kl.value;",
+        "the KL to the reference weighted by the token weights (verl and TRL add it unweighted)",
+    ),
+    "entropy_row_skipped": (
+        "cuda/log_probs_kernels.cuh",
+        "if (g == acc_t(0) && g_entropy == acc_t(0)) {",
+        "if (g == acc_t(0)) {",
+        "a row whose log-prob has no upstream gradient written as zeros though its entropy has one",
     ),
 }
 

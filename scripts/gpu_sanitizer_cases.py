@@ -2,8 +2,8 @@
 workload that scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, synccheck, initcheck).
 Small enough to finish in seconds under each tool; covers the aligned and unaligned (odd V, sliced rows)
 paths, the grid-stride loops (more rows than blocks), every importance-sampling level, loss families of each
-kind with the rollout correction at each of its levels, entropy on and off,
-the in-place backward and rows with zero upstream gradient. Exit status 1 on a mismatch."""
+kind with the rollout correction at each of its levels, the KL to a reference policy, entropy on and off,
+the in-place backward, the entropy's gradient and rows with zero upstream gradient. Exit status 1 on a mismatch."""
 
 import sys
 
@@ -25,6 +25,7 @@ def policy_loss_cases():
     mask = torch.rand(B, T, generator=g) < 0.8
     mask[3] = False
     rollout = old + 0.1 * torch.randn(B, T, generator=g)
+    ref = lp + 0.5 * torch.randn(B, T, generator=g)
     # every importance-sampling level, then a loss family of each kind (direct gradient, sequence-level term,
     # the value loss) with the rollout correction at each of its levels
     cases = [dict(importance_sampling=level, dual_clip=3.0) for level in ("token", "seq", "seq-token")]
@@ -34,13 +35,18 @@ def policy_loss_cases():
               dict(loss_type="dppo_kl", ratio_cap=2.0, rollout_is="seq-mean", rollout_is_mode="mask",
                    rollout_is_mask_weight="token", rollout_is_low=0.9, rollout_is_high=1.1),
               dict(loss_type="vespo", rollout_is="token", rollout_is_high=1.5),
-              dict(loss_type="value", clip_low=0.1)]
+              dict(loss_type="value", clip_low=0.1),
+              # the KL to the reference: direct gradient, and through the sequence ratio (pass 3)
+              dict(kl_coef=0.1, kl_estimator="k3+"),
+              dict(loss_type="sapo", importance_sampling="seq", kl_coef=0.1, kl_estimator="k3", kl_bias_correction=True)]
     for options in cases:
         for dtype in (torch.float32, torch.bfloat16):
             outs = []
             for device in ("cpu", "cuda"):
                 x = lp.to(device, dtype).detach().clone().requires_grad_(True)  # a fresh leaf per run
                 correction = {"rollout_log_probs": rollout.to(device)} if "rollout_is" in options else {}
+                if "kl_coef" in options:
+                    correction["ref_log_probs"] = ref.to(device)
                 out = ppo_ext.policy_loss(x, old.to(device), adv.to(device), mask.to(device),
                                           loss_agg_mode="seq-mean-token-mean",
                                           num_tokens=torch.tensor(float(mask.sum()), device=device), **correction,
@@ -69,10 +75,13 @@ def log_probs_cases():
             lp, entropy = ppo_ext.log_probs_from_logits(x, labels.to(device), temperature=0.7, return_entropy=True)
             (lp * grad.to(device, lp.dtype)).sum().backward()
             y = logits.clone().requires_grad_(True)
-            lp2, _ = ppo_ext.log_probs_from_logits(y, labels.to(device), inplace_backward=True)
-            (lp2 * grad.to(device, lp2.dtype)).sum().backward()
+            lp2, entropy2 = ppo_ext.log_probs_from_logits(y, labels.to(device), inplace_backward=True,
+                                                          return_entropy=True)
+            # with the entropy's gradient (an entropy bonus), in place; row 0 then has an entropy gradient only
+            ((lp2 * grad.to(device, lp2.dtype)).sum() - 0.1 * entropy2.sum()).backward()
             results.append((lp, entropy, x.grad, lp2, y.grad))
-        for name, c, d in zip(("log_probs", "entropy", "grad", "log_probs T=1", "grad in place"), *results):
+        for name, c, d in zip(("log_probs", "entropy", "grad", "log_probs T=1", "grad in place, entropy bonus"),
+                              *results):
             tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) and "grad" in name else 1e-4
             close(d.float(), c.float(), f"token_log_probs V={V} {dtype} {name}", rtol=tol, atol=1e-4)
 

@@ -144,6 +144,7 @@ class FakeAccelerator:
         self.rank = rank
         self.num_processes = num_processes or self.group.size
         self.calls = defaultdict(int)
+        self.sync_gradients = True  # an optimizer-step boundary
 
     def reduce(self, tensor, reduction="sum"):
         assert reduction == "sum"
@@ -170,15 +171,17 @@ class FakeForward:
 
     def __init__(self, logps, entropies, aux_loss=None):
         self.logps, self.entropies, self.aux_loss = logps, entropies, aux_loss
-        self.calls, self.leaves = [], []
+        self.calls, self.leaves, self.entropy_leaves = [], [], []
 
     def __call__(self, model, input_ids, attention_mask, logits_to_keep, **kwargs):
         self.calls.append(dict(model=model, input_ids=input_ids, attention_mask=attention_mask,
                                logits_to_keep=logits_to_keep, **kwargs))
         leaf = self.logps.detach().clone().requires_grad_(True)
+        entropies = self.entropies.detach().clone().requires_grad_(True)  # the entropy bonus' gradient lands here
         self.leaves.append(leaf)
+        self.entropy_leaves.append(entropies)
         aux = None if self.aux_loss is None else self.aux_loss.clone()
-        return leaf, self.entropies, aux
+        return leaf, entropies, aux
 
 
 def make_trainer(cls, args, forward, *, gas=1, accelerator=None, training=True, router_aux_loss_coef=0.0):
@@ -244,7 +247,8 @@ def make_case(seed, *, batch=B, length=T, mask="ragged", adv="row", old=True, dt
     return dict(lp=lp.to(dtype), old=(lp - log_ratio).to(dtype) if old else None, advantages=advantages.to(dtype),
                 mask=m, entropies=entropies, sampling=sampling.to(dtype),
                 prompt_ids=torch.randint(0, 100, (batch, P), generator=g),
-                completion_ids=torch.randint(0, 100, (batch, length), generator=g))
+                completion_ids=torch.randint(0, 100, (batch, length), generator=g),
+                ref=(lp + torch.randn(batch, length, generator=g, dtype=f64) * 0.5).to(dtype))
 
 
 def _trl_ratio(case, args):
@@ -281,6 +285,7 @@ def make_inputs(case, *, num_items_in_batch=None, vllm_ratio=None, sampling=Fals
     }
     if case["old"] is not None:
         inputs["old_per_token_logps"] = case["old"]
+    inputs["ref_per_token_logps"] = case["ref"]  # (TRL reads it with beta != 0 only)
     if vllm_ratio is not None:
         inputs["importance_sampling_ratio"] = vllm_ratio
     if sampling:
@@ -305,7 +310,7 @@ def run_trainer(trl_ns, cls, args, case, inputs, *, gas=1, accelerator=None, aux
     mode = "train" if training else "eval"
     metrics = {key: values[-1] for key, values in trainer._metrics[mode].items()}
     return Result(loss=loss.detach(), grad=forward.leaves[-1].grad, metrics=metrics, calls=forward.calls,
-                  trainer=trainer)
+                  trainer=trainer, entropy_grad=forward.entropy_leaves[-1].grad if forward.entropy_leaves else None)
 
 
 def run_trl(trl_ns, args, case, inputs, **kwargs):
@@ -318,23 +323,29 @@ def run_mixin(trl_ns, args, case, inputs, **kwargs):
 
 def run_adapter(args, case, inputs, *, gas=1, num_processes=1, accelerator=None, entropy_mask=None):
     lp = case["lp"].detach().clone().requires_grad_(True)
+    entropies = case["entropies"].detach().clone().requires_grad_(True)
     loss, metrics = ptrl.grpo_loss(
         lp, inputs.get("old_per_token_logps"), inputs["advantages"],
         inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"],
         args, num_items_in_batch=inputs.get("num_items_in_batch"),
         importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
         sampling_per_token_logps=inputs.get("sampling_per_token_logps"), entropy_mask=entropy_mask,
-        entropies=case["entropies"], gradient_accumulation_steps=gas, num_processes=num_processes,
+        ref_per_token_logps=inputs.get("ref_per_token_logps"), entropies=entropies, gradient_accumulation_steps=gas, num_processes=num_processes,
         accelerator=accelerator)
     for value in metrics.values():
         assert value.dim() == 0 and value.dtype == torch.float32 and value.device == lp.device
     loss.backward()
-    return Result(loss=loss.detach(), grad=lp.grad, metrics={k: v.item() for k, v in metrics.items()})
+    return Result(loss=loss.detach(), grad=lp.grad, metrics={k: v.item() for k, v in metrics.items()},
+                  entropy_grad=entropies.grad)
 
 
 def assert_same(theirs, ours, tol=TOL64):
     torch.testing.assert_close(ours.loss, theirs.loss, **tol)
     torch.testing.assert_close(ours.grad, theirs.grad, **tol)
+    # the entropy bonus' gradient w.r.t. the entropies (None without a bonus: nothing reached them)
+    assert (ours.entropy_grad is None) == (theirs.entropy_grad is None)
+    if theirs.entropy_grad is not None:
+        torch.testing.assert_close(ours.entropy_grad, theirs.entropy_grad, **tol)
     assert list(ours.metrics) == list(theirs.metrics)
     for key, expected in theirs.metrics.items():
         got = ours.metrics[key]
@@ -681,6 +692,106 @@ def test_cispo_clip_ratio_is_the_cores_clipped_active(level, eps_high):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The KL to the reference model (beta, use_bias_correction_kl)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias_corrected", "plain"])
+@pytest.mark.parametrize("adv", ["row", "token"])
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_beta(trl, loss_type, level, adv, bias):
+    if loss_type == "vespo" and level == "sequence" and bias:  # refused: two levels in one call
+        case = make_case(40, adv=adv)
+        with pytest.raises(NotImplementedError, match="use_bias_correction_kl"):
+            run_adapter(plain_args(loss_type=loss_type, importance_sampling_level=level, beta=0.04), case,
+                        make_inputs(case))
+        return
+    theirs = compare(trl, make_case(40, adv=adv, mask="empty_rows"), loss_type=loss_type, importance_sampling_level=level,
+                     beta=0.04, use_bias_correction_kl=bias, **clip_options(loss_type))
+    assert list(theirs.metrics) == ["kl", "entropy", *ptrl.METRIC_KEYS_BY_LOSS_TYPE[loss_type]]
+    assert theirs.metrics["kl"] > 0.01
+    # the KL term changes the loss and the gradient (the case would not show a dropped term otherwise)
+    without = run_trl(trl, grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, beta=0.0,
+                                     **clip_options(loss_type)), make_case(40, adv=adv, mask="empty_rows"),
+                      make_inputs(make_case(40, adv=adv, mask="empty_rows")))
+    assert float((theirs.grad - without.grad).abs().max()) > 1e-5  # (the parity tolerance is 1e-10)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo"])
+def test_beta_with_everything(trl, loss_type):
+    """beta with delta, on-policy, gradient accumulation, float32, the vLLM ratio and the off-policy mask (weights
+    the KL does not take)."""
+    compare(trl, make_case(41, old=False), loss_type=loss_type, beta=0.1, delta=1.4, **clip_options(loss_type))
+    compare(trl, make_case(42), loss_type=loss_type, beta=0.1, gas=3, steps_per_generation=6)
+    compare(trl, make_case(43, dtype=torch.float32), tol=TOL32, loss_type=loss_type, beta=0.02,
+            importance_sampling_level="sequence")
+    case = make_case(44, mask="empty_rows")
+    vllm_ratio = torch.exp(torch.randn(B, T, generator=torch.Generator().manual_seed(45), dtype=torch.float64) * 0.1)
+    compare(trl, case, inputs_kw=dict(vllm_ratio=vllm_ratio, sampling=True), loss_type=loss_type, beta=0.05,
+            use_vllm=True, vllm_importance_sampling_mode="token_truncate", off_policy_mask_threshold=0.05)
+    far = make_case(48)
+    far["ref"] = far["lp"] + 4.0  # k3 = e^4 - 5 ~ 50 per token: TRL does not clamp it (verl's k3 stops at 10)
+    theirs = compare(trl, far, loss_type=loss_type, beta=0.01, use_bias_correction_kl=False)
+    assert theirs.metrics["kl"] == pytest.approx(math.exp(4.0) - 5.0, rel=1e-6)
+
+
+def test_beta_needs_ref_per_token_logps():
+    case = make_case(47)
+    with pytest.raises(ValueError, match="ref_per_token_logps"):
+        ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"], plain_args(beta=0.04))
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"], plain_args(beta=math.nan),
+                       ref_per_token_logps=case["ref"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The entropy bonus (a static entropy_coef)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_entropy_bonus(trl, loss_type, level):
+    theirs = compare(trl, make_case(50, mask="empty_rows"), loss_type=loss_type, importance_sampling_level=level,
+                     entropy_coef=0.03, **clip_options(loss_type))
+    assert list(theirs.metrics)[:2] == ["policy_loss", "entropy_coef"]
+    assert theirs.entropy_grad is not None and theirs.entropy_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "sapo"])
+def test_entropy_bonus_with_everything(trl, loss_type):
+    """with beta, gradient accumulation, the entropy mask (the bonus acts on its tokens), two processes"""
+    compare(trl, make_case(51), loss_type=loss_type, entropy_coef=0.02, beta=0.04, gas=2)
+    case = make_case(52, mask="empty_rows")
+    args = grpo_args(trl, loss_type=loss_type, top_entropy_quantile=0.5, entropy_coef=0.05)
+    inputs = make_inputs(case)
+    theirs = run_trl(trl, args, case, inputs)
+    mask = trl.GRPOTrainer.get_high_entropy_mask(theirs.trainer, case["entropies"], case["mask"], 0.5)
+    assert_same(theirs, run_adapter(args, case, inputs, entropy_mask=mask))
+    assert_same(theirs, run_mixin(trl, args, case, inputs))
+    cases = [make_case(53, mask="empty_rows"), make_case(54, mask="ragged")]
+    n = sum(c["mask"].sum() for c in cases)
+    args = grpo_args(trl, loss_type=loss_type, entropy_coef=0.05)
+    inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
+
+    def ranks(run):
+        group = _Group(2)
+        return _run_ranks([functools.partial(run, rank, FakeAccelerator(group, rank)) for rank in (0, 1)])
+
+    theirs = ranks(lambda r, acc: run_trl(trl, args, cases[r], inputs[r], accelerator=acc))
+    ours = ranks(lambda r, acc: run_adapter(args, cases[r], inputs[r], num_processes=2, accelerator=acc))
+    mixin = ranks(lambda r, acc: run_mixin(trl, args, cases[r], inputs[r], accelerator=acc))
+    for rank in (0, 1):
+        assert_same(theirs[rank], ours[rank])
+        assert_same(theirs[rank], mixin[rank])
+
+
+def test_entropy_bonus_needs_entropies():
+    case = make_case(55)
+    with pytest.raises(ValueError, match="pass entropies"):
+        ptrl.grpo_loss(case["lp"], case["old"], case["advantages"], case["mask"], plain_args(entropy_coef=0.1))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Two processes
 
 
@@ -703,14 +814,17 @@ def _run_ranks(fns):
     return results
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_two_processes(trl, loss_type, level):
+def test_two_processes(trl, loss_type, level, beta):
     """Each rank's loss (the normalisation by num_processes, the global num_items_in_batch) and TRL's
-    global metrics (accelerator.reduce / gather across the two ranks)."""
+    global metrics (accelerator.reduce / gather across the two ranks), the KL's included."""
     cases = [make_case(20, mask="empty_rows"), make_case(21, mask="ragged")]
     n = sum(c["mask"].sum() for c in cases)  # TRL: accelerator.gather(loss_mask.sum()).sum()
-    args = grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, **clip_options(loss_type))
+    bias = not (loss_type == "vespo" and level == "sequence")  # (refused with the bias correction: test_beta)
+    args = grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, beta=beta,
+                     use_bias_correction_kl=bias, **clip_options(loss_type))
     inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
 
     def ranks(run, **kw):
@@ -789,15 +903,29 @@ def test_mixin_calls_the_forward_as_trl_does(trl):
             assert a[key] is b[key] or a[key] == b[key], key
 
 
-def test_mixin_adds_the_router_aux_loss(trl):
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_mixin_adds_the_router_aux_loss(trl, entropy_coef):
     case = make_case(14)
-    args = grpo_args(trl, loss_type="grpo")
+    args = grpo_args(trl, loss_type="grpo", entropy_coef=entropy_coef)
     inputs = make_inputs(case)
     aux = torch.tensor(0.7, dtype=torch.float64)
     theirs = run_trl(trl, args, case, inputs, gas=2, aux_loss=aux, router_coef=0.01)
     ours = run_mixin(trl, args, case, inputs, gas=2, aux_loss=aux, router_coef=0.01)
     assert "aux_loss" in theirs.metrics
     assert_same(theirs, ours)
+
+
+def test_mixin_logs_entropy_coef_on_optimizer_steps_only(trl):
+    case = make_case(17)
+    args = grpo_args(trl, loss_type="dapo", entropy_coef=0.05)
+    inputs = make_inputs(case)
+    results = []
+    for run in (run_trl, run_mixin):
+        accelerator = FakeAccelerator()
+        accelerator.sync_gradients = False  # inside an accumulation window
+        results.append(run(trl, args, case, inputs, gas=2, accelerator=accelerator))
+    assert "entropy_coef" not in results[0].metrics and "policy_loss" in results[0].metrics
+    assert_same(*results)
 
 
 def test_mixin_in_eval_mode_is_trl(trl, monkeypatch):
@@ -815,9 +943,9 @@ def test_mixin_refuses_unsupported_options_before_the_forward(trl):
     for options, words, error in [
             ({"loss_type": "vespo", "use_vllm": True, "vllm_importance_sampling_mode": "sequence_mask"},
              ("VESPO", "token_truncate"), ValueError),
-            ({"beta": 0.04}, ("beta", "issue 14"), NotImplementedError),
-            ({"entropy_coef": 0.01}, ("entropy",), NotImplementedError),
-            ({"use_adaptive_entropy": True}, ("entropy",), NotImplementedError),
+            ({"loss_type": "vespo", "beta": 0.04, "importance_sampling_level": "sequence"},
+             ("use_bias_correction_kl",), NotImplementedError),
+            ({"use_adaptive_entropy": True}, ("use_adaptive_entropy",), NotImplementedError),
             ({"loss_type": "cispo", "epsilon_high": None}, ("epsilon_high=0.2", "cispo"), ValueError),
             ({"loss_type": "cispo", "epsilon_high": 0.28}, ("epsilon_high=0.28", "cispo"), ValueError),
             ({"loss_type": "sapo", "sapo_temperature_neg": 0.0}, ("sapo_temperature_neg",), ValueError)]:
@@ -871,8 +999,6 @@ def test_args_as_mapping_and_missing_fields_take_the_defaults():
 
 
 @pytest.mark.parametrize("options,words", [
-    ({"beta": 0.04}, ("beta", "issue 14")),
-    ({"entropy_coef": 0.01}, ("entropy_coef",)),
     ({"use_adaptive_entropy": True}, ("use_adaptive_entropy",)),
 ])
 def test_unsupported_options_raise(options, words):

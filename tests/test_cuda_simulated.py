@@ -148,6 +148,22 @@ def test_policy_loss_rollout_correction(sim, schedule, level):
                                              rollout_log_probs=inp.rollout, **vespo), f"vespo/{corr}/{dtype}")
 
 
+@pytest.mark.parametrize("importance_sampling", IS_MODES)
+def test_policy_loss_ref_kl(sim, schedule, importance_sampling):
+    # the KL to the reference: its sums (kl, kl_loss), its gradient in the direct term and, bias-corrected, through
+    # the ratio (the "seq" pass 3 included), every estimator, on the grid-stride grid
+    from test_ref_kl import ESTIMATORS, with_ref
+    sim.set_sm_count(1)
+    for k, estimator in enumerate(ESTIMATORS):
+        dtype = (torch.float32, torch.float64)[k % 2]
+        inp = with_ref(make_inputs(11, 45, seed=340 + k, dtype=dtype), 350 + k)
+        kw = dict(importance_sampling=importance_sampling, loss_agg_mode=AGG_MODES[k % len(AGG_MODES)],
+                  dual_clip=DUAL_CLIP, ref_log_probs=inp.ref, kl_coef=0.3, kl_estimator=estimator,
+                  kl_bias_correction=k % 3 == 0, kl_clamp=(None, 2.0, float("inf"))[k % 3])
+        compare_policy_loss(sim, op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw),
+                            f"{estimator}/{dtype}/{kw['loss_agg_mode']}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_policy_loss_dtypes(sim, schedule, dtype):
     for importance_sampling in IS_MODES:
@@ -289,6 +305,22 @@ def compare_log_probs(sim, logits, labels, temperature=1.0, what="", grad_zero_r
     inplace = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype).copy_(logits)  # same layout
     sim.token_log_probs_backward_inplace(grad, inplace, labels, lse, temperature)
     assert same_bits(inplace.contiguous(), back_g), f"{what}: in-place backward differs"
+    # with the entropy's gradient (an entropy bonus): other rows zero in both upstream gradients, some in one
+    entropy = cpu[2]
+    grad_entropy = torch.randn(labels.shape, dtype=lse.dtype, generator=torch.Generator().manual_seed(2))
+    if grad_zero_rows and grad.numel():
+        grad_entropy.view(-1)[::3] = 0
+        grad_entropy.view(-1)[1::6] = 0
+        grad.view(-1)[2::6] = 0
+    back_c = torch.ops.ppo_ext.token_log_probs_backward(grad, logits, labels, lse, temperature, grad_entropy, entropy)
+    back_g = sim.token_log_probs_backward(grad, logits, labels, lse, temperature, grad_entropy, entropy)
+    torch.testing.assert_close(back_g, back_c, rtol=gtol[0], atol=gtol[1], equal_nan=True,
+                               msg=lambda m: f"{what}: backward with the entropy\n{m}")
+    if grad_zero_rows and grad.numel():
+        assert (back_g.reshape(-1, back_g.shape[-1])[::3] == 0).all()
+    inplace = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype).copy_(logits)
+    sim.token_log_probs_backward_inplace(grad, inplace, labels, lse, temperature, grad_entropy, entropy)
+    assert same_bits(inplace.contiguous(), back_g), f"{what}: in-place backward with the entropy differs"
 
 
 @pytest.mark.parametrize("V", [1, 7, 32, 4099, 32000])

@@ -11,7 +11,7 @@ Stated tolerances (per lp dtype, L = the float64 reference, M = the float64 sum 
 denominator, i.e. the size of what is summed; G = the same bound per gradient element):
 - loss:     |ext - L| <= 1e-5 |L| + 4e-6 M  (float64 lp: 1e-10 |L| + 1e-12 M)
 - gradient: |ext - ref| <= GRAD_RTOL[dtype] |ref| + 4e-6 G + the spacing of the dtype's subnormals
-- metrics:  helpers.METRIC_TOL; counts: exactly equal (values are kept 1e-4 away from every clip,
+- metrics:  helpers.METRIC_TOL (kl, kl_loss: plus 4e-6 times the size of their terms); counts: exactly equal (values are kept 1e-4 away from every clip,
   dual-clip and clamp boundary in log space, so float32 and float64 agree on every comparison).
 
 CI runs the derandomised "ci" hypothesis profile (a fixed number of examples); `pytest --slow` (or
@@ -30,6 +30,7 @@ from hypothesis import strategies as st  # noqa: E402
 import ppo_ext  # noqa: E402
 from helpers import (ADV_SHAPES, AGG_MODES, COUNT_NAMES, GRAD_RTOL, LOSS_TYPES, METRIC_TOL,  # noqa: E402
                      family_is_modes, same_bits)
+from ppo_ext.names import KL_ESTIMATORS  # noqa: E402
 from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
 LP_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -90,6 +91,8 @@ def cases(draw):
         c["w_exp"] = max(min(c["w_exp"], 4), -4)
     # Options: the loss family (vanilla drawn as often as all the others together), then its options.
     loss_type = draw(st.sampled_from(("vanilla",) * (len(LOSS_TYPES) - 1) + LOSS_TYPES[1:]))
+    if loss_type == "value":  # returns squared: beyond 2^55 (times weights up to 2^8) they overflow float32
+        c["adv_exp"] = min(c["adv_exp"], 55)
     opts = dict(
         loss_type=loss_type,
         importance_sampling=draw(st.sampled_from(family_is_modes(loss_type))),
@@ -122,6 +125,16 @@ def cases(draw):
     if opts["log_ratio_clamp"] is not None:
         K = opts["log_ratio_clamp"]
         assume(all(abs(abs(b) - K) > 10 * MARGIN for b in caps))
+    # The KL to a reference policy (not for the value loss): its estimator and options, ref = lp + noise.
+    c["ref"] = draw(st.sampled_from((None, None, "given"))) if loss_type != "value" else None
+    if c["ref"] is not None:
+        c["ref_dtype"] = draw(st.sampled_from(OTHER_DTYPES))
+        c["ref_layout"] = draw(st.sampled_from(LAYOUTS + (BROADCAST,)))
+        c["ref_spread"] = draw(st.sampled_from((0.01, 0.5, 2.0)))
+        opts.update(kl_coef=draw(st.one_of(st.just(0.0), st.floats(0.0, 2.0))),
+                    kl_estimator=draw(st.sampled_from(KL_ESTIMATORS + tuple(e + "+" for e in KL_ESTIMATORS))),
+                    kl_bias_correction=draw(st.booleans()),
+                    kl_clamp=draw(st.one_of(st.none(), st.none(), st.just(math.inf), st.floats(0.5, 20.0))))
     for name in ("num_tokens", "num_seqs", "loss_scale_factor"):
         kind = draw(st.sampled_from((None, None, "number", "tensor")))
         if kind is not None:
@@ -252,6 +265,24 @@ def build(c, device):
         else:
             raise AssertionError("could not move the inputs off the boundaries")
 
+    # The reference policy's log-probs, rounded to their dtype, each k = lp - ref kept MARGIN (relative) off the
+    # estimator's kinks and clamps (abs at 0, k3's first clamp at +-20, the value clamp) by moving ref.
+    ref = None
+    if c.get("ref") is not None:
+        ref = lp + c["ref_spread"] * torch.randn(B, T, generator=g, dtype=torch.float64)
+        if c["ref_layout"] == BROADCAST and B:
+            ref = ref[:1].expand(B, T).clone()
+        ref = ref.to(c["ref_dtype"]).double()
+        for _ in range(200):
+            k = lp - ref
+            near = _near_kl_kink(k, opts) & valid
+            if not near.any():
+                break
+            ref = torch.where(near.any(0, keepdim=True) if c["ref_layout"] == BROADCAST else near,
+                              _nudge(ref, c["ref_dtype"], torch.ones_like(near)), ref)
+        else:
+            raise AssertionError("could not move the reference off the estimator's kinks")
+
     # Garbage at masked positions: it must change nothing.
     def spoil(x, broadcast):
         if c["garbage"] is None or x is None or broadcast:
@@ -301,6 +332,9 @@ def build(c, device):
         mask_values = torch.where(valid, torch.tensor(value, dtype=c["mask_dtype"]), torch.tensor(0, dtype=c["mask_dtype"]))
         mask_t = _make(mask_values, c["mask_layout"], device)
     w_t = None if w is None else _make(rounded(w_g, c["w_dtype"]), c["w_layout"], device)
+    if ref is not None:
+        opts["ref_log_probs"] = _make(rounded(spoil(ref, c["ref_layout"] == BROADCAST), c["ref_dtype"]),
+                                      c["ref_layout"], device)
 
     for name in ("num_tokens", "num_seqs", "loss_scale_factor"):
         v = opts.get(name)
@@ -309,7 +343,32 @@ def build(c, device):
             opts[name] = torch.tensor(int(value) if dtype == torch.int64 else value, dtype=dtype, device=device)
     return dict(lp=lp_t, lp_leaf=lp_leaf, lp_to_grad=lp_to_grad, old=old_t, adv=adv_t, mask=mask_t, w=w_t,
                 valid=valid, opts=opts,
-                clean=dict(lp=lp, old=old, adv=adv, w=w))  # float64, garbage-free, for the magnitudes
+                clean=dict(lp=lp, old=old, adv=adv, w=w, ref=ref))  # float64, garbage-free, for the magnitudes
+
+
+def _kl_value(k, opts):
+    """The estimator's value before its clamps (k3: ref/pi - log(ref/pi) - 1), in float64."""
+    estimator = opts["kl_estimator"].rstrip("+")
+    if estimator in ("kl", "k1"):
+        return k
+    if estimator == "abs":
+        return k.abs()
+    if estimator in ("mse", "k2"):
+        return 0.5 * k * k
+    return torch.expm1(-k) + k
+
+
+def _near_kl_kink(k, opts):
+    """Tokens whose k = lp - ref (or the estimator's value) lies within MARGIN (relative) of a kink or a clamp."""
+    near = k.abs() < MARGIN  # abs's kink (and every estimator's sign change)
+    value = _kl_value(k, opts)
+    clamp = opts.get("kl_clamp")
+    if clamp is None and opts["kl_estimator"].rstrip("+") in ("low_var_kl", "k3"):
+        near |= (k.abs() - 20).abs() < MARGIN * 20
+        clamp = 10.0
+    if clamp is not None and math.isfinite(clamp):
+        near |= (value.abs() - clamp).abs() < MARGIN * clamp
+    return near
 
 
 def _make(values, layout, device):
@@ -375,7 +434,8 @@ def _magnitudes(x, valid, opts, T):
     elif loss_type == "gpg":
         bound = Aw * size
     elif loss_type == "dro":
-        bound = w * (A * size + opts["dro_beta"] * (d * d + d.abs()))
+        # (the penalty's d = lp - old is computed from float32 roundings of lp and old: an error of eps |lp|)
+        bound = w * (A * size + opts["dro_beta"] * (d * d + d.abs() + size))
     elif loss_type == "vespo":
         # -phi A lp, phi = exp(lam + k log w - lam w): an error e in the row's log-weight (a sum of |d|-sized
         # terms) changes phi by |k - lam w| e relative; below float32's smallest normal phi underflows (to 0)
@@ -388,6 +448,16 @@ def _magnitudes(x, valid, opts, T):
         bound = Aw * size * phi * (1 + (k - lam * torch.exp(log_w)).abs() * spread)
     else:  # value: w (|v - R| + eps + 1)^2
         bound = w * (torch.where(valid, (x["lp"] - x["adv"]).abs(), zero) + eps_lo + eps_hi + 1) ** 2
+    kl_bound = torch.zeros(B, T, dtype=torch.float64)
+    if x.get("ref") is not None:
+        # the estimator's value and derivative in float32, from k = lp - ref: rounding errors of the size of its
+        # terms (e^-k, |k|, k^2), times the ratio when bias-corrected (and its derivative, r times the value)
+        k = torch.where(valid, x["lp"] - x["ref"], zero)
+        kl_bound = 1 + k.abs() + k * k + torch.exp((-k).clamp(max=30))
+        if opts["kl_bias_correction"]:
+            kl_bound = kl_bound * big_r * (1 + kl_bound)
+        kl_bound = torch.where(valid, kl_bound, zero)
+        bound = bound + opts["kl_coef"] * kl_bound
     bound = torch.where(valid, bound, zero)
     mode = opts["loss_agg_mode"]
     den = _denominator(mode, opts, n, T)
@@ -395,12 +465,14 @@ def _magnitudes(x, valid, opts, T):
     agg = (1.0 / n.clamp(min=1).double())[:, None] if mode == "seq-mean-token-mean" else torch.ones(B, 1, dtype=torch.float64)
     term = bound * agg * inv
     M = float(term.sum())
+    # the KL's metrics: kl_loss aggregated as the loss, kl the mean over valid tokens
+    KL = dict(kl_loss=float((kl_bound * agg * inv).sum()), kl=float(kl_bound.sum()) / max(1, int(n.sum())))
     if opts["importance_sampling"] == "seq":
         G = (term.sum(1, keepdim=True) / n.clamp(min=1)[:, None]).expand(B, T)
         G = torch.where(valid, G + term, zero)  # through the mean, plus a direct term
     else:
         G = term
-    return M, G
+    return M, G, KL
 
 
 def _decisions_clear(x, valid, opts):
@@ -474,7 +546,7 @@ def run_case(c, device, require=_clear_or_fail):
 
     T = c["T"]
     require(_decisions_clear(x["clean"], x["valid"], opts))
-    M, G = _magnitudes(x["clean"], x["valid"], opts, T)
+    M, G, KL = _magnitudes(x["clean"], x["valid"], opts, T)
     # loss
     assert out.loss.dtype == (torch.float64 if lp_dtype == torch.float64 else torch.float32)
     assert out.loss.shape == () and out.loss.device.type == torch.device(device).type
@@ -499,7 +571,9 @@ def run_case(c, device, require=_clear_or_fail):
     for k in ppo_ext.METRIC_NAMES:
         v = out.metrics[k]
         assert v.dtype == torch.float32 and v.shape == () and not v.requires_grad, (k, v)
-        _assert_within(v, ref.metrics[k], METRIC_TOL[0], METRIC_TOL[1], f"metric {k}")
+        # kl and kl_loss: sums of terms of either sign (k1), their rounding scales with the size of the terms
+        atol = METRIC_TOL[1] + 4e-6 * KL.get(k, 0.0)
+        _assert_within(v, ref.metrics[k], METRIC_TOL[0], atol, f"metric {k}")
     assert out.counts.dtype == torch.int64 and out.counts.shape == (len(COUNT_NAMES),)
     assert out.counts.cpu().tolist() == ref.counts.tolist(), \
         f"counts {out.counts.tolist()} != reference {ref.counts.tolist()} ({ppo_ext.COUNT_NAMES})"
@@ -542,6 +616,12 @@ FIXED = {
                                     old_layout="expanded", spread=0.01, opts=dict(
                                         loss_type="vespo", clip_low=0.0, clip_high=None, vespo_k_pos=1.0,
                                         vespo_lambda_pos=1.0, vespo_k_neg=1.0, vespo_lambda_neg=1.0)),
+    **{f"ref-kl-{e}": _case(B=6, T=70, ref="given", ref_dtype=torch.float32, ref_layout="transposed", ref_spread=2.0,
+                            garbage="nan", opts=dict(importance_sampling=("token", "seq", "seq-token")[i % 3],
+                                                     loss_agg_mode=AGG_MODES[i % len(AGG_MODES)], kl_coef=0.7,
+                                                     kl_estimator=e, kl_bias_correction=i % 2 == 1,
+                                                     kl_clamp=(None, None, math.inf, 3.0)[i % 4]))
+       for i, e in enumerate(KL_ESTIMATORS + ("k3+", "kl+"))},
     "no-tokens": _case(B=4, T=0),
     "no-rows": _case(B=0, T=17),
     "all-masked-seq-mean": _case(mask="all-masked", opts=dict(loss_agg_mode="seq-mean-token-mean")),

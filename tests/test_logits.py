@@ -1,13 +1,14 @@
 """ppo_ext.policy_loss_from_logits and the token_log_probs ops against eager float64 log_softmax + gather +
 the reference loss: log-probs, entropy, loss, metrics, counts and the gradient w.r.t. the logits; vocabulary
 sizes 1 to 151,936, strided rows, temperature, masked rows, bf16/fp16, in-place backward, label errors,
-opcheck, gradcheck, torch.compile."""
+the entropy's gradient and the entropy bonus, opcheck, gradcheck, torch.compile."""
 
 import pytest
 import torch
 
 import ppo_ext
-from helpers import CLIP_HIGH, CLIP_LOW, DUAL_CLIP, make_inputs, options, run_with_cpu_capability, same_bits
+from helpers import (AGG_MODES, CLIP_HIGH, CLIP_LOW, DUAL_CLIP, make_inputs, options, run_with_cpu_capability,
+                     same_bits)
 from ppo_ext.reference import policy_loss_reference
 
 LP_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5),
@@ -29,11 +30,23 @@ def make_logits(B, T, V, *, seed, dtype=torch.float32, device="cpu", scale=3.0, 
 
 
 def reference_log_probs(logits, labels, temperature=1.0):
-    """Eager float64: log_softmax + gather, and the entropy."""
+    """Eager float64: log_softmax + gather, and the entropy (-inf logits, p = 0, contribute 0: a double where, so
+    that neither the value nor the gradient is 0 * -inf)."""
     logp = torch.log_softmax(logits.double() / temperature, dim=-1)
     lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    finite = logp > -torch.inf
+    safe = torch.where(finite, logp, 0)
+    entropy = -torch.where(finite, safe.exp() * safe, 0).sum(-1)
     return lp, entropy
+
+
+def reference_aggregate(x, mask, *, loss_agg_mode="token-mean", num_tokens=None, num_seqs=None,
+                        loss_scale_factor=None, **_):
+    """x (B, T) aggregated as docs/SPEC.md aggregates the per-token loss (no weights): the reference's gpg loss
+    -A lp with A = -1 and lp = x is x itself, through the reference's aggregation."""
+    return policy_loss_reference(x, None, -torch.ones(x.shape[0], dtype=x.dtype), mask, loss_type="gpg",
+                                 loss_agg_mode=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+                                 loss_scale_factor=loss_scale_factor).loss
 
 
 def loss_inputs(B, T, seed, device, **kw):
@@ -53,9 +66,16 @@ def check_from_logits(logits, labels, old, adv, mask, weights, *, temperature=1.
     x64 = logits.detach().double().cpu().requires_grad_(True)
     ref_lp, ref_entropy = reference_log_probs(x64, labels.cpu().reshape(logits.shape[:-1]), temperature)
     f = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
-    ref = policy_loss_reference(ref_lp.reshape(labels.shape), f(old), f(adv), None if mask is None else mask.cpu(),
-                                token_weights=f(weights), **kw)
-    ref.loss.backward()
+    entropy_coef = kw.pop("entropy_coef", 0.0)
+    cpu_mask = None if mask is None else mask.cpu()
+    ref = policy_loss_reference(ref_lp.reshape(labels.shape), f(old), f(adv), cpu_mask, token_weights=f(weights), **kw)
+    ref_loss = ref.loss
+    if entropy_coef:
+        ref_entropy_loss = reference_aggregate(ref_entropy.reshape(labels.shape), cpu_mask, **kw)
+        ref_loss = ref_loss - entropy_coef * ref_entropy_loss
+        torch.testing.assert_close(out.metrics["entropy_loss"].double().cpu(), ref_entropy_loss.detach(), rtol=5e-5,
+                                   atol=1e-5, msg=lambda m: f"{what}: entropy_loss\n{m}")
+    ref_loss.backward()
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rtol, atol = LP_TOL[dtype]
@@ -64,7 +84,7 @@ def check_from_logits(logits, labels, old, adv, mask, weights, *, temperature=1.
                                atol=atol, msg=lambda m: f"{what}: log_probs\n{m}")
     torch.testing.assert_close(out.entropy.double().cpu(), ref_entropy.detach().reshape(labels.shape), rtol=rtol,
                                atol=atol, msg=lambda m: f"{what}: entropy\n{m}")
-    torch.testing.assert_close(out.loss.double().cpu(), ref.loss.detach(), rtol=5e-5 if acc == torch.float32 else 1e-9,
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss.detach(), rtol=5e-5 if acc == torch.float32 else 1e-9,
                                atol=1e-6, msg=lambda m: f"{what}: loss\n{m}")
     for k in ppo_ext.METRIC_NAMES:
         torch.testing.assert_close(out.metrics[k].cpu(), ref.metrics[k].cpu(), rtol=5e-5, atol=1e-5,
@@ -318,11 +338,88 @@ def test_argument_errors(device):
         torch.ops.ppo_ext.token_log_probs_backward_inplace(torch.ones_like(lp), expanded, labels, lse, 1.0)
 
 
-def test_entropy_is_not_differentiable(device):
-    logits, labels = make_logits(2, 3, 10, seed=18, device=device)
-    x = logits.clone().requires_grad_(True)
-    lp, entropy = ppo_ext.log_probs_from_logits(x, labels, return_entropy=True)
-    assert lp.requires_grad and not entropy.requires_grad
+# --------------------------------------------------------------------------------------------
+# The entropy's gradient and the entropy bonus.
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_entropy_gradient(device, dtype, temperature):
+    """d(sum w_lp lp + sum w_H H)/dlogits against eager float64 autograd: the entropy's term alone, with the
+    log-probs', in place; a -inf logit (masked vocabulary, p = 0) gets gradient 0, not NaN; rows whose two upstream
+    gradients are 0 are zeros."""
+    for V in (7, 1030):
+        logits, labels = make_logits(3, 5, V, seed=V, dtype=dtype, device=device)
+        logits[0, 1, 3] = -torch.inf
+        g = torch.Generator().manual_seed(V)
+        w_lp, w_h = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g,
+                                                                                     dtype=torch.float64)
+        w_lp[2], w_h[2] = 0, 0  # a row with no upstream gradient
+        w_lp[1, :2] = 0  # the entropy's term alone
+        x64 = logits.double().cpu().clone().requires_grad_(True)
+        ref_lp, ref_h = reference_log_probs(x64, labels.cpu(), temperature)
+        ((ref_lp * w_lp).sum() + (ref_h * w_h).sum()).backward()
+        for inplace in (False, True):
+            x = logits.clone().requires_grad_(True)
+            y = x * 1.0 if inplace else x  # in place: a non-leaf whose buffer the gradient takes
+            lp, h = ppo_ext.log_probs_from_logits(y, labels, temperature=temperature, return_entropy=True,
+                                                  inplace_backward=inplace)
+            assert lp.requires_grad and h.requires_grad
+            ((lp * w_lp.to(device)).sum() + (h * w_h.to(device)).sum()).backward()
+            assert torch.isfinite(x.grad).all() and x.grad[0, 1, 3] == 0
+            assert torch.count_nonzero(x.grad[2]) == 0
+            scale = x64.grad.abs().max().item()
+            torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=GRAD_RTOL[dtype],
+                                       atol=1e-6 * scale + (1e-12 if dtype == torch.float64 else 2e-9),
+                                       msg=lambda m: f"V={V} inplace={inplace}\n{m}")
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_entropy_bonus(device, agg):
+    """policy_loss_from_logits' entropy_coef: loss - entropy_coef * agg(H), aggregated as the loss (normalisers
+    included, token_weights not), against the reference; entropy_loss its aggregated value."""
+    for k, dtype in enumerate((torch.float32, torch.float64, torch.bfloat16)):
+        logits, labels = make_logits(4, 6, 301, seed=30 + k, dtype=dtype, device=device)
+        old, adv, mask, w = loss_inputs(4, 6, seed=30 + k, device=device)
+        normalisers = [{}, dict(num_tokens=50.0, num_seqs=7, loss_scale_factor=9.0)][k % 2]
+        check_from_logits(logits, labels, old, adv, mask, w, temperature=0.8, what=f"{agg} {dtype}",
+                          entropy_coef=0.05, **options("token", agg, dual=True), **normalisers)
+
+
+def test_entropy_bonus_without_return_entropy(device):
+    """entropy_coef works without return_entropy (the entropy is computed, not returned); no entropy_coef and no
+    return_entropy: nothing of the entropy is computed, and an entropy that gets no gradient changes nothing in
+    the backward (bitwise)."""
+    logits, labels = make_logits(3, 5, 97, seed=33, device=device)
+    old, adv, mask, _ = loss_inputs(3, 5, seed=33, device=device)
+    with_h = ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask, entropy_coef=0.1, return_entropy=True)
+    without = ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask, entropy_coef=0.1)
+    assert without.entropy is None and same_bits(without.loss, with_h.loss)
+    assert same_bits(without.metrics["entropy_loss"], with_h.metrics["entropy_loss"])
+    plain = ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask)
+    assert "entropy" not in plain.metrics and "entropy_loss" not in plain.metrics and plain.entropy is None
+    grads = []
+    for return_entropy in (False, True):
+        x = logits.clone().requires_grad_(True)
+        ppo_ext.policy_loss_from_logits(x, labels, old, adv, mask, return_entropy=return_entropy).loss.backward()
+        grads.append(x.grad)
+    assert same_bits(grads[0], grads[1])
+    with pytest.raises(TypeError, match="entropy_coef must be a number"):
+        ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask, entropy_coef="0.1")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask, no_such_option=1)
+
+
+def test_entropy_backward_errors(device):
+    logits, labels = make_logits(2, 3, 10, seed=34, device=device)
+    lp, lse, h = torch.ops.ppo_ext.token_log_probs(logits, labels, 1.0, True, False)
+    g = torch.ones_like(lp)
+    with pytest.raises(ValueError, match="grad_entropy and entropy go together"):
+        torch.ops.ppo_ext.token_log_probs_backward(g, logits, labels, lse, 1.0, g, None)
+    with pytest.raises(ValueError, match="grad_entropy must have the shape of labels"):
+        torch.ops.ppo_ext.token_log_probs_backward(g, logits, labels, lse, 1.0, g[:1], h)
+    with pytest.raises(TypeError, match="entropy must be the"):
+        torch.ops.ppo_ext.token_log_probs_backward(g, logits, labels, lse, 1.0, g, h.double())
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +447,13 @@ def test_opcheck_backward_ops(device):
     torch.library.opcheck(torch.ops.ppo_ext.token_log_probs_backward.default, (grad, logits, labels, lse, 0.8))
     torch.library.opcheck(torch.ops.ppo_ext.token_log_probs_backward_inplace.default,
                           (grad, logits.clone(), labels, lse, 0.8))
+    _, _, entropy = torch.ops.ppo_ext.token_log_probs(logits, labels, 0.8, True, False)
+    grad_entropy = torch.randn(lp.shape, device=device)
+    grad_entropy[1] = 0
+    torch.library.opcheck(torch.ops.ppo_ext.token_log_probs_backward.default,
+                          (grad, logits, labels, lse, 0.8, grad_entropy, entropy))
+    torch.library.opcheck(torch.ops.ppo_ext.token_log_probs_backward_inplace.default,
+                          (grad, logits.clone(), labels, lse, 0.8, grad_entropy, entropy))
     expected = torch.ops.ppo_ext.token_log_probs_backward(grad, logits, labels, lse, 0.8)
     target = full.clone()[:, :-1]
     version = target._version
@@ -375,6 +479,17 @@ def test_gradcheck(device):
 
     assert torch.autograd.gradcheck(log_probs, (x,), eps=1e-6, atol=1e-7)
 
+    def log_probs_and_entropy(x):
+        return ppo_ext.log_probs_from_logits(x, labels, temperature=1.3, return_entropy=True)
+
+    assert torch.autograd.gradcheck(log_probs_and_entropy, (x,), eps=1e-6, atol=1e-7)
+
+    def loss_with_bonus(x):
+        return ppo_ext.policy_loss_from_logits(x, labels, old, adv, mask, token_weights=w, temperature=0.7,
+                                               entropy_coef=0.3, **kw).loss
+
+    assert torch.autograd.gradcheck(loss_with_bonus, (x,), eps=1e-6, atol=1e-7)
+
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["", "inplace"])
 def test_torch_compile_fullgraph(device, inplace):
@@ -385,7 +500,7 @@ def test_torch_compile_fullgraph(device, inplace):
         if inplace:  # a non-leaf whose buffer the gradient may take, as a model's output
             logits = logits * 1.0
         out = ppo_ext.policy_loss_from_logits(logits[:, :-1], labels, old, adv, mask, temperature=0.9,
-                                              return_entropy=True, inplace_backward=inplace, **kw)
+                                              return_entropy=True, entropy_coef=0.02, inplace_backward=inplace, **kw)
         return out.loss * 2, out.metrics["entropy"], out.log_probs, out.counts
 
     compiled = torch.compile(step, fullgraph=True)
@@ -436,6 +551,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         logits, labels = make_logits(3, 4, V, seed=V, dtype=dtype)
         old, adv, mask, w = loss_inputs(3, 4, seed=V, device="cpu")
         check_from_logits(logits, labels, old, adv, mask, w, temperature=0.8, **options("token", dual=True))
+        check_from_logits(logits, labels, old, adv, mask, w, temperature=0.8, entropy_coef=0.1,
+                          **options("seq", "seq-mean-token-mean"))
 print("ok")
 """
 

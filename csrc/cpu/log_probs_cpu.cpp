@@ -60,17 +60,17 @@ TokenLogProbsOutputs token_log_probs_cpu(const at::Tensor& logits, const at::Ten
 }
 
 // Writes the gradient into `out` (logits' dtype, rows at out_stride_b / out_stride_t).
-void run_backward(const at::Tensor& grad_log_probs, const at::Tensor& logits, const at::Tensor& labels,
-                  const at::Tensor& logsumexp, double temperature, const LogitsLayout& layout, void* out,
-                  int64_t out_stride_b, int64_t out_stride_t) {
-  check_labels_in_range(labels, layout);
-  const auto acc = acc_type_for(logits.scalar_type());
-  const at::Tensor grad = grad_log_probs.to(acc).contiguous();  // e.g. the expanded gradient of a sum()
-  const at::Tensor lse = logsumexp.contiguous();
+void run_backward(const TokenLogProbsBackwardInputs& in, const at::Tensor& logits, const at::Tensor& labels,
+                  double temperature, void* out, int64_t out_stride_b, int64_t out_stride_t) {
+  check_labels_in_range(labels, in.layout);
   LogProbsBackwardArgs args;
-  args.rows = logit_rows(logits, labels, layout, temperature);
-  args.grad_log_probs = grad.const_data_ptr();
-  args.logsumexp = lse.const_data_ptr();
+  args.rows = logit_rows(logits, labels, in.layout, temperature);
+  args.grad_log_probs = in.grad_log_probs.const_data_ptr();
+  args.logsumexp = in.logsumexp.const_data_ptr();
+  if (in.grad_entropy.defined()) {
+    args.grad_entropy = in.grad_entropy.const_data_ptr();
+    args.entropy = in.entropy.const_data_ptr();
+  }
   args.out = out;
   args.out_stride_b = out_stride_b;
   args.out_stride_t = out_stride_t;
@@ -101,23 +101,24 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 at::Tensor token_log_probs_backward_cpu(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                        const at::Tensor& labels, const at::Tensor& logsumexp, double temperature) {
-  const LogitsLayout layout =
-      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature);
+                                        const at::Tensor& labels, const at::Tensor& logsumexp, double temperature,
+                                        const OptionalTensor& grad_entropy, const OptionalTensor& entropy) {
+  const auto in =
+      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature, grad_entropy, entropy);
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());  // contiguous
   advise_huge_pages(grad_logits);
-  run_backward(grad_log_probs, logits, labels, logsumexp, temperature, layout, grad_logits.mutable_data_ptr(),
-               layout.T * layout.V, logits.dim() == 3 ? layout.V : 0);
+  run_backward(in, logits, labels, temperature, grad_logits.mutable_data_ptr(), in.layout.T * in.layout.V,
+               logits.dim() == 3 ? in.layout.V : 0);
   return grad_logits;
 }
 
 void token_log_probs_backward_inplace_cpu(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                          const at::Tensor& labels, const at::Tensor& logsumexp, double temperature) {
-  const LogitsLayout layout =
-      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature);
+                                          const at::Tensor& labels, const at::Tensor& logsumexp, double temperature,
+                                          const OptionalTensor& grad_entropy, const OptionalTensor& entropy) {
+  const auto in =
+      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature, grad_entropy, entropy);
   check_writable_logits(logits);
-  run_backward(grad_log_probs, logits, labels, logsumexp, temperature, layout, logits.mutable_data_ptr(),
-               layout.stride_b, layout.stride_t);
+  run_backward(in, logits, labels, temperature, logits.mutable_data_ptr(), in.layout.stride_b, in.layout.stride_t);
 }
 
 }  // namespace

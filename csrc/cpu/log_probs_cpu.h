@@ -31,13 +31,15 @@ struct LogProbsArgs {
   void* entropy = nullptr;
 };
 
-// grad_logits = g * (onehot(label) - softmax) / temperature, written to `out` (logits' dtype, rows at
-// out + i * out_stride_b + t * out_stride_t; the logits themselves for the in-place backward). Rows with
-// g == 0 are zeros, written without reading their logits.
+// grad_logits = (g * (onehot(label) - softmax) + g_H * dH/dx) / temperature, written to `out` (logits' dtype,
+// rows at out + i * out_stride_b + t * out_stride_t; the logits themselves for the in-place backward). Rows with
+// g == 0 (and g_H == 0) are zeros, written without reading their logits.
 struct LogProbsBackwardArgs {
   LogitRows rows;
   const void* grad_log_probs = nullptr;  // contiguous, accumulation type
   const void* logsumexp = nullptr;       // contiguous, accumulation type
+  const void* grad_entropy = nullptr;    // g_H, contiguous, accumulation type; nullptr: no entropy term
+  const void* entropy = nullptr;         // H (the forward's), with grad_entropy
   void* out = nullptr;
   int64_t out_stride_b = 0, out_stride_t = 0;
 };

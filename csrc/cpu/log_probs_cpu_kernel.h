@@ -129,9 +129,12 @@ class LogProbsKernel {
     });
   }
 
+  template <bool kEntropy>
   void backward(const LogProbsBackwardArgs& a) const {
     const acc_t* grad = static_cast<const acc_t*>(a.grad_log_probs);
     const acc_t* lse = static_cast<const acc_t*>(a.logsumexp);
+    const acc_t* grad_entropy = static_cast<const acc_t*>(a.grad_entropy);
+    const acc_t* entropy = static_cast<const acc_t*>(a.entropy);
     const int64_t rows = r_.B * r_.T, V = r_.V;
     const int64_t v_vec = V / kVec * kVec;
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(V, 1)),
@@ -142,7 +145,8 @@ class LogProbsKernel {
         const int64_t i = k / r_.T, t = k % r_.T;
         scalar_t* out = static_cast<scalar_t*>(a.out) + i * a.out_stride_b + t * a.out_stride_t;
         const acc_t g = grad[k];
-        if (g == acc_t(0)) {  // a masked or clipped token: zeros, without reading its logits
+        const acc_t g_entropy = kEntropy ? grad_entropy[k] : acc_t(0);
+        if (g == acc_t(0) && g_entropy == acc_t(0)) {  // a masked or clipped token: zeros, without reading its logits
           std::memset(static_cast<void*>(out), 0, V * sizeof(scalar_t));  // 0 is all-zero bits in every dtype
           continue;
         }
@@ -150,25 +154,28 @@ class LogProbsKernel {
         const acc_t row_lse = lse[k];
         const int64_t lbl = label(k);
         const acc_t coefficient = g * inv_t_;
+        const softmax::RowGrad<acc_t> c{-coefficient, -(g_entropy * inv_t_), kEntropy ? entropy[k] : acc_t(0)};
         // The label's entry, computed before the loop overwrites it (in place).
         const bool has_label = lbl >= 0 && lbl < V;
-        const acc_t label_softmax =
-            has_label ? std::exp(softmax::scaled<ScalarOps>(label_logit(x, lbl), inv_t_) - row_lse) : acc_t(0);
-        const acc_t label_grad = has_label ? coefficient - coefficient * label_softmax : acc_t(0);
-        const Vec lse_v(row_lse), inv_t(inv_t_), neg_coefficient(-coefficient);
+        const acc_t label_grad =
+            has_label ? coefficient + softmax::logit_grad<kEntropy, ScalarOps>(
+                                          softmax::scaled<ScalarOps>(label_logit(x, lbl), inv_t_), row_lse, c)
+                      : acc_t(0);
+        const Vec lse_v(row_lse), inv_t(inv_t_);
+        const softmax::RowGrad<Vec> cv{Vec(c.neg_coefficient), Vec(c.neg_entropy_coefficient), Vec(c.entropy)};
         for (int64_t v0 = 0; v0 < v_vec; v0 += kTile) {
           const int64_t n = std::min(kTile, v_vec - v0);
           const acc_t* tile = as_acc<acc_t>(x + v0, n, buf);
           acc_t* g_out = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out + v0) : gbuf;
           for (int64_t j = 0; j < n; j += kVec) {
-            softmax::softmax_grad<Ops>(softmax::scaled<Ops>(Vec::loadu(tile + j), inv_t), lse_v, neg_coefficient)
+            softmax::logit_grad<kEntropy, Ops>(softmax::scaled<Ops>(Vec::loadu(tile + j), inv_t), lse_v, cv)
                 .store(g_out + j);
           }
           if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(gbuf, out + v0, n);
         }
         for (int64_t v = v_vec; v < V; ++v) {
           const acc_t scaled = softmax::scaled<ScalarOps>(static_cast<acc_t>(x[v]), inv_t_);
-          out[v] = static_cast<scalar_t>(softmax::softmax_grad<ScalarOps>(scaled, row_lse, -coefficient));
+          out[v] = static_cast<scalar_t>(softmax::logit_grad<kEntropy, ScalarOps>(scaled, row_lse, c));
         }
         if (has_label) out[lbl] = static_cast<scalar_t>(label_grad);
       }
@@ -203,7 +210,9 @@ void token_log_probs_kernel(const LogProbsArgs& args) {
 
 void token_log_probs_backward_kernel(const LogProbsBackwardArgs& args) {
   log_probs::dispatch_logits(args.rows.dtype, [&](auto scalar, auto acc) {
-    log_probs::LogProbsKernel<decltype(scalar), decltype(acc)>(args.rows).backward(args);
+    const log_probs::LogProbsKernel<decltype(scalar), decltype(acc)> kernel(args.rows);
+    if (args.grad_entropy != nullptr) kernel.template backward<true>(args);
+    else kernel.template backward<false>(args);
   });
 }
 

@@ -36,7 +36,7 @@ PolicyLossOutputs policy_loss_cpu(const PolicyLossArgs& a) {
   const double denominator = math::loss_denominator(a.options.loss_agg_mode, tokens, seqs, scale,
                                                     sums.counts[kValidTokens], sums.counts[kValidSeqs], a.T);
   AT_DISPATCH_V2(acc_type_for(a.log_probs.scalar_type()), "ppo_ext_cpu_finalize", AT_WRAP([&] {
-    math::finalize<scalar_t>(sums, denominator, a.options.rollout_is, loss.mutable_data_ptr<scalar_t>(),
+    math::finalize<scalar_t>(sums, denominator, a.options, loss.mutable_data_ptr<scalar_t>(),
                              grad_scale.mutable_data_ptr<scalar_t>(), metrics.mutable_data_ptr<float>(),
                              counts.mutable_data_ptr<int64_t>());
   }), at::kFloat, at::kDouble);

@@ -19,7 +19,7 @@ struct StridedInput {
 };
 
 struct PolicyLossKernelArgs {
-  StridedInput log_probs, old_log_probs, advantages, mask, token_weights, rollout_log_probs;
+  StridedInput log_probs, old_log_probs, advantages, mask, token_weights, rollout_log_probs, ref_log_probs;
   int64_t B = 0, T = 0;
   LossOptions options{};
   void* token_grad = nullptr;  // (B, T) contiguous, float32 (float64 for float64 log_probs); null: no gradient

@@ -61,11 +61,12 @@ class PolicyLossKernel {
     alignas(64) acc_t mask[kTile];
     alignas(64) acc_t weights[kTile];
     alignas(64) acc_t rollout_log_probs[kTile];
+    alignas(64) acc_t ref_log_probs[kTile];
   };
 
   // The tile's pointers: n values of row i from t0 on, as acc_t, readable in whole vectors.
   struct TileView {
-    const acc_t *log_probs, *old_log_probs, *advantages, *mask, *weights, *rollout_log_probs;
+    const acc_t *log_probs, *old_log_probs, *advantages, *mask, *weights, *rollout_log_probs, *ref_log_probs;
   };
 
  public:
@@ -150,7 +151,7 @@ class PolicyLossKernel {
   // The mask and, with_log_ratio, the log-probs (and for geo_mean the advantages) that the row's log-ratio terms
   // of a tile are computed from.
   TileView seq_view(Tile& t, int64_t i, int64_t t0, int64_t n, bool with_log_ratio) const {
-    if (!with_log_ratio) return TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr, nullptr};
+    if (!with_log_ratio) return TileView{nullptr, nullptr, nullptr, mask_view(t, i, t0, n), nullptr, nullptr, nullptr};
     TileView v = log_ratio_view(t, i, t0, n);
     if (o_.loss_type == LossType::GeoMean) v.advantages = view(a_.advantages, i, t0, n, t.advantages);
     return v;
@@ -192,7 +193,10 @@ class PolicyLossKernel {
   void row(Tile& t, int64_t i, Partials& p) const {
     const bool seq_level = o_.importance_sampling != ImportanceSampling::Token;
     const bool seq_grad = o_.importance_sampling == ImportanceSampling::Seq && a_.token_grad != nullptr;
-    const bool ratio_grad = has_ratio_gradient(o_.loss_type);
+    const bool ratio_grad = math::gradient_through_ratio(o_);
+    const bool ref_kl = o_.has_ref_kl;
+    const bool kl_in_grad = ref_kl && o_.kl_coef != 0;
+    const V kl_coef(static_cast<acc_t>(o_.kl_coef));
     const bool rollout_on = o_.rollout_is != RolloutIs::None;
     const bool rollout_seq = is_row_level(o_.rollout_is);
     const bool row_log_ratio = has_row_log_ratio(o_.loss_type, o_.importance_sampling);
@@ -231,7 +235,9 @@ class PolicyLossKernel {
       v.advantages = view(a_.advantages, i, t0, n, t.advantages);
       v.weights = view(a_.token_weights, i, t0, n, t.weights);
       if (rollout_on) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
+      if (ref_kl) v.ref_log_probs = view(a_.ref_log_probs, i, t0, n, t.ref_log_probs);
       V loss(0), ratio_sum(0), kl_sum(0), ratio_min(inf), ratio_max(minus_inf), dloss_sum(0);
+      V ref_kl_sum(0), ref_kl_agg(0);
       V n_valid(0), n_low(0), n_high(0), n_active(0), n_dual(0);
       V rollout_sum(0), rollout_min(inf), rollout_max(minus_inf), n_filtered(0);
       for (int64_t j = 0; j < n; j += kVec) {
@@ -257,8 +263,18 @@ class PolicyLossKernel {
         const auto terms = math::token_terms<Ops>(x, o_);
         // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
         const V dratio = r.dratio * math::seq_log_ratio_term<Ops>(raw_log_ratio, adv, o_).derivative;
-        const V weighted_dloss = agg_weight * terms.dloss_dratio;
-        const V direct_grad = agg_weight * terms.dloss_dlog_prob;
+        V dloss_dratio = terms.dloss_dratio, dloss_dlog_prob = terms.dloss_dlog_prob;
+        if (ref_kl) {  // the KL to the reference: its own sums (not weighted), kl_coef times its gradient
+          const auto kl = math::ref_kl_terms<Ops>(lp, V::loadu(v.ref_log_probs + j), r.ratio, o_);
+          ref_kl_sum += Ops::select(is_valid, kl.value, zero);
+          ref_kl_agg += Ops::select(is_valid, agg_weight * kl.value, zero);
+          if (kl_in_grad) {
+            dloss_dratio = dloss_dratio + kl_coef * kl.dratio;
+            dloss_dlog_prob = dloss_dlog_prob + kl_coef * kl.dlog_prob;
+          }
+        }
+        const V weighted_dloss = agg_weight * dloss_dratio;
+        const V direct_grad = agg_weight * dloss_dlog_prob;
         loss += Ops::select(is_valid, agg_weight * terms.loss, zero);
         ratio_sum += Ops::select(is_valid, r.ratio, zero);
         kl_sum -= Ops::select(is_valid, log_ratio.value, zero);
@@ -281,6 +297,10 @@ class PolicyLossKernel {
       p.loss += sum_lanes(loss);
       p.ratio_sum += sum_lanes(ratio_sum);
       p.neg_log_ratio_sum += sum_lanes(kl_sum);
+      if (ref_kl) {
+        p.ref_kl_sum += sum_lanes(ref_kl_sum);
+        p.ref_kl_agg += sum_lanes(ref_kl_agg);
+      }
       alignas(64) acc_t lanes[kVec];
       ratio_min.store(lanes);
       for (int64_t k = 0; k < kVec; ++k) p.ratio_min = math::nan_minimum<double>(p.ratio_min, lanes[k]);

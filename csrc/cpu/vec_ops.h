@@ -18,6 +18,7 @@ struct VecOps {
   // NaN in x propagates (bounds are never NaN): two instructions where maximum/minimum take more.
   static V clamp(const V& x, const V& lo, const V& hi) { return at::vec::clamp(x, lo, hi); }
   static V exp(const V& x) { return x.exp(); }
+  static V expm1(const V& x) { return x.expm1(); }
   static V neg(const V& x) { return x.neg(); }
   static V log(const V& x) { return x.log(); }
   static V mask_not(const V& m) { return ~m; }  // a mask lane is all ones or all zeros

@@ -9,8 +9,9 @@
 // order (deterministic), and thread 0 writes the row's log-prob, log-sum-exp and entropy. The logits are
 // read once.
 // Backward, one kernel: the same rows, each element's gradient g * (onehot - exp(x - lse)) / temperature
-// computed from the saved log-sum-exp and written with 16-byte stores (into the logits themselves for the
-// in-place op); a row with g == 0 is zeros, written without reading its logits.
+// (plus, with an upstream gradient g_H of the entropy, its term -g_H p (log p + H) / temperature) computed
+// from the saved log-sum-exp (and entropy) and written with 16-byte stores (into the logits themselves for the
+// in-place op); a row with g == 0 (and g_H == 0) is zeros, written without reading its logits.
 // Rows whose start is not 16-byte aligned (e.g. V odd) take scalar loads. No host synchronisation: a label
 // out of [0, V) is not checked on the host, it gives a NaN log-prob (and no one-hot in the gradient).
 #pragma once
@@ -63,6 +64,8 @@ struct LogProbsBackwardArgs {
   LogitRows rows;
   const void* grad_log_probs;  // contiguous, accumulation type
   const void* logsumexp;       // contiguous, accumulation type
+  const void* grad_entropy;    // contiguous, accumulation type; nullptr: no entropy term
+  const void* entropy;         // the forward's entropy, with grad_entropy
   void* out;
   int64_t out_stride_b, out_stride_t;
 };
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_kernel(const LogP
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kEntropy>
 __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(const LogProbsBackwardArgs a) {
   using Ops = GpuOps<acc_t>;
   using P = Pack<scalar_t>;
@@ -166,8 +169,9 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
     const int64_t i = k / r.T, t = k % r.T;
     scalar_t* out = static_cast<scalar_t*>(a.out) + i * a.out_stride_b + t * a.out_stride_t;
     const acc_t g = static_cast<const acc_t*>(a.grad_log_probs)[k];
+    const acc_t g_entropy = kEntropy ? static_cast<const acc_t*>(a.grad_entropy)[k] : acc_t(0);
     const bool out_aligned = aligned16(out);
-    if (g == acc_t(0)) {  // a masked or clipped token: zeros, without reading its logits
+    if (g == acc_t(0) && g_entropy == acc_t(0)) {  // a masked or clipped token: zeros, without reading its logits
       const int64_t v_vec = out_aligned ? V / P::kSize * P::kSize : 0;
       P zero;
 #pragma unroll
@@ -181,7 +185,9 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
     const scalar_t* x = row_of<scalar_t>(r, k);  // == out in place: each element is read before it is written
     const acc_t lse = static_cast<const acc_t*>(a.logsumexp)[k];
     const int64_t label = label_of(r, k);
-    const acc_t coefficient = g * inv_t, neg_coefficient = -coefficient;
+    const acc_t coefficient = g * inv_t;
+    const softmax::RowGrad<acc_t> c{-coefficient, -(g_entropy * inv_t),
+                                    kEntropy ? static_cast<const acc_t*>(a.entropy)[k] : acc_t(0)};
     const int64_t v_vec = out_aligned && aligned16(x) ? V / P::kSize * P::kSize : 0;
     for (int64_t v = static_cast<int64_t>(threadIdx.x) * P::kSize; v < v_vec; v += blockDim.x * P::kSize) {
       const P p = *reinterpret_cast<const P*>(x + v);
@@ -189,7 +195,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
 #pragma unroll
       for (int j = 0; j < P::kSize; ++j) {
         const acc_t scaled = softmax::scaled<Ops>(static_cast<acc_t>(widen(p.v[j])), inv_t);
-        acc_t grad = softmax::softmax_grad<Ops>(scaled, lse, neg_coefficient);
+        acc_t grad = softmax::logit_grad<kEntropy, Ops>(scaled, lse, c);
         if (v + j == label) grad += coefficient;
         q.v[j] = narrow<scalar_t>(grad);
       }
@@ -197,7 +203,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
     }
     for (int64_t v = v_vec + threadIdx.x; v < V; v += blockDim.x) {
       const acc_t scaled = softmax::scaled<Ops>(static_cast<acc_t>(widen(x[v])), inv_t);
-      acc_t grad = softmax::softmax_grad<Ops>(scaled, lse, neg_coefficient);
+      acc_t grad = softmax::logit_grad<kEntropy, Ops>(scaled, lse, c);
       if (v == label) grad += coefficient;
       out[v] = narrow<scalar_t>(grad);
     }

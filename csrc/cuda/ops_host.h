@@ -144,50 +144,54 @@ TokenLogProbsOutputs token_log_probs_device(const at::Tensor& logits, const at::
 
 // Writes the gradient into `out` (logits' dtype, rows at out_stride_b / out_stride_t).
 template <typename Launcher>
-void token_log_probs_backward_into(const Launcher& launcher, const at::Tensor& grad_log_probs,
-                                   const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logsumexp,
-                                   double temperature, const LogitsLayout& layout, void* out, int64_t out_stride_b,
-                                   int64_t out_stride_t) {
-  const int64_t rows = layout.B * layout.T;
-  if (rows == 0 || layout.V == 0) return;
-  const at::Tensor grad = grad_log_probs.to(acc_type_for(logits.scalar_type())).contiguous();  // e.g. a sum()'s expanded gradient
-  const at::Tensor lse = logsumexp.contiguous();
-  const LogProbsBackwardArgs args{logit_rows(logits, labels, layout, temperature), grad.const_data_ptr(),
-                                  lse.const_data_ptr(), out, out_stride_b, out_stride_t};
+void token_log_probs_backward_into(const Launcher& launcher, const TokenLogProbsBackwardInputs& in,
+                                   const at::Tensor& logits, const at::Tensor& labels, double temperature, void* out,
+                                   int64_t out_stride_b, int64_t out_stride_t) {
+  const int64_t rows = in.layout.B * in.layout.T;
+  if (rows == 0 || in.layout.V == 0) return;
+  const bool with_entropy = in.grad_entropy.defined();
+  const LogProbsBackwardArgs args{logit_rows(logits, labels, in.layout, temperature), in.grad_log_probs.const_data_ptr(),
+                                  in.logsumexp.const_data_ptr(),
+                                  with_entropy ? in.grad_entropy.const_data_ptr() : nullptr,
+                                  with_entropy ? in.entropy.const_data_ptr() : nullptr, out, out_stride_b,
+                                  out_stride_t};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(),
                                   "ppo_ext_token_log_probs_backward_cuda", [&] {
     using element_t = kernel_scalar_t<scalar_t>;
     using acc_t = at::opmath_type<scalar_t>;
-    const int threads = log_probs_threads(layout.V, Pack<element_t>::kSize);
-    launcher.launch(&token_log_probs_backward_kernel<element_t, acc_t>,
-                    log_probs_blocks(rows, threads, launcher.sm_count()), threads, args);
+    const int threads = log_probs_threads(in.layout.V, Pack<element_t>::kSize);
+    const int blocks = log_probs_blocks(rows, threads, launcher.sm_count());
+    if (with_entropy) {
+      launcher.launch(&token_log_probs_backward_kernel<element_t, acc_t, true>, blocks, threads, args);
+    } else {
+      launcher.launch(&token_log_probs_backward_kernel<element_t, acc_t, false>, blocks, threads, args);
+    }
   });
 }
 
 template <typename Launcher>
 at::Tensor token_log_probs_backward_device(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                           const at::Tensor& labels, const at::Tensor& logsumexp,
-                                           double temperature) {
-  const LogitsLayout layout =
-      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature);
+                                           const at::Tensor& labels, const at::Tensor& logsumexp, double temperature,
+                                           const OptionalTensor& grad_entropy, const OptionalTensor& entropy) {
+  const auto in =
+      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature, grad_entropy, entropy);
   const Launcher launcher(logits);
   at::Tensor grad_logits = at::empty(logits.sizes(), logits.options());  // contiguous
-  token_log_probs_backward_into(launcher, grad_log_probs, logits, labels, logsumexp, temperature, layout,
-                                grad_logits.mutable_data_ptr(), layout.T * layout.V,
-                                logits.dim() == 3 ? layout.V : 0);
+  token_log_probs_backward_into(launcher, in, logits, labels, temperature, grad_logits.mutable_data_ptr(),
+                                in.layout.T * in.layout.V, logits.dim() == 3 ? in.layout.V : 0);
   return grad_logits;
 }
 
 template <typename Launcher>
 void token_log_probs_backward_inplace_device(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                             const at::Tensor& labels, const at::Tensor& logsumexp,
-                                             double temperature) {
-  const LogitsLayout layout =
-      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature);
+                                             const at::Tensor& labels, const at::Tensor& logsumexp, double temperature,
+                                             const OptionalTensor& grad_entropy, const OptionalTensor& entropy) {
+  const auto in =
+      check_token_log_probs_backward_args(grad_log_probs, logits, labels, logsumexp, temperature, grad_entropy, entropy);
   check_writable_logits(logits);
   const Launcher launcher(logits);
-  token_log_probs_backward_into(launcher, grad_log_probs, logits, labels, logsumexp, temperature, layout,
-                                logits.mutable_data_ptr(), layout.stride_b, layout.stride_t);
+  token_log_probs_backward_into(launcher, in, logits, labels, temperature, logits.mutable_data_ptr(),
+                                in.layout.stride_b, in.layout.stride_t);
 }
 
 }  // namespace ppo_ext::cuda

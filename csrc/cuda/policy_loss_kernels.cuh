@@ -60,7 +60,7 @@ __device__ __forceinline__ bool is_valid(const StridedInput& mask, int64_t i, in
 }
 
 struct PolicyLossKernelArgs {
-  StridedInput log_probs, old_log_probs, advantages, mask, token_weights, rollout_log_probs;
+  StridedInput log_probs, old_log_probs, advantages, mask, token_weights, rollout_log_probs, ref_log_probs;
   int64_t B, T;
   LossOptions options;
   DeviceNormaliser num_tokens, num_seqs, loss_scale_factor;
@@ -153,7 +153,7 @@ __device__ void finalize_warp(const PolicyLossKernelArgs& a, int num_partials) {
   const double denominator = math::loss_denominator(
       a.options.loss_agg_mode, read_normaliser(a.num_tokens), read_normaliser(a.num_seqs),
       read_normaliser(a.loss_scale_factor), total.counts[kValidTokens], total.counts[kValidSeqs], a.T);
-  math::finalize<acc_t>(total, denominator, a.options.rollout_is, static_cast<acc_t*>(a.loss),
+  math::finalize<acc_t>(total, denominator, a.options, static_cast<acc_t*>(a.loss),
                         static_cast<acc_t*>(a.grad_scale), a.metrics, a.counts);
 }
 
@@ -165,7 +165,9 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   const LossOptions& o = a.options;
   const bool seq_level = o.importance_sampling != ImportanceSampling::Token;
   const bool seq_grad = o.importance_sampling == ImportanceSampling::Seq && a.token_grad != nullptr;
-  const bool ratio_grad = has_ratio_gradient(o.loss_type);
+  const bool ratio_grad = math::gradient_through_ratio(o);
+  const bool kl_in_grad = o.has_ref_kl && o.kl_coef != 0;
+  const acc_t kl_coef = static_cast<acc_t>(o.kl_coef);
   const bool rollout_on = o.rollout_is != RolloutIs::None;
   const bool rollout_seq = is_row_level(o.rollout_is);
   const bool row_log_ratio = has_row_log_ratio(o.loss_type, o.importance_sampling);
@@ -177,6 +179,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   // This thread's sums over all the rows of this block.
   acc_t loss = 0, ratio_sum = 0, kl_sum = 0;
   acc_t ratio_min = INFINITY, ratio_max = -INFINITY;
+  acc_t ref_kl_sum = 0, ref_kl_agg = 0;
   long long n_valid_seqs = 0, n_valid = 0, n_low = 0, n_high = 0, n_active = 0, n_dual = 0;
   acc_t rollout_sum = 0, rollout_min = INFINITY, rollout_max = -INFINITY;
   long long n_filtered = 0, n_filtered_seqs = 0;
@@ -246,6 +249,16 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       const auto terms = math::token_terms<Ops>(x, o);
       // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
       const acc_t dratio = r.dratio * math::seq_log_ratio_term<Ops>(lp - old, adv, o).derivative;
+      acc_t dloss_dratio = terms.dloss_dratio, dloss_dlog_prob = terms.dloss_dlog_prob;
+      if (o.has_ref_kl) {  // the KL to the reference: its own sums (not weighted), kl_coef times its gradient
+        const auto kl = math::ref_kl_terms<Ops>(lp, load<acc_t>(a.ref_log_probs, i, t, 0), r.ratio, o);
+        ref_kl_sum += kl.value;
+        ref_kl_agg += agg_weight * kl.value;
+        if (kl_in_grad) {
+          dloss_dratio += kl_coef * kl.dratio;
+          dloss_dlog_prob += kl_coef * kl.dlog_prob;
+        }
+      }
       loss += agg_weight * terms.loss;
       ratio_sum += r.ratio;
       kl_sum -= log_ratio.value;
@@ -258,11 +271,11 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       n_dual += terms.dual_clipped;
       if (seq_grad) {
         // The direct term now; pass 3 adds the gradient through the row's ratio.
-        dloss_sum += agg_weight * terms.dloss_dratio;
-        grad_row[t] = agg_weight * terms.dloss_dlog_prob;
+        dloss_sum += agg_weight * dloss_dratio;
+        grad_row[t] = agg_weight * dloss_dlog_prob;
       } else if (grad_row != nullptr) {
-        const acc_t direct = agg_weight * terms.dloss_dlog_prob;
-        grad_row[t] = ratio_grad ? agg_weight * terms.dloss_dratio * dratio + direct : direct;
+        const acc_t direct = agg_weight * dloss_dlog_prob;
+        grad_row[t] = ratio_grad ? agg_weight * dloss_dratio * dratio + direct : direct;
       }
     }
     n_valid += row_count;
@@ -299,6 +312,8 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   p.rollout_weight_sum = block_sum<double>(static_cast<double>(rollout_sum), scratch_d);
   p.rollout_weight_min = block_extreme<double, false>(static_cast<double>(rollout_min), scratch_d);
   p.rollout_weight_max = block_extreme<double, true>(static_cast<double>(rollout_max), scratch_d);
+  p.ref_kl_sum = block_sum<double>(static_cast<double>(ref_kl_sum), scratch_d);
+  p.ref_kl_agg = block_sum<double>(static_cast<double>(ref_kl_agg), scratch_d);
   p.counts[kValidTokens] = block_sum<long long>(n_valid, scratch_i);
   p.counts[kValidSeqs] = block_sum<long long>(n_valid_seqs, scratch_i);
   p.counts[kClippedLow] = block_sum<long long>(n_low, scratch_i);

@@ -33,8 +33,9 @@ using PolicyLossSignature = PolicyLossOutputs(
     std::optional<double> dro_beta, double vespo_k_pos, double vespo_lambda_pos, double vespo_k_neg,
     double vespo_lambda_neg, const OptionalTensor& rollout_log_probs, c10::string_view rollout_is,
     c10::string_view rollout_is_mode, std::optional<double> rollout_is_low, std::optional<double> rollout_is_high,
-    c10::string_view rollout_is_mask_weight, c10::string_view importance_sampling, c10::string_view loss_agg_mode,
-    bool compute_grad);
+    c10::string_view rollout_is_mask_weight, const OptionalTensor& ref_log_probs, double kl_coef,
+    c10::string_view kl_estimator, std::optional<double> kl_clamp, bool kl_bias_correction,
+    c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad);
 using PolicyLossBackwardSignature = at::Tensor(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                                const at::Tensor& grad_scale, at::ScalarType dtype);
 using TokenLogProbsSignature = TokenLogProbsOutputs(const at::Tensor& logits, const at::Tensor& labels,
@@ -42,10 +43,12 @@ using TokenLogProbsSignature = TokenLogProbsOutputs(const at::Tensor& logits, co
                                                     bool inplace_backward);
 using TokenLogProbsBackwardSignature = at::Tensor(const at::Tensor& grad_log_probs, const at::Tensor& logits,
                                                   const at::Tensor& labels, const at::Tensor& logsumexp,
-                                                  double temperature);
+                                                  double temperature, const OptionalTensor& grad_entropy,
+                                                  const OptionalTensor& entropy);
 using TokenLogProbsBackwardInplaceSignature = void(const at::Tensor& grad_log_probs, const at::Tensor& logits,
                                                    const at::Tensor& labels, const at::Tensor& logsumexp,
-                                                   double temperature);
+                                                   double temperature, const OptionalTensor& grad_entropy,
+                                                   const OptionalTensor& entropy);
 
 // The dispatcher's handle of the op `name` ("ppo_ext::policy_loss"), typed by its signature; a caller keeps
 // it in a static (the lookup is a hash-table search).
@@ -74,6 +77,14 @@ struct PolicyLossOptions {
   OptionalTensor rollout_log_probs;
   std::string rollout_is = "none", rollout_is_mode = "truncate", rollout_is_mask_weight = "unit";
   std::optional<double> rollout_is_low, rollout_is_high;
+  // The KL to the reference policy: ref_log_probs, kl_coef times its aggregated estimate added to the loss; the
+  // estimator ("low_var_kl"/"k3", "kl"/"k1", "abs", "mse"/"k2", with "+" k2's gradient), its value clamped to
+  // [-kl_clamp, kl_clamp] (none: 10 for k3, else not clamped), times the ratio with kl_bias_correction.
+  OptionalTensor ref_log_probs;
+  double kl_coef = 0.0;
+  std::string kl_estimator = "low_var_kl";
+  std::optional<double> kl_clamp;
+  bool kl_bias_correction = false;
   std::string importance_sampling = "token";  // "token", "seq", "seq-token"
   std::string loss_agg_mode = "token-mean";
   bool compute_grad = true;  // false: no gradient is saved (an inference-only call)
@@ -89,11 +100,12 @@ inline PolicyLossOutputs policy_loss(const at::Tensor& log_probs, const Optional
       o.ratio_cap, o.log_ratio_clamp, o.loss_type, o.tau_pos, o.tau_neg, o.dro_beta, o.vespo_k_pos,
       o.vespo_lambda_pos, o.vespo_k_neg, o.vespo_lambda_neg, o.rollout_log_probs,
       o.rollout_is, o.rollout_is_mode, o.rollout_is_low, o.rollout_is_high, o.rollout_is_mask_weight,
-      o.importance_sampling, o.loss_agg_mode, o.compute_grad);
+      o.ref_log_probs, o.kl_coef, o.kl_estimator, o.kl_clamp, o.kl_bias_correction, o.importance_sampling, o.loss_agg_mode, o.compute_grad);
 }
 
 // log_softmax(logits / temperature) at the labels (differentiable w.r.t. the logits), their log-sum-exp and,
-// when compute_entropy, the entropy of each row.
+// when compute_entropy, the entropy of each row (differentiable too: an entropy bonus' gradient joins the same
+// backward pass).
 inline TokenLogProbsOutputs token_log_probs(const at::Tensor& logits, const at::Tensor& labels,
                                             double temperature = 1.0, bool compute_entropy = false,
                                             bool inplace_backward = false) {

@@ -51,6 +51,11 @@ Gamma weight of the row's log-weight             ``torch.where`` makes them (flo
 ``vespo_lambda_neg``); vLLM's ratio joins the     only, as TRL's ``__init__`` demands) as
 log-weight; aggregated as ``dapo``; no ``delta``   ``rollout_log_probs = old - log(ratio)``,
                                                   ``rollout_is="token"``, ``rollout_is_low=0``
+``beta * per_token_kl``, ``per_token_kl =``        ``ref_log_probs=ref_per_token_logps``,
+``exp(ref - lp) - (ref - lp) - 1`` (no clamp),     ``kl_coef=beta``, ``kl_estimator="k3"``,
+added after the weights, aggregated with the loss  ``kl_clamp=inf``; not weighted by ``token_weights``
+``use_bias_correction_kl`` (default True): the     ``kl_bias_correction=True`` (the kernel's ratio at
+KL times ``coef_1`` (token or sequence level)      the same level)
 ===============================================  =====================================================
 
 ``gas`` is ``gradient_accumulation_steps``, the trainer's ``current_gradient_accumulation_steps``;
@@ -72,7 +77,8 @@ when ``use_vllm`` and ``vllm_importance_sampling_correction`` are set, the two c
 puts it into the inputs and applies it; passing one TRL would not apply is a ``ValueError``.
 
 Metrics (0-dim float32 tensors, computed without host synchronisation; TRL calls ``.item()`` on each,
-``PPOExtGRPOMixin`` converts them with one ``.tolist()``), the keys ``"entropy"`` (when ``entropies`` is
+``PPOExtGRPOMixin`` converts them with one ``.tolist()``), the keys ``"kl"`` (with ``beta != 0``: the mean of
+the per-token KL over valid tokens, the kernel's ``metrics["kl"]``), ``"entropy"`` (when ``entropies`` is
 given) then ``METRIC_KEYS_BY_LOSS_TYPE[loss_type]``, in TRL's order. For the clipped loss types (grpo, bnpo,
 dr_grpo, dapo, luspo; ``METRIC_KEYS``), with ``r`` TRL's ``coef_1`` *after* the cap ``min(r, delta)``:
 
@@ -106,17 +112,26 @@ for a single process. These metrics take a few eager ops on (B, T) tensors under
 (the kernel's counts do not split the clip by the sign of ``A`` nor by row); the loss and its gradient
 take one kernel call.
 
+The entropy bonus (a static ``entropy_coef``): ``loss - entropy_coef * sum(entropies * m') / max(sum(m'), 1) / gas``
+with ``m' = mask * entropy_mask`` (TRL's ops, on the ``entropies`` given, which carry their gradient to the model; the
+mixin's come from TRL's own forward), and TRL's ``policy_loss`` metric (the loss before the bonus, before the
+division by gas for grpo, bnpo, dr_grpo, luspo and sapo; gathered over the processes and averaged: one more
+``gather``) and ``entropy_coef`` first among the metrics (the mixin logs ``entropy_coef`` on optimizer-step
+boundaries only, as TRL).
+
 Not supported yet (``NotImplementedError`` naming the option):
 
-- ``beta != 0`` (the KL term to the reference model, and ``use_bias_correction_kl``): issue 14, the KL term;
-- the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``): a loss term of the entropies,
-  which the kernel does not take, and a controller that updates the trainer's state.
+- ``use_adaptive_entropy`` (TRL's controller, which updates the trainer's ``entropy_coef`` from the world's
+  entropy at each optimizer step);
+- vespo with ``beta != 0``, ``use_bias_correction_kl`` and ``importance_sampling_level="sequence"`` (TRL's KL is
+  then weighted by the sequence ratio while vespo's loss is token-level: two levels in one call).
 
 Where the numbers can differ from TRL's on purpose: masked positions never reach anything (TRL multiplies
 by the mask, so a NaN or inf there would make its loss or gradient NaN), except the one-column case above,
 where TRL itself reads the indicators without the mask; the mask is read as 0/1 (TRL's
 ``completion_mask * tool_mask`` always is); no rows at all (B = 0) give loss 0, where TRL's mean over
-no rows is NaN; for vespo, the vLLM ratio at masked positions is not read (TRL sums its log over every position,
+no rows is NaN; ``kl`` for ``T = 1`` is the mean over the valid rows (TRL's ``global_masked_mean`` reads the
+one-column KL without the mask, at every row); for vespo, the vLLM ratio at masked positions is not read (TRL sums its log over every position,
 where TRL's own ratio is 1: it is computed from a masked difference), and the ratio reaches the row's log-weight
 as ``exp(old - (old - log(ratio)))`` in the log-probs' dtype, which can differ from ``log(ratio)`` by half an ulp of
 ``old`` per token. Refused with a ``ValueError`` rather than computed differently: cispo with
@@ -136,6 +151,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 import ppo_ext
+from ppo_ext.names import COUNT_INDEX
 
 # PPOExtGRPOTrainer is not in __all__: it imports trl when first asked for (module __getattr__ below).
 __all__ = ["grpo_loss", "PPOExtGRPOMixin", "GRPO_CONFIG_DEFAULTS", "SUPPORTED_LOSS_TYPES", "METRIC_KEYS",
@@ -174,7 +190,6 @@ _CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # TRL's clipped
 SUPPORTED_LOSS_TYPES = _CLIP_LOSS_TYPES + ("cispo", "sapo", "vespo")
 _LEVELS = {"token": "token", "sequence": "seq"}
 _VESPO_PARAMETERS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
-KL_ISSUE = "issue 14, the KL term (beta, use_bias_correction_kl)"
 
 # The keys of the loss's own metrics, after "entropy" (logged when `entropies` is given): those of the clipped
 # loss types (METRIC_KEYS), cispo's one, none for sapo.
@@ -221,17 +236,24 @@ def _options(args) -> SimpleNamespace:
     level = _arg(args, "importance_sampling_level")
     if level not in _LEVELS:
         raise ValueError(f"Unknown importance sampling level: {level!r}. Possible values are 'token' and 'sequence'.")
-    beta = _number("beta", _arg(args, "beta"))
-    if beta != 0.0:
+    beta = float(_number("beta", _arg(args, "beta")))
+    if not math.isfinite(beta):
+        raise ValueError(f"args.beta must be a finite number, got {beta}")
+    bias_correction = bool(_arg(args, "use_bias_correction_kl"))
+    if beta != 0.0 and bias_correction and loss_type == "vespo" and level == "sequence":
         raise NotImplementedError(
-            f"beta={beta} (the KL penalty to the reference model, with use_bias_correction_kl) is not supported by "
-            f"ppo_ext.compat.trl yet ({KL_ISSUE} adds it); set beta=0.0 or use TRL's own GRPOTrainer.")
-    entropy_coef = _number("entropy_coef", _arg(args, "entropy_coef"))
-    if entropy_coef != 0.0 or bool(_arg(args, "use_adaptive_entropy")):
+            "loss_type='vespo' with beta != 0, use_bias_correction_kl and importance_sampling_level='sequence': TRL "
+            "multiplies the KL by the sequence-level ratio while vespo's loss runs at the token level, which one kernel "
+            "call does not combine; set use_bias_correction_kl=False or importance_sampling_level='token', or use "
+            "TRL's own GRPOTrainer.")
+    entropy_coef = float(_number("entropy_coef", _arg(args, "entropy_coef")))
+    if not math.isfinite(entropy_coef):
+        raise ValueError(f"args.entropy_coef must be a finite number, got {entropy_coef}")
+    if bool(_arg(args, "use_adaptive_entropy")):
         raise NotImplementedError(
-            f"the entropy bonus (entropy_coef={entropy_coef}, use_adaptive_entropy="
-            f"{_arg(args, 'use_adaptive_entropy')}) is not supported by ppo_ext.compat.trl: the kernel has no entropy "
-            "term; set entropy_coef=0.0 and use_adaptive_entropy=False, or use TRL's own GRPOTrainer.")
+            "use_adaptive_entropy=True (TRL's entropy controller, which updates the trainer's entropy_coef from the "
+            "world's entropy at each optimizer step) is not supported by ppo_ext.compat.trl; a static entropy_coef is. "
+            "Set use_adaptive_entropy=False, or use TRL's own GRPOTrainer.")
     epsilon = float(_number("epsilon", _arg(args, "epsilon")))
     epsilon_high = _number("epsilon_high", _arg(args, "epsilon_high"), optional=True)
     delta = _number("delta", _arg(args, "delta"), optional=True)
@@ -252,7 +274,8 @@ def _options(args) -> SimpleNamespace:
     return SimpleNamespace(
         loss_type=loss_type, level=level, epsilon_low=epsilon, epsilon_high=epsilon_high,
         cispo_clip_high=_cispo_clip_high(epsilon_high) if loss_type == "cispo" else None,
-        tau_pos=tau_pos, tau_neg=tau_neg, vespo=vespo,
+        tau_pos=tau_pos, tau_neg=tau_neg, vespo=vespo, beta=beta, kl_bias_correction=bias_correction,
+        entropy_coef=entropy_coef,
         delta=None if delta is None else float(delta),
         off_policy_mask_threshold=None if threshold is None else float(threshold),
         top_entropy_quantile=quantile,
@@ -332,6 +355,18 @@ def _family(opts) -> Dict[str, Any]:
     if opts.loss_type == "vespo":
         return {"loss_type": "vespo", **opts.vespo}
     return {"clip_low": opts.epsilon_low, "clip_high": opts.epsilon_high, "ratio_cap": opts.delta}
+
+
+def _kl(opts, ref_per_token_logps) -> Dict[str, Any]:
+    """The KL keywords of ``ppo_ext.policy_loss`` for TRL's ``beta * per_token_kl``: k3 unclamped (TRL's
+    ``exp(ref - lp) - (ref - lp) - 1``), times the ratio with ``use_bias_correction_kl``; none with ``beta == 0``."""
+    if opts.beta == 0.0:
+        return {}
+    if not isinstance(ref_per_token_logps, torch.Tensor):
+        raise ValueError(f"args.beta={opts.beta}: TRL adds beta times the KL to the reference model, so pass "
+                         "ref_per_token_logps (TRL's inputs['ref_per_token_logps'])")
+    return {"ref_log_probs": ref_per_token_logps, "kl_coef": opts.beta, "kl_estimator": "k3",
+            "kl_clamp": math.inf, "kl_bias_correction": opts.kl_bias_correction}
 
 
 def _positive(name: str, value):
@@ -466,8 +501,8 @@ def _nan_extreme(x: torch.Tensor, largest: bool) -> torch.Tensor:
 
 
 def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator,
-             importance_sampling_ratio=None):
-    """TRL's metrics for opts.loss_type (keys: "entropy" when entropies are given, then
+             importance_sampling_ratio=None, kernel_out=None):
+    """TRL's metrics for opts.loss_type (keys: "kl" with beta != 0, "entropy" when entropies are given, then
     METRIC_KEYS_BY_LOSS_TYPE[loss_type]), with one reduce and, for the clipped loss types, one gather."""
     lp = per_token_logps.detach()
     clipped_loss = opts.loss_type in _CLIP_LOSS_TYPES
@@ -511,6 +546,9 @@ def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, en
         else:
             stats += [torch.where(valid, phi, torch.zeros((), dtype=phi.dtype, device=phi.device)).sum()
                       .to(torch.float32).reshape(1), valid_f.sum().reshape(1)]
+    if opts.beta != 0.0:  # the kernel's mean of the per-token KL over valid tokens, as a sum and a count
+        n = kernel_out.counts[COUNT_INDEX["valid_tokens"]].to(torch.float32)
+        stats += [(kernel_out.metrics["kl"] * n).reshape(1), n.reshape(1)]
     if entropies is not None:
         ent = entropies.detach()
         if ent.shape[1] == 1:
@@ -529,6 +567,9 @@ def _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, en
         if rows is not None:
             rows = accelerator.gather(rows)
     metrics = {}
+    if opts.beta != 0.0:
+        at = len(stats) - (4 if entropies is not None else 2)
+        metrics["kl"] = stats[at] / stats[at + 1].clamp(min=1.0)
     if entropies is not None:
         metrics["entropy"] = stats[-2] / stats[-1].clamp(min=1.0)
     if clipped_loss:
@@ -575,8 +616,8 @@ def grpo_loss(
     TRL's inputs of the same names (``inputs["num_items_in_batch"]``, ...), the trainer's
     ``current_gradient_accumulation_steps`` and ``accelerator.num_processes``, the entropy mask and the
     entropies (for the ``entropy`` metric) and the accelerator (global metrics); see the module docstring.
-    ``ref_per_token_logps`` is read only with ``beta != 0``, which is not supported yet; ``sampling_per_token_logps``
-    only with ``off_policy_mask_threshold``.
+    ``ref_per_token_logps`` is read only with ``beta != 0`` (required then); ``sampling_per_token_logps`` only with
+    ``off_policy_mask_threshold``.
 
     Returns ``(loss, metrics)``: the loss a 0-dim tensor (differentiable w.r.t. ``per_token_logps``), the
     metrics a dict of 0-dim float32 tensors under TRL's keys (``.item()`` them to log as TRL does). Nothing
@@ -603,12 +644,33 @@ def grpo_loss(
     out = ppo_ext.policy_loss(
         per_token_logps, old_per_token_logps, advantages, mask,
         importance_sampling=level, token_weights=weights, **_family(opts), **rollout,
-        **_aggregation(opts, B, valid, num_items_in_batch, gas, num_processes),
+        **_kl(opts, ref_per_token_logps), **_aggregation(opts, B, valid, num_items_in_batch, gas, num_processes),
     )
+    loss = out.loss
+    bonus = {}
+    if opts.entropy_coef != 0.0:
+        loss, bonus = _entropy_bonus(opts, loss, mask, entropies, entropy_mask, gas, accelerator)
     with torch.no_grad():
         metrics = _metrics(opts, per_token_logps, old_per_token_logps, advantages2d, valid, entropies, accelerator,
-                           importance_sampling_ratio)
-    return out.loss, metrics
+                           importance_sampling_ratio, out)
+    return loss, {**bonus, **metrics}
+
+
+def _entropy_bonus(opts, loss, mask, entropies, entropy_mask, gas, accelerator):
+    """TRL's static entropy bonus: ``loss - entropy_coef * entropy_loss``, ``entropy_loss`` the mean of the
+    entropies over the tokens the loss acts on (``mask * entropy_mask``), divided by gas (TRL's very ops, so its
+    numbers); and TRL's ``policy_loss`` metric, the loss before the bonus (before the division by gas where TRL
+    takes it so), gathered over the processes and averaged, and ``entropy_coef``."""
+    if not isinstance(entropies, torch.Tensor):
+        raise ValueError(f"args.entropy_coef={opts.entropy_coef}: TRL subtracts entropy_coef times the mean entropy, "
+                         "so pass entropies (TRL's, with their gradient)")
+    effective_mask = mask if entropy_mask is None else mask * entropy_mask
+    entropy_loss = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / gas
+    policy_loss = loss.detach() * (1 if opts.loss_type in ("dapo", "cispo", "vespo") else gas)
+    if accelerator is not None:
+        policy_loss = accelerator.gather(policy_loss).nanmean()
+    coef = torch.tensor(opts.entropy_coef, dtype=torch.float32, device=loss.device)
+    return loss - opts.entropy_coef * entropy_loss, {"policy_loss": policy_loss.to(torch.float32), "entropy_coef": coef}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -633,8 +695,8 @@ class PPOExtGRPOMixin:
         """The options TRL's _compute_loss reads, from where it reads them: the trainer's attributes (set
         from its args in GRPOTrainer.__init__), and ``args.delta``, ``args.sapo_temperature_pos`` / ``_neg``,
         ``args.vespo_*``,
-        ``args.steps_per_generation`` and ``args.use_bias_correction_kl``. The entropy bonus is checked by the
-        caller."""
+        ``args.steps_per_generation`` and ``args.use_bias_correction_kl``; the entropy bonus from the trainer's
+        ``entropy_coef`` and ``use_adaptive_entropy``."""
         args = self.args
         return SimpleNamespace(
             loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
@@ -645,7 +707,8 @@ class PPOExtGRPOMixin:
             vllm_importance_sampling_mode=self.vllm_importance_sampling_mode,
             use_bias_correction_kl=_arg(args, "use_bias_correction_kl"),
             off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
-            entropy_coef=0.0, use_adaptive_entropy=False, use_vllm=self.use_vllm,
+            entropy_coef=self.entropy_coef if self._entropy_bonus_enabled else 0.0,
+            use_adaptive_entropy=self.use_adaptive_entropy, use_vllm=self.use_vllm,
             vllm_importance_sampling_correction=self.vllm_importance_sampling_correction,
             max_completion_length=self.max_completion_length,
             steps_per_generation=_arg(args, "steps_per_generation"),
@@ -655,10 +718,6 @@ class PPOExtGRPOMixin:
     def _compute_loss(self, model, inputs):
         if not self.model.training:
             return super()._compute_loss(model, inputs)
-        if self._entropy_bonus_enabled:
-            raise NotImplementedError(
-                "the entropy bonus (entropy_coef != 0 or use_adaptive_entropy) is not supported by "
-                "PPOExtGRPOMixin: the kernel has no entropy term; use TRL's own GRPOTrainer for it.")
         args = self._ppo_ext_args()
         _options(args)  # unsupported options fail before the forward pass
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -678,12 +737,16 @@ class PPOExtGRPOMixin:
             num_items_in_batch=inputs.get("num_items_in_batch"),
             importance_sampling_ratio=inputs["importance_sampling_ratio"] if use_is else None,
             sampling_per_token_logps=inputs.get("sampling_per_token_logps"),
+            ref_per_token_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             entropy_mask=entropy_mask, entropies=entropies, gradient_accumulation_steps=gas,
             num_processes=self.accelerator.num_processes, accelerator=self.accelerator,
         )
+        if "entropy_coef" in metrics and not self.accelerator.sync_gradients:
+            del metrics["entropy_coef"]  # TRL logs it on optimizer-step boundaries only
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / gas
-            metrics = {"aux_loss": self.accelerator.gather_for_metrics(aux_loss).mean(), **metrics}
+            bonus = {k: metrics.pop(k) for k in ("policy_loss", "entropy_coef") if k in metrics}  # logged before it
+            metrics = {**bonus, "aux_loss": self.accelerator.gather_for_metrics(aux_loss).mean(), **metrics}
         values = torch.stack([v.detach().to(torch.float32) for v in metrics.values()]).tolist() if metrics else []
         for key, value in zip(metrics, values):
             self._metrics["train"][key].append(value)

@@ -209,8 +209,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("policy_loss", ppo_ext::checked_policy_loss<&policy_loss_device<SimLauncher>>);
   m.def("policy_loss_backward", &policy_loss_backward_device<SimLauncher>);
   m.def("token_log_probs", &token_log_probs_device<SimLauncher>);
-  m.def("token_log_probs_backward", &token_log_probs_backward_device<SimLauncher>);
-  m.def("token_log_probs_backward_inplace", &token_log_probs_backward_inplace_device<SimLauncher>);
+  namespace py = pybind11;
+  // (the entropy's gradient optional, as in the ops' schemas)
+  m.def("token_log_probs_backward", &token_log_probs_backward_device<SimLauncher>, py::arg("grad_log_probs"),
+        py::arg("logits"), py::arg("labels"), py::arg("logsumexp"), py::arg("temperature"),
+        py::arg("grad_entropy") = py::none(), py::arg("entropy") = py::none());
+  m.def("token_log_probs_backward_inplace", &token_log_probs_backward_inplace_device<SimLauncher>,
+        py::arg("grad_log_probs"), py::arg("logits"), py::arg("labels"), py::arg("logsumexp"), py::arg("temperature"),
+        py::arg("grad_entropy") = py::none(), py::arg("entropy") = py::none());
 
   m.def("set_schedule", [](const std::string& order, uint64_t seed) { cuda_sim::set_schedule({parse_order(order), seed}); });
   m.def("set_sm_count", [](int n) {
