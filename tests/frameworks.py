@@ -68,6 +68,9 @@ Recipes (what this repository's tests and benchmarks load; each is loaded once p
 dataclass, verl/workers/config/actor.py), ``actor_config(**fields)`` (an ActorConfig with the fields
 verl's ``__post_init__`` insists on filled in) and ``version``.
 
+``verl_actor()`` -> namespace with verl's actor loss ``ppo_loss`` (verl/workers/utils/losses.py) and what it runs on:
+``tu`` (tensordict_utils), ``Metric``, ``AggregationType``, ``TensorDict`` (the real tensordict) and ``modules``.
+
 ``trl()`` -> namespace with ``GRPOTrainer`` (trl/trainer/grpo_trainer.py's class: ``_compute_loss``,
 ``get_gamma_weights``, ...), ``GRPOConfig``, ``module`` (grpo_trainer) and ``version``.
 
@@ -90,7 +93,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 __all__ = ["FrameworkMissing", "StubUsed", "require", "package_dir", "stub_class", "stub_function",
-           "stubbed_imports", "load_module", "load_functions", "load_or_skip", "verl", "openrlhf",
+           "stubbed_imports", "load_module", "load_functions", "load_or_skip", "verl", "verl_actor", "openrlhf",
            "trl", "VERL_VERSION", "OPENRLHF_VERSION", "TRL_VERSION"]
 
 VERL_VERSION = "0.9.1"
@@ -337,6 +340,40 @@ def verl() -> types.SimpleNamespace:
 
     return types.SimpleNamespace(core_algos=core_algos, torch_functional=torch_functional,
                                  ActorConfig=actor.ActorConfig, actor_config=actor_config, version=version)
+
+
+@functools.lru_cache(maxsize=None)
+def verl_actor() -> types.SimpleNamespace:
+    """verl 0.9.1's actor loss, ``ppo_loss`` (verl/workers/utils/losses.py), with what it runs on.
+
+    Real: verl/workers/utils/losses.py and padding.py, verl/utils/tensordict_utils.py, attention_utils.py,
+    verl/utils/metric (Metric, AggregationType), verl/utils/dataset/dataset_utils.py, and tensordict itself
+    (installed with ``--no-deps``, pinned in scripts/frameworks.txt with its pure-Python dependencies pyvers and
+    cloudpickle); core_algos, torch_functional and ActorConfig are verl()'s. Hollow: verl, verl.utils,
+    verl.utils.dataset, verl.workers, verl.workers.utils, verl.trainer, verl.trainer.ppo. Stubbed:
+    verl.workers.config's CriticConfig. Returns ``ppo_loss``, ``tu`` (tensordict_utils), ``Metric``,
+    ``AggregationType``, ``TensorDict`` and ``modules`` = (padding, metric, losses): the modules
+    ppo_ext.compat.verl's actor loss imports from an installed verl.
+    """
+    base = verl()
+    require("tensordict")
+    hollow = ("verl", "verl.utils", "verl.utils.dataset", "verl.workers", "verl.workers.utils", "verl.trainer",
+              "verl.trainer.ppo")
+    stubs = {
+        "verl.trainer.ppo.core_algos": vars(base.core_algos),
+        "verl.utils.torch_functional": vars(base.torch_functional),
+        "verl.workers.config": {"ActorConfig": base.ActorConfig,
+                                "CriticConfig": stub_class("verl.workers.config.CriticConfig")},
+    }
+    with stubbed_imports(hollow, stubs):
+        losses = importlib.import_module("verl.workers.utils.losses")
+        padding = importlib.import_module("verl.workers.utils.padding")
+        metric = importlib.import_module("verl.utils.metric")
+        tu = importlib.import_module("verl.utils.tensordict_utils")
+    from tensordict import TensorDict
+    return types.SimpleNamespace(ppo_loss=losses.ppo_loss, tu=tu, Metric=metric.Metric,
+                                 AggregationType=metric.AggregationType, TensorDict=TensorDict,
+                                 modules=(padding, metric, losses), version=base.version)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,9 @@ Use inside verl (in every process that builds the actor, e.g. the worker module)
     ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_dppo_kl")
     # then: actor_rollout_ref.actor.policy_loss.loss_mode=ppo_ext_vanilla   (or ppo_ext_<mode>)
 
-or call the functions directly where verl would call its own.
+or call the functions directly where verl would call its own. The actor's whole loss, verl's ``ppo_loss``
+(``verl/workers/utils/losses.py``: the policy loss, ``use_kl_loss``'s KL loss to the reference and the
+``entropy_coeff`` bonus), is this module's ``ppo_loss``; ``register_actor_loss()`` makes verl's actor worker use it.
 
 How verl's options map onto ppo_ext's (see docs/SPEC.md for the latter; ``d = log_prob - old_log_prob``):
 
@@ -542,6 +544,118 @@ def compute_value_loss(
                              loss_agg_mode=loss_agg_mode, **normalisers)
     loss = out.loss * dp_size if dp_size != 1 else out.loss
     return loss, out.metrics["clipfrac"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The actor's whole loss: verl's ppo_loss (verl/workers/utils/losses.py)
+
+
+def _verl_actor_modules():
+    """verl's padding helpers, its Metric and its own ppo_loss (imported when the actor loss first runs)."""
+    try:
+        from verl.utils import metric
+        from verl.workers.utils import losses, padding
+    except ImportError as exc:
+        raise ImportError(f"ppo_ext.compat.verl.ppo_loss runs inside verl (it reads verl's TensorDict batches), but "
+                          f"verl could not be imported ({exc})") from exc
+    return padding, metric, losses
+
+
+def _agg_loss(values: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str, info: Mapping) -> torch.Tensor:
+    """verl's ``agg_loss(values, response_mask, loss_agg_mode, **info)`` on the kernel, differentiable w.r.t.
+    ``values``: the loss of the gpg family, ``-A * lp``, with ``A = -1`` and ``lp = values`` is ``values``
+    itself, aggregated with the same normalisers and dp_size factor as every adapter's loss."""
+    normalisers, dp_size = _agg_loss_arguments(info, loss_agg_mode)
+    minus_one = torch.full(values.shape[:1], -1.0, dtype=values.dtype, device=values.device)
+    out = ppo_ext.policy_loss(values, None, minus_one, response_mask, loss_type="gpg", loss_agg_mode=loss_agg_mode,
+                              **normalisers)
+    return out.loss * dp_size if dp_size != 1 else out.loss
+
+
+def _kl_loss(log_prob, ref_log_prob, response_mask, loss_agg_mode: str, info: Mapping, kl_loss_type: str):
+    """verl's ``agg_loss(kl_penalty(log_prob, ref_log_prob, kl_loss_type), response_mask, loss_agg_mode, **info)``,
+    one kernel call: ppo_ext's KL to the reference (verl's estimators and clamps) on a zero policy loss."""
+    normalisers, dp_size = _agg_loss_arguments(info, loss_agg_mode)
+    zero = torch.zeros(log_prob.shape[:1], dtype=log_prob.dtype, device=log_prob.device)
+    out = ppo_ext.policy_loss(log_prob, None, zero, response_mask, loss_agg_mode=loss_agg_mode,
+                              ref_log_probs=ref_log_prob, kl_coef=1.0, kl_estimator=kl_loss_type, **normalisers)
+    return out.loss * dp_size if dp_size != 1 else out.loss
+
+
+def ppo_loss(config, model_output, data, dp_group=None):
+    """verl 0.9's actor loss, ``verl.workers.utils.losses.ppo_loss`` (the ``loss_fn`` verl's actor worker calls
+    with the micro-batch), on ppo_ext's kernels: the same signature, the same padded tensors (verl's own
+    ``no_padding_2_padding`` and TensorDict selection), the same ``config.global_batch_info``, and
+
+    - the policy loss of ``config.policy_loss.loss_mode`` (verl's name or ``ppo_ext_<mode>``) by this module's
+      ``compute_policy_loss_<mode>``; a mode it does not cover (clip_cov, kl_cov, bypass_mode, ...) hands the whole
+      call to verl's own ppo_loss;
+    - ``use_kl_loss``: ``kl_loss_coef`` times the KL to the reference (``data["ref_log_prob"]``, estimator
+      ``kl_loss_type``, verl's ``kl_penalty`` with its clamps and "+" forms) aggregated as verl's ``agg_loss``
+      does, one kernel call (apart from the policy loss: verl aggregates it with ``config.loss_agg_mode`` even for
+      sapo and geo_mean, whose policy losses aggregate otherwise);
+    - the entropy bonus, ``entropy_coeff`` times the aggregated ``model_output["entropy"]`` (when the model
+      returned it), one kernel call, differentiable w.r.t. the entropy;
+
+    and verl's metrics: the policy loss's (``Metric`` of ``MEAN``), ``actor/pg_loss``, ``actor/entropy_loss``,
+    ``kl_loss`` (``Metric`` of ``SUM`` with global normalisers, else ``MEAN``, as verl) and ``kl_coef``.
+    ``register_actor_loss()`` makes verl's actor worker use it."""
+    padding, metric, losses = _verl_actor_modules()
+    loss_mode = config.policy_loss.get("loss_mode", "vanilla")
+    mode = loss_mode[len("ppo_ext_"):] if loss_mode.startswith("ppo_ext_") else loss_mode
+    if mode not in POLICY_LOSSES:
+        return losses.ppo_loss(config, model_output, data, dp_group)
+    Metric, AggregationType = metric.Metric, metric.AggregationType
+    log_prob = padding.no_padding_2_padding(model_output["log_probs"], data)
+    entropy = model_output.get("entropy", None)
+    if entropy is not None:
+        entropy = padding.no_padding_2_padding(entropy, data)
+    # verl's global batch info and metric aggregation (losses.py)
+    info = config.global_batch_info
+    info["dp_size"] = data["dp_size"]
+    info["batch_num_tokens"] = data["batch_num_tokens"]
+    info["global_batch_size"] = data["global_batch_size"]
+    info["loss_scale_factor"] = config.loss_scale_factor
+    global_info = (data["dp_size"] > 1 or data["batch_num_tokens"] is not None or data["global_batch_size"] is not None
+                   or config.loss_scale_factor is not None)
+    metric_aggregation = AggregationType.SUM if global_info else AggregationType.MEAN
+    fields = ["response_mask", "old_log_probs", "advantages"]
+    fields += [key for key in ("rollout_is_weights", "ref_log_prob") if key in data]
+    data = data.select(*fields).to_padded_tensor()
+    response_mask = data["response_mask"].to(bool)
+    loss_agg_mode = config.loss_agg_mode
+    pg_loss, pg_metrics = POLICY_LOSSES[mode](
+        old_log_prob=data["old_log_probs"], log_prob=log_prob, advantages=data["advantages"],
+        response_mask=response_mask, loss_agg_mode=loss_agg_mode, config=config,
+        rollout_is_weights=data.get("rollout_is_weights", None), return_tensors=True)
+    metrics = Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN)
+    metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
+    policy_loss = pg_loss
+    if entropy is not None:
+        entropy_loss = _agg_loss(entropy, response_mask, loss_agg_mode, info)
+        policy_loss = policy_loss - config.entropy_coeff * entropy_loss
+        metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)
+    if config.use_kl_loss:
+        kl_loss = _kl_loss(log_prob, data["ref_log_prob"], response_mask, loss_agg_mode, info, config.kl_loss_type)
+        policy_loss = policy_loss + kl_loss * config.kl_loss_coef
+        metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
+        metrics["kl_coef"] = config.kl_loss_coef
+    return policy_loss, metrics
+
+
+def register_actor_loss():
+    """Makes verl's actor worker (``verl.workers.engine_workers``, which builds its ``loss_fn`` as
+    ``partial(ppo_loss, config=actor_config)`` when the actor is initialised) use this module's ``ppo_loss``. Call
+    it in the worker process before the actor is built (with ``register()`` for the policy losses). Returns verl's
+    own ppo_loss."""
+    try:
+        from verl.workers import engine_workers
+    except ImportError as exc:
+        raise ImportError(f"ppo_ext.compat.verl.register_actor_loss() patches verl.workers.engine_workers, but it "
+                          f"could not be imported ({exc})") from exc
+    previous = engine_workers.ppo_loss
+    engine_workers.ppo_loss = ppo_loss
+    return previous
 
 
 POLICY_LOSSES = {
