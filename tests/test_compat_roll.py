@@ -116,6 +116,11 @@ def roll_compute_approx_kl(log_probs, log_probs_base, action_mask=None, kl_penal
         log_ratio = log_probs - log_probs_base
     elif kl_penalty == "mse":
         log_ratio = 0.5 * (log_probs - log_probs_base).square()
+    elif kl_penalty == "k3":
+        kl = log_probs_base - log_probs
+        ratio = torch.exp(kl)
+        kld = (ratio - kl - 1).contiguous()
+        log_ratio = torch.clamp(kld, min=-10, max=10)
     else:
         raise NotImplementedError
     if action_mask is not None:
@@ -574,3 +579,77 @@ def test_train_infer_segment_is_refused():
     inp = _inputs(72)
     with pytest.raises(NotImplementedError, match="segment"):
         run_adapter(inp, infer_log_probs=inp.old, is_weight_type="segment")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The KL loss to the reference and the entropy bonus (base_worker.py L255-L287, transcribed)
+
+
+def roll_total_loss(pg_loss, log_probs, ref_log_probs, entropy, response_mask, cfg, batch_num_tokens,
+                    global_valid_samples):
+    """ROLL's total_loss and the loss metrics from the policy-gradient loss (base_worker.py L255-L287)."""
+    response_mask = response_mask.long()
+    kl_loss = roll_compute_approx_kl(log_probs=log_probs, log_probs_base=ref_log_probs, action_mask=response_mask,
+                                     kl_penalty="k3")
+    kl_loss = roll_agg_loss(loss_mat=kl_loss, loss_mask=response_mask, loss_agg_mode=cfg.loss_agg_mode,
+                            batch_num_tokens=batch_num_tokens, global_valid_samples=global_valid_samples)
+    if cfg.use_kl_loss:
+        total_loss = pg_loss + kl_loss * cfg.kl_loss_coef
+    else:
+        total_loss = pg_loss
+    if cfg.entropy_loss_coef > 0:
+        entropy_loss = roll_agg_loss(loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=cfg.loss_agg_mode,
+                                     batch_num_tokens=batch_num_tokens, global_valid_samples=global_valid_samples)
+        total_loss = total_loss - entropy_loss * cfg.entropy_loss_coef
+    return total_loss, {"actor/pg_loss": pg_loss.item(), "actor/kl_loss": kl_loss.item(),
+                        "actor/total_loss": total_loss.item()}
+
+
+def _kl_case(seed):
+    inp = _inputs(seed)
+    g = torch.Generator().manual_seed(seed)
+    ref = inp.lp.double() + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref[0, :4] = inp.lp[0, :4].double() + 4.0  # k3 = e^4 - 5 ~ 50: ROLL's clamp at 10
+    ref[2, :4] = inp.lp[2, :4].double() - 25.0  # lp - ref = 25: no clamp before ROLL's exp (verl's clamps it at 20)
+    entropy = 3 * torch.rand(B, T, generator=g, dtype=torch.float64)
+    return inp, ref, entropy
+
+
+@pytest.mark.parametrize("use_kl", [True, False], ids=["use_kl_loss", "kl_metric_only"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("level", LEVELS)
+def test_kl_loss_and_entropy_bonus(level, mode, use_kl):
+    inp, ref, entropy = _kl_case(hash((level, mode)) % 1000)
+    cfg = SimpleNamespace(**vars(_config(level, mode, dual=True)), use_kl_loss=use_kl, kl_loss_coef=0.07,
+                          entropy_loss_coef=0.01)
+    sample, _ = _weights(inp, "sample", 3)
+    # ppo_ext
+    lp = inp.lp.detach().double().clone().requires_grad_(True)
+    ent = entropy.clone().requires_grad_(True)
+    # (ROLL's op_compute_entropy multiplies the entropy by the mask: 0 at padding, no gradient there)
+    loss, metrics = pr.compute_policy_loss(lp, inp.old.double(), inp.adv.double(), inp.mask, cfg,
+                                           sample_weights=sample.double(), ref_log_probs=ref, entropy=ent * inp.mask)
+    loss.backward()
+    # ROLL
+    x = inp.f64()
+    normalisers = roll_strategy_normalisers([inp.mask])
+    ref_lp = x.lp.clone().requires_grad_(True)
+    ref_ent = entropy.clone().requires_grad_(True)
+    pg_loss, ref_metrics = roll_loss_func(ref_lp, x.old, x.adv, inp.mask, cfg, *normalisers,
+                                          sample_weights=sample.double())
+    total, loss_metrics = roll_total_loss(pg_loss, ref_lp, ref, ref_ent * inp.mask, inp.mask, cfg, *normalisers)
+    total.backward()
+    ref_metrics.update(loss_metrics)
+    assert_same((loss.detach(), metrics, lp.grad), (total.detach(), ref_metrics, ref_lp.grad), f"{level} {mode}",
+                keys=pr.METRIC_KEYS + pr.LOSS_METRIC_KEYS)
+    torch.testing.assert_close(ent.grad, ref_ent.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_kl_needs_ref_and_entropy_bonus_needs_entropy():
+    inp, ref, _ = _kl_case(5)
+    with pytest.raises(ValueError, match="use_kl_loss needs ref_log_probs"):
+        pr.compute_policy_loss(inp.lp, inp.old, inp.adv, inp.mask, use_kl_loss=True, kl_loss_coef=0.1)
+    with pytest.raises(ValueError, match="entropy_loss_coef > 0 needs entropy"):
+        pr.compute_policy_loss(inp.lp, inp.old, inp.adv, inp.mask, entropy_loss_coef=0.1)
+    _, metrics = pr.compute_policy_loss(inp.lp, inp.old, inp.adv, inp.mask)
+    assert tuple(metrics) == pr.METRIC_KEYS  # without ref_log_probs: no loss metrics

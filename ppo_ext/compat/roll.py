@@ -1,4 +1,6 @@
-"""ROLL adapter: the policy-gradient part of ROLL's ``ActorWorker.loss_func`` on ppo_ext's kernel.
+"""ROLL adapter: ROLL's ``ActorWorker.loss_func`` on ppo_ext's kernel: the policy-gradient loss, and with
+``ref_log_probs`` / ``entropy`` its KL loss (``use_kl_loss``, ``kl_loss_coef``: ROLL's k3, in the same kernel pass)
+and entropy bonus (``entropy_loss_coef``).
 
 ``compute_policy_loss`` takes ROLL's config vocabulary (``pg_clip``, ``pg_clip_low``, ``pg_clip_high``,
 ``use_pg_clip_range``, ``dual_clip_loss``, ``importance_sampling`` "token"/"seq", ``loss_agg_mode``),
@@ -112,7 +114,7 @@ import torch
 import ppo_ext
 from ppo_ext.names import COUNT_INDEX, IMPORTANCE_SAMPLING_LEVELS, LOSS_AGG_MODES
 
-__all__ = ["compute_policy_loss", "ROLL_DEFAULTS", "METRIC_KEYS", "IS_WEIGHT_TYPES"]
+__all__ = ["compute_policy_loss", "ROLL_DEFAULTS", "METRIC_KEYS", "LOSS_METRIC_KEYS", "IS_WEIGHT_TYPES"]
 
 # ROLL's train/infer importance-weight granularities (TrainInferISWeightConfig.weight_type) and the kernel's
 # rollout-correction level of each.
@@ -127,7 +129,12 @@ ROLL_DEFAULTS = {
     "dual_clip_loss": False,
     "importance_sampling": "token",
     "loss_agg_mode": "seq-mean-token-mean",
+    "use_kl_loss": False,
+    "kl_loss_coef": 0.0,
+    "entropy_loss_coef": 0.0,
 }
+# The loss values ROLL's base worker logs, when the KL to the reference is given (ref_log_probs), after METRIC_KEYS.
+LOSS_METRIC_KEYS = ("actor/pg_loss", "actor/kl_loss", "actor/total_loss")
 METRIC_KEYS = (
     "actor/ppo_ratio_high_clipfrac",
     "actor/ppo_ratio_low_clipfrac",
@@ -199,6 +206,11 @@ def compute_policy_loss(
     infer_log_probs: Optional[torch.Tensor] = None,
     is_weight_type: str = "token",
     is_weight_upper_bound: Optional[float] = 1.2,
+    ref_log_probs: Optional[torch.Tensor] = None,
+    use_kl_loss: Optional[bool] = None,
+    kl_loss_coef: Optional[float] = None,
+    entropy: Optional[torch.Tensor] = None,
+    entropy_loss_coef: Optional[float] = None,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """ROLL's clipped policy-gradient loss and its metrics, the loss and its gradient by ppo_ext's kernel.
 
@@ -221,8 +233,17 @@ def compute_policy_loss(
     a filtered row's ``T`` positions, as here). "segment" and ROLL's filters (which change the mask) are not
     supported.
 
-    Returns ``(pg_loss, metrics)``, the keys ``METRIC_KEYS``, documented (with how each differs from
-    the core API's metric) in the module docstring. Floats cost one host synchronisation (ROLL calls
+    ``ref_log_probs`` (the reference policy's log-probs): ROLL's KL loss, ``compute_approx_kl(log_probs,
+    ref_log_probs, kl_penalty="k3")`` (``exp(ref - lp) - (ref - lp) - 1`` clamped to ``[-10, 10]``) aggregated
+    as the loss (no sample weights), in the same kernel pass: added times ``kl_loss_coef`` when ``use_kl_loss``
+    (options from the keywords or ``config``, as the others), and logged as ``actor/kl_loss`` either way, with
+    ``actor/pg_loss`` and ``actor/total_loss`` (``LOSS_METRIC_KEYS``, after ``METRIC_KEYS``). ``entropy`` (B, T)
+    with ``entropy_loss_coef > 0``: ROLL's entropy bonus, ``total - entropy_loss_coef * agg(entropy)`` with the
+    loss's mask and normalisers, differentiable w.r.t. the entropy.
+
+    Returns ``(loss, metrics)``: ROLL's ``total_loss`` (the policy-gradient loss, plus the KL and entropy terms
+    when asked for), the metric keys ``METRIC_KEYS`` (and ``LOSS_METRIC_KEYS`` with ``ref_log_probs``), documented
+    (with how each differs from the core API's metric) in the module docstring. Floats cost one host synchronisation (ROLL calls
     ``.item()`` on each); ``return_tensors=True`` returns 0-dim tensors and synchronises nothing.
     """
     pg_clip = float(_option("pg_clip", pg_clip, config))
@@ -265,13 +286,35 @@ def compute_policy_loss(
                                       f"{list(IS_WEIGHT_TYPES)} train/infer weights (not 'segment')")
         correction = dict(rollout_log_probs=infer_log_probs, rollout_is=IS_WEIGHT_TYPES[is_weight_type],
                           rollout_is_mode="truncate", rollout_is_low=0.0, rollout_is_high=is_weight_upper_bound)
+    kl_loss_coef = float(_option("kl_loss_coef", kl_loss_coef, config))
+    with_kl = bool(_option("use_kl_loss", use_kl_loss, config))
+    if with_kl and ref_log_probs is None:
+        raise ValueError("use_kl_loss needs ref_log_probs (ROLL's ref_log_probs, the reference policy's)")
+    # ROLL's k3: its value clamped to [-10, 10], no clamp before the exp (verl's has one)
+    kl = {} if ref_log_probs is None else dict(ref_log_probs=ref_log_probs, kl_estimator="k3", kl_clamp=10.0,
+                                               kl_coef=kl_loss_coef if with_kl else 0.0)
     out = ppo_ext.policy_loss(
         log_probs, old_log_probs, advantages, response_mask,
         clip_low=clip_low, clip_high=clip_high, dual_clip=(1.0 + 2.0 * pg_clip) if dual else None,
-        importance_sampling=level, loss_agg_mode=mode, token_weights=weights, **normalisers, **correction,
+        importance_sampling=level, loss_agg_mode=mode, token_weights=weights, **normalisers, **correction, **kl,
     )
     metrics = _metrics(out, log_probs, old_log_probs, advantages, response_mask, level, mode, clip_low, clip_high,
                        batch_num_tokens, global_valid_samples)
+    loss = out.loss
+    entropy_loss_coef = float(_option("entropy_loss_coef", entropy_loss_coef, config))
+    if entropy_loss_coef > 0:
+        if entropy is None:
+            raise ValueError("entropy_loss_coef > 0 needs entropy (ROLL's op_compute_entropy of the logits)")
+        valid = response_mask != 0
+        num_tokens = out.counts[COUNT_INDEX["valid_tokens"]] if batch_num_tokens is None else batch_num_tokens
+        num_seqs = out.counts[COUNT_INDEX["valid_seqs"]] if global_valid_samples is None else global_valid_samples
+        masked = torch.where(valid, entropy, torch.zeros((), dtype=entropy.dtype, device=entropy.device))
+        loss = loss - entropy_loss_coef * _roll_agg(masked, valid.sum(-1), mode, num_tokens, num_seqs)
+    if ref_log_probs is not None:
+        kl_loss = out.metrics["kl_loss"]
+        pg_loss = out.loss.detach() - (kl_loss_coef * kl_loss if with_kl else 0.0)
+        metrics.update({"actor/pg_loss": pg_loss.to(torch.float32), "actor/kl_loss": kl_loss,
+                        "actor/total_loss": loss.detach().to(torch.float32)})
     if infer_log_probs is not None and is_weight_upper_bound is not None:
         # ROLL's numerator sums (weight > bound) over every position: at the token level the valid tokens above
         # the bound (padding holds ratio 1), at a row level every one of a filtered row's T positions.
@@ -282,9 +325,9 @@ def compute_policy_loss(
             above = out.counts[COUNT_INDEX["rollout_filtered_seqs"]] * T
         metrics["actor/is_weight_clipfrac@sum"] = _div(above.to(torch.float32), tokens)
     if return_tensors:
-        return out.loss, metrics
+        return loss, metrics
     values = torch.stack(list(metrics.values())).tolist()  # the one synchronisation
-    return out.loss, dict(zip(metrics.keys(), values))
+    return loss, dict(zip(metrics.keys(), values))
 
 
 @torch.no_grad()
