@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the PPO loss from logits: ppo_ext.policy_loss_from_logits against eager PyTorch, torch.compile and
-a chunked eager variant.
+a chunked eager variant; and the actor's whole loss (loss "actor": the PPO loss plus verl's k3 KL loss to a
+reference policy and an entropy bonus, as verl's actor computes them) against eager and torch.compile of verl's code.
 
 Contenders, each computing the log-probs of the taken tokens from (B, T, V) logits and verl 0.9's vanilla PPO loss
 (clip 0.2 / 0.28, dual clip 3, token-mean), then its gradient w.r.t. the logits:
@@ -13,6 +14,16 @@ Contenders, each computing the log-probs of the taken tokens from (B, T, V) logi
                    log_softmax row by row, here upcast to float32 per row, for bf16 ones), then verl's loss
   ppo_ext          ppo_ext.policy_loss_from_logits (same loss; plus all of ppo_ext's metrics and the log-probs)
   ppo_ext-inplace  the same with inplace_backward=True: the gradient is written over the logits
+
+The "actor" cases (verl's use_kl_loss with kl_loss_type=low_var_kl, kl_loss_coef 0.05, entropy_coeff 0.01):
+
+  eager            logits.float() -> log_softmax -> gather and verl's entropy_from_logits, then verl's loss,
+                   verl's kl_penalty + agg_loss and agg_loss of the entropy (verl 0.9.1's own functions, as its
+                   ppo_loss combines them)
+  compiled         torch.compile of eager
+  ppo_ext          policy_loss_from_logits(ref_log_probs=, kl_coef=, entropy_coef=): the KL in the loss's kernel
+                   pass, the entropy's gradient in the log-probs' backward pass
+  ppo_ext-inplace  the same in place
 
 First every contender is checked against a float64 reference (log_softmax in float64, computed in row chunks):
 loss and gradient. Then timed, interleaved, forward+backward ("fwd+bwd") and the log-probs alone under no_grad
@@ -33,6 +44,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -50,6 +62,8 @@ OPTIONS = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, log_ratio_clamp=20.0
                loss_agg_mode="token-mean")
 CONTENDERS = ("eager", "compiled", "chunked", "ppo_ext", "ppo_ext-inplace")
 PASSES = ("fwd+bwd", "logprobs")
+# The actor loss: verl's use_kl_loss (kl_loss_type, kl_loss_coef) and entropy_coeff.
+KL_LOSS_TYPE, KL_COEF, ENTROPY_COEF = "low_var_kl", 0.05, 0.01
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,10 +98,30 @@ def with_verl_loss(log_probs_fn):
     return loss
 
 
-def ppo_ext_loss(inplace):
-    def loss(logits, labels, old, adv, mask):
+def verl_actor_loss():
+    """verl's actor loss on the logits, as its ppo_loss combines verl's own functions: the vanilla loss, plus
+    kl_loss_coef * agg_loss(kl_penalty(lp, ref, kl_loss_type)), minus entropy_coeff * agg_loss(entropy_from_logits)."""
+    verl = frameworks().verl()
+    pg_loss = verl_vanilla()
+    core, entropy_from_logits = verl.core_algos, verl.torch_functional.entropy_from_logits
+
+    def loss(logits, labels, old, adv, mask, ref):
+        lp = eager_log_probs(logits, labels)
+        entropy = entropy_from_logits(logits.float())
+        kl = core.agg_loss(loss_mat=core.kl_penalty(lp, ref, KL_LOSS_TYPE), loss_mask=mask,
+                           loss_agg_mode=OPTIONS["loss_agg_mode"])
+        ent = core.agg_loss(loss_mat=entropy, loss_mask=mask, loss_agg_mode=OPTIONS["loss_agg_mode"])
+        return pg_loss(old, lp, adv, mask) + KL_COEF * kl - ENTROPY_COEF * ent
+
+    return loss
+
+
+def ppo_ext_loss(inplace, actor):
+    def loss(logits, labels, old, adv, mask, ref=None):
+        extra = dict(ref_log_probs=ref, kl_coef=KL_COEF, kl_estimator=KL_LOSS_TYPE, entropy_coef=ENTROPY_COEF) \
+            if actor else {}
         return ppo_ext.policy_loss_from_logits(logits, labels, old, adv, mask, inplace_backward=inplace,
-                                               **OPTIONS).loss
+                                               **OPTIONS, **extra).loss
 
     return loss
 
@@ -96,14 +130,22 @@ def ppo_ext_log_probs(logits, labels):
     return ppo_ext.log_probs_from_logits(logits, labels)[0]
 
 
-def make_contenders():
+def make_contenders(loss):
+    if loss == "actor":  # (no chunked variant: TRL's chunking is for the log-probs alone)
+        eager = verl_actor_loss()
+        return {
+            "eager": (eager, None),
+            "compiled": (torch.compile(eager, dynamic=False), None),
+            "ppo_ext": (ppo_ext_loss(False, True), None),
+            "ppo_ext-inplace": (ppo_ext_loss(True, True), None),
+        }
     eager = with_verl_loss(eager_log_probs)
     return {
         "eager": (eager, eager_log_probs),
         "compiled": (torch.compile(eager, dynamic=False), torch.compile(eager_log_probs, dynamic=False)),
         "chunked": (with_verl_loss(selective_log_softmax), selective_log_softmax),
-        "ppo_ext": (ppo_ext_loss(False), ppo_ext_log_probs),
-        "ppo_ext-inplace": (ppo_ext_loss(True), None),
+        "ppo_ext": (ppo_ext_loss(False, False), ppo_ext_log_probs),
+        "ppo_ext-inplace": (ppo_ext_loss(True, False), None),
     }
 
 
@@ -118,6 +160,7 @@ class Case:
     T: int
     V: int
     dtype: str  # "bf16" | "fp32"
+    loss: str = "ppo"  # "ppo" | "actor" (with the KL loss and the entropy bonus)
 
     @property
     def tokens(self):
@@ -125,7 +168,7 @@ class Case:
 
     @property
     def name(self):
-        return f"N={self.tokens} V={self.V} {self.dtype}"
+        return f"N={self.tokens} V={self.V} {self.dtype}" + (" actor" if self.loss == "actor" else "")
 
     @property
     def torch_dtype(self):
@@ -138,11 +181,13 @@ class Case:
 def all_cases(quick, device):
     if device == "cpu":
         if quick:
-            return [Case(2, 512, 32000, "fp32"), Case(2, 512, 32000, "bf16")]
-        return [Case(B, 512, 32000, dt) for B in (2, 8) for dt in ("fp32", "bf16")] + [Case(2, 512, 151936, "bf16")]
+            return [Case(2, 512, 32000, "fp32"), Case(2, 512, 32000, "bf16"), Case(2, 512, 32000, "bf16", "actor")]
+        return [Case(B, 512, 32000, dt) for B in (2, 8) for dt in ("fp32", "bf16")] + \
+            [Case(2, 512, 151936, "bf16")] + [Case(B, 512, 32000, "bf16", "actor") for B in (2, 8)]
     if quick:
-        return [Case(16, 512, 32000, "bf16"), Case(16, 512, 151936, "bf16")]
-    return [Case(N // 1024, 1024, V, "bf16") for N in (8192, 32768) for V in (32000, 128256, 151936)]
+        return [Case(16, 512, 32000, "bf16"), Case(16, 512, 151936, "bf16"), Case(16, 512, 151936, "bf16", "actor")]
+    return [Case(N // 1024, 1024, V, "bf16") for N in (8192, 32768) for V in (32000, 128256, 151936)] + \
+        [Case(N // 1024, 1024, 151936, "bf16", "actor") for N in (8192, 32768)]
 
 
 @dataclass
@@ -152,6 +197,10 @@ class Inputs:
     old: torch.Tensor
     adv: torch.Tensor
     mask: torch.Tensor
+    ref: Optional[torch.Tensor] = None  # the reference policy's log-probs ("actor" cases)
+
+    def loss_args(self):
+        return (self.labels, self.old, self.adv, self.mask) + (() if self.ref is None else (self.ref,))
 
 
 def make_inputs(case, device, seed):
@@ -164,36 +213,53 @@ def make_inputs(case, device, seed):
     old = lp + 0.1 * torch.randn(lp.shape, generator=g, device=device)
     adv = torch.randn(lp.shape, generator=g, device=device)
     mask = torch.rand(lp.shape, generator=g, device=device) < 0.9
-    return Inputs(logits.requires_grad_(True), labels, old, adv, mask)
+    ref = lp + 0.3 * torch.randn(lp.shape, generator=g, device=device) if case.loss == "actor" else None
+    return Inputs(logits.requires_grad_(True), labels, old, adv, mask, ref)
 
 
 def reference(inp, rows_per_chunk):
-    """float64: the loss, the log-probs, and the gradient w.r.t. the logits, built in row chunks (no float64 copy
-    of the whole logits): grad = dL/dlp * (onehot - softmax)."""
+    """float64: the loss, the log-probs and entropies, and the upstream gradients w.r.t. them (of the logits:
+    grad_error), built in row chunks (no float64 copy of the whole logits). The actor loss adds the reference's KL
+    (verl's k3) and subtracts ENTROPY_COEF times the entropy aggregated as the loss (the reference's gpg loss with
+    A = -1 is the entropy itself)."""
     B, T, V = inp.logits.shape
     flat = inp.logits.detach().view(-1, V)
     labels = inp.labels.reshape(-1)
     lp = torch.empty(B * T, dtype=torch.float64, device=flat.device)
+    entropy = torch.empty(B * T, dtype=torch.float64, device=flat.device)
     for r0 in range(0, B * T, rows_per_chunk):
-        x = flat[r0:r0 + rows_per_chunk].double()
-        lp[r0:r0 + rows_per_chunk] = torch.log_softmax(x, -1).gather(-1, labels[r0:r0 + rows_per_chunk, None])[:, 0]
+        logp = torch.log_softmax(flat[r0:r0 + rows_per_chunk].double(), -1)
+        lp[r0:r0 + rows_per_chunk] = logp.gather(-1, labels[r0:r0 + rows_per_chunk, None])[:, 0]
+        entropy[r0:r0 + rows_per_chunk] = -(logp.exp() * logp).sum(-1)
     lp = lp.view(B, T).requires_grad_(True)
-    loss = policy_loss_reference(lp, inp.old.double(), inp.adv.double(), inp.mask, **OPTIONS).loss
-    (g,) = torch.autograd.grad(loss, lp)
-    return loss.item(), lp.detach(), g.reshape(-1)
+    entropy = entropy.view(B, T).requires_grad_(True)
+    kl = {} if inp.ref is None else dict(ref_log_probs=inp.ref.double(), kl_coef=KL_COEF, kl_estimator=KL_LOSS_TYPE)
+    loss = policy_loss_reference(lp, inp.old.double(), inp.adv.double(), inp.mask, **OPTIONS, **kl).loss
+    if inp.ref is not None:
+        minus_one = -torch.ones(B, dtype=torch.float64, device=flat.device)
+        loss = loss - ENTROPY_COEF * policy_loss_reference(entropy, None, minus_one, inp.mask, loss_type="gpg",
+                                                           loss_agg_mode=OPTIONS["loss_agg_mode"]).loss
+    g_lp, g_h = torch.autograd.grad(loss, (lp, entropy), allow_unused=True)
+    g_h = torch.zeros_like(entropy) if g_h is None else g_h
+    return loss.item(), (lp.detach(), entropy.detach()), (g_lp.reshape(-1), g_h.reshape(-1))
 
 
-def grad_error(grad, inp, g_lp, rows_per_chunk):
-    """max |grad - reference| / max |reference| over the logits, chunk by chunk."""
+def grad_error(grad, inp, ref, rows_per_chunk):
+    """max |grad - reference| / max |reference| over the logits, chunk by chunk: g_lp (onehot - p) - g_H p (log p +
+    H) per row."""
     V = inp.logits.shape[-1]
     flat = inp.logits.detach().view(-1, V)
     labels = inp.labels.reshape(-1)
     grad = grad.reshape(-1, V)
+    entropy = ref[1][1].reshape(-1)
+    g_lp, g_h = ref[2]
     err = scale = 0.0
     for r0 in range(0, flat.shape[0], rows_per_chunk):
-        x = flat[r0:r0 + rows_per_chunk].double()
-        ref = -torch.softmax(x, -1) * g_lp[r0:r0 + rows_per_chunk, None]
-        ref.scatter_add_(1, labels[r0:r0 + rows_per_chunk, None], g_lp[r0:r0 + rows_per_chunk, None])
+        rows = slice(r0, r0 + rows_per_chunk)
+        logp = torch.log_softmax(flat[rows].double(), -1)
+        p = logp.exp()
+        ref = -p * (g_lp[rows, None] + g_h[rows, None] * (logp + entropy[rows, None]))
+        ref.scatter_add_(1, labels[rows, None], g_lp[rows, None])
         err = max(err, (grad[r0:r0 + rows_per_chunk].double() - ref).abs().max().item())
         scale = max(scale, ref.abs().max().item())
     return err / max(scale, 1e-30)
@@ -204,7 +270,7 @@ def fwd_bwd_call(fn, inp):
 
     def call():
         inp.logits.grad = None
-        loss = fn(inp.logits, inp.labels, inp.old, inp.adv, inp.mask)
+        loss = fn(inp.logits, *inp.loss_args())
         loss.backward()
         return inp.logits.grad
 
@@ -224,15 +290,15 @@ def check(name, loss_fn, inp, ref, device, rows_per_chunk):
     with torch.no_grad():
         inp.logits.copy_(source)
     inp.logits.grad = None
-    loss = loss_fn(inp.logits, inp.labels, inp.old, inp.adv, inp.mask)
+    loss = loss_fn(inp.logits, *inp.loss_args())
     loss.backward()
     grad = inp.logits.grad.clone() if name != "ppo_ext-inplace" else inp.logits.detach().clone()
     with torch.no_grad():
         inp.logits.copy_(source)  # the in-place contender overwrote them
     inp.logits.grad = None
-    ref_loss, _, g_lp = ref
+    ref_loss = ref[0]
     loss_err = abs(loss.item() - ref_loss) / max(abs(ref_loss), 1e-12)
-    g_err = grad_error(grad, inp, g_lp, rows_per_chunk)
+    g_err = grad_error(grad, inp, ref, rows_per_chunk)
     tol = 1e-2 if inp.logits.dtype == torch.bfloat16 else 1e-4
     ok = loss_err < 1e-4 and g_err < tol
     return dict(ok=ok, loss_rel_err=loss_err, grad_rel_err=g_err, grad_tol=tol)
@@ -246,7 +312,7 @@ def check(name, loss_fn, inp, ref, device, rows_per_chunk):
 def run_case(case, device, threads, budget, rounds, flush, load):
     res = dict(case=case.name, B=case.B, T=case.T, V=case.V, dtype=case.dtype, tokens=case.tokens,
                logits_bytes=case.logits_bytes())
-    fns = make_contenders()
+    fns = make_contenders(case.loss)
     inp = make_inputs(case, device, seed=case.tokens + case.V)
     rows_per_chunk = max(1, (64 << 20) // (8 * case.V))
     ref = reference(inp, rows_per_chunk)
@@ -273,6 +339,8 @@ def run_case(case, device, threads, budget, rounds, flush, load):
             calls = {n: fwd_bwd_call(fns[n][0], inp) for n in runnable}
         else:
             calls = {n: logprobs_call(fns[n][1], inp) for n in runnable if fns[n][1] is not None}
+            if not calls:  # the actor loss: no log-probs-alone contenders
+                continue
         samples = harness.warm_up_and_time(calls, device, threads, budget, rounds, flush, load)
         # the bytes the op must move: the logits read once forward; backward read once more and the gradient written
         floor_bytes = case.logits_bytes() * (3 if pas == "fwd+bwd" else 1)
