@@ -3,6 +3,8 @@ the reference loss: log-probs, entropy, loss, metrics, counts and the gradient w
 sizes 1 to 151,936, strided rows, temperature, masked rows, bf16/fp16, in-place backward, label errors,
 the entropy's gradient and the entropy bonus, opcheck, gradcheck, torch.compile."""
 
+import functools
+
 import pytest
 import torch
 
@@ -275,12 +277,18 @@ def test_bitwise_deterministic_and_thread_independent(device):
     logits, labels = make_logits(5, 7, 4099, seed=15, device=device, dtype=torch.bfloat16)
     old, adv, mask, w = loss_inputs(5, 7, seed=15, device=device)
 
-    def run():
+    def run(entropy_coef):
         x = logits.clone().requires_grad_(True)
-        out = ppo_ext.policy_loss_from_logits(x, labels, old, adv, mask, return_entropy=True)
+        out = ppo_ext.policy_loss_from_logits(x, labels, old, adv, mask, return_entropy=True,
+                                              entropy_coef=entropy_coef)
         out.loss.backward()
-        return out.loss, out.log_probs, out.entropy, x.grad
+        return out.loss, out.log_probs, out.entropy.detach(), x.grad
 
+    for entropy_coef in (0.0, 0.1):  # (the entropy's gradient in the backward too)
+        _check_deterministic(device, functools.partial(run, entropy_coef))
+
+
+def _check_deterministic(device, run):
     first = run()
     threads = [1, 2] if device == "cpu" else [torch.get_num_threads()]
     before = torch.get_num_threads()
