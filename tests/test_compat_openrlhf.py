@@ -504,3 +504,39 @@ def test_value_loss_signature_is_openrlhfs(openrlhf):
         theirs = inspect.signature(getattr(openrlhf.loss.ValueLoss, name))
         assert list(ours.parameters) == list(theirs.parameters), name
         assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()], name
+
+
+# ----------------------------------------------------------------------------------------------------
+# The actor's KL loss (args.algo.kl.use_loss): compute_approx_kl + aggregate_loss, one kernel call
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False], ids=["token", "sample"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("info", [None, (2, 300.0, 20.0)], ids=["local", "dp2"])
+def test_kl_loss(openrlhf, estimator, token_level_loss, info):
+    g = torch.Generator().manual_seed(61)
+    B, T = 7, 40
+    lp = -3 * torch.rand(B, T, generator=g)  # float32: OpenRLHF computes the KL in float32 (.float())
+    base = lp + 0.6 * torch.randn(B, T, generator=g)
+    base[0, :3] = lp[0, :3] + 4.0  # k3 = e^4 - 5 ~ 50: OpenRLHF's clamp at 10
+    base[1, :3] = lp[1, :3] - 15.0  # k1 = 15, k2 = 112: clamped at 10 too
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[2] = False
+    batch_info = {} if info is None else dict(dp_size=info[0], batch_num_tokens=info[1], global_batch_size=info[2])
+    theirs_lp = lp.clone().requires_grad_(True)
+    kl = openrlhf.utils.compute_approx_kl(theirs_lp, base, kl_estimator=estimator)
+    theirs = openrlhf.loss.aggregate_loss(kl, mask, token_level_loss=token_level_loss, **batch_info)
+    theirs.backward()
+    ours_lp = lp.clone().requires_grad_(True)
+    ours = po.kl_loss(ours_lp, base, mask, estimator, token_level_loss=token_level_loss, **batch_info)
+    ours.backward()
+    torch.testing.assert_close(ours, theirs.detach(), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(ours_lp.grad, theirs_lp.grad, rtol=2e-6, atol=1e-9)
+
+
+def test_kl_loss_refuses_what_it_does_not_compute():
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="Unknown kl_estimator"):
+        po.kl_loss(lp, lp, None, "k4")
+    with pytest.raises(NotImplementedError, match="unbiased_gradient"):
+        po.kl_loss(lp, lp, None, "k3", unbiased_gradient=True)

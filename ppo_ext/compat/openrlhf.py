@@ -50,6 +50,10 @@ few eager elementwise ops and passed to the kernel as ``token_weights``; ``is_fi
 level) or of rows (seq level, every row of the micro-batch) outside the band, ``vllm_kl`` the mean of
 ``rollout_log_probs - old_log_probs`` over valid tokens.
 
+``kl_loss`` is the KL loss of OpenRLHF's actor (``args.algo.kl.use_loss``: ``compute_approx_kl`` with the k1, k2
+or k3 estimator, clamped to [-10, 10], then ``aggregate_loss``) in one kernel call, for ``training_step``'s two
+lines ``kl = compute_approx_kl(...)``, ``kl_loss = aggregate_loss(kl, action_mask, **loss_batch_info)``.
+
 The class is checked against OpenRLHF 0.11.2's own ``PolicyLoss`` (loaded from the installed package by
 tests/frameworks.py) in tests/test_compat_openrlhf.py: every option, ragged masks, empty rows, two
 data-parallel ranks with the trainer's global normalisers; loss, gradient and the four metrics.
@@ -263,6 +267,34 @@ class PolicyLoss(torch.nn.Module):
         else:  # the kernel's approx_kl is against the rollout policy here
             ppo_kl = _masked_mean(old_log_probs.detach() - log_probs.detach(), action_mask)
         return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
+
+
+# OpenRLHF's compute_approx_kl estimators, each clamped to [-10, 10] (k3's log-ratio floored at -10 first, which
+# changes nothing but a -inf log-prob's NaN into 10).
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_loss(log_probs: torch.Tensor, base_log_probs: torch.Tensor, action_mask: Optional[torch.Tensor] = None,
+            kl_estimator: str = "k1", *, token_level_loss: bool = True, dp_size: int = 1, batch_num_tokens=None,
+            global_batch_size=None, unbiased_gradient: bool = False) -> torch.Tensor:
+    """OpenRLHF 0.11's KL loss of its actor (``ActorPPOTrainer.training_step`` with ``args.algo.kl.use_loss``):
+    ``aggregate_loss(compute_approx_kl(log_probs, base_log_probs, kl_estimator=...), action_mask,
+    **loss_batch_info)``, one kernel call (ppo_ext's KL to the reference on a zero policy loss, the value clamped to
+    [-10, 10] as OpenRLHF's), differentiable w.r.t. ``log_probs``; times ``kl_ctl`` it is added to the actor loss
+    there. ``unbiased_gradient=True`` (the straight-through, importance-weighted gradient) is not supported."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"Unknown kl_estimator: {kl_estimator} (OpenRLHF's are {list(KL_ESTIMATORS)})")
+    if unbiased_gradient:
+        raise NotImplementedError("unbiased_gradient=True (OpenRLHF's straight-through KL gradient weighted by the "
+                                  "clamped, detached ratio to the old policy) is not supported by ppo_ext; use "
+                                  "OpenRLHF's compute_approx_kl for it")
+    zero = torch.zeros(log_probs.shape[:1], dtype=log_probs.dtype, device=log_probs.device)
+    normaliser = batch_num_tokens if token_level_loss else global_batch_size
+    out = ppo_ext.policy_loss(
+        log_probs, None, zero, action_mask, ref_log_probs=base_log_probs, kl_coef=1.0, kl_estimator=kl_estimator,
+        kl_clamp=10.0, **({"num_tokens": batch_num_tokens} if token_level_loss
+                          else {"num_seqs": global_batch_size, "loss_agg_mode": "seq-mean-token-mean"}))
+    return _dp_scaled(out.loss, normaliser, dp_size)
 
 
 def _dp_scaled(loss: torch.Tensor, normaliser, dp_size) -> torch.Tensor:
