@@ -502,7 +502,7 @@ PPO_HD KlTerms<V> ref_kl_terms(V log_prob, V ref_log_prob, V ratio, const LossOp
       derivative = d;
       break;
     case KlEstimator::K3: {
-      V x = d;  // verl clamps ref - lp to [-20, 20] before its exp: finite where lp = -inf
+      V x = d;  // verl clamps ref - lp to [-20, 20] before its exp: the KL is finite where lp = -inf
       V inside = one;
       if (o.kl_log_ratio_clamp < INFINITY) {
         const V bound(o.kl_log_ratio_clamp);

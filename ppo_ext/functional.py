@@ -197,6 +197,30 @@ def value_loss(
     return ValueLossOutput(out.loss, {"clipfrac": out.metrics["clipfrac_active"]}, out.counts)
 
 
+def kl_loss(
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    kl_estimator: str = "low_var_kl",
+    kl_clamp: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+    num_tokens: Normaliser = None,
+    num_seqs: Normaliser = None,
+    loss_scale_factor: Normaliser = None,
+) -> torch.Tensor:
+    """The KL to the reference policy alone, aggregated (docs/SPEC.md "KL to a reference policy"): what
+    policy_loss adds with kl_coef=1, for code that adds the KL loss apart from the policy loss (verl's, ROLL's and
+    OpenRLHF's actors aggregate it so). One kernel call on a zero policy loss (A = 0, old = 0: the ratio exp(lp) is
+    at most 1, and finite where lp = -inf); differentiable w.r.t. log_probs."""
+    _check_tensor("log_probs", log_probs, optional=False)
+    zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+    return policy_loss(log_probs, zero.expand(log_probs.shape), zero.expand(log_probs.shape[:1]), mask,
+                       ref_log_probs=ref_log_probs, kl_coef=1.0, kl_estimator=kl_estimator, kl_clamp=kl_clamp,
+                       loss_agg_mode=loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs,
+                       loss_scale_factor=loss_scale_factor).loss
+
+
 class PolicyLossFromLogitsOutput(NamedTuple):
     loss: torch.Tensor  # 0-dim, differentiable w.r.t. logits
     metrics: Dict[str, torch.Tensor]  # METRIC_NAMES, "entropy" (mean over valid tokens) when computed,
@@ -279,14 +303,14 @@ def policy_loss_from_logits(
     log_probs_from_logits.
     """
     entropy_coef = _float_option("entropy_coef", entropy_coef)
-    log_probs, entropy = log_probs_from_logits(
-        logits, labels, temperature=temperature, return_entropy=bool(return_entropy) or entropy_coef != 0,
-        inplace_backward=inplace_backward, check_labels=check_labels)
     unknown = loss_options.keys() - _POLICY_LOSS_KEYWORDS.keys()
     if unknown:
         raise TypeError(f"policy_loss_from_logits() got unexpected keyword arguments {sorted(unknown)}")
-    out, grad_scale = _policy_loss(log_probs, old_log_probs, advantages, mask,
-                                   **{**_POLICY_LOSS_KEYWORDS, **loss_options})
+    options = {**_POLICY_LOSS_KEYWORDS, **loss_options}
+    log_probs, entropy = log_probs_from_logits(
+        logits, labels, temperature=temperature, return_entropy=bool(return_entropy) or entropy_coef != 0,
+        inplace_backward=inplace_backward, check_labels=check_labels)
+    out, grad_scale = _policy_loss(log_probs, old_log_probs, advantages, mask, **options)
     loss, metrics = out.loss, out.metrics
     if entropy is not None:
         valid = None if mask is None else mask != 0
@@ -294,8 +318,7 @@ def policy_loss_from_logits(
         valid_tokens = out.counts[COUNT_INDEX["valid_tokens"]]
         metrics = {**metrics, "entropy": (masked.detach().sum() / valid_tokens.clamp(min=1)).float()}
         if entropy_coef != 0:
-            entropy_loss = _aggregate_like_the_loss(masked, valid, loss_options.get("loss_agg_mode", "token-mean"),
-                                                    grad_scale)
+            entropy_loss = _aggregate_like_the_loss(masked, valid, options["loss_agg_mode"], grad_scale)
             loss = loss - entropy_coef * entropy_loss
             metrics["entropy_loss"] = entropy_loss.detach().float()
     return PolicyLossFromLogitsOutput(loss, metrics, out.counts, log_probs.detach(),

@@ -108,6 +108,8 @@ def policy_loss_reference(
     estimator = kl_estimator[:-1] if straight_through else kl_estimator
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} (each may end in '+'), got {kl_estimator!r}")
+    if not math.isfinite(kl_coef) or not (kl_clamp is None or kl_clamp > 0):
+        raise ValueError(f"kl_coef must be finite and kl_clamp > 0 or None, got {kl_coef!r}, {kl_clamp!r}")
     if ref_log_probs is None and (kl_coef != 0 or kl_clamp is not None or kl_bias_correction):
         raise ValueError("kl_coef, kl_clamp and kl_bias_correction need ref_log_probs")
     if ref_log_probs is not None and loss_type == "value":

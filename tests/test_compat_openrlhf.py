@@ -520,6 +520,8 @@ def test_kl_loss(openrlhf, estimator, token_level_loss, info):
     base = lp + 0.6 * torch.randn(B, T, generator=g)
     base[0, :3] = lp[0, :3] + 4.0  # k3 = e^4 - 5 ~ 50: OpenRLHF's clamp at 10
     base[1, :3] = lp[1, :3] - 15.0  # k1 = 15, k2 = 112: clamped at 10 too
+    if estimator == "k3":  # a token of probability 0: k3 is 10 there (OpenRLHF's floor at -10), not NaN
+        lp[3, 1] = -torch.inf  # (k2's gradient there is NaN in OpenRLHF, 0 * -inf behind the clamp; 0 here)
     mask = torch.rand(B, T, generator=g) < 0.8
     mask[2] = False
     batch_info = {} if info is None else dict(dp_size=info[0], batch_num_tokens=info[1], global_batch_size=info[2])

@@ -31,7 +31,8 @@ def adapter_uses_verl(verl, monkeypatch):
     monkeypatch.setattr(pv, "_verl_actor_modules", lambda: ns.modules)
 
 
-def micro_batch(ns, seed, *, B=6, P=5, R=11, empty_row=True, rollout_is=False, info=(1, None, None)):
+def micro_batch(ns, seed, *, B=6, P=5, R=11, empty_row=True, rollout_is=False, info=(1, None, None),
+                zero_probability=False):
     """A verl micro-batch (TensorDict) and the model's output: flat log-probs and entropies over every sequence's
     tokens (prompt and response), whose response part (left-shifted by one, as verl's no_padding_2_padding reads
     it) is the (B, R) leaves returned for the gradients."""
@@ -45,12 +46,17 @@ def micro_batch(ns, seed, *, B=6, P=5, R=11, empty_row=True, rollout_is=False, i
     attention = ((positions[None] >= P - prompt_lens[:, None]) & (positions[None] < P)) | \
         ((positions[None] >= P) & (positions[None] < P + response_lens[:, None]))
     response_mask = attention[:, P:].to(torch.int64)
-    lp = (-3 * torch.rand(B, R, generator=g, dtype=f64)).requires_grad_(True)
+    lp = -3 * torch.rand(B, R, generator=g, dtype=f64)
+    if zero_probability:  # a sampled token the policy now gives probability 0 (verl's k3 is 10 there)
+        lp[0, 0] = -torch.inf
+    lp.requires_grad_(True)
     entropy = (2 * torch.rand(B, R, generator=g, dtype=f64)).requires_grad_(True)
     old = lp.detach() + 0.3 * torch.randn(B, R, generator=g, dtype=f64) + 0.2 * torch.randn(B, 1, generator=g, dtype=f64)
     ref = lp.detach() + 0.6 * torch.randn(B, R, generator=g, dtype=f64)
     ref[0, :3] = lp.detach()[0, :3] + 4.0  # k = -4: k3 = e^4 - 5 ~ 50, beyond verl's clamp at 10
     adv = torch.randn(B, 1, generator=g, dtype=f64).expand(B, R).clone()
+    if zero_probability:  # (the rollout's and the reference's probabilities were not 0)
+        old[0, 0], ref[0, 0] = -2.0, -1.5
 
     def flat(per_response):  # every sequence's tokens; the response's values where no_padding_2_padding reads them
         pieces = []
@@ -134,6 +140,13 @@ def test_global_batch_info(verl, adapter_uses_verl, agg, info):
     compare(verl, "vanilla", 3, batch_kw=dict(info=info, rollout_is=True), use_kl_loss=True, kl_loss_coef=0.02,
             entropy_coeff=0.003, loss_agg_mode=agg)
     compare(verl, "sapo", 4, batch_kw=dict(info=info), use_kl_loss=True, kl_loss_coef=0.02, loss_agg_mode=agg)
+
+
+def test_a_token_of_probability_zero(verl, adapter_uses_verl):
+    """lp = -inf at a valid token: verl's k3 is 10 there with gradient 0, its ratio exp(-20); finite, as ours."""
+    theirs = compare(verl, "vanilla", 10, batch_kw=dict(zero_probability=True, empty_row=False), use_kl_loss=True,
+                     kl_loss_coef=0.1, entropy_coeff=0.01)
+    assert torch.isfinite(theirs[0]) and torch.isfinite(theirs[2]).all()
 
 
 def test_without_kl_or_entropy(verl, adapter_uses_verl):

@@ -16,6 +16,7 @@ import frameworks
 import ppo_ext
 from helpers import (AGG_MODES, CPU_CAPABILITIES, IS_MODES, check_against_reference, family_is_modes,
                      family_options, make_inputs, op_args, options, run_ext, run_with_cpu_capability, same_bits)
+from ppo_ext.reference import policy_loss_reference
 from ppo_ext.names import KL_ESTIMATORS
 
 # Every name, and the "+" forms of the estimators whose gradient it changes (k2+ is k2 itself).
@@ -343,3 +344,29 @@ def test_type_errors():
         ppo_ext.policy_loss(lp, lp, torch.zeros(2), ref_log_probs=lp, kl_bias_correction=1)
     with pytest.raises(TypeError, match="ref_log_probs must be float32, float64, float16 or bfloat16"):
         ppo_ext.policy_loss(lp, lp, torch.zeros(2), ref_log_probs=torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_kl_loss_alone(device, agg):
+    """ppo_ext.kl_loss: the KL term alone, aggregated as the loss would be (the reference's KL loss with a zero policy
+    loss); finite (verl's k3: 10, gradient 0) where a valid token's log-prob is -inf, where the on-policy ratio would
+    make the zero policy loss NaN."""
+    inp = with_ref(make_inputs(5, 40, seed=_seed("alone", agg), device=device, dtype=torch.float64), 31)
+    normalisers = dict(num_tokens=77.0, num_seqs=6.0, loss_scale_factor=50.0)
+    lp = inp.lp.clone().requires_grad_(True)
+    loss = ppo_ext.kl_loss(lp, inp.ref, inp.mask, kl_estimator="k3+", loss_agg_mode=agg, **normalisers)
+    loss.backward()
+    x = inp.lp.clone().cpu().requires_grad_(True)
+    zero = torch.zeros_like(x)
+    ref = policy_loss_reference(x, zero, zero[:, 0], inp.mask.cpu(), ref_log_probs=inp.ref.cpu(), kl_coef=1.0,
+                                kl_estimator="k3+", loss_agg_mode=agg, **normalisers)
+    ref.loss.backward()
+    torch.testing.assert_close(loss.cpu(), ref.loss.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(lp.grad.cpu(), x.grad, rtol=1e-12, atol=1e-14)
+    assert ref.metrics["kl_loss"].item() == pytest.approx(loss.item(), rel=1e-6)
+    lp = torch.tensor([[-1.0, -float("inf")]], dtype=torch.float64, device=device, requires_grad=True)
+    ref_lp = torch.tensor([[-1.5, -2.0]], dtype=torch.float64, device=device)
+    loss = ppo_ext.kl_loss(lp, ref_lp)
+    loss.backward()
+    assert loss.item() == pytest.approx((_k3(0.5) + 10.0) / 2, rel=1e-12)
+    assert lp.grad[0].tolist() == pytest.approx([(1 - math.exp(-0.5)) / 2, 0.0], rel=1e-12)

@@ -269,8 +269,8 @@ class PolicyLoss(torch.nn.Module):
         return loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
 
 
-# OpenRLHF's compute_approx_kl estimators, each clamped to [-10, 10] (k3's log-ratio floored at -10 first, which
-# changes nothing but a -inf log-prob's NaN into 10).
+# OpenRLHF's compute_approx_kl estimators, each clamped to [-10, 10] (k3's log-ratio floored at -10 first: beyond
+# it k3 is clamped anyway, but a -inf log-prob gives 10, not NaN).
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -279,8 +279,8 @@ def kl_loss(log_probs: torch.Tensor, base_log_probs: torch.Tensor, action_mask: 
             global_batch_size=None, unbiased_gradient: bool = False) -> torch.Tensor:
     """OpenRLHF 0.11's KL loss of its actor (``ActorPPOTrainer.training_step`` with ``args.algo.kl.use_loss``):
     ``aggregate_loss(compute_approx_kl(log_probs, base_log_probs, kl_estimator=...), action_mask,
-    **loss_batch_info)``, one kernel call (ppo_ext's KL to the reference on a zero policy loss, the value clamped to
-    [-10, 10] as OpenRLHF's), differentiable w.r.t. ``log_probs``; times ``kl_ctl`` it is added to the actor loss
+    **loss_batch_info)``, one kernel call (``ppo_ext.kl_loss``, the value clamped to [-10, 10] as OpenRLHF's),
+    differentiable w.r.t. ``log_probs``; times ``kl_ctl`` it is added to the actor loss
     there. ``unbiased_gradient=True`` (the straight-through, importance-weighted gradient) is not supported."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"Unknown kl_estimator: {kl_estimator} (OpenRLHF's are {list(KL_ESTIMATORS)})")
@@ -288,13 +288,13 @@ def kl_loss(log_probs: torch.Tensor, base_log_probs: torch.Tensor, action_mask: 
         raise NotImplementedError("unbiased_gradient=True (OpenRLHF's straight-through KL gradient weighted by the "
                                   "clamped, detached ratio to the old policy) is not supported by ppo_ext; use "
                                   "OpenRLHF's compute_approx_kl for it")
-    zero = torch.zeros(log_probs.shape[:1], dtype=log_probs.dtype, device=log_probs.device)
+    if kl_estimator == "k3":  # OpenRLHF's floor of lp - base at -10 (log_ratio.clamp(min=-10))
+        log_probs = torch.maximum(log_probs, base_log_probs - 10.0)
     normaliser = batch_num_tokens if token_level_loss else global_batch_size
-    out = ppo_ext.policy_loss(
-        log_probs, None, zero, action_mask, ref_log_probs=base_log_probs, kl_coef=1.0, kl_estimator=kl_estimator,
-        kl_clamp=10.0, **({"num_tokens": batch_num_tokens} if token_level_loss
-                          else {"num_seqs": global_batch_size, "loss_agg_mode": "seq-mean-token-mean"}))
-    return _dp_scaled(out.loss, normaliser, dp_size)
+    loss = ppo_ext.kl_loss(log_probs, base_log_probs, action_mask, kl_estimator=kl_estimator, kl_clamp=10.0,
+                           **({"num_tokens": batch_num_tokens} if token_level_loss
+                              else {"num_seqs": global_batch_size, "loss_agg_mode": "seq-mean-token-mean"}))
+    return _dp_scaled(loss, normaliser, dp_size)
 
 
 def _dp_scaled(loss: torch.Tensor, normaliser, dp_size) -> torch.Tensor:

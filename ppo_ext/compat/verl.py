@@ -574,12 +574,11 @@ def _agg_loss(values: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: 
 
 def _kl_loss(log_prob, ref_log_prob, response_mask, loss_agg_mode: str, info: Mapping, kl_loss_type: str):
     """verl's ``agg_loss(kl_penalty(log_prob, ref_log_prob, kl_loss_type), response_mask, loss_agg_mode, **info)``,
-    one kernel call: ppo_ext's KL to the reference (verl's estimators and clamps) on a zero policy loss."""
+    one kernel call: ppo_ext.kl_loss (verl's estimators and clamps)."""
     normalisers, dp_size = _agg_loss_arguments(info, loss_agg_mode)
-    zero = torch.zeros(log_prob.shape[:1], dtype=log_prob.dtype, device=log_prob.device)
-    out = ppo_ext.policy_loss(log_prob, None, zero, response_mask, loss_agg_mode=loss_agg_mode,
-                              ref_log_probs=ref_log_prob, kl_coef=1.0, kl_estimator=kl_loss_type, **normalisers)
-    return out.loss * dp_size if dp_size != 1 else out.loss
+    loss = ppo_ext.kl_loss(log_prob, ref_log_prob, response_mask, kl_estimator=kl_loss_type,
+                           loss_agg_mode=loss_agg_mode, **normalisers)
+    return loss * dp_size if dp_size != 1 else loss
 
 
 def ppo_loss(config, model_output, data, dp_group=None):
