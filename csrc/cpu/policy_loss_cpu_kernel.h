@@ -81,7 +81,11 @@ class PolicyLossKernel {
       for (int64_t c = c0; c < c1; ++c) {
         math::init_partials(chunks[c]);
         const int64_t row_end = std::min(a_.B, (c + 1) * rows_per_chunk);
-        for (int64_t i = c * rows_per_chunk; i < row_end; ++i) row(tile, i, chunks[c]);
+        for (int64_t i = c * rows_per_chunk; i < row_end; ++i) {
+          // (the KL a compile-time branch: the loop without it is the one it was before the KL existed)
+          if (a_.options.has_ref_kl) row<true>(tile, i, chunks[c]);
+          else row<false>(tile, i, chunks[c]);
+        }
       }
     });
     Partials total;
@@ -190,12 +194,12 @@ class PolicyLossKernel {
     }
   }
 
+  template <bool kRefKl>
   void row(Tile& t, int64_t i, Partials& p) const {
     const bool seq_level = o_.importance_sampling != ImportanceSampling::Token;
     const bool seq_grad = o_.importance_sampling == ImportanceSampling::Seq && a_.token_grad != nullptr;
     const bool ratio_grad = math::gradient_through_ratio(o_);
-    const bool ref_kl = o_.has_ref_kl;
-    const bool kl_in_grad = ref_kl && o_.kl_coef != 0;
+    const bool kl_in_grad = kRefKl && o_.kl_coef != 0;
     const V kl_coef(static_cast<acc_t>(o_.kl_coef));
     const bool rollout_on = o_.rollout_is != RolloutIs::None;
     const bool rollout_seq = is_row_level(o_.rollout_is);
@@ -235,7 +239,7 @@ class PolicyLossKernel {
       v.advantages = view(a_.advantages, i, t0, n, t.advantages);
       v.weights = view(a_.token_weights, i, t0, n, t.weights);
       if (rollout_on) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
-      if (ref_kl) v.ref_log_probs = view(a_.ref_log_probs, i, t0, n, t.ref_log_probs);
+      if (kRefKl) v.ref_log_probs = view(a_.ref_log_probs, i, t0, n, t.ref_log_probs);
       V loss(0), ratio_sum(0), kl_sum(0), ratio_min(inf), ratio_max(minus_inf), dloss_sum(0);
       V ref_kl_sum(0), ref_kl_agg(0);
       V n_valid(0), n_low(0), n_high(0), n_active(0), n_dual(0);
@@ -264,7 +268,7 @@ class PolicyLossKernel {
         // d ratio / d lp: through this token's log-ratio term (seq-token's local gradient; 1 but for geo_mean)
         const V dratio = r.dratio * math::seq_log_ratio_term<Ops>(raw_log_ratio, adv, o_).derivative;
         V dloss_dratio = terms.dloss_dratio, dloss_dlog_prob = terms.dloss_dlog_prob;
-        if (ref_kl) {  // the KL to the reference: its own sums (not weighted), kl_coef times its gradient
+        if constexpr (kRefKl) {  // the KL to the reference: its own sums (not weighted), kl_coef times its gradient
           const auto kl = math::ref_kl_terms<Ops>(lp, V::loadu(v.ref_log_probs + j), r.ratio, o_);
           ref_kl_sum += Ops::select(is_valid, kl.value, zero);
           ref_kl_agg += Ops::select(is_valid, agg_weight * kl.value, zero);
@@ -297,7 +301,7 @@ class PolicyLossKernel {
       p.loss += sum_lanes(loss);
       p.ratio_sum += sum_lanes(ratio_sum);
       p.neg_log_ratio_sum += sum_lanes(kl_sum);
-      if (ref_kl) {
+      if (kRefKl) {
         p.ref_kl_sum += sum_lanes(ref_kl_sum);
         p.ref_kl_agg += sum_lanes(ref_kl_agg);
       }
