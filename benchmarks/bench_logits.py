@@ -382,6 +382,8 @@ def table(result):
         rows = []
         for res in result["cases"]:
             row = res.get("timing", {}).get(pas, {})
+            if "timing" in res and not row:  # a pass the case does not time (the actor loss: no logprobs)
+                continue
             cells = [fmt_time(row[n]["median_s"]) if n in row else "-" for n in CONTENDERS]
             p = row.get("ppo_ext", {})
             ratios = [f"{p[k]:.2f}x" if k in p else "-" for k in ("speedup_vs_eager", "speedup_vs_compiled",
