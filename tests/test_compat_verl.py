@@ -46,8 +46,9 @@ KINDS = ("vanilla", "gspo")
 NEW_KINDS = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")
 ALL_KINDS = KINDS + NEW_KINDS
 DPPO = ("dppo_tv", "dppo_kl")
-# geo_mean (GMPO) has tests of its own (it ignores loss_agg_mode and global_batch_info): registered, not in ALL_KINDS.
-REGISTERED_KINDS = ALL_KINDS + ("geo_mean",)
+# geo_mean (GMPO) and kl_cov have tests of their own (geo_mean ignores loss_agg_mode and global_batch_info, kl_cov
+# selects tokens by a batch statistic): registered, not in ALL_KINDS.
+REGISTERED_KINDS = ALL_KINDS + ("geo_mean", "kl_cov")
 ADAPTER = {kind: getattr(pv, f"compute_policy_loss_{kind}") for kind in REGISTERED_KINDS}
 ALL_NAMES = tuple(f"ppo_ext_{kind}" for kind in REGISTERED_KINDS)  # what register() names them
 # verl's metric keys, in its order, per mode.
@@ -769,6 +770,8 @@ def _plain_fields(kind):
         return dict(SAPO_TAUS)
     if kind == "dro":
         return dict(policy_loss=dict(dro_beta=DRO_BETA))
+    if kind == "kl_cov":
+        return dict(policy_loss=dict(kl_cov_ratio=0.05, ppo_kl_coef=0.1))
     return dict(DPPO_FIELDS.get(kind, {}))
 
 
@@ -935,7 +938,7 @@ def test_register_into_verls_registry(verl, monkeypatch):
         assert core_algos.get_policy_loss_fn(name) is ADAPTER[kind]
         assert core_algos.get_policy_loss_fn(kind) is getattr(core_algos, f"compute_policy_loss_{kind}")
     names = pv.register("a", "b", dppo_kl_name="z")
-    assert names == ("a", "b") + ALL_NAMES[2:-2] + ("z", ALL_NAMES[-1])
+    assert names == ("a", "b") + ALL_NAMES[2:-3] + ("z",) + ALL_NAMES[-2:]
     assert core_algos.get_policy_loss_fn("b") is pv.compute_policy_loss_gspo
     assert core_algos.get_policy_loss_fn("z") is pv.compute_policy_loss_dppo_kl
     for kind, name in zip(ALL_KINDS, ALL_NAMES):
@@ -1079,3 +1082,72 @@ def test_value_loss_signature_is_verls(verl):
     theirs = inspect.signature(verl.core_algos.compute_value_loss)
     assert list(ours.parameters) == list(theirs.parameters)
     assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# kl_cov (KL-Cov): the penalised tokens selected on the device, against verl's topk on the CPU
+
+
+def _kl_cov_config(verl, ratio, coef, mode="token-mean", info=None):
+    policy_loss = policy_loss_config(verl, loss_mode="kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)
+    return verl_config(verl, mode, info, policy_loss=policy_loss)
+
+
+def _kl_cov_inputs(seed, b=B, t=T, adv="BT"):
+    inp = _inputs("vanilla", seed, weights=False, b=b, t=t)
+    g = torch.Generator().manual_seed(seed)
+    if adv == "BT":  # per-token advantages: distinct covariance terms (ties at the k-th are improbable)
+        inp.adv = inp.adv + 0.3 * torch.randn(inp.adv.shape, generator=g, dtype=inp.adv.dtype)
+    return inp
+
+
+@pytest.mark.parametrize("ratio,coef", [(0.0002, 0.1), (0.05, 1.0), (0.3, 0.5)])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_kl_cov(verl, mode, ratio, coef, dtype):
+    inp = _kl_cov_inputs(int(ratio * 1e4) + AGG_MODES.index(mode))
+    config = _kl_cov_config(verl, ratio, coef, mode)
+    got = run_adapter("kl_cov", inp, config, dtype=dtype)
+    ref = run_verl(verl, "kl_cov", inp, config)
+    assert_same(got, ref, f"kl_cov {mode} {ratio} {coef}", keys=("actor/ppo_kl",))
+    # the penalty matters: the same loss without it differs (ratio 0.0002 still penalises one token)
+    plain = run_adapter("kl_cov", inp, _kl_cov_config(verl, ratio, 0.0, mode), dtype=dtype)
+    assert (plain[2] - got[2]).abs().max() > 1e-6
+
+
+def test_kl_cov_two_ranks_and_row_advantages(verl):
+    """Global normalisers and dp_size (each rank selects among its own tokens, as verl's); (B,) advantages."""
+    for rows, seed in ((slice(0, B // 2), 41), (slice(B // 2, B), 42)):
+        inp = _kl_cov_inputs(seed)
+        config = _kl_cov_config(verl, 0.05, 0.2, "seq-mean-token-mean", trainer_info(inp.mask, dp_size=2))
+        assert_same(run_adapter("kl_cov", inp, config, rows), run_verl(verl, "kl_cov", inp, config, rows),
+                    f"kl_cov rank {rows}", keys=("actor/ppo_kl",))
+    inp = _kl_cov_inputs(43)
+    config = _kl_cov_config(verl, 0.05, 0.2)
+    got = pv.compute_policy_loss_kl_cov(inp.old, inp.lp, inp.adv[:, 0], inp.mask, "token-mean", config)[0]
+    ref = pv.compute_policy_loss_kl_cov(inp.old, inp.lp, inp.adv[:, :1].expand_as(inp.lp), inp.mask,
+                                        "token-mean", config)[0]
+    torch.testing.assert_close(got, ref)
+
+
+def test_kl_cov_refuses_rollout_weights_and_bad_ratio(verl):
+    inp = _kl_cov_inputs(44)
+    with pytest.raises(NotImplementedError, match="rollout_is_weights"):
+        pv.compute_policy_loss_kl_cov(inp.old, inp.lp, inp.adv, inp.mask, "token-mean",
+                                      _kl_cov_config(verl, 0.05, 0.2), rollout_is_weights=torch.ones_like(inp.lp))
+    with pytest.raises(ValueError, match="kl_cov_ratio should be larger than 0"):
+        pv.compute_policy_loss_kl_cov(inp.old, inp.lp, inp.adv, inp.mask, "token-mean",
+                                      _kl_cov_config(verl, 0.0, 0.2))
+
+
+def test_kl_cov_selection_needs_no_host_synchronisation():
+    """The selection is device ops only: a tensor count, a sort, a gather (no .item(), no nonzero)."""
+    valid = torch.tensor([[True, True, False, True]])
+    adv = torch.tensor([[1.0, -1.0, 5.0, 2.0]])
+    lp = torch.tensor([[-1.0, -2.0, -9.0, -0.5]])
+    # means over valid tokens: A 2/3, lp -7/6; covariance terms 0.0556, 1.4722, -, 0.8889: the largest is token 1
+    selected = pv._largest_covariance_tokens(adv, lp, valid, 0.34)  # floor(3 * 0.34) = 1
+    assert selected.tolist() == [[False, True, False, False]]
+    selected = pv._largest_covariance_tokens(adv, lp, valid, 0.67)  # floor(3 * 0.67) = 2
+    assert selected.tolist() == [[False, True, False, True]]
+    assert not pv._largest_covariance_tokens(adv, lp, torch.zeros_like(valid), 0.5).any()

@@ -11,7 +11,7 @@ import torch
 import frameworks
 from ppo_ext.compat import verl as pv
 
-MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov")
 KL_TYPES = ("low_var_kl", "kl", "abs", "mse", "k3+", "k1+")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
 

@@ -1,5 +1,6 @@
 """verl adapter: verl 0.9's policy losses (``compute_policy_loss_<mode>`` for vanilla, gspo, cispo, sapo, gpg,
-dro, dppo_tv, dppo_kl and geo_mean) and its critic's ``compute_value_loss`` on ppo_ext's kernel.
+dro, dppo_tv, dppo_kl, geo_mean and kl_cov), its actor's whole loss (``ppo_loss``) and its critic's
+``compute_value_loss`` on ppo_ext's kernel.
 
 Same signatures, same return values ``(pg_loss, pg_metrics)``, same metric keys, same config reading
 and the same aggregation (``agg_loss`` with ``config.global_batch_info``) as the functions of the same
@@ -9,7 +10,7 @@ computed by one ``ppo_ext.policy_loss`` call (forward and backward fused) instea
 Use inside verl (in every process that builds the actor, e.g. the worker module)::
 
     from ppo_ext.compat import verl as ppo_ext_verl
-    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_dppo_kl")
+    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_kl_cov")
     # then: actor_rollout_ref.actor.policy_loss.loss_mode=ppo_ext_vanilla   (or ppo_ext_<mode>)
 
 or call the functions directly where verl would call its own. The actor's whole loss, verl's ``ppo_loss``
@@ -112,6 +113,7 @@ of them). Pass ``return_tensors=True`` to get 0-dim tensors instead and no synch
 """
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
@@ -123,12 +125,13 @@ from ppo_ext.names import LOSS_AGG_MODES
 __all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
            "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_geo_mean",
+           "compute_policy_loss_kl_cov", "ppo_loss", "register_actor_loss",
            "compute_value_loss", "register", "LOSS_MODES", "NAMES",
            "POLICY_LOSSES", "VANILLA_NAME", "GSPO_NAME", "TOKEN_LOG_RATIO_CLAMP", "VANILLA_LOG_RATIO_CLAMP",
            "GSPO_LOG_RATIO_CLAMP", "DPPO_CLIP_RATIO_C_DEFAULT"]
 
 # verl's loss modes the adapter provides, in register()'s order, and the names register() gives them.
-LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean")
+LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov")
 NAMES = {mode: f"ppo_ext_{mode}" for mode in LOSS_MODES}
 VANILLA_NAME = NAMES["vanilla"]
 GSPO_NAME = NAMES["gspo"]
@@ -153,6 +156,7 @@ _METRICS = {
     "dppo_tv": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
     "dppo_kl": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
     "geo_mean": {_CLIPFRAC: "clipfrac_high", _KL: "approx_kl", _LOWER: "clipfrac_low"},
+    "kl_cov": {},  # (its actor/ppo_kl, mean |d|, is not a kernel metric: compute_policy_loss_kl_cov)
 }
 
 
@@ -520,6 +524,76 @@ def compute_policy_loss_geo_mean(
     return _finish(out.loss, 1, _verl_metrics("geo_mean", out), return_tensors)
 
 
+# kl_cov's surrogate -A r is unclipped: the clipped loss with an interval that holds every ratio, [1 - 1, 1 + max]
+# (in float32 the upper bound is inf; both branches of the clipped loss are then -A r, with -A r's gradient).
+_UNCLIPPED = dict(clip_low=1.0, clip_high=sys.float_info.max)
+
+
+def _largest_covariance_tokens(advantages, log_prob, valid, ratio: float) -> torch.Tensor:
+    """kl_cov's selection, on the device without a host synchronisation: the valid tokens whose covariance term
+    (A - mean A)(lp - mean lp) (means over the valid tokens) is among the max(1, floor(N * ratio)) largest, N the
+    valid tokens (verl: torch.topk of the same values on the CPU). The k-th largest value is read from a device sort;
+    tokens tied with it are all taken (topk takes k of them)."""
+    with torch.no_grad():
+        n = valid.sum()
+        count = n.clamp(min=1).to(log_prob.dtype)
+        adv = torch.where(valid, advantages, 0)
+        lp = torch.where(valid, log_prob.detach(), 0)
+        cov = (advantages - adv.sum() / count) * (log_prob.detach() - lp.sum() / count)
+        cov = torch.where(valid, cov, -torch.inf).reshape(-1)
+        k = torch.clamp(torch.floor(n.to(torch.float64) * ratio), min=1).to(torch.long)
+        kth = cov.sort(descending=True).values.gather(0, (k - 1).clamp(max=cov.numel() - 1).reshape(1))
+        return valid & (cov >= kth).reshape(valid.shape)
+
+
+def compute_policy_loss_kl_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_kl_cov`` (KL-Cov, "The Entropy Mechanism of RL for Reasoning LMs"), on ppo_ext's
+    kernel, without verl's host synchronisations (its ``.cpu()`` copies and topk there): the unclipped surrogate
+    ``-A r``, ``r = exp(log_prob - old_log_prob)`` (no clamp), plus ``ppo_kl_coef * |log_prob - old_log_prob|`` at
+    the ``max(1, int(N * kl_cov_ratio))`` valid tokens of largest ``(A - mean A)(log_prob - mean log_prob)``
+    (``config.policy_loss.kl_cov_ratio``, ``ppo_kl_coef``), aggregated by ``agg_loss``. The selection is a device
+    sort (``_largest_covariance_tokens``), the penalty the kernel's ``abs`` KL against ``old_log_prob`` at the
+    selected tokens (against ``log_prob`` itself elsewhere: 0, gradient 0), one kernel call. Metric
+    ``actor/ppo_kl``: the mean of ``|log_prob - old_log_prob|`` over valid tokens. Differs from verl: tokens tied
+    at the k-th covariance are all penalised (verl's topk takes k); ``rollout_is_weights`` (which verl multiplies
+    into the penalty too, which the kernel's KL term does not take) raise NotImplementedError."""
+    _require_config(config, "kl_cov")
+    policy_loss_config = _config_value(config, "policy_loss", None)
+    if policy_loss_config is None:
+        raise ValueError("compute_policy_loss_kl_cov needs config.policy_loss (verl asserts it is not None)")
+    ratio = _config_value(policy_loss_config, "kl_cov_ratio", None)
+    ratio = 0.0002 if ratio is None else float(ratio)
+    coef = _config_value(policy_loss_config, "ppo_kl_coef", None)
+    coef = 1.0 if coef is None else float(coef)
+    if not ratio > 0:
+        raise ValueError("kl_cov_ratio should be larger than 0.")
+    if rollout_is_weights is not None:
+        raise NotImplementedError("compute_policy_loss_kl_cov with rollout_is_weights: verl weights the KL penalty "
+                                  "too, which ppo_ext's KL term does not take; use verl's own kl_cov for it")
+    valid = response_mask != 0
+    advantages = advantages.reshape(-1, 1).expand_as(log_prob) if advantages.dim() == 1 else advantages
+    selected = _largest_covariance_tokens(advantages.detach(), log_prob, valid, ratio)
+    penalised = torch.where(selected, old_log_prob.detach(), log_prob.detach())
+    normalisers, dp_size = _aggregation(config, loss_agg_mode)
+    out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode=loss_agg_mode,
+                              ref_log_probs=penalised, kl_coef=coef, kl_estimator="abs", kl_clamp=math.inf,
+                              **_UNCLIPPED, **normalisers)
+    with torch.no_grad():
+        n = valid.sum().clamp(min=1)
+        abs_kl = torch.where(valid, (log_prob.detach() - old_log_prob.detach()).abs(), 0).sum() / n
+    return _finish(out.loss, dp_size, {"actor/ppo_kl": abs_kl.to(torch.float32)}, return_tensors)
+
+
 def compute_value_loss(
     vpreds: torch.Tensor,
     returns: torch.Tensor,
@@ -587,7 +661,7 @@ def ppo_loss(config, model_output, data, dp_group=None):
     ``no_padding_2_padding`` and TensorDict selection), the same ``config.global_batch_info``, and
 
     - the policy loss of ``config.policy_loss.loss_mode`` (verl's name or ``ppo_ext_<mode>``) by this module's
-      ``compute_policy_loss_<mode>``; a mode it does not cover (clip_cov, kl_cov, bypass_mode, ...) hands the whole
+      ``compute_policy_loss_<mode>``; a mode it does not cover (clip_cov, bypass_mode, ...) hands the whole
       call to verl's own ppo_loss;
     - ``use_kl_loss``: ``kl_loss_coef`` times the KL to the reference (``data["ref_log_prob"]``, estimator
       ``kl_loss_type``, verl's ``kl_penalty`` with its clamps and "+" forms) aggregated as verl's ``agg_loss``
@@ -667,6 +741,7 @@ POLICY_LOSSES = {
     "dppo_tv": compute_policy_loss_dppo_tv,
     "dppo_kl": compute_policy_loss_dppo_kl,
     "geo_mean": compute_policy_loss_geo_mean,
+    "kl_cov": compute_policy_loss_kl_cov,
 }
 assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
 
@@ -674,11 +749,12 @@ assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
 def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
              cispo_name: str = NAMES["cispo"], sapo_name: str = NAMES["sapo"], gpg_name: str = NAMES["gpg"],
              dro_name: str = NAMES["dro"], dppo_tv_name: str = NAMES["dppo_tv"],
-             dppo_kl_name: str = NAMES["dppo_kl"], geo_mean_name: str = NAMES["geo_mean"]) -> Tuple[str, ...]:
+             dppo_kl_name: str = NAMES["dppo_kl"], geo_mean_name: str = NAMES["geo_mean"],
+             kl_cov_name: str = NAMES["kl_cov"]) -> Tuple[str, ...]:
     """Registers every function in verl's policy-loss registry (``core_algos.register_policy_loss``), by
     default as ``ppo_ext_<mode>`` (``NAMES``: ``ppo_ext_vanilla``, ``ppo_ext_gspo``, ``ppo_ext_cispo``,
     ``ppo_ext_sapo``, ``ppo_ext_gpg``, ``ppo_ext_dro``, ``ppo_ext_dppo_tv``, ``ppo_ext_dppo_kl``,
-    ``ppo_ext_geo_mean``), and
+    ``ppo_ext_geo_mean``, ``ppo_ext_kl_cov``), and
     returns the names in that order (``LOSS_MODES``): select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``. verl's own losses are left as they are.
     Call it in every process that builds the actor (the registry is per process).
@@ -686,7 +762,7 @@ def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
     Raises ImportError, saying what to do, when verl cannot be imported.
     """
     names = (vanilla_name, gspo_name, cispo_name, sapo_name, gpg_name, dro_name, dppo_tv_name, dppo_kl_name,
-             geo_mean_name)
+             geo_mean_name, kl_cov_name)
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as exc:
