@@ -46,9 +46,9 @@ KINDS = ("vanilla", "gspo")
 NEW_KINDS = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl")
 ALL_KINDS = KINDS + NEW_KINDS
 DPPO = ("dppo_tv", "dppo_kl")
-# geo_mean (GMPO) and kl_cov have tests of their own (geo_mean ignores loss_agg_mode and global_batch_info, kl_cov
-# selects tokens by a batch statistic): registered, not in ALL_KINDS.
-REGISTERED_KINDS = ALL_KINDS + ("geo_mean", "kl_cov")
+# geo_mean (GMPO), kl_cov and clip_cov have tests of their own (geo_mean ignores loss_agg_mode and global_batch_info,
+# the *_cov modes select tokens by a batch statistic): registered, not in ALL_KINDS.
+REGISTERED_KINDS = ALL_KINDS + ("geo_mean", "kl_cov", "clip_cov")
 ADAPTER = {kind: getattr(pv, f"compute_policy_loss_{kind}") for kind in REGISTERED_KINDS}
 ALL_NAMES = tuple(f"ppo_ext_{kind}" for kind in REGISTERED_KINDS)  # what register() names them
 # verl's metric keys, in its order, per mode.
@@ -772,6 +772,8 @@ def _plain_fields(kind):
         return dict(policy_loss=dict(dro_beta=DRO_BETA))
     if kind == "kl_cov":
         return dict(policy_loss=dict(kl_cov_ratio=0.05, ppo_kl_coef=0.1))
+    if kind == "clip_cov":
+        return dict(policy_loss=dict(clip_cov_ratio=0.05))
     return dict(DPPO_FIELDS.get(kind, {}))
 
 
@@ -938,7 +940,7 @@ def test_register_into_verls_registry(verl, monkeypatch):
         assert core_algos.get_policy_loss_fn(name) is ADAPTER[kind]
         assert core_algos.get_policy_loss_fn(kind) is getattr(core_algos, f"compute_policy_loss_{kind}")
     names = pv.register("a", "b", dppo_kl_name="z")
-    assert names == ("a", "b") + ALL_NAMES[2:-3] + ("z",) + ALL_NAMES[-2:]
+    assert names == ("a", "b") + ALL_NAMES[2:-4] + ("z",) + ALL_NAMES[-3:]
     assert core_algos.get_policy_loss_fn("b") is pv.compute_policy_loss_gspo
     assert core_algos.get_policy_loss_fn("z") is pv.compute_policy_loss_dppo_kl
     for kind, name in zip(ALL_KINDS, ALL_NAMES):
@@ -1087,6 +1089,8 @@ def test_value_loss_signature_is_verls(verl):
 # ----------------------------------------------------------------------------------------------------
 # kl_cov (KL-Cov): the penalised tokens selected on the device, against verl's topk on the CPU
 
+_CLIPFRAC_KEY = "actor/pg_clipfrac"
+
 
 def _kl_cov_config(verl, ratio, coef, mode="token-mean", info=None):
     policy_loss = policy_loss_config(verl, loss_mode="kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)
@@ -1151,3 +1155,64 @@ def test_kl_cov_selection_needs_no_host_synchronisation():
     selected = pv._largest_covariance_tokens(adv, lp, valid, 0.67)  # floor(3 * 0.67) = 2
     assert selected.tolist() == [[False, True, False, True]]
     assert not pv._largest_covariance_tokens(adv, lp, torch.zeros_like(valid), 0.5).any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# clip_cov (Clip-Cov): verl's own random draw (the same generator state removes the same tokens)
+
+
+def _clip_cov_config(verl, ratio, lb, ub, mode="token-mean", info=None):
+    policy_loss = policy_loss_config(verl, loss_mode="clip_cov", clip_cov_ratio=ratio, clip_cov_lb=lb, clip_cov_ub=ub)
+    return verl_config(verl, mode, info, policy_loss=policy_loss)
+
+
+def _clip_cov_inputs(seed, weights=False):
+    inp = _inputs("vanilla", seed, weights=weights)
+    g = torch.Generator().manual_seed(seed)
+    inp.adv = 3 * inp.adv + torch.randn(inp.adv.shape, generator=g, dtype=inp.adv.dtype)  # covariances beyond lb
+    return inp
+
+
+def _seeded(run, seed):
+    torch.manual_seed(seed)  # verl's torch.randperm draws from the default generator
+    return run()
+
+
+@pytest.mark.parametrize("ratio,lb,ub", [(0.0002, 1.0, 5.0), (0.05, 0.5, 5.0), (0.5, 0.2, 2.0)])
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_clip_cov(verl, mode, ratio, lb, ub, dtype):
+    inp = _clip_cov_inputs(int(ratio * 1e4) + AGG_MODES.index(mode))
+    config = _clip_cov_config(verl, ratio, lb, ub, mode)
+    got = _seeded(lambda: run_adapter("clip_cov", inp, config, dtype=dtype), 11)
+    ref = _seeded(lambda: run_verl(verl, "clip_cov", inp, config), 11)
+    assert_same(got, ref, f"clip_cov {mode} {ratio}", keys=(_CLIPFRAC_KEY, "actor/ppo_kl"))
+    assert ref[1][_CLIPFRAC_KEY] > 0  # some tokens were removed
+    # another generator state removes other tokens (when the draw has a choice)
+    if ratio < 0.5:
+        other = _seeded(lambda: run_verl(verl, "clip_cov", inp, config), 12)
+        assert not torch.equal(other[2], ref[2])
+
+
+def test_clip_cov_rollout_weights_and_two_ranks(verl):
+    inp = _clip_cov_inputs(51, weights=True)
+    config = _clip_cov_config(verl, 0.05, 0.5, 5.0, "seq-mean-token-mean")
+    assert_same(_seeded(lambda: run_adapter("clip_cov", inp, config, dtype=torch.float64), 3),
+                _seeded(lambda: run_verl(verl, "clip_cov", inp, config), 3), "clip_cov weighted",
+                keys=(_CLIPFRAC_KEY, "actor/ppo_kl"))
+    for rows, seed in ((slice(0, B // 2), 52), (slice(B // 2, B), 53)):
+        inp = _clip_cov_inputs(seed)
+        config = _clip_cov_config(verl, 0.05, 0.5, 5.0, "token-mean", trainer_info(inp.mask, dp_size=2))
+        assert_same(_seeded(lambda: run_adapter("clip_cov", inp, config, rows), 4),
+                    _seeded(lambda: run_verl(verl, "clip_cov", inp, config, rows), 4), f"clip_cov rank {rows}",
+                    keys=(_CLIPFRAC_KEY, "actor/ppo_kl"))
+
+
+def test_clip_cov_no_candidate(verl):
+    """Covariance bounds no token reaches: nothing removed, the plain clipped loss (verl's too)."""
+    inp = _clip_cov_inputs(54)
+    config = _clip_cov_config(verl, 0.05, 1e6, 2e6)
+    got = _seeded(lambda: run_adapter("clip_cov", inp, config, dtype=torch.float64), 5)
+    assert_same(got, _seeded(lambda: run_verl(verl, "clip_cov", inp, config), 5), "clip_cov none",
+                keys=(_CLIPFRAC_KEY, "actor/ppo_kl"))
+    assert got[1][_CLIPFRAC_KEY] == 0

@@ -11,7 +11,7 @@ import torch
 import frameworks
 from ppo_ext.compat import verl as pv
 
-MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov")
+MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov", "clip_cov")
 KL_TYPES = ("low_var_kl", "kl", "abs", "mse", "k3+", "k1+")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "token-sum", "seq-mean-token-sum-norm")
 
@@ -112,7 +112,9 @@ def assert_same(ours, theirs, what):
 
 def compare(verl, mode, seed, batch_kw=None, **fields):
     ns, base = verl
+    torch.manual_seed(seed)  # (clip_cov draws its tokens from the default generator: the same draw for both)
     theirs = run(ns.ppo_loss, ns, base, mode, seed, batch_kw, **fields)
+    torch.manual_seed(seed)
     ours = run(pv.ppo_loss, ns, base, mode, seed, batch_kw, **fields)
     assert_same(ours, theirs, f"{mode} {fields} {batch_kw}")
     return theirs
@@ -160,8 +162,8 @@ def test_without_kl_or_entropy(verl, adapter_uses_verl):
 
 
 def test_ppo_ext_mode_names_and_unknown_modes(verl, adapter_uses_verl, monkeypatch):
-    """ppo_ext_<mode> (the names register() gives verl) is the mode; a mode the adapter does not cover goes to
-    verl's own ppo_loss, whole."""
+    """ppo_ext_<mode> (the names register() gives verl) is the mode; a mode the adapter does not cover (bypass_mode)
+    goes to verl's own ppo_loss, whole."""
     ns, base = verl
     theirs = run(ns.ppo_loss, ns, base, "cispo", 7, use_kl_loss=True, kl_loss_coef=0.1)
     ours = run(pv.ppo_loss, ns, base, "ppo_ext_cispo", 7, use_kl_loss=True, kl_loss_coef=0.1)
@@ -171,7 +173,7 @@ def test_ppo_ext_mode_names_and_unknown_modes(verl, adapter_uses_verl, monkeypat
     fake_losses = type("losses", (), {"ppo_loss": staticmethod(lambda *a: calls.append(a) or ("verl's", {}))})
     monkeypatch.setattr(pv, "_verl_actor_modules", lambda: (padding, metric, fake_losses))
     data, output, _ = micro_batch(ns, 8)
-    assert pv.ppo_loss(actor_config(base, "clip_cov"), output, data) == ("verl's", {}) and len(calls) == 1
+    assert pv.ppo_loss(actor_config(base, "bypass_mode"), output, data) == ("verl's", {}) and len(calls) == 1
 
 
 def test_register_actor_loss(monkeypatch):

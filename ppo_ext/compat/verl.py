@@ -1,5 +1,5 @@
 """verl adapter: verl 0.9's policy losses (``compute_policy_loss_<mode>`` for vanilla, gspo, cispo, sapo, gpg,
-dro, dppo_tv, dppo_kl, geo_mean and kl_cov), its actor's whole loss (``ppo_loss``) and its critic's
+dro, dppo_tv, dppo_kl, geo_mean, kl_cov and clip_cov), its actor's whole loss (``ppo_loss``) and its critic's
 ``compute_value_loss`` on ppo_ext's kernel.
 
 Same signatures, same return values ``(pg_loss, pg_metrics)``, same metric keys, same config reading
@@ -10,7 +10,7 @@ computed by one ``ppo_ext.policy_loss`` call (forward and backward fused) instea
 Use inside verl (in every process that builds the actor, e.g. the worker module)::
 
     from ppo_ext.compat import verl as ppo_ext_verl
-    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_kl_cov")
+    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_clip_cov")
     # then: actor_rollout_ref.actor.policy_loss.loss_mode=ppo_ext_vanilla   (or ppo_ext_<mode>)
 
 or call the functions directly where verl would call its own. The actor's whole loss, verl's ``ppo_loss``
@@ -125,13 +125,14 @@ from ppo_ext.names import LOSS_AGG_MODES
 __all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
            "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_geo_mean",
-           "compute_policy_loss_kl_cov", "ppo_loss", "register_actor_loss",
+           "compute_policy_loss_kl_cov", "compute_policy_loss_clip_cov", "ppo_loss", "register_actor_loss",
            "compute_value_loss", "register", "LOSS_MODES", "NAMES",
            "POLICY_LOSSES", "VANILLA_NAME", "GSPO_NAME", "TOKEN_LOG_RATIO_CLAMP", "VANILLA_LOG_RATIO_CLAMP",
            "GSPO_LOG_RATIO_CLAMP", "DPPO_CLIP_RATIO_C_DEFAULT"]
 
 # verl's loss modes the adapter provides, in register()'s order, and the names register() gives them.
-LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov")
+LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov",
+              "clip_cov")
 NAMES = {mode: f"ppo_ext_{mode}" for mode in LOSS_MODES}
 VANILLA_NAME = NAMES["vanilla"]
 GSPO_NAME = NAMES["gspo"]
@@ -157,6 +158,7 @@ _METRICS = {
     "dppo_kl": {_CLIPFRAC: "clipfrac_active", _KL: "approx_kl", _LOWER: "dual_clipfrac"},
     "geo_mean": {_CLIPFRAC: "clipfrac_high", _KL: "approx_kl", _LOWER: "clipfrac_low"},
     "kl_cov": {},  # (its actor/ppo_kl, mean |d|, is not a kernel metric: compute_policy_loss_kl_cov)
+    "clip_cov": {},  # (its pg_clipfrac is the fraction of tokens it removed: compute_policy_loss_clip_cov)
 }
 
 
@@ -594,6 +596,62 @@ def compute_policy_loss_kl_cov(
     return _finish(out.loss, dp_size, {"actor/ppo_kl": abs_kl.to(torch.float32)}, return_tensors)
 
 
+def compute_policy_loss_clip_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_clip_cov`` (Clip-Cov) on ppo_ext's kernel: the clipped loss (no dual clip, no
+    clamp) with the loss of up to ``max(1, int(clip_cov_ratio * N))`` tokens removed, drawn at random (verl's
+    ``torch.randperm``) among the valid tokens the clip leaves alone whose ``(A - mean A)(lp - mean lp)`` lies in
+    ``(clip_cov_lb, clip_cov_ub)`` (``config.policy_loss``; defaults 0.0002, 1, 5). The draw is verl's own: its
+    count read with ``.item()``, its candidates with ``nonzero`` (two host synchronisations, as in verl) and its
+    ``torch.randperm`` from torch's default generator, so that the same generator state removes the same tokens;
+    then one kernel call with the removed tokens' weight 0 (times ``rollout_is_weights``). Metrics
+    ``actor/pg_clipfrac`` (the fraction of valid tokens removed, as verl's) and ``actor/ppo_kl``."""
+    _require_config(config, "clip_cov")
+    policy_loss_config = _config_value(config, "policy_loss", None)
+    if policy_loss_config is None:
+        raise ValueError("compute_policy_loss_clip_cov needs config.policy_loss (verl asserts it is not None)")
+
+    def option(name, default):
+        value = _config_value(policy_loss_config, name, None)
+        return default if value is None else float(value)
+
+    ratio, lb, ub = option("clip_cov_ratio", 0.0002), option("clip_cov_lb", 1.0), option("clip_cov_ub", 5.0)
+    if not ratio > 0:
+        raise ValueError("clip_ratio should be larger than 0.")
+    clip_low, clip_high = _clip_ratios(config)
+    valid = response_mask != 0
+    adv = advantages.reshape(-1, 1).expand_as(log_prob) if advantages.dim() == 1 else advantages
+    with torch.no_grad():
+        lp, adv_d = log_prob.detach(), adv.detach()
+        ratio_t = torch.exp(lp - old_log_prob)
+        clipped = (-adv_d * torch.clamp(ratio_t, 1 - clip_low, 1 + clip_high) > -adv_d * ratio_t) & valid
+        count = valid.sum()
+        cov = (adv_d - torch.where(valid, adv_d, 0).sum() / count) * (lp - torch.where(valid, lp, 0).sum() / count)
+        cov = torch.where(valid & ~clipped, cov, -torch.inf)
+        clip_num = max(int(ratio * count.item()), 1)  # (verl's host synchronisation)
+        candidates = torch.nonzero((cov < ub) & (cov > lb) & valid)  # (and its second)
+        if len(candidates) > 0:
+            candidates = candidates[torch.randperm(len(candidates))[:min(clip_num, len(candidates))]]
+        kept = torch.ones_like(lp)
+        kept[candidates[:, 0], candidates[:, 1]] = 0
+        removed = (torch.where(valid, 1 - kept, 0).sum() / count.clamp(min=1)).to(torch.float32)
+    weights = kept if rollout_is_weights is None else kept * rollout_is_weights
+    normalisers, dp_size = _aggregation(config, loss_agg_mode)
+    out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode=loss_agg_mode,
+                              clip_low=clip_low, clip_high=clip_high, token_weights=weights, **normalisers)
+    metrics = {_CLIPFRAC: removed, _KL: out.metrics["approx_kl"]}
+    return _finish(out.loss, dp_size, metrics, return_tensors)
+
+
 def compute_value_loss(
     vpreds: torch.Tensor,
     returns: torch.Tensor,
@@ -661,7 +719,7 @@ def ppo_loss(config, model_output, data, dp_group=None):
     ``no_padding_2_padding`` and TensorDict selection), the same ``config.global_batch_info``, and
 
     - the policy loss of ``config.policy_loss.loss_mode`` (verl's name or ``ppo_ext_<mode>``) by this module's
-      ``compute_policy_loss_<mode>``; a mode it does not cover (clip_cov, bypass_mode, ...) hands the whole
+      ``compute_policy_loss_<mode>``; a mode it does not cover (bypass_mode, ...) hands the whole
       call to verl's own ppo_loss;
     - ``use_kl_loss``: ``kl_loss_coef`` times the KL to the reference (``data["ref_log_prob"]``, estimator
       ``kl_loss_type``, verl's ``kl_penalty`` with its clamps and "+" forms) aggregated as verl's ``agg_loss``
@@ -742,6 +800,7 @@ POLICY_LOSSES = {
     "dppo_kl": compute_policy_loss_dppo_kl,
     "geo_mean": compute_policy_loss_geo_mean,
     "kl_cov": compute_policy_loss_kl_cov,
+    "clip_cov": compute_policy_loss_clip_cov,
 }
 assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
 
@@ -750,11 +809,11 @@ def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
              cispo_name: str = NAMES["cispo"], sapo_name: str = NAMES["sapo"], gpg_name: str = NAMES["gpg"],
              dro_name: str = NAMES["dro"], dppo_tv_name: str = NAMES["dppo_tv"],
              dppo_kl_name: str = NAMES["dppo_kl"], geo_mean_name: str = NAMES["geo_mean"],
-             kl_cov_name: str = NAMES["kl_cov"]) -> Tuple[str, ...]:
+             kl_cov_name: str = NAMES["kl_cov"], clip_cov_name: str = NAMES["clip_cov"]) -> Tuple[str, ...]:
     """Registers every function in verl's policy-loss registry (``core_algos.register_policy_loss``), by
     default as ``ppo_ext_<mode>`` (``NAMES``: ``ppo_ext_vanilla``, ``ppo_ext_gspo``, ``ppo_ext_cispo``,
     ``ppo_ext_sapo``, ``ppo_ext_gpg``, ``ppo_ext_dro``, ``ppo_ext_dppo_tv``, ``ppo_ext_dppo_kl``,
-    ``ppo_ext_geo_mean``, ``ppo_ext_kl_cov``), and
+    ``ppo_ext_geo_mean``, ``ppo_ext_kl_cov``, ``ppo_ext_clip_cov``), and
     returns the names in that order (``LOSS_MODES``): select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``. verl's own losses are left as they are.
     Call it in every process that builds the actor (the registry is per process).
@@ -762,7 +821,7 @@ def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
     Raises ImportError, saying what to do, when verl cannot be imported.
     """
     names = (vanilla_name, gspo_name, cispo_name, sapo_name, gpg_name, dro_name, dppo_tv_name, dppo_kl_name,
-             geo_mean_name, kl_cov_name)
+             geo_mean_name, kl_cov_name, clip_cov_name)
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as exc:
