@@ -1,6 +1,7 @@
 """ppo_ext.compat.verl against verl 0.9.1's own code.
 
-verl's compute_policy_loss_<mode> (vanilla, gspo, cispo, sapo, gpg, dro, dppo_tv, dppo_kl) and agg_loss are
+verl's compute_policy_loss_<mode> (vanilla, gspo, cispo, sapo, gpg, dro, dppo_tv, dppo_kl, geo_mean, kl_cov,
+clip_cov; clip_cov's random draw from the default generator, reseeded alike for verl and the adapter) and agg_loss are
 verl's, from the installed package (verl/trainer/ppo/core_algos.py and verl/utils/torch_functional.py,
 executed from their files by tests/frameworks.verl with stand-ins for ray, omegaconf, tensordict,
 transformers and the worker configs: nothing of verl is copied here). They are called as verl's actor calls
