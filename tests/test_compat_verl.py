@@ -1151,11 +1151,12 @@ def test_kl_cov_selection_needs_no_host_synchronisation():
     adv = torch.tensor([[1.0, -1.0, 5.0, 2.0]])
     lp = torch.tensor([[-1.0, -2.0, -9.0, -0.5]])
     # means over valid tokens: A 2/3, lp -7/6; covariance terms 0.0556, 1.4722, -, 0.8889: the largest is token 1
-    selected = pv._largest_covariance_tokens(adv, lp, valid, 0.34)  # floor(3 * 0.34) = 1
+    selected = pv._largest_covariance_tokens(pv._covariance_terms(adv, lp, valid), valid, 0.34)  # floor(3 * 0.34) = 1
     assert selected.tolist() == [[False, True, False, False]]
-    selected = pv._largest_covariance_tokens(adv, lp, valid, 0.67)  # floor(3 * 0.67) = 2
+    selected = pv._largest_covariance_tokens(pv._covariance_terms(adv, lp, valid), valid, 0.67)  # floor(3 * 0.67) = 2
     assert selected.tolist() == [[False, True, False, True]]
-    assert not pv._largest_covariance_tokens(adv, lp, torch.zeros_like(valid), 0.5).any()
+    none = torch.zeros_like(valid)
+    assert not pv._largest_covariance_tokens(pv._covariance_terms(adv, lp, none), none, 0.5).any()
 
 
 # ----------------------------------------------------------------------------------------------------

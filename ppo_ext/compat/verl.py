@@ -225,6 +225,22 @@ def _finish(loss: torch.Tensor, dp_size, metrics: Dict[str, torch.Tensor], retur
     return loss, dict(zip(metrics.keys(), values))
 
 
+def _policy_loss_config(config, mode: str):
+    """``config.policy_loss`` (dro's, kl_cov's, clip_cov's options), which verl asserts is there."""
+    _require_config(config, mode)
+    policy_loss_config = _config_value(config, "policy_loss", None)
+    if policy_loss_config is None:
+        raise ValueError(f"compute_policy_loss_{mode} needs config.policy_loss (verl asserts config.policy_loss is "
+                         "not None)")
+    return policy_loss_config
+
+
+def _number_or_default(policy_loss_config, name: str, default: float) -> float:
+    """A ``config.policy_loss`` number, its default where it is None (verl's ``x if x is not None else default``)."""
+    value = _config_value(policy_loss_config, name, None)
+    return default if value is None else float(value)
+
+
 def _require_config(config, mode: str) -> None:
     if config is None:
         raise ValueError(f"compute_policy_loss_{mode} needs the actor config (verl asserts config is not None)")
@@ -415,12 +431,7 @@ def compute_policy_loss_dro(
     <= 0); times ``rollout_is_weights``; then verl's ``agg_loss`` in ``loss_agg_mode`` with
     ``config.global_batch_info``. Metrics: ``actor/ppo_kl`` alone (the unclamped ``mean(-d)``).
     """
-    _require_config(config, "dro")
-    policy_loss_config = _config_value(config, "policy_loss", None)
-    if policy_loss_config is None:
-        raise ValueError("compute_policy_loss_dro needs config.policy_loss (verl asserts config.policy_loss is "
-                         "not None)")
-    beta = _config_value(policy_loss_config, "dro_beta", None)
+    beta = _config_value(_policy_loss_config(config, "dro"), "dro_beta", None)
     if beta is None or beta <= 0:
         raise ValueError("policy_loss.dro_beta must be a positive value when using DRO")
     return _compute("dro", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -531,18 +542,25 @@ def compute_policy_loss_geo_mean(
 _UNCLIPPED = dict(clip_low=1.0, clip_high=sys.float_info.max)
 
 
-def _largest_covariance_tokens(advantages, log_prob, valid, ratio: float) -> torch.Tensor:
+def _covariance_terms(advantages, log_prob, valid) -> torch.Tensor:
+    """kl_cov's and clip_cov's statistic per token, (A - mean A)(lp - mean lp), the means over the valid tokens
+    (advantages (B, T) or (B,)); -inf at masked positions. Without gradient, on the device."""
+    with torch.no_grad():
+        adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).detach()
+        lp = log_prob.detach()
+        count = valid.sum().clamp(min=1)
+        cov = (adv - torch.where(valid, adv, 0).sum() / count) * (lp - torch.where(valid, lp, 0).sum() / count)
+        return torch.where(valid, cov, -torch.inf)
+
+
+def _largest_covariance_tokens(cov, valid, ratio: float) -> torch.Tensor:
     """kl_cov's selection, on the device without a host synchronisation: the valid tokens whose covariance term
-    (A - mean A)(lp - mean lp) (means over the valid tokens) is among the max(1, floor(N * ratio)) largest, N the
-    valid tokens (verl: torch.topk of the same values on the CPU). The k-th largest value is read from a device sort;
-    tokens tied with it are all taken (topk takes k of them)."""
+    (``_covariance_terms``) is among the max(1, floor(N * ratio)) largest, N the valid tokens (verl: torch.topk of
+    the same values on the CPU). The k-th largest value is read from a device sort; tokens tied with it are all
+    taken (topk takes k of them)."""
     with torch.no_grad():
         n = valid.sum()
-        count = n.clamp(min=1).to(log_prob.dtype)
-        adv = torch.where(valid, advantages, 0)
-        lp = torch.where(valid, log_prob.detach(), 0)
-        cov = (advantages - adv.sum() / count) * (log_prob.detach() - lp.sum() / count)
-        cov = torch.where(valid, cov, -torch.inf).reshape(-1)
+        cov = cov.reshape(-1)
         k = torch.clamp(torch.floor(n.to(torch.float64) * ratio), min=1).to(torch.long)
         kth = cov.sort(descending=True).values.gather(0, (k - 1).clamp(max=cov.numel() - 1).reshape(1))
         return valid & (cov >= kth).reshape(valid.shape)
@@ -569,22 +587,16 @@ def compute_policy_loss_kl_cov(
     ``actor/ppo_kl``: the mean of ``|log_prob - old_log_prob|`` over valid tokens. Differs from verl: tokens tied
     at the k-th covariance are all penalised (verl's topk takes k); ``rollout_is_weights`` (which verl multiplies
     into the penalty too, which the kernel's KL term does not take) raise NotImplementedError."""
-    _require_config(config, "kl_cov")
-    policy_loss_config = _config_value(config, "policy_loss", None)
-    if policy_loss_config is None:
-        raise ValueError("compute_policy_loss_kl_cov needs config.policy_loss (verl asserts it is not None)")
-    ratio = _config_value(policy_loss_config, "kl_cov_ratio", None)
-    ratio = 0.0002 if ratio is None else float(ratio)
-    coef = _config_value(policy_loss_config, "ppo_kl_coef", None)
-    coef = 1.0 if coef is None else float(coef)
+    policy_loss_config = _policy_loss_config(config, "kl_cov")
+    ratio = _number_or_default(policy_loss_config, "kl_cov_ratio", 0.0002)
+    coef = _number_or_default(policy_loss_config, "ppo_kl_coef", 1.0)
     if not ratio > 0:
         raise ValueError("kl_cov_ratio should be larger than 0.")
     if rollout_is_weights is not None:
         raise NotImplementedError("compute_policy_loss_kl_cov with rollout_is_weights: verl weights the KL penalty "
                                   "too, which ppo_ext's KL term does not take; use verl's own kl_cov for it")
     valid = response_mask != 0
-    advantages = advantages.reshape(-1, 1).expand_as(log_prob) if advantages.dim() == 1 else advantages
-    selected = _largest_covariance_tokens(advantages.detach(), log_prob, valid, ratio)
+    selected = _largest_covariance_tokens(_covariance_terms(advantages, log_prob, valid), valid, ratio)
     penalised = torch.where(selected, old_log_prob.detach(), log_prob.detach())
     normalisers, dp_size = _aggregation(config, loss_agg_mode)
     out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode=loss_agg_mode,
@@ -615,28 +627,19 @@ def compute_policy_loss_clip_cov(
     ``torch.randperm`` from torch's default generator, so that the same generator state removes the same tokens;
     then one kernel call with the removed tokens' weight 0 (times ``rollout_is_weights``). Metrics
     ``actor/pg_clipfrac`` (the fraction of valid tokens removed, as verl's) and ``actor/ppo_kl``."""
-    _require_config(config, "clip_cov")
-    policy_loss_config = _config_value(config, "policy_loss", None)
-    if policy_loss_config is None:
-        raise ValueError("compute_policy_loss_clip_cov needs config.policy_loss (verl asserts it is not None)")
-
-    def option(name, default):
-        value = _config_value(policy_loss_config, name, None)
-        return default if value is None else float(value)
-
-    ratio, lb, ub = option("clip_cov_ratio", 0.0002), option("clip_cov_lb", 1.0), option("clip_cov_ub", 5.0)
+    policy_loss_config = _policy_loss_config(config, "clip_cov")
+    ratio, lb, ub = (_number_or_default(policy_loss_config, name, default) for name, default in
+                     (("clip_cov_ratio", 0.0002), ("clip_cov_lb", 1.0), ("clip_cov_ub", 5.0)))
     if not ratio > 0:
         raise ValueError("clip_ratio should be larger than 0.")
     clip_low, clip_high = _clip_ratios(config)
     valid = response_mask != 0
-    adv = advantages.reshape(-1, 1).expand_as(log_prob) if advantages.dim() == 1 else advantages
     with torch.no_grad():
-        lp, adv_d = log_prob.detach(), adv.detach()
+        lp, adv = log_prob.detach(), (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages).detach()
         ratio_t = torch.exp(lp - old_log_prob)
-        clipped = (-adv_d * torch.clamp(ratio_t, 1 - clip_low, 1 + clip_high) > -adv_d * ratio_t) & valid
+        clipped = (-adv * torch.clamp(ratio_t, 1 - clip_low, 1 + clip_high) > -adv * ratio_t) & valid
         count = valid.sum()
-        cov = (adv_d - torch.where(valid, adv_d, 0).sum() / count) * (lp - torch.where(valid, lp, 0).sum() / count)
-        cov = torch.where(valid & ~clipped, cov, -torch.inf)
+        cov = torch.where(clipped, -torch.inf, _covariance_terms(advantages, log_prob, valid))
         clip_num = max(int(ratio * count.item()), 1)  # (verl's host synchronisation)
         candidates = torch.nonzero((cov < ub) & (cov > lb) & valid)  # (and its second)
         if len(candidates) > 0:
