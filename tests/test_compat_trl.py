@@ -768,21 +768,8 @@ def test_entropy_bonus_with_everything(trl, loss_type):
     mask = trl.GRPOTrainer.get_high_entropy_mask(theirs.trainer, case["entropies"], case["mask"], 0.5)
     assert_same(theirs, run_adapter(args, case, inputs, entropy_mask=mask))
     assert_same(theirs, run_mixin(trl, args, case, inputs))
-    cases = [make_case(53, mask="empty_rows"), make_case(54, mask="ragged")]
-    n = sum(c["mask"].sum() for c in cases)
-    args = grpo_args(trl, loss_type=loss_type, entropy_coef=0.05)
-    inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
-
-    def ranks(run):
-        group = _Group(2)
-        return _run_ranks([functools.partial(run, rank, FakeAccelerator(group, rank)) for rank in (0, 1)])
-
-    theirs = ranks(lambda r, acc: run_trl(trl, args, cases[r], inputs[r], accelerator=acc))
-    ours = ranks(lambda r, acc: run_adapter(args, cases[r], inputs[r], num_processes=2, accelerator=acc))
-    mixin = ranks(lambda r, acc: run_mixin(trl, args, cases[r], inputs[r], accelerator=acc))
-    for rank in (0, 1):
-        assert_same(theirs[rank], ours[rank])
-        assert_same(theirs[rank], mixin[rank])
+    compare_two_ranks(trl, grpo_args(trl, loss_type=loss_type, entropy_coef=0.05),
+                      [make_case(53, mask="empty_rows"), make_case(54, mask="ragged")])
 
 
 def test_entropy_bonus_needs_entropies():
@@ -814,6 +801,26 @@ def _run_ranks(fns):
     return results
 
 
+def compare_two_ranks(trl_ns, args, cases):
+    """TRL's _compute_loss, the adapter and the mixin on two ranks (threads exchanging through a _Group), each
+    rank holding one case, num_items_in_batch the tokens of both; the three must agree on each rank. Returns TRL's
+    results and the inputs."""
+    n = sum(c["mask"].sum() for c in cases)  # TRL: accelerator.gather(loss_mask.sum()).sum()
+    inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
+
+    def ranks(run):
+        group = _Group(2)
+        return _run_ranks([functools.partial(run, rank, FakeAccelerator(group, rank)) for rank in (0, 1)])
+
+    theirs = ranks(lambda r, acc: run_trl(trl_ns, args, cases[r], inputs[r], accelerator=acc))
+    ours = ranks(lambda r, acc: run_adapter(args, cases[r], inputs[r], num_processes=2, accelerator=acc))
+    mixin = ranks(lambda r, acc: run_mixin(trl_ns, args, cases[r], inputs[r], accelerator=acc))
+    for rank in (0, 1):
+        assert_same(theirs[rank], ours[rank])
+        assert_same(theirs[rank], mixin[rank])
+    return theirs, inputs
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -821,22 +828,10 @@ def test_two_processes(trl, loss_type, level, beta):
     """Each rank's loss (the normalisation by num_processes, the global num_items_in_batch) and TRL's
     global metrics (accelerator.reduce / gather across the two ranks), the KL's included."""
     cases = [make_case(20, mask="empty_rows"), make_case(21, mask="ragged")]
-    n = sum(c["mask"].sum() for c in cases)  # TRL: accelerator.gather(loss_mask.sum()).sum()
     bias = not (loss_type == "vespo" and level == "sequence")  # (refused with the bias correction: test_beta)
     args = grpo_args(trl, loss_type=loss_type, importance_sampling_level=level, beta=beta,
                      use_bias_correction_kl=bias, **clip_options(loss_type))
-    inputs = [make_inputs(c, num_items_in_batch=n) for c in cases]
-
-    def ranks(run, **kw):
-        group = _Group(2)
-        return _run_ranks([functools.partial(run, rank, FakeAccelerator(group, rank), **kw) for rank in (0, 1)])
-
-    theirs = ranks(lambda r, acc: run_trl(trl, args, cases[r], inputs[r], accelerator=acc))
-    ours = ranks(lambda r, acc: run_adapter(args, cases[r], inputs[r], num_processes=2, accelerator=acc))
-    mixin = ranks(lambda r, acc: run_mixin(trl, args, cases[r], inputs[r], accelerator=acc))
-    for rank in (0, 1):
-        assert_same(theirs[rank], ours[rank])
-        assert_same(theirs[rank], mixin[rank])
+    theirs, inputs = compare_two_ranks(trl, args, cases)
     assert theirs[0].metrics == theirs[1].metrics  # global metrics: the same on both ranks
     # without an accelerator: the same loss and gradient, this rank's own metrics (TRL's with local collectives)
     for rank in (0, 1):
