@@ -293,12 +293,14 @@ def verl() -> types.SimpleNamespace:
     """verl 0.9.1's core_algos, torch_functional and ActorConfig, from the installed package.
 
     Real: verl/trainer/ppo/core_algos.py, verl/utils/torch_functional.py, verl/utils/import_utils.py,
+    verl/trainer/ppo/rollout_corr_helper.py (bypass_mode's weights, masks and metrics),
     verl/base_config.py, verl/trainer/config (AlgoConfig, CheckpointConfig, RolloutCorrectionConfig),
     verl/workers/config/actor.py (ActorConfig), checkpoint.py and optimizer.py beside it, and
     verl/utils/profiler/config.py. Hollow (``__init__`` skipped): verl (imports ray), verl.utils
     (tokenizers), verl.utils.profiler, verl.workers, verl.workers.config (every worker config). Stubbed:
     omegaconf (``DictConfig`` only names a type, ``MISSING`` is omegaconf's "???"), tensordict,
-    transformers, verl.utils.device, verl.utils.qat, the engine and model configs (default factories
+    transformers, verl.protocol (``_DataProto``: the helper only wraps a tensor in it), verl.utils.device,
+    verl.utils.qat, the engine and model configs (default factories
     of ActorConfig fields), and verl.utils' ``as_torch_index`` / ``group_mean_std`` (advantage
     estimators); flash_attn and torch_npu are made unimportable (verl tries them and falls back).
     """
@@ -321,6 +323,7 @@ def verl() -> types.SimpleNamespace:
         "verl.workers.config.engine": {n: stub_class(f"verl.workers.config.engine.{n}") for n in (
             "FSDPEngineConfig", "McoreEngineConfig", "TorchtitanEngineConfig", "VeOmniEngineConfig")},
         "verl.workers.config.model": {"HFModelConfig": stub_class("verl.workers.config.model.HFModelConfig")},
+        "verl.protocol": {"DataProto": _DataProto},
         "flash_attn": None,
         "torch_npu": None,
     }
@@ -329,6 +332,7 @@ def verl() -> types.SimpleNamespace:
         placed["verl.workers.config"].ActorConfig = actor.ActorConfig  # what core_algos imports from there
         core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
         torch_functional = importlib.import_module("verl.utils.torch_functional")
+        rollout_corr_helper = importlib.import_module("verl.trainer.ppo.rollout_corr_helper")
 
     def actor_config(**fields):
         """verl's ActorConfig: ``fields`` plus the ones its __post_init__ requires (strategy, rollout_n,
@@ -339,7 +343,20 @@ def verl() -> types.SimpleNamespace:
         return actor.ActorConfig(**fields)
 
     return types.SimpleNamespace(core_algos=core_algos, torch_functional=torch_functional,
-                                 ActorConfig=actor.ActorConfig, actor_config=actor_config, version=version)
+                                 rollout_corr_helper=rollout_corr_helper, ActorConfig=actor.ActorConfig,
+                                 actor_config=actor_config, version=version)
+
+
+class _DataProto:
+    """verl.protocol.DataProto as rollout_corr_helper uses it: ``DataProto.from_dict(tensors=...)``, read back as
+    ``.batch[key]`` (the real one imports ray)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    @classmethod
+    def from_dict(cls, tensors):
+        return cls(dict(tensors))
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,6 +24,8 @@ here, ratios above the truncations), kept away from every threshold and truncati
 float64 take the same keep decisions.
 """
 
+import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -49,7 +51,7 @@ ALL_KINDS = KINDS + NEW_KINDS
 DPPO = ("dppo_tv", "dppo_kl")
 # geo_mean (GMPO), kl_cov and clip_cov have tests of their own (geo_mean ignores loss_agg_mode and global_batch_info,
 # the *_cov modes select tokens by a batch statistic): registered, not in ALL_KINDS.
-REGISTERED_KINDS = ALL_KINDS + ("geo_mean", "kl_cov", "clip_cov")
+REGISTERED_KINDS = ALL_KINDS + ("geo_mean", "kl_cov", "clip_cov", "bypass_mode")
 ADAPTER = {kind: getattr(pv, f"compute_policy_loss_{kind}") for kind in REGISTERED_KINDS}
 ALL_NAMES = tuple(f"ppo_ext_{kind}" for kind in REGISTERED_KINDS)  # what register() names them
 # verl's metric keys, in its order, per mode.
@@ -834,8 +836,8 @@ def test_errors():
         pv.compute_policy_loss_vanilla(*args, "token-mean", _plain_config({"dp_size": 2}))
     for mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         for kind, fn in ADAPTER.items():
-            if kind == "geo_mean":  # reads no global_batch_info, as verl's (test_geo_mean_parity)
-                continue
+            if kind in ("geo_mean", "bypass_mode"):  # geo_mean reads no global_batch_info, as verl's
+                continue  # (test_geo_mean_parity); bypass_mode runs verl's helper first (test_bypass_mode_*)
             with pytest.raises(ValueError, match="global_batch_size is required"):
                 fn(*args, mode, _plain_config({"dp_size": 2, "batch_num_tokens": 5}, **_plain_fields(kind)))
     pv.compute_policy_loss_vanilla(*args, "token-sum", _plain_config({"dp_size": 2}))  # needs no global count
@@ -941,9 +943,13 @@ def test_register_into_verls_registry(verl, monkeypatch):
         assert core_algos.get_policy_loss_fn(name) is ADAPTER[kind]
         assert core_algos.get_policy_loss_fn(kind) is getattr(core_algos, f"compute_policy_loss_{kind}")
     names = pv.register("a", "b", dppo_kl_name="z")
-    assert names == ("a", "b") + ALL_NAMES[2:-4] + ("z",) + ALL_NAMES[-3:]
+    dppo_kl = REGISTERED_KINDS.index("dppo_kl")
+    assert names == ("a", "b") + ALL_NAMES[2:dppo_kl] + ("z",) + ALL_NAMES[dppo_kl + 1:]
     assert core_algos.get_policy_loss_fn("b") is pv.compute_policy_loss_gspo
     assert core_algos.get_policy_loss_fn("z") is pv.compute_policy_loss_dppo_kl
+    # verl's trainer selects bypass mode by verl's name: registered under it, the adapter's replaces verl's
+    pv.register(bypass_mode_name="bypass_mode")
+    assert core_algos.get_policy_loss_fn("bypass_mode") is pv.compute_policy_loss_bypass_mode
     for kind, name in zip(ALL_KINDS, ALL_NAMES):
         inp = _inputs(kind, 13 + ALL_KINDS.index(kind))
         config = verl_config(verl, "seq-mean-token-mean", trainer_info(inp.mask), kind=kind)
@@ -1098,8 +1104,8 @@ def _kl_cov_config(verl, ratio, coef, mode="token-mean", info=None):
     return verl_config(verl, mode, info, policy_loss=policy_loss)
 
 
-def _kl_cov_inputs(seed, b=B, t=T, adv="BT"):
-    inp = _inputs("vanilla", seed, weights=False, b=b, t=t)
+def _kl_cov_inputs(seed, b=B, t=T, adv="BT", weights=False):
+    inp = _inputs("vanilla", seed, weights=weights, b=b, t=t)
     g = torch.Generator().manual_seed(seed)
     if adv == "BT":  # per-token advantages: distinct covariance terms (ties at the k-th are improbable)
         inp.adv = inp.adv + 0.3 * torch.randn(inp.adv.shape, generator=g, dtype=inp.adv.dtype)
@@ -1135,11 +1141,37 @@ def test_kl_cov_two_ranks_and_row_advantages(verl):
     torch.testing.assert_close(got, ref)
 
 
-def test_kl_cov_refuses_rollout_weights_and_bad_ratio(verl):
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_kl_cov_rollout_weights(verl, mode, dtype):
+    """verl weights the penalised tokens' whole loss, penalty included: the adapter's second, weighted term."""
+    inp = _kl_cov_inputs(60 + AGG_MODES.index(mode), weights=True)
+    assert inp.weights is not None
+    config = _kl_cov_config(verl, 0.2, 0.5, mode)
+    got = run_adapter("kl_cov", inp, config, dtype=dtype)
+    assert_same(got, run_verl(verl, "kl_cov", inp, config), f"kl_cov weighted {mode}", keys=("actor/ppo_kl",))
+    # the weights reach the penalty: weighting the surrogate alone differs from verl's
+    unweighted_penalty = run_adapter("kl_cov", inp, _kl_cov_config(verl, 0.2, 0.0, mode), dtype=dtype)[0] + \
+        run_adapter("kl_cov", dataclasses.replace(inp, weights=None), config, dtype=dtype)[0] - \
+        run_adapter("kl_cov", dataclasses.replace(inp, weights=None), _kl_cov_config(verl, 0.2, 0.0, mode),
+                    dtype=dtype)[0]
+    assert (unweighted_penalty - got[0]).abs() > 1e-6
+
+
+def test_kl_cov_rollout_weights_masked_nan(verl):
+    """Masked positions holding NaN (log-probs, weights) leave the weighted kl_cov's loss and gradient finite."""
+    inp = _kl_cov_inputs(70, weights=True)
+    clean = run_adapter("kl_cov", inp, _kl_cov_config(verl, 0.2, 0.5), dtype=torch.float64)
+    masked = ~inp.mask.bool()
+    assert masked.any()
+    dirty = dataclasses.replace(inp, **{k: getattr(inp, k).masked_fill(masked, float("nan"))
+                                        for k in ("lp", "old", "weights")})
+    got = run_adapter("kl_cov", dirty, _kl_cov_config(verl, 0.2, 0.5), dtype=torch.float64)
+    assert torch.equal(got[0], clean[0]) and torch.equal(got[2], clean[2])
+
+
+def test_kl_cov_bad_ratio(verl):
     inp = _kl_cov_inputs(44)
-    with pytest.raises(NotImplementedError, match="rollout_is_weights"):
-        pv.compute_policy_loss_kl_cov(inp.old, inp.lp, inp.adv, inp.mask, "token-mean",
-                                      _kl_cov_config(verl, 0.05, 0.2), rollout_is_weights=torch.ones_like(inp.lp))
     with pytest.raises(ValueError, match="kl_cov_ratio should be larger than 0"):
         pv.compute_policy_loss_kl_cov(inp.old, inp.lp, inp.adv, inp.mask, "token-mean",
                                       _kl_cov_config(verl, 0.0, 0.2))
@@ -1218,3 +1250,75 @@ def test_clip_cov_no_candidate(verl):
     assert_same(got, _seeded(lambda: run_verl(verl, "clip_cov", inp, config), 5), "clip_cov none",
                 keys=(_CLIPFRAC_KEY, "actor/ppo_kl"))
     assert got[1][_CLIPFRAC_KEY] == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# bypass_mode: verl's rollout_corr_helper for the weights, the rejection mask and its metrics, the loss on the kernel
+
+
+@pytest.fixture
+def verl_bypass(verl, monkeypatch):
+    """verl's own bypass_mode and the adapter both import verl.trainer.ppo.rollout_corr_helper when called: the
+    helper verl() loaded (the installed verl's __init__ imports ray)."""
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.rollout_corr_helper", verl.rollout_corr_helper)
+    return verl
+
+
+def _bypass_config(verl, mode="token-mean", info=None, **correction):
+    rollout_correction = type(policy_loss_config(verl).rollout_correction)(bypass_mode=True, **correction)
+    policy_loss = policy_loss_config(verl, loss_mode="bypass_mode", rollout_correction=rollout_correction)
+    return verl_config(verl, mode, info, policy_loss=policy_loss)
+
+
+# (loss_type, rollout_is, rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold)
+BYPASS_CASES = [
+    ("ppo_clip", None, 2.0, False, None, None),
+    ("ppo_clip", "token", 2.0, False, "token_k1", "0.5_1.5"),
+    ("ppo_clip", "sequence", 2.0, False, "seq_mean_k3,token_k2", "0.05,0.3"),
+    ("reinforce", None, 2.0, False, None, None),
+    ("reinforce", "token", 1.5, False, None, None),
+    ("reinforce", "token", "0.5_1.5", True, "token_k1", "0.6_1.4"),
+    ("reinforce", "sequence", 4.0, False, "seq_max_k2", 0.2),
+]
+
+
+@pytest.mark.parametrize("case", BYPASS_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bypass_mode(verl_bypass, case, mode, dtype):
+    loss_type, rollout_is, threshold, normalize, rs, rs_threshold = case
+    config = _bypass_config(verl_bypass, mode, loss_type=loss_type, rollout_is=rollout_is,
+                            rollout_is_threshold=threshold, rollout_is_batch_normalize=normalize, rollout_rs=rs,
+                            rollout_rs_threshold=rs_threshold)
+    inp = _inputs("vanilla", 80 + BYPASS_CASES.index(case), weights=False)
+    ref = run_verl(verl_bypass, "bypass_mode", inp, config)
+    got = run_adapter("bypass_mode", inp, config, dtype=dtype)
+    keys = list(ref[1])
+    pg_keys = [k for k in keys if not k.startswith("rollout_corr/")]
+    assert pg_keys == ([_CLIPFRAC_KEY, "actor/ppo_kl", "actor/pg_clipfrac_lower"] if loss_type == "ppo_clip"
+                       else ["actor/ppo_kl"])
+    # the helper's metrics were computed from the adapter's dtype: compared at that dtype's tolerance below
+    skip = [k for k in keys if k.startswith("rollout_corr/")] if dtype == torch.float32 else []
+    assert_same(got, ref, f"bypass_mode {case} {mode}", keys=keys, skip=skip)
+    for k in skip:
+        assert got[1][k] == pytest.approx(ref[1][k], rel=1e-4, abs=1e-5), k
+    if rs is not None:  # the rejection mask took effect: some token was rejected
+        assert ref[1]["rollout_corr/rollout_rs_masked_fraction"] > 0
+
+
+def test_bypass_mode_two_ranks_and_errors(verl_bypass):
+    for rows, seed in ((slice(0, B // 2), 90), (slice(B // 2, B), 91)):
+        inp = _inputs("vanilla", seed, weights=False)
+        config = _bypass_config(verl_bypass, "token-mean", trainer_info(inp.mask, dp_size=2), loss_type="reinforce",
+                                rollout_is="token", rollout_rs="token_k1", rollout_rs_threshold="0.5_1.5")
+        ref = run_verl(verl_bypass, "bypass_mode", inp, config, rows)
+        assert_same(run_adapter("bypass_mode", inp, config, rows, dtype=torch.float64), ref, f"bypass rank {rows}",
+                    keys=list(ref[1]))
+    inp = _inputs("vanilla", 92, weights=False)
+    no_correction = verl_config(verl_bypass, "token-mean", policy_loss=policy_loss_config(
+        verl_bypass, loss_mode="bypass_mode", rollout_correction=None))
+    for run in (run_adapter, functools.partial(run_verl, verl_bypass)):
+        with pytest.raises(ValueError, match="rollout_correction config not found"):
+            run("bypass_mode", inp, no_correction)
+    with pytest.raises(ValueError, match="Invalid loss_type"):
+        run_adapter("bypass_mode", inp, _bypass_config(verl_bypass, loss_type="dpo"))

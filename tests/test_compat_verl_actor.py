@@ -5,6 +5,8 @@ and entropies flat over every sequence's tokens, as verl's engine hands them), v
 Metric, verl's ActorConfig. The loss, the gradients w.r.t. the model's log-probs and entropies, and every metric.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -79,10 +81,14 @@ def micro_batch(ns, seed, *, B=6, P=5, R=11, empty_row=True, rollout_is=False, i
     return data, {"log_probs": flat(lp), "entropy": flat(entropy)}, (lp, entropy)
 
 
-def actor_config(base, mode, **fields):
+def actor_config(base, mode, rollout_correction=None, **fields):
+    """verl's ActorConfig of loss mode ``mode``; ``rollout_correction``: RolloutCorrectionConfig fields (bypass_mode)."""
     options = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, tau_pos=1.0,
                    tau_neg=1.05)
-    policy_loss = type(base.actor_config().policy_loss)(loss_mode=mode, dro_beta=0.3)
+    policy_loss_type = type(base.actor_config().policy_loss)
+    correction = {} if rollout_correction is None else dict(
+        rollout_correction=type(policy_loss_type().rollout_correction)(**rollout_correction))
+    policy_loss = policy_loss_type(loss_mode=mode, dro_beta=0.3, **correction)
     return base.actor_config(policy_loss=policy_loss, **{**options, **fields})
 
 
@@ -128,6 +134,18 @@ def test_every_mode_with_kl_and_entropy(verl, adapter_uses_verl, mode):
     assert theirs[3] is not None and theirs[3].abs().sum() > 0  # the entropy got its gradient
 
 
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
+def test_bypass_mode(verl, adapter_uses_verl, monkeypatch, loss_type):
+    """bypass_mode (old_log_probs are the rollout's): verl's rollout_corr_helper's weights, mask and metrics."""
+    _, base = verl
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.rollout_corr_helper", base.rollout_corr_helper)
+    correction = dict(bypass_mode=True, loss_type=loss_type, rollout_is="token", rollout_is_threshold=1.5,
+                      rollout_rs="token_k1", rollout_rs_threshold="0.6_1.6")
+    theirs = compare(verl, "bypass_mode", 3, rollout_correction=correction, use_kl_loss=True, kl_loss_coef=0.05,
+                     entropy_coeff=0.01)
+    assert theirs[1]["rollout_corr/rollout_rs_masked_fraction"] > 0
+
+
 @pytest.mark.parametrize("kl_type", KL_TYPES)
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_kl_types_and_aggregations(verl, adapter_uses_verl, kl_type, agg):
@@ -162,8 +180,8 @@ def test_without_kl_or_entropy(verl, adapter_uses_verl):
 
 
 def test_ppo_ext_mode_names_and_unknown_modes(verl, adapter_uses_verl, monkeypatch):
-    """ppo_ext_<mode> (the names register() gives verl) is the mode; a mode the adapter does not cover (bypass_mode)
-    goes to verl's own ppo_loss, whole."""
+    """ppo_ext_<mode> (the names register() gives verl) is the mode; a mode the adapter does not cover (one a user
+    registered in verl) goes to verl's own ppo_loss, whole."""
     ns, base = verl
     theirs = run(ns.ppo_loss, ns, base, "cispo", 7, use_kl_loss=True, kl_loss_coef=0.1)
     ours = run(pv.ppo_loss, ns, base, "ppo_ext_cispo", 7, use_kl_loss=True, kl_loss_coef=0.1)
@@ -173,7 +191,7 @@ def test_ppo_ext_mode_names_and_unknown_modes(verl, adapter_uses_verl, monkeypat
     fake_losses = type("losses", (), {"ppo_loss": staticmethod(lambda *a: calls.append(a) or ("verl's", {}))})
     monkeypatch.setattr(pv, "_verl_actor_modules", lambda: (padding, metric, fake_losses))
     data, output, _ = micro_batch(ns, 8)
-    assert pv.ppo_loss(actor_config(base, "bypass_mode"), output, data) == ("verl's", {}) and len(calls) == 1
+    assert pv.ppo_loss(actor_config(base, "my_loss"), output, data) == ("verl's", {}) and len(calls) == 1
 
 
 def test_register_actor_loss(monkeypatch):

@@ -1,5 +1,5 @@
 """verl adapter: verl 0.9's policy losses (``compute_policy_loss_<mode>`` for vanilla, gspo, cispo, sapo, gpg,
-dro, dppo_tv, dppo_kl, geo_mean, kl_cov and clip_cov), its actor's whole loss (``ppo_loss``) and its critic's
+dro, dppo_tv, dppo_kl, geo_mean, kl_cov, clip_cov and bypass_mode), its actor's whole loss (``ppo_loss``) and its critic's
 ``compute_value_loss`` on ppo_ext's kernel.
 
 Same signatures, same return values ``(pg_loss, pg_metrics)``, same metric keys, same config reading
@@ -10,7 +10,7 @@ computed by one ``ppo_ext.policy_loss`` call (forward and backward fused) instea
 Use inside verl (in every process that builds the actor, e.g. the worker module)::
 
     from ppo_ext.compat import verl as ppo_ext_verl
-    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", "ppo_ext_cispo", ..., "ppo_ext_clip_cov")
+    ppo_ext_verl.register()   # -> ("ppo_ext_vanilla", "ppo_ext_gspo", ..., "ppo_ext_bypass_mode")
     # then: actor_rollout_ref.actor.policy_loss.loss_mode=ppo_ext_vanilla   (or ppo_ext_<mode>)
 
 or call the functions directly where verl would call its own. The actor's whole loss, verl's ``ppo_loss``
@@ -42,6 +42,10 @@ geo_mean: GMPO, ``torch.mean`` over rows      ``loss_type="geo_mean"``, ``import
                                               ``num_seqs=B``, no clamp; ``loss_agg_mode`` and
                                               ``global_batch_info`` ignored (as verl); IS weights: their
                                               per-row geometric mean
+bypass_mode (``old_log_prob`` = rollout's)    verl's own rollout_corr_helper for the weights ``pi / pi_rollout``,
+                                              the rejection mask and ``rollout_corr/*`` (eager, its syncs); then
+                                              ppo_clip: vanilla on that mask; reinforce: ``loss_type="gpg"`` with
+                                              the weights as ``token_weights``
 ``compute_value_loss``                        ``ppo_ext.value_loss`` (``loss_type="value"``), verl's arguments
 ``rollout_is_weights``                        ``token_weights``
 ``agg_loss(..., **global_batch_info)``        ``num_tokens=batch_num_tokens``, ``num_seqs=global_batch_size``,
@@ -107,7 +111,8 @@ Where the results can differ from verl's (all of them corner cases, and all docu
   round differently): in the tests, 822 of 20,000 tokens placed there for the TV, 1,574 for the KL, where
   verl's own float32 and float64 disagree on 1,900 and 6,076.
 
-The loss path has no host synchronisation. The metrics are Python floats, as verl returns them
+The loss path has no host synchronisation, except in clip_cov (verl's random draw: its ``.item()`` and
+``nonzero``) and bypass_mode (verl's rollout_corr_helper: an ``.item()`` per metric). The metrics are Python floats, as verl returns them
 (verl calls ``.item()`` on each): converting them costs one synchronisation (one ``.tolist()`` for all
 of them). Pass ``return_tensors=True`` to get 0-dim tensors instead and no synchronisation at all.
 """
@@ -125,14 +130,15 @@ from ppo_ext.names import LOSS_AGG_MODES
 __all__ = ["compute_policy_loss_vanilla", "compute_policy_loss_gspo", "compute_policy_loss_cispo",
            "compute_policy_loss_sapo", "compute_policy_loss_gpg", "compute_policy_loss_dro",
            "compute_policy_loss_dppo_tv", "compute_policy_loss_dppo_kl", "compute_policy_loss_geo_mean",
-           "compute_policy_loss_kl_cov", "compute_policy_loss_clip_cov", "ppo_loss", "register_actor_loss",
+           "compute_policy_loss_kl_cov", "compute_policy_loss_clip_cov", "compute_policy_loss_bypass_mode",
+           "ppo_loss", "register_actor_loss",
            "compute_value_loss", "register", "LOSS_MODES", "NAMES",
            "POLICY_LOSSES", "VANILLA_NAME", "GSPO_NAME", "TOKEN_LOG_RATIO_CLAMP", "VANILLA_LOG_RATIO_CLAMP",
            "GSPO_LOG_RATIO_CLAMP", "DPPO_CLIP_RATIO_C_DEFAULT"]
 
 # verl's loss modes the adapter provides, in register()'s order, and the names register() gives them.
 LOSS_MODES = ("vanilla", "gspo", "cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "kl_cov",
-              "clip_cov")
+              "clip_cov", "bypass_mode")
 NAMES = {mode: f"ppo_ext_{mode}" for mode in LOSS_MODES}
 VANILLA_NAME = NAMES["vanilla"]
 GSPO_NAME = NAMES["gspo"]
@@ -159,6 +165,7 @@ _METRICS = {
     "geo_mean": {_CLIPFRAC: "clipfrac_high", _KL: "approx_kl", _LOWER: "clipfrac_low"},
     "kl_cov": {},  # (its actor/ppo_kl, mean |d|, is not a kernel metric: compute_policy_loss_kl_cov)
     "clip_cov": {},  # (its pg_clipfrac is the fraction of tokens it removed: compute_policy_loss_clip_cov)
+    "bypass_mode": {},  # (vanilla's or reinforce's, and verl's rollout_corr/*: compute_policy_loss_bypass_mode)
 }
 
 
@@ -584,28 +591,36 @@ def compute_policy_loss_kl_cov(
     (``config.policy_loss.kl_cov_ratio``, ``ppo_kl_coef``), aggregated by ``agg_loss``. The selection is a device
     sort (``_largest_covariance_tokens``), the penalty the kernel's ``abs`` KL against ``old_log_prob`` at the
     selected tokens (against ``log_prob`` itself elsewhere: 0, gradient 0), one kernel call. Metric
-    ``actor/ppo_kl``: the mean of ``|log_prob - old_log_prob|`` over valid tokens. Differs from verl: tokens tied
-    at the k-th covariance are all penalised (verl's topk takes k); ``rollout_is_weights`` (which verl multiplies
-    into the penalty too, which the kernel's KL term does not take) raise NotImplementedError."""
+    ``actor/ppo_kl``: the mean of ``|log_prob - old_log_prob|`` over valid tokens. ``rollout_is_weights`` weight
+    the surrogate and, as verl's, the penalty: the kernel's KL term takes no weight, so then the weighted penalty
+    (a few eager ops on the selected tokens) is aggregated by a second kernel call (``_aggregate``). Differs from
+    verl: tokens tied at the k-th covariance are all penalised (verl's topk takes k)."""
     policy_loss_config = _policy_loss_config(config, "kl_cov")
     ratio = _number_or_default(policy_loss_config, "kl_cov_ratio", 0.0002)
     coef = _number_or_default(policy_loss_config, "ppo_kl_coef", 1.0)
     if not ratio > 0:
         raise ValueError("kl_cov_ratio should be larger than 0.")
-    if rollout_is_weights is not None:
-        raise NotImplementedError("compute_policy_loss_kl_cov with rollout_is_weights: verl weights the KL penalty "
-                                  "too, which ppo_ext's KL term does not take; use verl's own kl_cov for it")
     valid = response_mask != 0
     selected = _largest_covariance_tokens(_covariance_terms(advantages, log_prob, valid), valid, ratio)
-    penalised = torch.where(selected, old_log_prob.detach(), log_prob.detach())
     normalisers, dp_size = _aggregation(config, loss_agg_mode)
-    out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode=loss_agg_mode,
-                              ref_log_probs=penalised, kl_coef=coef, kl_estimator="abs", kl_clamp=math.inf,
-                              **_UNCLIPPED, **normalisers)
+    if rollout_is_weights is None:
+        penalised = torch.where(selected, old_log_prob.detach(), log_prob.detach())
+        out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode=loss_agg_mode,
+                                  ref_log_probs=penalised, kl_coef=coef, kl_estimator="abs", kl_clamp=math.inf,
+                                  **_UNCLIPPED, **normalisers)
+        loss = out.loss
+    else:
+        out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, response_mask, loss_agg_mode=loss_agg_mode,
+                                  token_weights=rollout_is_weights, **_UNCLIPPED, **normalisers)
+        old = old_log_prob.detach()
+        # the inner where keeps the unselected positions (masked NaN included) out of the gradient
+        distance = (torch.where(selected, log_prob, old) - old).abs()
+        penalty = torch.where(selected, coef * rollout_is_weights.detach() * distance, 0)
+        loss = out.loss + _aggregate(penalty, response_mask, loss_agg_mode, normalisers)
     with torch.no_grad():
         n = valid.sum().clamp(min=1)
         abs_kl = torch.where(valid, (log_prob.detach() - old_log_prob.detach()).abs(), 0).sum() / n
-    return _finish(out.loss, dp_size, {"actor/ppo_kl": abs_kl.to(torch.float32)}, return_tensors)
+    return _finish(loss, dp_size, {"actor/ppo_kl": abs_kl.to(torch.float32)}, return_tensors)
 
 
 def compute_policy_loss_clip_cov(
@@ -655,6 +670,63 @@ def compute_policy_loss_clip_cov(
     return _finish(out.loss, dp_size, metrics, return_tensors)
 
 
+def compute_policy_loss_bypass_mode(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    return_tensors: bool = False,
+) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    """verl's ``compute_policy_loss_bypass_mode`` (``old_log_prob`` is the rollout's log-probs), its loss on
+    ppo_ext's kernel. The importance weights ``pi / pi_rollout``, the rejection mask and the ``rollout_corr/*``
+    metrics come from verl's own ``compute_rollout_correction_and_rejection_mask`` (verl.trainer.ppo.
+    rollout_corr_helper: eager ops without gradient and its own host synchronisations, one ``.item()`` per metric,
+    so the same options give the same mask and metrics), configured by ``config.policy_loss.rollout_correction``
+    (``loss_type``, ``rollout_is``, ``rollout_is_threshold``, ``rollout_is_batch_normalize``, ``rollout_rs``,
+    ``rollout_rs_threshold``). Then, on the rejection mask, ``loss_type="ppo_clip"`` is
+    ``compute_policy_loss_vanilla`` without weights (the ratio already is ``pi / pi_rollout``) and
+    ``"reinforce"`` the loss ``-w A lp`` (the gpg family with the weights as token weights) with verl's
+    ``actor/ppo_kl``. ``rollout_is_weights`` is ignored, as in verl. verl's trainer selects this loss by the name
+    ``bypass_mode`` whatever the configured loss_mode: ``register(bypass_mode_name="bypass_mode")`` replaces verl's
+    own with it."""
+    _require_config(config, "bypass_mode")
+    policy_loss_config = _config_value(config, "policy_loss", None)
+    correction = None if policy_loss_config is None else _config_value(policy_loss_config, "rollout_correction", None)
+    if correction is None:
+        raise ValueError("rollout_correction config not found in policy_loss. When using loss_mode='bypass_mode', "
+                         "ensure rollout_correction config is passed.")
+    loss_type = _config_value(correction, "loss_type", "ppo_clip")
+    if loss_type not in ("ppo_clip", "reinforce"):
+        raise ValueError(f"Invalid loss_type: {loss_type}. Must be 'reinforce' or 'ppo_clip'.")
+    try:
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+    except ImportError as exc:
+        raise ImportError(f"ppo_ext.compat.verl.compute_policy_loss_bypass_mode uses verl's rollout_corr_helper for "
+                          f"its weights, mask and metrics, but it could not be imported ({exc})") from exc
+    with torch.no_grad():
+        weights, mask, rollout_metrics = compute_rollout_correction_and_rejection_mask(
+            old_log_prob=log_prob.detach(), rollout_log_prob=old_log_prob, response_mask=response_mask,
+            **{name: _config_value(correction, name, default) for name, default in (
+                ("rollout_is", None), ("rollout_is_threshold", 2.0), ("rollout_is_batch_normalize", False),
+                ("rollout_rs", None), ("rollout_rs_threshold", None))})
+    if loss_type == "ppo_clip":
+        loss, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, loss_agg_mode, config,
+                                                    None, return_tensors=True)
+    else:
+        normalisers, dp_size = _aggregation(config, loss_agg_mode)
+        out = ppo_ext.policy_loss(log_prob, old_log_prob, advantages, mask, loss_type="gpg",
+                                  token_weights=None if weights is None else weights.batch["rollout_is_weights"],
+                                  loss_agg_mode=loss_agg_mode, **normalisers)
+        loss, metrics = _finish(out.loss, dp_size, {_KL: out.metrics["approx_kl"]}, return_tensors=True)
+    loss, metrics = _finish(loss, 1, metrics, return_tensors)
+    metrics.update(rollout_metrics)
+    return loss, metrics
+
+
 def compute_value_loss(
     vpreds: torch.Tensor,
     returns: torch.Tensor,
@@ -697,14 +769,20 @@ def _verl_actor_modules():
 
 
 def _agg_loss(values: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str, info: Mapping) -> torch.Tensor:
-    """verl's ``agg_loss(values, response_mask, loss_agg_mode, **info)`` on the kernel, differentiable w.r.t.
-    ``values``: the loss of the gpg family, ``-A * lp``, with ``A = -1`` and ``lp = values`` is ``values``
-    itself, aggregated with the same normalisers and dp_size factor as every adapter's loss."""
+    """verl's ``agg_loss(values, response_mask, loss_agg_mode, **info)`` on the kernel (``_aggregate``), with the
+    same normalisers and dp_size factor as every adapter's loss."""
     normalisers, dp_size = _agg_loss_arguments(info, loss_agg_mode)
+    loss = _aggregate(values, response_mask, loss_agg_mode, normalisers)
+    return loss * dp_size if dp_size != 1 else loss
+
+
+def _aggregate(values: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str, normalisers) -> torch.Tensor:
+    """``values`` aggregated by the kernel with ppo_ext's normaliser arguments (no dp_size factor), differentiable
+    w.r.t. ``values``: the loss of the gpg family, ``-A * lp``, with ``A = -1`` and ``lp = values``."""
     minus_one = torch.full(values.shape[:1], -1.0, dtype=values.dtype, device=values.device)
     out = ppo_ext.policy_loss(values, None, minus_one, response_mask, loss_type="gpg", loss_agg_mode=loss_agg_mode,
                               **normalisers)
-    return out.loss * dp_size if dp_size != 1 else out.loss
+    return out.loss
 
 
 def _kl_loss(log_prob, ref_log_prob, response_mask, loss_agg_mode: str, info: Mapping, kl_loss_type: str):
@@ -722,7 +800,7 @@ def ppo_loss(config, model_output, data, dp_group=None):
     ``no_padding_2_padding`` and TensorDict selection), the same ``config.global_batch_info``, and
 
     - the policy loss of ``config.policy_loss.loss_mode`` (verl's name or ``ppo_ext_<mode>``) by this module's
-      ``compute_policy_loss_<mode>``; a mode it does not cover (bypass_mode, ...) hands the whole
+      ``compute_policy_loss_<mode>``; a mode it does not cover hands the whole
       call to verl's own ppo_loss;
     - ``use_kl_loss``: ``kl_loss_coef`` times the KL to the reference (``data["ref_log_prob"]``, estimator
       ``kl_loss_type``, verl's ``kl_penalty`` with its clamps and "+" forms) aggregated as verl's ``agg_loss``
@@ -804,6 +882,7 @@ POLICY_LOSSES = {
     "geo_mean": compute_policy_loss_geo_mean,
     "kl_cov": compute_policy_loss_kl_cov,
     "clip_cov": compute_policy_loss_clip_cov,
+    "bypass_mode": compute_policy_loss_bypass_mode,
 }
 assert tuple(POLICY_LOSSES) == LOSS_MODES and tuple(_METRICS) == LOSS_MODES
 
@@ -812,11 +891,12 @@ def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
              cispo_name: str = NAMES["cispo"], sapo_name: str = NAMES["sapo"], gpg_name: str = NAMES["gpg"],
              dro_name: str = NAMES["dro"], dppo_tv_name: str = NAMES["dppo_tv"],
              dppo_kl_name: str = NAMES["dppo_kl"], geo_mean_name: str = NAMES["geo_mean"],
-             kl_cov_name: str = NAMES["kl_cov"], clip_cov_name: str = NAMES["clip_cov"]) -> Tuple[str, ...]:
+             kl_cov_name: str = NAMES["kl_cov"], clip_cov_name: str = NAMES["clip_cov"],
+             bypass_mode_name: str = NAMES["bypass_mode"]) -> Tuple[str, ...]:
     """Registers every function in verl's policy-loss registry (``core_algos.register_policy_loss``), by
     default as ``ppo_ext_<mode>`` (``NAMES``: ``ppo_ext_vanilla``, ``ppo_ext_gspo``, ``ppo_ext_cispo``,
     ``ppo_ext_sapo``, ``ppo_ext_gpg``, ``ppo_ext_dro``, ``ppo_ext_dppo_tv``, ``ppo_ext_dppo_kl``,
-    ``ppo_ext_geo_mean``, ``ppo_ext_kl_cov``, ``ppo_ext_clip_cov``), and
+    ``ppo_ext_geo_mean``, ``ppo_ext_kl_cov``, ``ppo_ext_clip_cov``, ``ppo_ext_bypass_mode``), and
     returns the names in that order (``LOSS_MODES``): select one with
     ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``. verl's own losses are left as they are.
     Call it in every process that builds the actor (the registry is per process).
@@ -824,7 +904,7 @@ def register(vanilla_name: str = VANILLA_NAME, gspo_name: str = GSPO_NAME, *,
     Raises ImportError, saying what to do, when verl cannot be imported.
     """
     names = (vanilla_name, gspo_name, cispo_name, sapo_name, gpg_name, dro_name, dppo_tv_name, dppo_kl_name,
-             geo_mean_name, kl_cov_name, clip_cov_name)
+             geo_mean_name, kl_cov_name, clip_cov_name, bypass_mode_name)
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as exc:
