@@ -134,6 +134,67 @@ TokenLogProbsOutputs token_log_probs_autograd(const at::Tensor& logits, const at
   return {out[0], out[1], out[2]};
 }
 
+// ppo_ext::hidden_log_probs: log_probs and, when computed, the entropy are differentiable w.r.t. hidden, weight and
+// bias. The forward saves hidden, weight and bias themselves (no copy; autograd's version check guards them), the
+// labels, the per-row log-sum-exp and the entropy: a few bytes a token. The backward is
+// ppo_ext::hidden_log_probs_backward, which computes only the gradients asked for.
+class HiddenLogProbsFunction : public torch::autograd::Function<HiddenLogProbsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& labels, const at::Tensor& bias, double temperature,
+                               bool compute_entropy, int64_t chunk_tokens) {
+    static const auto op = typed_op<HiddenLogProbsSignature>("ppo_ext::hidden_log_probs");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const OptionalTensor optional_bias = bias.defined() ? OptionalTensor(bias) : std::nullopt;
+    auto [log_probs, logsumexp, entropy] =
+        op.call(hidden, weight, labels, optional_bias, temperature, compute_entropy, chunk_tokens);
+    if (compute_entropy) {
+      ctx->mark_non_differentiable({logsumexp});
+    } else {
+      ctx->mark_non_differentiable({logsumexp, entropy});
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({hidden, weight, labels, bias, logsumexp, entropy});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["chunk_tokens"] = chunk_tokens;
+    return {log_probs, logsumexp, entropy};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grad_inputs(7);
+    const at::Tensor& grad_log_probs = grad_outputs[0];
+    const at::Tensor& grad_entropy = grad_outputs[2];
+    if (!grad_log_probs.defined() && !grad_entropy.defined()) return grad_inputs;
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "ppo_ext.log_probs_from_hidden is differentiable once: backward with create_graph=True (double "
+                "backward) is not supported");
+    static const auto backward_op = typed_op<HiddenLogProbsBackwardSignature>("ppo_ext::hidden_log_probs_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &hidden = saved[0], &weight = saved[1], &bias = saved[3], &logsumexp = saved[4];
+    const at::Tensor g = grad_log_probs.defined() ? grad_log_probs : at::zeros_like(logsumexp);
+    const OptionalTensor g_entropy = grad_entropy.defined() ? OptionalTensor(grad_entropy) : std::nullopt;
+    const OptionalTensor entropy = grad_entropy.defined() ? OptionalTensor(saved[5]) : std::nullopt;
+    const std::array<bool, 3> output_mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                          bias.defined() && ctx->needs_input_grad(3)};
+    auto [grad_hidden, grad_weight, grad_bias] =
+        backward_op.call(g, hidden, weight, saved[2], logsumexp, bias.defined() ? OptionalTensor(bias) : std::nullopt,
+                         ctx->saved_data["temperature"].toDouble(), ctx->saved_data["chunk_tokens"].toInt(),
+                         g_entropy, entropy, output_mask);
+    if (output_mask[0]) grad_inputs[0] = grad_hidden;
+    if (output_mask[1]) grad_inputs[1] = grad_weight;
+    if (output_mask[2]) grad_inputs[3] = grad_bias;
+    return grad_inputs;
+  }
+};
+
+TokenLogProbsOutputs hidden_log_probs_autograd(const at::Tensor& hidden, const at::Tensor& weight,
+                                               const at::Tensor& labels, const OptionalTensor& bias,
+                                               double temperature, bool compute_entropy, int64_t chunk_tokens) {
+  const variable_list out = HiddenLogProbsFunction::apply(hidden, weight, labels.detach(), bias.value_or(at::Tensor()),
+                                                          temperature, compute_entropy, chunk_tokens);
+  return {out[0], out[1], out[2]};
+}
+
 // The in-place backward mutates its `logits`: bump their version counter, as PyTorch's own in-place ops do,
 // so that autograd notices any other use of the overwritten values.
 void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_log_probs, const at::Tensor& logits,
@@ -153,6 +214,7 @@ void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_
 TORCH_LIBRARY_IMPL(ppo_ext, Autograd, m) {
   m.impl("policy_loss", &PolicyLossFunction<PolicyLossSignature>::call);
   m.impl("token_log_probs", &token_log_probs_autograd);
+  m.impl("hidden_log_probs", &hidden_log_probs_autograd);
 }
 
 TORCH_LIBRARY_IMPL(ppo_ext, ADInplaceOrView, m) {

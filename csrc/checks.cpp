@@ -5,6 +5,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <string_view>
@@ -377,6 +378,48 @@ TokenLogProbsBackwardInputs check_token_log_probs_backward_args(const at::Tensor
 void check_writable_logits(const at::Tensor& logits) {
   TORCH_CHECK_VALUE(at::has_internal_overlap(logits) != at::MemOverlap::Yes,
                     "logits must not have overlapping rows (e.g. an expanded tensor) to take their gradient in place");
+}
+
+int64_t default_chunk_tokens(int64_t V, int64_t element_size) {
+  const int64_t rows = kHiddenChunkBytes / std::max<int64_t>(1, V * element_size);
+  return std::clamp(rows, kHiddenMinChunk, kHiddenMaxChunk);
+}
+
+HiddenLayout check_hidden_log_probs_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                         const OptionalTensor& bias, double temperature, int64_t chunk_tokens) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden must have shape (B, T, H) or (N, H), got ",
+                    hidden.sizes());
+  TORCH_CHECK_TYPE(is_float(hidden.scalar_type()), "hidden must be float32, bfloat16, float16 or float64, got ",
+                   hidden.scalar_type());
+  const int64_t H = hidden.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == H, "weight must have shape (V, H) with H = ", H,
+                    " (the last dimension of hidden; nn.Linear(H, V).weight), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) >= 1, "weight must have at least one row (the vocabulary), got ", weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), "weight must have the dtype of hidden (",
+                   hidden.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), "weight must be on the device of hidden (", hidden.device(),
+                    "), got ", weight.device());
+  const int64_t V = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == V, "bias must have shape (V,) with V = ", V,
+                      " (the rows of weight), got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), "bias must have the dtype of hidden (",
+                     hidden.scalar_type(), "), got ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == hidden.device(), "bias must be on the device of hidden (", hidden.device(),
+                      "), got ", bias->device());
+  }
+  TORCH_CHECK_VALUE(labels.device() == hidden.device(), "labels must be on the device of hidden (", hidden.device(),
+                    "), got ", labels.device());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64 token ids, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.sizes() == hidden.sizes().slice(0, hidden.dim() - 1),
+                    "labels must have the shape of hidden without its last dimension, ",
+                    hidden.sizes().slice(0, hidden.dim() - 1), ", got ", labels.sizes());
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be a finite number > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(chunk_tokens >= 0, "chunk_tokens must be >= 1 (or 0/None: the default), got ", chunk_tokens);
+  const int64_t N = labels.numel();
+  const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : default_chunk_tokens(V, hidden.element_size());
+  return {N, H, V, std::max<int64_t>(1, std::min(chunk, N))};
 }
 
 TokenLogProbsOutputs empty_token_log_probs_outputs(const at::Tensor& logits, const at::Tensor& labels,

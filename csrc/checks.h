@@ -135,6 +135,23 @@ void check_writable_logits(const at::Tensor& logits);
 TokenLogProbsOutputs empty_token_log_probs_outputs(const at::Tensor& logits, const at::Tensor& labels,
                                                    bool compute_entropy);
 
+// ppo_ext::hidden_log_probs: hidden (B, T, H) or (N, H), weight (V, H), bias (V,) or none, of one float dtype
+// and device; labels int64 of hidden's shape without H. N = B * T rows, taken `chunk` at a time.
+struct HiddenLayout {
+  int64_t N, H, V, chunk;
+};
+
+// Checks the arguments of ppo_ext::hidden_log_probs with an error naming the argument; chunk_tokens 0 is replaced
+// by the default (default_chunk_tokens).
+HiddenLayout check_hidden_log_probs_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                                         const OptionalTensor& bias, double temperature, int64_t chunk_tokens);
+
+// The rows a chunk of hidden_log_probs holds by default: a (chunk, V) buffer of about kHiddenChunkBytes, within
+// [kHiddenMinChunk, kHiddenMaxChunk] rows (enough rows for the GEMMs to run at speed, few enough that the buffer
+// stays small beside the logits it replaces).
+constexpr int64_t kHiddenChunkBytes = int64_t(64) << 20, kHiddenMinChunk = 128, kHiddenMaxChunk = 384;
+int64_t default_chunk_tokens(int64_t V, int64_t element_size);
+
 // float32 arithmetic, float64 for float64 log-probs.
 inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {
   return log_probs_dtype == at::kDouble ? at::kDouble : at::kFloat;

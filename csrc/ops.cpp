@@ -50,6 +50,24 @@ TORCH_LIBRARY(ppo_ext, m) {
   m.def(
       "token_log_probs_backward_inplace(Tensor grad_log_probs, Tensor(a!) logits, Tensor labels, "
       "Tensor logsumexp, float temperature, Tensor? grad_entropy=None, Tensor? entropy=None) -> ()");
+
+  // From hidden states (B, T, H) or (N, H), any strides, and the LM head's weight (V, H) (as nn.Linear holds it),
+  // bias (V,) or none, all of one float dtype: token_log_probs of logits = hidden @ weight^T + bias, computed
+  // chunk_tokens rows at a time (0: the default from V, see hidden.cpp) into one reused (chunk, V) buffer, so that
+  // the logits never exist whole. The same outputs as token_log_probs; log_probs and entropy are differentiable
+  // w.r.t. hidden, weight and bias.
+  m.def(
+      "hidden_log_probs(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias=None, float temperature=1.0, "
+      "bool compute_entropy=False, int chunk_tokens=0) -> (Tensor log_probs, Tensor logsumexp, Tensor entropy)");
+  // Its backward: each chunk's logits recomputed, turned in place into their gradient (token_log_probs_backward's
+  // formula), then grad_hidden = grad_logits @ weight, grad_weight += grad_logits^T @ hidden, grad_bias +=
+  // sum(grad_logits), chunk after chunk in order (deterministic). output_mask: which of the three to compute (a
+  // (0,) tensor for the others); grad_hidden contiguous of hidden's shape, grad_weight of weight's.
+  m.def(
+      "hidden_log_probs_backward(Tensor grad_log_probs, Tensor hidden, Tensor weight, Tensor labels, "
+      "Tensor logsumexp, Tensor? bias, float temperature, int chunk_tokens, Tensor? grad_entropy=None, "
+      "Tensor? entropy=None, bool[3] output_mask=[True, True, True]) "
+      "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace ppo_ext

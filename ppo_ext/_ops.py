@@ -94,6 +94,39 @@ def _token_log_probs_backward_inplace_fake(a):
     return None
 
 
+def _check_hidden(hidden, weight, labels):
+    torch._check(hidden.dim() in (2, 3),
+                 lambda: f"hidden must have shape (B, T, H) or (N, H), got {tuple(hidden.shape)}")
+    torch._check(weight.dim() == 2 and weight.shape[1] == hidden.shape[-1],
+                 lambda: f"weight must have shape (V, H) with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    torch._check(tuple(labels.shape) == tuple(hidden.shape[:-1]),
+                 lambda: f"labels must have the shape of hidden without its last dimension, got {tuple(labels.shape)}")
+
+
+@_fake("hidden_log_probs", device_of="hidden")
+def _hidden_log_probs_fake(a):
+    _check_hidden(a.hidden, a.weight, a.labels)
+    acc = _acc_dtype(a.hidden.dtype)
+    shape = a.labels.shape
+    return (
+        a.hidden.new_empty(shape, dtype=acc),
+        a.hidden.new_empty(shape, dtype=acc),
+        a.hidden.new_empty(shape if a.compute_entropy else (0,), dtype=acc),
+    )
+
+
+@_fake("hidden_log_probs_backward", device_of="hidden")
+def _hidden_log_probs_backward_fake(a):
+    _check_hidden(a.hidden, a.weight, a.labels)
+    want_hidden, want_weight, want_bias = a.output_mask
+    want_bias = want_bias and a.bias is not None
+    return (
+        a.hidden.new_empty(a.hidden.shape if want_hidden else (0,)),
+        a.weight.new_empty(a.weight.shape if want_weight else (0,)),
+        a.weight.new_empty(a.weight.shape[:1] if want_bias else (0,)),
+    )
+
+
 def built_with_cuda() -> bool:
     """Whether this build of ppo_ext has its CUDA kernels."""
     return torch._C._dispatch_has_kernel_for_dispatch_key("ppo_ext::policy_loss", "CUDA")

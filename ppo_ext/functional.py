@@ -257,13 +257,8 @@ def log_probs_from_logits(
     _check_tensor("labels", labels, optional=False)
     temperature = _float_option("temperature", temperature)
     out_shape = labels.shape
-    if check_labels and labels.numel():
-        vocab = logits.shape[-1]
-        bad = (labels < 0) | (labels >= vocab)
-        if bool(bad.any()):  # one host synchronisation: a debugging aid
-            first = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(f"labels must be token ids in [0, V) with V = {vocab} (the last dimension of "
-                             f"logits), got labels{list(first)} = {labels[first].item()}")
+    if check_labels:
+        _check_labels_in_range(labels, logits.shape[-1], "the last dimension of logits")
     if logits.dim() == 2 and labels.dim() == 2:  # (N, V) logits of (B, T) labels
         if labels.numel() != logits.shape[0]:
             raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits of shape "
@@ -273,6 +268,60 @@ def log_probs_from_logits(
         logits, labels, temperature, bool(return_entropy), bool(inplace_backward))
     log_probs = log_probs.view(out_shape)
     return log_probs, entropy.view(out_shape) if return_entropy else None
+
+
+def _check_labels_in_range(labels: torch.Tensor, vocab: int, what: str) -> None:
+    """check_labels=True: labels in [0, V) (one host synchronisation: a debugging aid)."""
+    if not labels.numel():
+        return
+    bad = (labels < 0) | (labels >= vocab)
+    if bool(bad.any()):
+        first = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"labels must be token ids in [0, V) with V = {vocab} ({what}), got labels{list(first)} = "
+                         f"{labels[first].item()}")
+
+
+def log_probs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_tokens: Optional[int] = None,
+    check_labels: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``log_probs_from_logits(hidden @ weight.T + bias, labels)`` without the logits: the LM head and the log-softmax
+    chunk by chunk (README "From hidden states"). Peak extra memory: one (chunk_tokens, V) buffer, whatever the
+    number of tokens.
+
+    hidden (B, T, H) or (N, H), any strides (e.g. ``last_hidden[:, :-1]``, not copied); weight (V, H), as
+    ``nn.Linear(H, V).weight`` (or a tied embedding) holds it; bias (V,) or None; all of one dtype (float32,
+    bfloat16, float16, float64); labels int64 of hidden's shape without H (or (B, T) for (B * T, H) hidden). Returns (log_probs, entropy), float32
+    (float64 for float64), differentiable w.r.t. hidden, weight and bias (entropy None unless return_entropy). The
+    backward recomputes each chunk's logits (one more GEMM) rather than keeping them. chunk_tokens: the rows per
+    chunk (None: from V, a buffer of about 64 MiB within 128 to 384 rows). grad_weight is summed chunk after chunk
+    in the weight's dtype, in a fixed order (deterministic). check_labels: see log_probs_from_logits.
+    """
+    for name, t, optional in (("hidden", hidden, False), ("weight", weight, False), ("labels", labels, False),
+                              ("bias", bias, True)):
+        _check_tensor(name, t, optional)
+    temperature = _float_option("temperature", temperature)
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
+    if check_labels and weight.dim() == 2:
+        _check_labels_in_range(labels, weight.shape[0], "the rows of weight")
+    out_shape = labels.shape
+    if hidden.dim() == 2 and labels.dim() == 2:  # (N, H) hidden states of (B, T) labels
+        if labels.numel() != hidden.shape[0]:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} do not match hidden of shape "
+                             f"{tuple(hidden.shape)}: expected N = B * T")
+        labels = labels.reshape(-1)
+    log_probs, _, entropy = torch.ops.ppo_ext.hidden_log_probs(
+        hidden, weight, labels, bias, temperature, bool(return_entropy), int(chunk_tokens or 0))
+    return log_probs.view(out_shape), entropy.view(out_shape) if return_entropy else None
 
 
 def policy_loss_from_logits(
@@ -303,13 +352,54 @@ def policy_loss_from_logits(
     log_probs_from_logits.
     """
     entropy_coef = _float_option("entropy_coef", entropy_coef)
-    unknown = loss_options.keys() - _POLICY_LOSS_KEYWORDS.keys()
-    if unknown:
-        raise TypeError(f"policy_loss_from_logits() got unexpected keyword arguments {sorted(unknown)}")
-    options = {**_POLICY_LOSS_KEYWORDS, **loss_options}
+    options = _loss_options("policy_loss_from_logits", loss_options)
     log_probs, entropy = log_probs_from_logits(
         logits, labels, temperature=temperature, return_entropy=bool(return_entropy) or entropy_coef != 0,
         inplace_backward=inplace_backward, check_labels=check_labels)
+    return _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy, entropy_coef,
+                              options)
+
+
+def policy_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_log_probs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    entropy_coef: float = 0.0,
+    chunk_tokens: Optional[int] = None,
+    check_labels: bool = False,
+    **loss_options,
+) -> PolicyLossFromLogitsOutput:
+    """policy_loss_from_logits from the hidden states and the LM head, without the logits: ``log_probs_from_hidden``
+    then ``policy_loss`` (every keyword of policy_loss_from_logits but inplace_backward, which has no logits to
+    overwrite). The loss is differentiable w.r.t. hidden, weight and bias; returns what policy_loss_from_logits
+    returns."""
+    entropy_coef = _float_option("entropy_coef", entropy_coef)
+    options = _loss_options("policy_loss_from_hidden", loss_options)
+    log_probs, entropy = log_probs_from_hidden(
+        hidden, weight, labels, bias=bias, temperature=temperature,
+        return_entropy=bool(return_entropy) or entropy_coef != 0, chunk_tokens=chunk_tokens, check_labels=check_labels)
+    return _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy, entropy_coef,
+                              options)
+
+
+def _loss_options(caller: str, loss_options) -> Dict:
+    unknown = loss_options.keys() - _POLICY_LOSS_KEYWORDS.keys()
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(unknown)}")
+    return {**_POLICY_LOSS_KEYWORDS, **loss_options}
+
+
+def _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy: bool,
+                       entropy_coef: float, options) -> PolicyLossFromLogitsOutput:
+    """The policy loss of the log-probs (and entropy) of the from-logits and from-hidden paths, with the entropy
+    metrics and bonus."""
     out, grad_scale = _policy_loss(log_probs, old_log_probs, advantages, mask, **options)
     loss, metrics = out.loss, out.metrics
     if entropy is not None:

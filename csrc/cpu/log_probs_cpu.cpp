@@ -1,4 +1,5 @@
-// The CPU implementation of ppo_ext::token_log_probs and its backward ops (TORCH_LIBRARY_IMPL(ppo_ext, CPU)).
+// The CPU implementation of ppo_ext::token_log_probs and its backward ops (TORCH_LIBRARY_IMPL(ppo_ext, CPU)), and
+// the registration of the backend-agnostic hidden_log_probs ops (hidden.cpp) for the CPU.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -10,6 +11,7 @@
 #endif
 
 #include "../checks.h"
+#include "../hidden.h"
 #include "log_probs_cpu.h"
 
 namespace ppo_ext::cpu {
@@ -127,6 +129,8 @@ TORCH_LIBRARY_IMPL(ppo_ext, CPU, m) {
   m.impl("token_log_probs", &token_log_probs_cpu);
   m.impl("token_log_probs_backward", &token_log_probs_backward_cpu);
   m.impl("token_log_probs_backward_inplace", &token_log_probs_backward_inplace_cpu);
+  m.impl("hidden_log_probs", &hidden_log_probs_chunked);
+  m.impl("hidden_log_probs_backward", &hidden_log_probs_backward_chunked);
 }
 
 }  // namespace ppo_ext::cpu

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -49,6 +50,16 @@ using TokenLogProbsBackwardInplaceSignature = void(const at::Tensor& grad_log_pr
                                                    const at::Tensor& labels, const at::Tensor& logsumexp,
                                                    double temperature, const OptionalTensor& grad_entropy,
                                                    const OptionalTensor& entropy);
+
+// grad_hidden, grad_weight, grad_bias ((0,) where output_mask says not to compute it).
+using HiddenLogProbsBackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using HiddenLogProbsSignature = TokenLogProbsOutputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                                     const at::Tensor& labels, const OptionalTensor& bias,
+                                                     double temperature, bool compute_entropy, int64_t chunk_tokens);
+using HiddenLogProbsBackwardSignature = HiddenLogProbsBackwardOutputs(
+    const at::Tensor& grad_log_probs, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& logsumexp, const OptionalTensor& bias, double temperature, int64_t chunk_tokens,
+    const OptionalTensor& grad_entropy, const OptionalTensor& entropy, std::array<bool, 3> output_mask);
 
 // The dispatcher's handle of the op `name` ("ppo_ext::policy_loss"), typed by its signature; a caller keeps
 // it in a static (the lookup is a hash-table search).
@@ -111,6 +122,16 @@ inline TokenLogProbsOutputs token_log_probs(const at::Tensor& logits, const at::
                                             bool inplace_backward = false) {
   static const auto op = typed_op<TokenLogProbsSignature>("ppo_ext::token_log_probs");
   return op.call(logits, labels, temperature, compute_entropy, inplace_backward);
+}
+
+// The same from the hidden states: logits = hidden @ weight^T (+ bias), chunk by chunk (chunk_tokens rows; 0: the
+// default from V), never all of them at once; differentiable w.r.t. hidden, weight and bias.
+inline TokenLogProbsOutputs hidden_log_probs(const at::Tensor& hidden, const at::Tensor& weight,
+                                             const at::Tensor& labels, const OptionalTensor& bias = std::nullopt,
+                                             double temperature = 1.0, bool compute_entropy = false,
+                                             int64_t chunk_tokens = 0) {
+  static const auto op = typed_op<HiddenLogProbsSignature>("ppo_ext::hidden_log_probs");
+  return op.call(hidden, weight, labels, bias, temperature, compute_entropy, chunk_tokens);
 }
 
 }  // namespace ppo_ext

@@ -1,0 +1,115 @@
+// ppo_ext::hidden_log_probs and its backward (schemas: ops.cpp): the log-probs of the labels from the hidden states
+// and the LM head, chunk_tokens rows at a time, so that the (tokens x vocabulary) logits never exist whole: each
+// chunk's logits are written by an ATen GEMM into one reused (chunk, V) buffer and read by the token_log_probs
+// kernel; backward recomputes them into the same buffer, turns them in place into their gradient
+// (token_log_probs_backward_inplace) and multiplies it out (two GEMMs). Backend-agnostic: every call goes through
+// the dispatcher, on the current stream of the inputs' device.
+#include "hidden.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+
+#include "checks.h"
+
+namespace ppo_ext {
+namespace {
+
+// Rows [begin, end) of hidden as a (rows, H) matrix: a view where hidden's strides allow one, else a copy of the
+// (B, T, H) rows that hold them (e.g. for hidden[:, :-1] of a (B, T + 1, H) tensor), never a copy of all of hidden.
+at::Tensor hidden_rows(const at::Tensor& hidden, int64_t begin, int64_t end) {
+  if (hidden.dim() == 2) return hidden.narrow(0, begin, end - begin);
+  const int64_t T = hidden.size(1);
+  const int64_t b0 = begin / T, b1 = (end + T - 1) / T;
+  return hidden.narrow(0, b0, b1 - b0).reshape({-1, hidden.size(2)}).narrow(0, begin - b0 * T, end - begin);
+}
+
+// The logits of rows [begin, end), hidden @ weight^T + bias, written into the first rows of `buffer`.
+at::Tensor chunk_logits(at::Tensor& buffer, const at::Tensor& rows, const at::Tensor& weight,
+                        const OptionalTensor& bias) {
+  at::Tensor out = buffer.narrow(0, 0, rows.size(0));
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, rows, weight.t());
+  } else {
+    at::mm_out(out, rows, weight.t());
+  }
+  return out;
+}
+
+at::Tensor flat_rows(const at::Tensor& t) { return t.reshape({-1}); }
+
+}  // namespace
+
+TokenLogProbsOutputs hidden_log_probs_chunked(const at::Tensor& hidden, const at::Tensor& weight,
+                                              const at::Tensor& labels, const OptionalTensor& bias,
+                                              double temperature, bool compute_entropy, int64_t chunk_tokens) {
+  static const auto op = typed_op<TokenLogProbsSignature>("ppo_ext::token_log_probs");
+  const HiddenLayout l = check_hidden_log_probs_args(hidden, weight, labels, bias, temperature, chunk_tokens);
+  const auto acc = hidden.options().dtype(acc_type_for(hidden.scalar_type()));
+  at::Tensor log_probs = at::empty({l.N}, acc), logsumexp = at::empty({l.N}, acc);
+  at::Tensor entropy = at::empty({compute_entropy ? l.N : 0}, acc);
+  const at::Tensor flat_labels = flat_rows(labels);
+  at::Tensor buffer = at::empty({l.chunk, l.V}, hidden.options());
+  for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
+    const int64_t n = std::min(l.chunk, l.N - begin);
+    const at::Tensor logits = chunk_logits(buffer, hidden_rows(hidden, begin, begin + n), weight, bias);
+    const auto [lp, lse, h] = op.call(logits, flat_labels.narrow(0, begin, n), temperature, compute_entropy, false);
+    log_probs.narrow(0, begin, n).copy_(lp);
+    logsumexp.narrow(0, begin, n).copy_(lse);
+    if (compute_entropy) entropy.narrow(0, begin, n).copy_(h);
+  }
+  return {log_probs.view(labels.sizes()), logsumexp.view(labels.sizes()),
+          compute_entropy ? entropy.view(labels.sizes()) : entropy};
+}
+
+HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
+    const at::Tensor& grad_log_probs, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const at::Tensor& logsumexp, const OptionalTensor& bias, double temperature, int64_t chunk_tokens,
+    const OptionalTensor& grad_entropy, const OptionalTensor& entropy, std::array<bool, 3> output_mask) {
+  static const auto backward_op =
+      typed_op<TokenLogProbsBackwardInplaceSignature>("ppo_ext::token_log_probs_backward_inplace");
+  const HiddenLayout l = check_hidden_log_probs_args(hidden, weight, labels, bias, temperature, chunk_tokens);
+  TORCH_CHECK_VALUE(grad_entropy.has_value() == entropy.has_value(),
+                    "grad_entropy and entropy go together (the entropy's gradient needs the forward's entropy)");
+  for (const auto& [t, name] : {std::pair{&grad_log_probs, "grad_log_probs"}, std::pair{&logsumexp, "logsumexp"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == labels.sizes(), name, " must have the shape of labels ", labels.sizes(), ", got ",
+                      t->sizes());
+  }
+  const bool want_hidden = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2] && bias;
+  const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  at::Tensor grad_hidden = want_hidden ? at::empty({l.N, l.H}, hidden.options()) : empty(hidden);
+  // Accumulated chunk after chunk by GEMMs with beta = 1, in the weight's dtype (each GEMM sums in float32 or
+  // float64 inside), in a fixed order: the same bits every run.
+  at::Tensor grad_weight = want_weight ? at::zeros({l.V, l.H}, weight.options()) : empty(weight);
+  const auto acc = hidden.options().dtype(acc_type_for(hidden.scalar_type()));
+  at::Tensor grad_bias = want_bias ? at::zeros({l.V}, acc) : empty(weight);
+  if (want_hidden || want_weight || want_bias) {
+    const at::Tensor flat_labels = flat_rows(labels), g = flat_rows(grad_log_probs), lse = flat_rows(logsumexp);
+    const OptionalTensor g_entropy = grad_entropy ? OptionalTensor(flat_rows(*grad_entropy)) : std::nullopt;
+    const OptionalTensor flat_entropy = entropy ? OptionalTensor(flat_rows(*entropy)) : std::nullopt;
+    const auto rows_of = [](const OptionalTensor& t, int64_t begin, int64_t n) {
+      return t ? OptionalTensor(t->narrow(0, begin, n)) : std::nullopt;
+    };
+    at::Tensor buffer = at::empty({l.chunk, l.V}, hidden.options());
+    for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
+      const int64_t n = std::min(l.chunk, l.N - begin);
+      const at::Tensor rows = hidden_rows(hidden, begin, begin + n);
+      const at::Tensor grad_logits = chunk_logits(buffer, rows, weight, bias);
+      backward_op.call(g.narrow(0, begin, n), grad_logits, flat_labels.narrow(0, begin, n), lse.narrow(0, begin, n),
+                       temperature, rows_of(g_entropy, begin, n), rows_of(flat_entropy, begin, n));
+      if (want_hidden) {
+        at::Tensor grad_rows = grad_hidden.narrow(0, begin, n);
+        at::mm_out(grad_rows, grad_logits, weight);
+      }
+      if (want_weight) grad_weight.addmm_(grad_logits.t(), rows);
+      if (want_bias) grad_bias.add_(grad_logits.sum(0, false, acc_type_for(hidden.scalar_type())));
+    }
+  }
+  return {want_hidden ? grad_hidden.view(hidden.sizes()) : grad_hidden, grad_weight,
+          want_bias ? grad_bias.to(weight.scalar_type()) : grad_bias};
+}
+
+}  // namespace ppo_ext
