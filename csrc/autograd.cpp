@@ -141,20 +141,19 @@ TokenLogProbsOutputs token_log_probs_autograd(const at::Tensor& logits, const at
 class HiddenLogProbsFunction : public torch::autograd::Function<HiddenLogProbsFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
-                               const at::Tensor& labels, const at::Tensor& bias, double temperature,
+                               const at::Tensor& labels, const OptionalTensor& bias, double temperature,
                                bool compute_entropy, int64_t chunk_tokens) {
     static const auto op = typed_op<HiddenLogProbsSignature>("ppo_ext::hidden_log_probs");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const OptionalTensor optional_bias = bias.defined() ? OptionalTensor(bias) : std::nullopt;
     auto [log_probs, logsumexp, entropy] =
-        op.call(hidden, weight, labels, optional_bias, temperature, compute_entropy, chunk_tokens);
+        op.call(hidden, weight, labels, bias, temperature, compute_entropy, chunk_tokens);
     if (compute_entropy) {
       ctx->mark_non_differentiable({logsumexp});
     } else {
       ctx->mark_non_differentiable({logsumexp, entropy});
     }
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({hidden, weight, labels, bias, logsumexp, entropy});
+    ctx->save_for_backward({hidden, weight, labels, logsumexp, entropy, bias.value_or(at::Tensor())});
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["chunk_tokens"] = chunk_tokens;
     return {log_probs, logsumexp, entropy};
@@ -170,10 +169,10 @@ class HiddenLogProbsFunction : public torch::autograd::Function<HiddenLogProbsFu
                 "backward) is not supported");
     static const auto backward_op = typed_op<HiddenLogProbsBackwardSignature>("ppo_ext::hidden_log_probs_backward");
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &hidden = saved[0], &weight = saved[1], &bias = saved[3], &logsumexp = saved[4];
+    const at::Tensor &hidden = saved[0], &weight = saved[1], &logsumexp = saved[3], &bias = saved[5];
     const at::Tensor g = grad_log_probs.defined() ? grad_log_probs : at::zeros_like(logsumexp);
     const OptionalTensor g_entropy = grad_entropy.defined() ? OptionalTensor(grad_entropy) : std::nullopt;
-    const OptionalTensor entropy = grad_entropy.defined() ? OptionalTensor(saved[5]) : std::nullopt;
+    const OptionalTensor entropy = grad_entropy.defined() ? OptionalTensor(saved[4]) : std::nullopt;
     const std::array<bool, 3> output_mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                           bias.defined() && ctx->needs_input_grad(3)};
     auto [grad_hidden, grad_weight, grad_bias] =
@@ -190,8 +189,8 @@ class HiddenLogProbsFunction : public torch::autograd::Function<HiddenLogProbsFu
 TokenLogProbsOutputs hidden_log_probs_autograd(const at::Tensor& hidden, const at::Tensor& weight,
                                                const at::Tensor& labels, const OptionalTensor& bias,
                                                double temperature, bool compute_entropy, int64_t chunk_tokens) {
-  const variable_list out = HiddenLogProbsFunction::apply(hidden, weight, labels.detach(), bias.value_or(at::Tensor()),
-                                                          temperature, compute_entropy, chunk_tokens);
+  const variable_list out =
+      HiddenLogProbsFunction::apply(hidden, weight, labels.detach(), bias, temperature, compute_entropy, chunk_tokens);
   return {out[0], out[1], out[2]};
 }
 

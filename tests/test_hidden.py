@@ -1,0 +1,362 @@
+"""ppo_ext.log_probs_from_hidden and policy_loss_from_hidden (the hidden_log_probs ops: the LM head chunk by chunk,
+no logits) against eager float64 matmul + log_softmax + gather + the reference loss: log-probs, entropy, loss,
+metrics, counts, and the gradients w.r.t. hidden, weight and bias; dtypes, layouts (strided hidden, flat rows),
+chunk sizes, temperature, frozen weights, what autograd saves, opcheck, gradcheck, torch.compile, determinism,
+errors."""
+
+import pytest
+import torch
+
+import ppo_ext
+from helpers import options
+from ppo_ext.reference import policy_loss_reference
+from test_logits import loss_inputs, reference_aggregate, reference_log_probs
+
+ACC = {torch.float32: torch.float32, torch.bfloat16: torch.float32, torch.float16: torch.float32,
+       torch.float64: torch.float64}
+# log-probs / entropy and gradients (relative to the largest reference gradient). 16-bit: the GEMM rounds each
+# logit to the dtype (as the eager model's LM head does), the gradients are rounded to it before their GEMMs.
+VALUE_TOL = {torch.float32: 2e-5, torch.bfloat16: 0.1, torch.float16: 0.02, torch.float64: 1e-10}
+GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 0.03, torch.float16: 0.005, torch.float64: 1e-10}
+
+
+def make_head(B, T, H, V, *, seed, dtype=torch.float32, device="cpu", bias=True, extra_t=0):
+    """hidden (B, T + extra_t, H), weight (V, H), bias (V,), scaled so that the logits spread as a policy's
+    (standard deviation ~3); labels drawn from the float64 softmax (and some uniformly)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T + extra_t, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (3 / H ** 0.5)
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    logits = hidden[:, :T] @ weight.T + (0 if b is None else b)
+    labels = torch.multinomial(torch.softmax(logits.reshape(-1, V), -1), 1, generator=g).view(B, T)
+    labels = torch.where(torch.rand(B, T, generator=g) < 0.3, torch.randint(0, V, (B, T), generator=g), labels)
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), labels.to(device)
+
+
+def reference(hidden, weight, bias, labels, temperature=1.0):
+    """float64 eager: the logits (rounded to the inputs' dtype, as its GEMM writes them), log_softmax, gather."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    if hidden.dtype != torch.float64:
+        logits = logits + (logits.detach().to(hidden.dtype).double() - logits.detach())  # the value rounded
+    return reference_log_probs(logits, labels.reshape(logits.shape[:-1]), temperature)
+
+
+def leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def assert_grads(got, ref, dtype, what):
+    for name, a, b in zip(("hidden", "weight", "bias"), got, ref):
+        if b is None:
+            continue
+        assert a is not None and a.dtype == dtype and a.shape == b.shape, f"{what}: grad {name}"
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double().cpu(), b, rtol=0, atol=GRAD_TOL[dtype] * scale + 1e-12,
+                                   msg=lambda m: f"{what}: grad {name}\n{m}")
+
+
+def check_log_probs(hidden, weight, bias, labels, *, temperature=1.0, chunk_tokens=None, what=""):
+    """log_probs_from_hidden (log-probs and entropy, a loss of both) against the float64 reference."""
+    dtype = hidden.dtype
+    h, w, b = leaves(hidden, weight, bias)
+    lp, entropy = ppo_ext.log_probs_from_hidden(h, w, labels, bias=b, temperature=temperature, return_entropy=True,
+                                                chunk_tokens=chunk_tokens)
+    g = torch.Generator().manual_seed(1)
+    c_lp = torch.randn(labels.shape, generator=g, dtype=torch.float64)
+    c_h = torch.randn(labels.shape, generator=g, dtype=torch.float64)
+    (lp * c_lp.to(lp.device, lp.dtype) + entropy * c_h.to(lp.device, lp.dtype)).sum().backward()
+
+    h64, w64, b64 = leaves(*(None if t is None else t.detach().double().cpu() for t in (hidden, weight, bias)))
+    ref_lp, ref_entropy = reference(h64, w64, b64, labels.cpu(), temperature)
+    (ref_lp.reshape(labels.shape) * c_lp + ref_entropy.reshape(labels.shape) * c_h).sum().backward()
+    assert lp.dtype == ACC[dtype] and lp.shape == labels.shape and entropy.shape == labels.shape
+    tol = VALUE_TOL[dtype]
+    torch.testing.assert_close(lp.double().cpu(), ref_lp.detach().reshape(labels.shape), rtol=tol, atol=tol,
+                               msg=lambda m: f"{what}: log_probs\n{m}")
+    torch.testing.assert_close(entropy.double().cpu(), ref_entropy.detach().reshape(labels.shape), rtol=tol, atol=tol,
+                               msg=lambda m: f"{what}: entropy\n{m}")
+    assert_grads((h.grad, w.grad, None if b is None else b.grad), (h64.grad, w64.grad, None if b64 is None else b64.grad),
+                 dtype, what)
+    return lp, entropy, (h.grad, w.grad, None if b is None else b.grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Values and gradients against the reference.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_dtypes(device, dtype, bias):
+    hidden, weight, b, labels = make_head(3, 7, 16, 301, seed=1, dtype=dtype, device=device, bias=bias)
+    check_log_probs(hidden, weight, b, labels, chunk_tokens=4, what=f"{dtype} bias={bias}")
+
+
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 5, 21, 1000])
+def test_chunk_sizes(device, chunk_tokens):
+    """Every chunking gives the reference's numbers, including a last, partial chunk and one chunk of all rows."""
+    hidden, weight, b, labels = make_head(3, 7, 24, 97, seed=2, device=device)
+    check_log_probs(hidden, weight, b, labels, chunk_tokens=chunk_tokens, what=f"chunk {chunk_tokens}")
+
+
+def test_float64_chunking_does_not_change_the_numbers(device):
+    hidden, weight, b, labels = make_head(2, 9, 12, 50, seed=3, dtype=torch.float64, device=device)
+    results = [check_log_probs(hidden, weight, b, labels, chunk_tokens=c)[2] for c in (1, 4, 18)]
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
+def test_temperature(device, temperature):
+    hidden, weight, b, labels = make_head(2, 6, 16, 64, seed=4, device=device)
+    check_log_probs(hidden, weight, b, labels, temperature=temperature, chunk_tokens=5, what=f"T={temperature}")
+
+
+@pytest.mark.parametrize("layout", ["strided", "flat", "flat-BT-labels", "transposed-weight"])
+def test_layouts(device, layout):
+    """hidden[:, :-1] of a (B, T + 1, H) model output (not copied whole), (N, H) rows with (N,) or (B, T) labels, a
+    weight that is a transposed view (e.g. a tied embedding stored as (H, V))."""
+    B, T, H, V = 3, 5, 16, 40
+    full, weight, b, labels = make_head(B, T, H, V, seed=5, device=device, extra_t=1)
+    h, w, bb = leaves(full, weight, b)
+    x, lab = h[:, :-1], labels
+    if layout.startswith("flat"):
+        x = h[:, :-1].reshape(B * T, H)
+        lab = labels if layout == "flat-BT-labels" else labels.reshape(-1)
+    if layout == "transposed-weight":
+        w = weight.T.contiguous().detach().requires_grad_(True)
+    w_used = w.T if layout == "transposed-weight" else w
+    lp, entropy = ppo_ext.log_probs_from_hidden(x, w_used, lab, bias=bb, return_entropy=True, chunk_tokens=4)
+    assert lp.shape == lab.shape
+    (lp.sum() + 0.5 * entropy.sum()).backward()
+    h64, w64, b64 = leaves(*(t.detach().double() for t in (full[:, :-1], weight, b)))
+    ref_lp, ref_entropy = reference(h64, w64, b64, labels)
+    (ref_lp.sum() + 0.5 * ref_entropy.sum()).backward()
+    torch.testing.assert_close(lp.double().cpu().reshape(B, T), ref_lp.detach().cpu(), rtol=2e-5, atol=2e-5)
+    grad_w = w.grad.T if layout == "transposed-weight" else w.grad
+    assert_grads((h.grad[:, :-1], grad_w, bb.grad), (h64.grad, w64.grad, b64.grad), torch.float32, layout)
+    assert torch.count_nonzero(h.grad[:, -1]) == 0
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_policy_loss_from_hidden(device, agg):
+    """The loss, metrics, counts and gradients of policy_loss_from_hidden, entropy bonus included, against the
+    float64 reference loss of the reference log-probs."""
+    B, T, H, V = 4, 6, 16, 120
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=6, device=device)
+    old, adv, mask, weights = loss_inputs(B, T, seed=6, device=device)
+    kw = options("token", agg, dual=True, clamp=True)
+    h, w, bb = leaves(hidden, weight, b)
+    out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=bb, token_weights=weights,
+                                          temperature=0.9, return_entropy=True, entropy_coef=0.03, chunk_tokens=7, **kw)
+    out.loss.backward()
+    h64, w64, b64 = leaves(*(t.detach().double().cpu() for t in (hidden, weight, b)))
+    ref_lp, ref_entropy = reference(h64, w64, b64, labels.cpu(), 0.9)
+    f = lambda t: t.detach().double().cpu()  # noqa: E731
+    ref = policy_loss_reference(ref_lp, f(old), f(adv), mask.cpu(), token_weights=f(weights), **kw)
+    ref_entropy_loss = reference_aggregate(ref_entropy, mask.cpu(), **kw)
+    (ref.loss - 0.03 * ref_entropy_loss).backward()
+    torch.testing.assert_close(out.loss.double().cpu(), (ref.loss - 0.03 * ref_entropy_loss).detach(), rtol=5e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(out.log_probs.double().cpu(), ref_lp.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.metrics["entropy_loss"].double().cpu(), ref_entropy_loss.detach(), rtol=5e-5,
+                               atol=1e-5)
+    for k in ppo_ext.METRIC_NAMES:
+        torch.testing.assert_close(out.metrics[k].cpu(), ref.metrics[k].cpu(), rtol=5e-5, atol=1e-5, msg=k)
+    assert torch.equal(out.counts.cpu(), ref.counts)
+    assert_grads((h.grad, w.grad, bb.grad), (h64.grad, w64.grad, b64.grad), torch.float32, agg)
+
+
+def test_same_as_from_logits(device):
+    """policy_loss_from_hidden is policy_loss_from_logits of hidden @ weight.T + bias (float64: to rounding)."""
+    B, T, H, V = 3, 5, 8, 33
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=7, dtype=torch.float64, device=device)
+    old, adv, mask, _ = loss_inputs(B, T, seed=7, device=device, dtype=torch.float64)
+    kw = options("seq", "seq-mean-token-sum", clamp=True)
+    h1, w1, b1 = leaves(hidden, weight, b)
+    h2, w2, b2 = leaves(hidden, weight, b)
+    a = ppo_ext.policy_loss_from_hidden(h1, w1, labels, old, adv, mask, bias=b1, entropy_coef=0.1, chunk_tokens=4, **kw)
+    c = ppo_ext.policy_loss_from_logits(h2 @ w2.T + b2, labels, old, adv, mask, entropy_coef=0.1, **kw)
+    a.loss.backward()
+    c.loss.backward()
+    torch.testing.assert_close(a.loss, c.loss, rtol=1e-12, atol=1e-12)
+    for k in a.metrics:
+        torch.testing.assert_close(a.metrics[k], c.metrics[k], rtol=1e-6, atol=1e-7)
+    for u, v in ((h1, h2), (w1, w2), (b1, b2)):
+        torch.testing.assert_close(u.grad, v.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_weight_and_hidden_only(device):
+    """A frozen LM head (weight and bias without grad): only grad_hidden is computed, the same values; hidden without
+    grad (a LoRA'd head): only the head's gradients."""
+    hidden, weight, b, labels = make_head(2, 5, 8, 30, seed=8, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    lp, _ = ppo_ext.log_probs_from_hidden(h, w, labels, bias=bb, chunk_tokens=3)
+    lp.sum().backward()
+    h2 = hidden.clone().requires_grad_(True)
+    lp2, _ = ppo_ext.log_probs_from_hidden(h2, weight, labels, bias=b, chunk_tokens=3)
+    lp2.sum().backward()
+    assert torch.equal(h2.grad, h.grad)
+    w3, b3 = leaves(weight, b)
+    lp3, _ = ppo_ext.log_probs_from_hidden(hidden, w3, labels, bias=b3, chunk_tokens=3)
+    lp3.sum().backward()
+    assert torch.equal(w3.grad, w.grad) and torch.equal(b3.grad, bb.grad)
+    grads = torch.ops.ppo_ext.hidden_log_probs_backward(
+        torch.ones_like(lp), hidden, weight, labels, torch.ops.ppo_ext.hidden_log_probs(hidden, weight, labels, b)[1],
+        b, 1.0, 3, output_mask=[True, False, False])
+    assert torch.equal(grads[0], h.grad) and grads[1].shape == (0,) and grads[2].shape == (0,)
+
+
+def test_saves_no_logits(device):
+    """What autograd keeps between forward and backward: hidden, weight and bias themselves (no copies) and a few
+    numbers a token, never anything of the (tokens x vocabulary) size."""
+    B, T, H, V = 4, 64, 8, 500
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=9, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp, entropy = ppo_ext.log_probs_from_hidden(h, w, labels, bias=bb, return_entropy=True, chunk_tokens=16)
+    inputs = {h.data_ptr(), w.data_ptr(), bb.data_ptr()}
+    assert {t.data_ptr() for t in saved} >= inputs, [tuple(t.shape) for t in saved]
+    assert max(t.numel() for t in saved if t.data_ptr() not in inputs) <= B * T, [tuple(t.shape) for t in saved]
+    (lp.sum() + entropy.sum()).backward()
+
+
+def test_masked_and_zero_upstream_rows(device):
+    """Rows whose upstream gradient is 0 (masked tokens) contribute nothing: grad_hidden 0 there."""
+    B, T, H, V = 3, 6, 8, 40
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=10, device=device)
+    old, adv, mask, _ = loss_inputs(B, T, seed=10, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=bb, chunk_tokens=5)
+    out.loss.backward()
+    assert torch.count_nonzero(h.grad[mask == 0]) == 0
+    assert torch.count_nonzero(h.grad[mask != 0]) > 0
+
+
+def test_bitwise_deterministic(device):
+    hidden, weight, b, labels = make_head(4, 16, 32, 200, seed=11, dtype=torch.bfloat16, device=device)
+    runs = []
+    for _ in range(2):
+        h, w, bb = leaves(hidden, weight, b)
+        lp, entropy = ppo_ext.log_probs_from_hidden(h, w, labels, bias=bb, return_entropy=True, chunk_tokens=9)
+        (lp.sum() + entropy.sum()).backward()
+        runs.append((lp, entropy, h.grad, w.grad, bb.grad))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------------------------
+# The ops as PyTorch sees them.
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "flat"])
+def test_opcheck(device, layout):
+    full, weight, b, labels = make_head(3, 5, 8, 37, seed=12, device=device, extra_t=1)
+    hidden = {"contiguous": full[:, :-1].contiguous(), "strided": full[:, :-1],
+              "flat": full[:, :-1].reshape(-1, 8)}[layout]
+    if layout == "flat":
+        labels = labels.reshape(-1)
+    h, w, bb = leaves(hidden, weight, b)
+    for bias, entropy in ((None, False), (bb, True)):
+        torch.library.opcheck(torch.ops.ppo_ext.hidden_log_probs.default, (h, w, labels, bias, 0.8, entropy, 4))
+    _, lse, ent = torch.ops.ppo_ext.hidden_log_probs(hidden, weight, labels, b, 0.8, True, 4)
+    grad = torch.randn(lse.shape, device=device)
+    for mask in ([True, True, True], [True, False, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.ppo_ext.hidden_log_probs_backward.default,
+                              (grad, hidden, weight, labels, lse, b, 0.8, 4, grad, ent, mask))
+    torch.library.opcheck(torch.ops.ppo_ext.hidden_log_probs_backward.default,
+                          (grad, hidden, weight, labels, lse, None, 0.8, 0))
+
+
+def test_gradcheck(device):
+    hidden, weight, b, labels = make_head(2, 3, 4, 7, seed=13, dtype=torch.float64, device=device)
+    old, adv, mask, w = loss_inputs(2, 3, seed=13, device=device, dtype=torch.float64, margin=1e-3)
+    kw = options("token", "token-mean", dual=True)
+    args = leaves(hidden, weight, b)
+
+    def log_probs_and_entropy(h, wt, bias):
+        return ppo_ext.log_probs_from_hidden(h, wt, labels, bias=bias, temperature=1.3, return_entropy=True,
+                                             chunk_tokens=2)
+
+    assert torch.autograd.gradcheck(log_probs_and_entropy, args, eps=1e-6, atol=1e-7)
+
+    def loss(h, wt, bias):
+        return ppo_ext.policy_loss_from_hidden(h, wt, labels, old, adv, mask, bias=bias, token_weights=w,
+                                               entropy_coef=0.2, chunk_tokens=4, **kw).loss
+
+    assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    kw = options("token", "token-mean", dual=True)
+
+    def step(hidden, weight, bias, labels, old, adv, mask):
+        out = ppo_ext.policy_loss_from_hidden(hidden[:, :-1], weight, labels, old, adv, mask, bias=bias,
+                                              temperature=0.9, return_entropy=True, entropy_coef=0.02,
+                                              chunk_tokens=8, **kw)
+        return out.loss * 2, out.metrics["entropy"], out.log_probs, out.counts
+
+    compiled = torch.compile(step, fullgraph=True)
+    for seed in (14, 15):  # the second call re-uses the compiled graph
+        full, weight, b, labels = make_head(3, 6, 16, 101, seed=seed, device=device, extra_t=1)
+        old, adv, mask, _ = loss_inputs(3, 6, seed=seed, device=device)
+        first, second = leaves(full, weight, b), leaves(full, weight, b)
+        a = compiled(*first, labels, old, adv, mask)
+        c = step(*second, labels, old, adv, mask)
+        a[0].backward()
+        c[0].backward()
+        for u, v in zip(a, c):
+            torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
+        for u, v in zip(first, second):
+            torch.testing.assert_close(u.grad, v.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_no_grad(device):
+    hidden, weight, b, labels = make_head(2, 3, 8, 20, seed=16, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    with torch.no_grad():
+        lp, _ = ppo_ext.log_probs_from_hidden(h, w, labels, bias=bb)
+    assert not lp.requires_grad
+
+
+def test_argument_errors(device):
+    hidden, weight, b, labels = make_head(2, 3, 8, 20, seed=17, device=device)
+    cases = [
+        (dict(hidden=hidden[0, 0]), ValueError, "hidden must have shape"),
+        (dict(weight=weight[:, :4]), ValueError, r"weight must have shape \(V, H\) with H = 8"),
+        (dict(weight=weight.double()), TypeError, "weight must have the dtype of hidden"),
+        (dict(bias=b[:5]), ValueError, r"bias must have shape \(V,\) with V = 20"),
+        (dict(bias=b.double()), TypeError, "bias must have the dtype of hidden"),
+        (dict(labels=labels.int()), TypeError, "labels must be int64"),
+        (dict(labels=labels[:, :2]), ValueError, "labels must have the shape of hidden"),
+        (dict(hidden=hidden.int()), TypeError, "hidden must be float32"),
+        (dict(temperature=0.0), ValueError, "temperature must be"),
+        (dict(chunk_tokens=0), ValueError, "chunk_tokens must be an integer >= 1"),
+        (dict(chunk_tokens=2.5), ValueError, "chunk_tokens must be an integer >= 1"),
+        (dict(hidden=[1.0]), TypeError, "hidden must be a torch.Tensor"),
+    ]
+    for change, error, match in cases:
+        kw = dict(hidden=hidden, weight=weight, labels=labels, bias=b, temperature=1.0, chunk_tokens=None, **{})
+        kw.update(change)
+        with pytest.raises(error, match=match):
+            ppo_ext.log_probs_from_hidden(kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"), **kw)
+    bad = labels.clone()
+    bad[1, 2] = 20
+    with pytest.raises(ValueError, match=r"labels must be token ids in \[0, V\) with V = 20"):
+        ppo_ext.log_probs_from_hidden(hidden, weight, bad, check_labels=True)
+    if device == "cpu":  # the CPU kernel checks the range always (CUDA: a NaN log-prob, no synchronisation)
+        with pytest.raises(ValueError, match="labels must be token ids"):
+            ppo_ext.log_probs_from_hidden(hidden, weight, bad)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        ppo_ext.policy_loss_from_hidden(hidden, weight, labels, None, torch.zeros(2, device=device),
+                                        inplace_backward=True)
