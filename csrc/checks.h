@@ -147,9 +147,10 @@ HiddenLayout check_hidden_log_probs_args(const at::Tensor& hidden, const at::Ten
                                          const OptionalTensor& bias, double temperature, int64_t chunk_tokens);
 
 // The rows a chunk of hidden_log_probs holds by default: a (chunk, V) buffer of about kHiddenChunkBytes, within
-// [kHiddenMinChunk, kHiddenMaxChunk] rows (enough rows for the GEMMs to run at speed, few enough that the buffer
-// stays small beside the logits it replaces).
-constexpr int64_t kHiddenChunkBytes = int64_t(64) << 20, kHiddenMinChunk = 128, kHiddenMaxChunk = 384;
+// [kHiddenMinChunk, kHiddenMaxChunk] rows: enough rows for the GEMMs to run at speed (on 2 Xeon cores with AMX,
+// N = 8192, H = 1024, V = 32000 bf16: fwd+bwd 2.4 s at 128 rows, 1.45 s at 384 and at 1024), few enough that the
+// buffer stays within 5% of the logits it replaces from N = 8192 tokens on (384 x 32000 bf16: 24 MB of 512 MB).
+constexpr int64_t kHiddenChunkBytes = int64_t(64) << 20, kHiddenMinChunk = 256, kHiddenMaxChunk = 384;
 int64_t default_chunk_tokens(int64_t V, int64_t element_size);
 
 // float32 arithmetic, float64 for float64 log-probs.

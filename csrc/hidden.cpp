@@ -9,6 +9,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -79,33 +80,65 @@ HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
                       t->sizes());
   }
   const bool want_hidden = output_mask[0], want_weight = output_mask[1], want_bias = output_mask[2] && bias;
+  const at::ScalarType acc = acc_type_for(hidden.scalar_type());
   const auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   at::Tensor grad_hidden = want_hidden ? at::empty({l.N, l.H}, hidden.options()) : empty(hidden);
-  // Accumulated chunk after chunk by GEMMs with beta = 1, in the weight's dtype (each GEMM sums in float32 or
-  // float64 inside), in a fixed order: the same bits every run.
-  at::Tensor grad_weight = want_weight ? at::zeros({l.V, l.H}, weight.options()) : empty(weight);
-  const auto acc = hidden.options().dtype(acc_type_for(hidden.scalar_type()));
-  at::Tensor grad_bias = want_bias ? at::zeros({l.V}, acc) : empty(weight);
-  if (want_hidden || want_weight || want_bias) {
-    const at::Tensor flat_labels = flat_rows(labels), g = flat_rows(grad_log_probs), lse = flat_rows(logsumexp);
-    const OptionalTensor g_entropy = grad_entropy ? OptionalTensor(flat_rows(*grad_entropy)) : std::nullopt;
-    const OptionalTensor flat_entropy = entropy ? OptionalTensor(flat_rows(*entropy)) : std::nullopt;
-    const auto rows_of = [](const OptionalTensor& t, int64_t begin, int64_t n) {
-      return t ? OptionalTensor(t->narrow(0, begin, n)) : std::nullopt;
-    };
-    at::Tensor buffer = at::empty({l.chunk, l.V}, hidden.options());
+  at::Tensor grad_weight = want_weight ? at::empty({l.V, l.H}, weight.options()) : empty(weight);
+  at::Tensor grad_bias = want_bias ? at::empty({l.V}, hidden.options().dtype(acc)) : empty(weight);
+  // The per-row inputs, flat; the gradient of a block of rows (all columns) or of columns (all rows) is computed in
+  // place in `buffer` by token_log_probs_backward_inplace.
+  const at::Tensor flat_labels = flat_rows(labels), g = flat_rows(grad_log_probs), lse = flat_rows(logsumexp);
+  const OptionalTensor g_entropy = grad_entropy ? OptionalTensor(flat_rows(*grad_entropy)) : std::nullopt;
+  const OptionalTensor flat_entropy = entropy ? OptionalTensor(flat_rows(*entropy)) : std::nullopt;
+  const auto rows_of = [](const OptionalTensor& t, int64_t begin, int64_t n) {
+    return t ? OptionalTensor(t->narrow(0, begin, n)) : std::nullopt;
+  };
+  // 16-bit weights: grad_weight and grad_bias come from a second pass over blocks of the vocabulary's columns for all
+  // rows at once, each block's gradient one GEMM (float32 accumulation inside, rounded once), instead of a sum of
+  // per-chunk GEMMs rounded to 16 bits after each chunk, which biases training (TRL's chunked_logprob measured the
+  // entropy drifting down) unless a float32 (V, H) accumulator is kept. float32 / float64 weights accumulate
+  // exactly enough in the first pass.
+  const bool by_columns = (want_weight || want_bias) && weight.scalar_type() != acc && l.N > l.chunk;
+  // The columns of a block: as many as fit the chunk's buffer, at least kMinColumns (or V) for the GEMMs' sake.
+  constexpr int64_t kMinColumns = 64;
+  const int64_t block = std::clamp<int64_t>(l.chunk * l.V / std::max<int64_t>(l.N, 1), std::min(kMinColumns, l.V), l.V);
+  at::Tensor buffer = at::empty({std::max(l.chunk * l.V, by_columns ? l.N * block : 0)}, hidden.options());
+  if (want_hidden || ((want_weight || want_bias) && !by_columns)) {
+    if (want_weight) grad_weight.zero_();
+    if (want_bias) grad_bias.zero_();
+    at::Tensor rows_buffer = buffer.narrow(0, 0, l.chunk * l.V).view({l.chunk, l.V});
     for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
       const int64_t n = std::min(l.chunk, l.N - begin);
       const at::Tensor rows = hidden_rows(hidden, begin, begin + n);
-      const at::Tensor grad_logits = chunk_logits(buffer, rows, weight, bias);
+      const at::Tensor grad_logits = chunk_logits(rows_buffer, rows, weight, bias);
       backward_op.call(g.narrow(0, begin, n), grad_logits, flat_labels.narrow(0, begin, n), lse.narrow(0, begin, n),
                        temperature, rows_of(g_entropy, begin, n), rows_of(flat_entropy, begin, n));
       if (want_hidden) {
         at::Tensor grad_rows = grad_hidden.narrow(0, begin, n);
         at::mm_out(grad_rows, grad_logits, weight);
       }
+      if (by_columns) continue;
       if (want_weight) grad_weight.addmm_(grad_logits.t(), rows);
-      if (want_bias) grad_bias.add_(grad_logits.sum(0, false, acc_type_for(hidden.scalar_type())));
+      if (want_bias) grad_bias.add_(grad_logits.sum(0, false, acc));
+    }
+  }
+  if (by_columns) {
+    const at::Tensor all_rows = hidden_rows(hidden, 0, l.N);  // (a copy only where hidden's rows are not one matrix)
+    for (int64_t start = 0; start < l.V; start += block) {
+      const int64_t n = std::min(block, l.V - start);
+      const at::Tensor w = weight.narrow(0, start, n);
+      at::Tensor grad_logits = buffer.narrow(0, 0, l.N * n).view({l.N, n});
+      if (bias.has_value()) {
+        at::addmm_out(grad_logits, bias->narrow(0, start, n), all_rows, w.t());
+      } else {
+        at::mm_out(grad_logits, all_rows, w.t());
+      }
+      backward_op.call(g, grad_logits, at::sub(flat_labels, start), lse, temperature, g_entropy, flat_entropy);
+      if (want_weight) {
+        at::Tensor grad_w = grad_weight.narrow(0, start, n);
+        at::mm_out(grad_w, grad_logits.t(), all_rows);
+      }
+      if (want_bias) grad_bias.narrow(0, start, n).copy_(grad_logits.sum(0, false, acc));
     }
   }
   return {want_hidden ? grad_hidden.view(hidden.sizes()) : grad_hidden, grad_weight,

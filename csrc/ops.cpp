@@ -42,7 +42,9 @@ TORCH_LIBRARY(ppo_ext, m) {
   // grad_logits = (grad_log_probs * (onehot(label) - p) - grad_entropy * p * (log p + entropy)) / temperature,
   // p = exp(x - logsumexp), in logits' dtype and shape (contiguous); grad_entropy and the forward's entropy
   // (both or neither: the entropy's term is then not computed); rows whose upstream gradients are 0 are zeros,
-  // written without reading their logits.
+  // written without reading their logits. A label outside [0, V) adds no onehot term: the logits may be a block of
+  // the vocabulary's columns, with the labels shifted by the block's start and the full rows' logsumexp (the
+  // forward checks the labels' range).
   m.def(
       "token_log_probs_backward(Tensor grad_log_probs, Tensor logits, Tensor labels, Tensor logsumexp, "
       "float temperature, Tensor? grad_entropy=None, Tensor? entropy=None) -> Tensor");

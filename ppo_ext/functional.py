@@ -301,7 +301,7 @@ def log_probs_from_hidden(
     bfloat16, float16, float64); labels int64 of hidden's shape without H (or (B, T) for (B * T, H) hidden). Returns (log_probs, entropy), float32
     (float64 for float64), differentiable w.r.t. hidden, weight and bias (entropy None unless return_entropy). The
     backward recomputes each chunk's logits (one more GEMM) rather than keeping them. chunk_tokens: the rows per
-    chunk (None: from V, a buffer of about 64 MiB within 128 to 384 rows). grad_weight is summed chunk after chunk
+    chunk (None: from V, a buffer of about 64 MiB within 256 to 384 rows). grad_weight is summed chunk after chunk
     in the weight's dtype, in a fixed order (deterministic). check_labels: see log_probs_from_logits.
     """
     for name, t, optional in (("hidden", hidden, False), ("weight", weight, False), ("labels", labels, False),

@@ -387,6 +387,27 @@ def test_token_log_probs_extreme_logits(sim, schedule):
     torch.testing.assert_close(back[1, 1], -soft, rtol=1e-5, atol=1e-6)  # no one-hot for a bad label
 
 
+def test_token_log_probs_backward_of_a_vocabulary_block(sim, schedule):
+    """hidden_log_probs' second backward pass: the gradient of a block of the vocabulary's columns (labels shifted by
+    the block's start, out of [0, block) for the rows whose label lies elsewhere; the full rows' logsumexp) is those
+    columns of the full rows' gradient."""
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, labels = logits_of(3, 4, 300, seed=13, dtype=dtype)
+        _, lse, entropy = torch.ops.ppo_ext.token_log_probs(logits, labels, 0.9, True, False)
+        g = torch.Generator().manual_seed(3)
+        grad, grad_entropy = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+        full = torch.ops.ppo_ext.token_log_probs_backward(grad, logits, labels, lse, 0.9, grad_entropy, entropy)
+        for start, stop in ((0, 100), (100, 233), (233, 300)):
+            block = logits[..., start:stop].contiguous()
+            got = sim.token_log_probs_backward(grad, block, labels - start, lse, 0.9, grad_entropy, entropy)
+            gtol = (2 ** -7, 1e-4) if dtype == torch.bfloat16 else (1e-5, 1e-6)
+            torch.testing.assert_close(got, full[..., start:stop], rtol=gtol[0], atol=gtol[1],
+                                       msg=lambda m: f"{dtype} columns {start}:{stop}\n{m}")
+            inplace = block.clone()
+            sim.token_log_probs_backward_inplace(grad, inplace, labels - start, lse, 0.9, grad_entropy, entropy)
+            assert same_bits(inplace, got)
+
+
 # --------------------------------------------------------------------------------------------
 # The simulator itself: what it reports, its 16-bit floats and its __expf.
 

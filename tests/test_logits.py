@@ -471,6 +471,22 @@ def test_opcheck_backward_ops(device):
     assert torch.count_nonzero(expected[1]) == 0
 
 
+def test_backward_of_a_vocabulary_block(device):
+    """The backward ops on a block of the vocabulary's columns (what hidden_log_probs' backward computes for 16-bit
+    weights): labels shifted by the block's start (outside the block: no onehot term), the full rows' logsumexp and
+    entropy; the block's columns of the full rows' gradient (to rounding: a column's place in the vectorised loop or
+    its scalar tail differs)."""
+    logits, labels = make_logits(3, 5, 301, seed=25, device=device)
+    _, lse, entropy = torch.ops.ppo_ext.token_log_probs(logits, labels, 0.8, True, False)
+    g = torch.Generator().manual_seed(4)
+    grad, grad_entropy = (torch.randn(labels.shape, generator=g).to(device) for _ in range(2))
+    full = torch.ops.ppo_ext.token_log_probs_backward(grad, logits, labels, lse, 0.8, grad_entropy, entropy)
+    for start, stop in ((0, 64), (64, 250), (250, 301)):
+        block = logits[..., start:stop].contiguous()
+        got = torch.ops.ppo_ext.token_log_probs_backward(grad, block, labels - start, lse, 0.8, grad_entropy, entropy)
+        torch.testing.assert_close(got, full[..., start:stop], rtol=1e-6, atol=1e-9, msg=lambda m: f"{start}:{stop} {m}")
+
+
 def test_gradcheck(device):
     logits, labels = make_logits(3, 4, 7, seed=21, device=device, dtype=torch.float64)
     old, adv, mask, w = loss_inputs(3, 4, seed=21, device=device, dtype=torch.float64, margin=1e-3)

@@ -17,7 +17,8 @@ struct LogitRows {
   c10::ScalarType dtype = c10::kFloat;
   int64_t B = 0, T = 0, V = 0;
   int64_t stride_b = 0, stride_t = 0;
-  const int64_t* labels = nullptr;  // labels[i * label_stride_b + t * label_stride_t], in [0, V)
+  const int64_t* labels = nullptr;  // labels[i * label_stride_b + t * label_stride_t]: in [0, V) forward; backward
+                                    // outside it adds no onehot term (a block of the vocabulary)
   int64_t label_stride_b = 0, label_stride_t = 0;
   double inv_temperature = 1.0;
 };
