@@ -304,6 +304,25 @@ def peak_extra_bytes(call, device):
     return peak
 
 
+def peak_rss_extra_bytes(call):
+    """CPU: the process's peak resident memory during one call above what it held before it (Linux: the peak is reset
+    through /proc/self/clear_refs); None where that is not possible. Unlike peak_extra_bytes it sees every
+    allocation (a GEMM's scratch, allocator slack), and memory the allocator frees but keeps is not seen again."""
+    def status_kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kib("VmRSS:")
+    except (OSError, StopIteration):
+        return None
+    out = call()
+    del out
+    return (status_kib("VmHWM:") - before) * 1024
+
+
 def count_cpu_ops(call):
     """Top-level dispatcher ops (aten::, ppo_ext::, ...) of one call: for eager, each one a pass over memory."""
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:

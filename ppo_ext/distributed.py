@@ -1,4 +1,6 @@
-"""Data-parallel helpers: the global normalisers and the global clip fractions, exact across ranks.
+"""Data-parallel helpers: the global normalisers and the global clip fractions, exact across ranks; and the
+log-probs from hidden states with the LM head split over the vocabulary across a tensor-parallel group
+(``vocab_parallel_log_probs``, which ``ppo_ext.log_probs_from_hidden(process_group=...)`` calls).
 
 With the batch split over data-parallel ranks, each rank computes ``ppo_ext.policy_loss`` on its rows
 with the *global* normalisers (``num_tokens`` = valid tokens of the whole batch, ``num_seqs`` = rows
@@ -28,7 +30,8 @@ import torch.distributed as dist
 
 from ppo_ext.names import COUNT_INDEX, COUNT_NAMES
 
-__all__ = ["GlobalNormalisers", "global_normalisers", "all_reduce_counts", "clip_fractions"]
+__all__ = ["GlobalNormalisers", "global_normalisers", "all_reduce_counts", "clip_fractions",
+           "vocab_parallel_log_probs"]
 
 
 class GlobalNormalisers(NamedTuple):
@@ -99,3 +102,74 @@ def clip_fractions(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
         "rollout_filtered_frac": frac(c[COUNT_INDEX["rollout_filtered_tokens"]]),
     }
     return {k: v.to(torch.float32) for k, v in fractions.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor parallel: the LM head split over the vocabulary
+
+
+class _VocabParallelLogProbs(torch.autograd.Function):
+    """Each rank runs ppo_ext::hidden_log_probs on its shard of the vocabulary (its labels shifted by the shard's
+    start and clamped into it), which gives per row the shard's log-sum-exp L_r, the label's log-prob within the
+    shard (valid on the rank that holds the label) and the shard's entropy H_r; two all-reduces of (N,) rows combine
+    them: L = log sum_r exp(L_r) (a MAX, then a SUM with the label's logit and the entropy's sum_r exp(L_r - L)
+    (L_r - H_r) in the same tensor), log_prob = x_label / T - L, H = L - sum_r exp(L_r - L) (L_r - H_r). Backward:
+    ppo_ext::hidden_log_probs_backward on the shard with the global L and H (labels outside the shard add no onehot
+    term), its grad_hidden all-reduced (the head's input is replicated over the group), grad_weight and grad_bias
+    the shard's."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, compute_entropy, chunk_tokens, vocab_start, group):
+        local = labels - vocab_start
+        in_shard = (local >= 0) & (local < weight.shape[0])
+        lp, lse, entropy = torch.ops.ppo_ext.hidden_log_probs(
+            hidden, weight, local.clamp(0, weight.shape[0] - 1), bias, temperature, compute_entropy, chunk_tokens)
+        top = lse.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        share = torch.exp(lse - top)
+        parts = [share, torch.where(in_shard, lp + lse, 0)] + ([share * (lse - entropy)] if compute_entropy else [])
+        sums = torch.stack(parts)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        total_lse = top + torch.log(sums[0])
+        log_probs = sums[1] - total_lse
+        total_entropy = total_lse - sums[2] / sums[0] if compute_entropy else entropy
+        ctx.save_for_backward(hidden, weight, bias, local, total_lse, total_entropy)
+        ctx.options = (temperature, chunk_tokens, group)
+        ctx.set_materialize_grads(False)
+        if not compute_entropy:
+            ctx.mark_non_differentiable(total_entropy)
+        return log_probs, total_entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        hidden, weight, bias, local, lse, entropy = ctx.saved_tensors
+        temperature, chunk_tokens, group = ctx.options
+        if grad_log_probs is None and grad_entropy is None:
+            return (None,) * 9
+        g = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs
+        output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+        grad_hidden, grad_weight, grad_bias = torch.ops.ppo_ext.hidden_log_probs_backward(
+            g, hidden, weight, local, lse, bias, temperature, chunk_tokens, grad_entropy,
+            None if grad_entropy is None else entropy, output_mask)
+        if output_mask[0]:
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
+        return (grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
+                grad_bias if output_mask[2] else None) + (None,) * 6
+
+
+def vocab_parallel_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group, *,
+                             bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                             compute_entropy: bool = False, chunk_tokens: int = 0,
+                             vocab_start: Optional[int] = None):
+    """log_softmax(hidden @ W.T + b)[labels] (and the entropy) with the LM head W split over the vocabulary across
+    ``group``, as Megatron's and verl's vocabulary-parallel head holds it: this rank's ``weight`` (V_r, H) and
+    ``bias`` (V_r,) are rows ``[vocab_start, vocab_start + V_r)`` of the full head (default ``vocab_start``: rank *
+    V_r, equal shards in rank order); ``hidden`` and the global ``labels`` are the same on every rank. Returns
+    ``(log_probs, entropy)`` of the full vocabulary on every rank (entropy a (0,) tensor without
+    ``compute_entropy``), differentiable: ``hidden``'s gradient is the full one on every rank (all-reduced), the
+    head's gradients are this rank's shard's. Two all-reduces of (N,) rows forward, one of hidden's size backward;
+    the logits never exist whole, on any rank. Call it on every rank of the group."""
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * weight.shape[0]
+    return _VocabParallelLogProbs.apply(hidden, weight, bias, labels, float(temperature), bool(compute_entropy),
+                                        int(chunk_tokens), int(vocab_start), group)

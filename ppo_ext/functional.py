@@ -291,6 +291,8 @@ def log_probs_from_hidden(
     return_entropy: bool = False,
     chunk_tokens: Optional[int] = None,
     check_labels: bool = False,
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``log_probs_from_logits(hidden @ weight.T + bias, labels)`` without the logits: the LM head and the log-softmax
     chunk by chunk (README "From hidden states"). Peak extra memory: one (chunk_tokens, V) buffer, whatever the
@@ -303,6 +305,13 @@ def log_probs_from_hidden(
     backward recomputes each chunk's logits (one more GEMM) rather than keeping them. chunk_tokens: the rows per
     chunk (None: from V, a buffer of about 64 MiB within 256 to 384 rows). grad_weight is summed chunk after chunk
     in the weight's dtype, in a fixed order (deterministic). check_labels: see log_probs_from_logits.
+
+    process_group: the LM head split over the vocabulary across this tensor-parallel group (Megatron's / verl's
+    vocabulary-parallel head): ``weight`` (and ``bias``) are this rank's rows ``[vocab_start, vocab_start + V_r)``
+    of the head (default: rank * V_r), ``hidden`` and ``labels`` (global token ids) the same on every rank; the
+    log-probs and entropy are the full vocabulary's, on every rank, and hidden's gradient the full one
+    (``ppo_ext.distributed.vocab_parallel_log_probs``: two all-reduces of a few bytes a token forward, one of
+    hidden's size backward).
     """
     for name, t, optional in (("hidden", hidden, False), ("weight", weight, False), ("labels", labels, False),
                               ("bias", bias, True)):
@@ -311,7 +320,7 @@ def log_probs_from_hidden(
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
-    if check_labels and weight.dim() == 2:
+    if check_labels and weight.dim() == 2 and process_group is None:
         _check_labels_in_range(labels, weight.shape[0], "the rows of weight")
     out_shape = labels.shape
     if hidden.dim() == 2 and labels.dim() == 2:  # (N, H) hidden states of (B, T) labels
@@ -319,8 +328,15 @@ def log_probs_from_hidden(
             raise ValueError(f"labels of shape {tuple(labels.shape)} do not match hidden of shape "
                              f"{tuple(hidden.shape)}: expected N = B * T")
         labels = labels.reshape(-1)
-    log_probs, _, entropy = torch.ops.ppo_ext.hidden_log_probs(
-        hidden, weight, labels, bias, temperature, bool(return_entropy), int(chunk_tokens or 0))
+    if process_group is not None:
+        from ppo_ext.distributed import vocab_parallel_log_probs
+
+        log_probs, entropy = vocab_parallel_log_probs(
+            hidden, weight, labels, process_group, bias=bias, temperature=temperature,
+            compute_entropy=bool(return_entropy), chunk_tokens=int(chunk_tokens or 0), vocab_start=vocab_start)
+    else:
+        log_probs, _, entropy = torch.ops.ppo_ext.hidden_log_probs(
+            hidden, weight, labels, bias, temperature, bool(return_entropy), int(chunk_tokens or 0))
     return log_probs.view(out_shape), entropy.view(out_shape) if return_entropy else None
 
 
@@ -374,17 +390,21 @@ def policy_loss_from_hidden(
     entropy_coef: float = 0.0,
     chunk_tokens: Optional[int] = None,
     check_labels: bool = False,
+    process_group=None,
+    vocab_start: Optional[int] = None,
     **loss_options,
 ) -> PolicyLossFromLogitsOutput:
     """policy_loss_from_logits from the hidden states and the LM head, without the logits: ``log_probs_from_hidden``
     then ``policy_loss`` (every keyword of policy_loss_from_logits but inplace_backward, which has no logits to
     overwrite). The loss is differentiable w.r.t. hidden, weight and bias; returns what policy_loss_from_logits
-    returns."""
+    returns. process_group, vocab_start: a vocabulary-parallel head (log_probs_from_hidden): every rank computes
+    the same loss."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)
     log_probs, entropy = log_probs_from_hidden(
         hidden, weight, labels, bias=bias, temperature=temperature,
-        return_entropy=bool(return_entropy) or entropy_coef != 0, chunk_tokens=chunk_tokens, check_labels=check_labels)
+        return_entropy=bool(return_entropy) or entropy_coef != 0, chunk_tokens=chunk_tokens, check_labels=check_labels,
+        process_group=process_group, vocab_start=vocab_start)
     return _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy, entropy_coef,
                               options)
 

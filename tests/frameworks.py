@@ -471,3 +471,28 @@ def trl() -> types.SimpleNamespace:
         grpo_trainer = importlib.import_module("trl.trainer.grpo_trainer")
     return types.SimpleNamespace(GRPOTrainer=grpo_trainer.GRPOTrainer, GRPOConfig=grpo_config.GRPOConfig,
                                  module=grpo_trainer, version=version)
+
+
+def trl_chunked_logprob() -> types.SimpleNamespace:
+    """TRL 1.16.0's chunked LM-head log-probs, trl/kernels/chunked_logprob.py (``ChunkedLogProbFunction``: cuBLAS
+    tiles of 4096 tokens x ``chunk_size`` vocabulary entries, Triton kernels on a GPU, torch ops elsewhere, gradients
+    accumulated in float32), and the chunk size TRL's trainer passes (``_CHUNKED_LOGPROB_CHUNK_SIZE`` of
+    trl/trainer/utils.py, read from its source: that module imports transformers). Hollow: trl, trl.kernels.
+    Stubbed: transformers.utils (``is_triton_available``: whether triton imports) and, for the backward's import at
+    call time, trl.trainer.utils (``maybe_gather_lm_head_ctx``: ZeRO-3's gather, a null context without
+    DeepSpeed), placed in sys.modules for the process."""
+    import contextlib
+    import re
+
+    version = require("trl", TRL_VERSION)
+    triton = importlib.util.find_spec("triton") is not None
+    with stubbed_imports(("trl", "trl.kernels"), {"transformers": {}, "transformers.utils": {
+            "is_triton_available": lambda: triton}}):
+        module = importlib.import_module("trl.kernels.chunked_logprob")
+    utils = types.ModuleType("trl.trainer.utils")
+    utils.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+    sys.modules.setdefault("trl.trainer.utils", utils)
+    source = package_dir("trl").joinpath("trainer", "utils.py").read_text()
+    chunk_size = int(re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE = (\d+)$", source, re.M).group(1))
+    return types.SimpleNamespace(ChunkedLogProbFunction=module.ChunkedLogProbFunction, chunk_size=chunk_size,
+                                 token_chunk_size=module.TOKEN_CHUNK_SIZE, version=version)

@@ -65,10 +65,55 @@ def _worker(rank: int, port: int, outdir: str) -> None:
             loss, _ = pv.compute_policy_loss_vanilla(old, x, adv, mask, mode, config, w, return_tensors=True)
             loss.backward()
             results["verl", mode] = {"loss": loss.detach(), "grad": x.grad}
+        results["vocab_parallel"] = _vocab_parallel_worker(rank)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+# The vocabulary-parallel LM head: the full head (V, H) of _head(), rows [start, stop) of it on each rank.
+HEAD_B, HEAD_T, HEAD_H, HEAD_V = 3, 7, 8, 50
+SHARDS = {"equal": [(0, 25), (25, 50)], "uneven": [(0, 18), (18, 50)]}  # uneven: vocab_start given
+HEAD_CASES = [("equal", torch.float32, 4), ("uneven", torch.float32, 100), ("equal", torch.bfloat16, 4)]
+
+
+def _head(dtype):
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(HEAD_B, HEAD_T, HEAD_H, generator=g)
+    weight = torch.randn(HEAD_V, HEAD_H, generator=g) * 0.8
+    bias = torch.randn(HEAD_V, generator=g)
+    labels = torch.randint(0, HEAD_V, (HEAD_B, HEAD_T), generator=g)
+    c = torch.randn(2, HEAD_B, HEAD_T, generator=g)  # the loss's weights on the log-probs and the entropies
+    old = -2 * torch.rand(HEAD_B, HEAD_T, generator=g)
+    adv = torch.randn(HEAD_B, generator=g)
+    mask = torch.rand(HEAD_B, HEAD_T, generator=g) < 0.8
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels, c, old, adv, mask
+
+
+def _head_run(hidden, weight, bias, labels, c, old, adv, mask, chunk, **tp):
+    """log-probs, entropy and the gradients of a loss of both; then policy_loss_from_hidden's loss and gradients."""
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    lp, entropy = ppo_ext.log_probs_from_hidden(h, w, labels, bias=b, return_entropy=True, chunk_tokens=chunk,
+                                                temperature=0.9, **tp)
+    (lp * c[0] + entropy * c[1]).sum().backward()
+    out = {"lp": lp.detach(), "entropy": entropy.detach(), "grads": [h.grad, w.grad, b.grad]}
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    loss = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk,
+                                           entropy_coef=0.05, **tp).loss
+    loss.backward()
+    out.update(loss=loss.detach(), loss_grads=[h.grad, w.grad, b.grad])
+    return out
+
+
+def _vocab_parallel_worker(rank):
+    results = {}
+    for shards, dtype, chunk in HEAD_CASES:
+        hidden, weight, bias, *rest = _head(dtype)
+        start, stop = SHARDS[shards][rank]
+        tp = dict(process_group=dist.group.WORLD, vocab_start=start if shards == "uneven" else None)
+        results[shards, dtype, chunk] = _head_run(hidden, weight[start:stop], bias[start:stop], *rest, chunk, **tp)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,6 +202,25 @@ def test_verl_adapter_across_ranks(rank_results, mode):
     parts = [r["verl", mode] for r in rank_results]
     torch.testing.assert_close(sum(p["loss"].double() for p in parts) / WORLD, whole.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([p["grad"] for p in parts]) / WORLD, x.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: str(c))
+def test_vocab_parallel_head(rank_results, case):
+    """The LM head split over the vocabulary on two ranks: every rank's log-probs, entropies, loss and hidden
+    gradient are the unsplit head's, and the ranks' weight and bias gradients are its gradients' rows."""
+    shards, dtype, chunk = case
+    whole = _head_run(*_head(dtype), chunk)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for rank, r in enumerate(rank_results):
+        part = r["vocab_parallel"][case]
+        for k in ("lp", "entropy", "loss"):
+            torch.testing.assert_close(part[k], whole[k], **tol, msg=lambda m: f"rank {rank} {k}\n{m}")
+        for key in ("grads", "loss_grads"):
+            torch.testing.assert_close(part[key][0], whole[key][0], **tol, msg=lambda m: f"rank {rank} {key}\n{m}")
+    for key in ("grads", "loss_grads"):
+        for i, name in ((1, "weight"), (2, "bias")):
+            joined = torch.cat([r["vocab_parallel"][case][key][i] for r in rank_results])
+            torch.testing.assert_close(joined, whole[key][i], **tol, msg=lambda m: f"{key} {name}\n{m}")
 
 
 # ----------------------------------------------------------------------------------------------------
