@@ -407,37 +407,10 @@ def main():
         p.error(f"the eager and TRL contenders run the frameworks' own code: {exc}")
     harness.configure_torch(args.threads)
 
-    mismatch = False
-    t0 = time.time()
-    for device in devices:
-        meta = harness.environment(device, args.threads, args.quick)
-        flush = harness.l2_flush_buffer(device)
-        meta["copy_bandwidth_GBps"] = harness.copy_bandwidth(device, args.threads, flush) / 1e9
-        meta["liger_kernel"] = "installed" if device == "cuda" and liger_loss() is not None else "not run"
-        print(f"== {device}: {meta['device_name']}, torch {meta['torch']}", flush=True)
-        load = harness.OtherLoad()
-        budget, rounds = (0.3, 2) if args.quick else (1.0, 3)
-        cases = []
-        for case in all_cases(args.quick, device):
-            print(f"   {case.name} ...", flush=True)
-            try:
-                cases.append(run_case(case, device, args.threads, budget, rounds, flush, load))
-            except harness.OUT_OF_MEMORY as exc:
-                cases.append(dict(case=case.name, skipped=harness.out_of_memory(exc)))
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        harness.record_other_load(meta, load)
-        result = dict(meta=meta, cases=cases)
-        text = table(result)
-        print(text)
-        mismatch |= any(not c["ok"] for r in cases for c in r.get("check", {}).values() if "skipped" not in c)
-        if not args.no_write:
-            stem = harness.result_stem(args.out_dir, "hidden-", device, args.quick)
-            harness.write_json(result, stem + ".json")
-            with open(stem + ".md", "w") as f:
-                f.write(f"# ppo_ext.policy_loss_from_hidden: {harness.setting(meta)}\n{text}\n")
-            print(f"\nwrote {stem}.json, {stem}.md")
-    return harness.exit_status(mismatch, t0)
+    return harness.run_cases_per_device(
+        args, devices, all_cases, run_case, table, "hidden-", "ppo_ext.policy_loss_from_hidden",
+        extra_meta=lambda device: dict(liger_kernel="installed" if device == "cuda" and liger_loss() is not None
+                                       else "not run"))
 
 
 if __name__ == "__main__":

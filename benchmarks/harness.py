@@ -459,6 +459,45 @@ def plot_time_against_tokens(series, passes, styles, title, path):
     return path
 
 
+def run_cases_per_device(args, devices, cases_of, run_case, table, name, title, extra_meta=None):
+    """The main loop of a benchmark: per device, its environment record (plus ``extra_meta(device)``), every case of
+    ``cases_of(quick, device)`` through ``run_case(case, device, threads, budget, rounds, flush, load)`` (a case out of
+    memory is recorded as skipped), the tables of ``table(result)`` printed and written with the JSON to
+    <out-dir>/<name><device>-<date>[-quick] (unless --no-write), headed ``title``. Returns the exit status."""
+    mismatch = False
+    t0 = time.time()
+    for device in devices:
+        meta = environment(device, args.threads, args.quick)
+        flush = l2_flush_buffer(device)
+        meta["copy_bandwidth_GBps"] = copy_bandwidth(device, args.threads, flush) / 1e9
+        meta.update(extra_meta(device) if extra_meta else {})
+        print(f"== {device}: {meta['device_name']}, torch {meta['torch']}, copy bandwidth "
+              f"{meta['copy_bandwidth_GBps']:.1f} GB/s", flush=True)
+        load = OtherLoad()
+        budget, rounds = (0.3, 2) if args.quick else (1.0, 3)
+        cases = []
+        for case in cases_of(args.quick, device):
+            print(f"   {case.name} ...", flush=True)
+            try:
+                cases.append(run_case(case, device, args.threads, budget, rounds, flush, load))
+            except OUT_OF_MEMORY as exc:
+                cases.append(dict(case=case.name, skipped=out_of_memory(exc)))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        record_other_load(meta, load)
+        result = dict(meta=meta, cases=cases)
+        text = table(result)
+        print(text)
+        mismatch |= any(not c["ok"] for r in cases for c in r.get("check", {}).values() if "skipped" not in c)
+        if not args.no_write:
+            stem = result_stem(args.out_dir, name, device, args.quick)
+            write_json(result, stem + ".json")
+            with open(stem + ".md", "w") as f:
+                f.write(f"# {title}: {setting(meta)}\n{text}\n")
+            print(f"\nwrote {stem}.json, {stem}.md")
+    return exit_status(mismatch, t0)
+
+
 def exit_status(mismatch, t0):
     """2 when a contender did not match its reference, else 0 (after saying how long the run took)."""
     print(f"done in {time.time() - t0:.0f} s")

@@ -70,16 +70,16 @@ def _check_logits(logits, labels):
                  lambda: f"labels must have the shape of logits without its last dimension, got {tuple(labels.shape)}")
 
 
+def _log_probs_outputs(like, shape, compute_entropy):
+    """(log_probs, logsumexp, entropy) of the labels' shape, in like's accumulation type (entropy (0,) unless asked)."""
+    acc = _acc_dtype(like.dtype)
+    return tuple(like.new_empty(s, dtype=acc) for s in (shape, shape, shape if compute_entropy else (0,)))
+
+
 @_fake("token_log_probs", device_of="logits")
 def _token_log_probs_fake(a):
     _check_logits(a.logits, a.labels)
-    acc = _acc_dtype(a.logits.dtype)
-    shape = a.logits.shape[:-1]
-    return (
-        a.logits.new_empty(shape, dtype=acc),
-        a.logits.new_empty(shape, dtype=acc),
-        a.logits.new_empty(shape if a.compute_entropy else (0,), dtype=acc),
-    )
+    return _log_probs_outputs(a.logits, a.logits.shape[:-1], a.compute_entropy)
 
 
 @_fake("token_log_probs_backward", device_of="logits")
@@ -106,13 +106,7 @@ def _check_hidden(hidden, weight, labels):
 @_fake("hidden_log_probs", device_of="hidden")
 def _hidden_log_probs_fake(a):
     _check_hidden(a.hidden, a.weight, a.labels)
-    acc = _acc_dtype(a.hidden.dtype)
-    shape = a.labels.shape
-    return (
-        a.hidden.new_empty(shape, dtype=acc),
-        a.hidden.new_empty(shape, dtype=acc),
-        a.hidden.new_empty(shape if a.compute_entropy else (0,), dtype=acc),
-    )
+    return _log_probs_outputs(a.hidden, a.labels.shape, a.compute_entropy)
 
 
 @_fake("hidden_log_probs_backward", device_of="hidden")
