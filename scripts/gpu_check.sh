@@ -7,7 +7,7 @@
 # 1. builds ppo_ext in place for that GPU (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16),
 # 2. runs the CUDA tests (tests/test_cuda.py, then every test's CUDA parametrisation),
 # 3. runs compute-sanitizer memcheck, racecheck, synccheck and initcheck over scripts/gpu_sanitizer_cases.py,
-# 4. runs both benchmarks' GPU quick runs (results into OUTDIR),
+# 4. runs the benchmarks' GPU quick runs (results into OUTDIR),
 # then the rest of the suite if time is left. The frameworks the adapter tests and the benchmarks' baselines
 # run (scripts/frameworks.txt) cannot be downloaded there: carry their wheels as .wheels/ (3 MB), made here with
 #   pip download --no-deps --only-binary :all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
@@ -82,7 +82,8 @@ for tool in memcheck racecheck synccheck initcheck; do
   reserve=$((reserve - 30))
 done
 step bench_policy_loss 30 "$PY" benchmarks/bench_policy_loss.py --quick --device cuda --out-dir "$OUT"
-step bench_logits 0 "$PY" benchmarks/bench_logits.py --quick --device cuda --out-dir "$OUT"
+step bench_logits 20 "$PY" benchmarks/bench_logits.py --quick --device cuda --out-dir "$OUT"
+step bench_hidden 0 "$PY" benchmarks/bench_hidden.py --quick --device cuda --out-dir "$OUT"
 step suite_rest 0 "${PYTEST[@]}" tests -k "not cuda" -x --junitxml="$OUT/suite_rest.xml"
 
 echo "== gpu_check: $((SECONDS - START)) s of $BUDGET; $([ $FAILED -eq 0 ] && echo 'every step passed' || echo 'a step FAILED')" \

@@ -3,7 +3,8 @@ workload that scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racec
 Small enough to finish in seconds under each tool; covers the aligned and unaligned (odd V, sliced rows)
 paths, the grid-stride loops (more rows than blocks), every importance-sampling level, loss families of each
 kind with the rollout correction at each of its levels, the KL to a reference policy, entropy on and off,
-the in-place backward, the entropy's gradient and rows with zero upstream gradient. Exit status 1 on a mismatch."""
+the in-place backward, the entropy's gradient and rows with zero upstream gradient, and the hidden-state log-probs
+(chunks of rows, blocks of the vocabulary). Exit status 1 on a mismatch."""
 
 import sys
 
@@ -86,10 +87,34 @@ def log_probs_cases():
             close(d.float(), c.float(), f"token_log_probs V={V} {dtype} {name}", rtol=tol, atol=1e-4)
 
 
+def hidden_cases():
+    """hidden_log_probs: the chunked GEMMs and the log-probs kernels on chunks of rows and, for a bf16 head, the
+    backward on blocks of the vocabulary's columns (labels outside the block: no onehot term, no read there)."""
+    g = torch.Generator().manual_seed(2)
+    for dtype, V in ((torch.bfloat16, 1000), (torch.float32, 333)):
+        hidden = torch.randn(2, 301, 64, generator=g).to(dtype)
+        weight = (0.3 * torch.randn(V, 64, generator=g)).to(dtype)
+        bias = torch.randn(V, generator=g).to(dtype)
+        labels = torch.randint(0, V, (2, 300), generator=g)
+        grad = torch.randn(2, 300, generator=g)
+        grad[1, :50] = 0
+        results = []
+        for device in ("cpu", "cuda"):
+            h, w, b = (t.to(device).requires_grad_(True) for t in (hidden, weight, bias))
+            lp, entropy = ppo_ext.log_probs_from_hidden(h[:, :-1], w, labels.to(device), bias=b, return_entropy=True,
+                                                        chunk_tokens=64)
+            ((lp * grad.to(device)).sum() + 0.1 * entropy.sum()).backward()
+            results.append((lp, entropy, h.grad, w.grad, b.grad))
+        for name, c, d in zip(("log_probs", "entropy", "grad_hidden", "grad_weight", "grad_bias"), *results):
+            tol = 2e-2 if dtype == torch.bfloat16 and name.startswith("grad") else 1e-4
+            close(d.float(), c.float(), f"hidden_log_probs {dtype} {name}", rtol=tol, atol=tol)
+
+
 if __name__ == "__main__":
     assert torch.cuda.is_available() and ppo_ext.built_with_cuda(), "needs a GPU and ppo_ext built with CUDA"
     policy_loss_cases()
     log_probs_cases()
+    hidden_cases()
     torch.cuda.synchronize()
     print("gpu_sanitizer_cases: every CUDA kernel ran and matched the CPU")
     sys.exit(0)

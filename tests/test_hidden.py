@@ -369,3 +369,20 @@ def test_argument_errors(device):
     with pytest.raises(TypeError, match="inplace_backward"):
         ppo_ext.policy_loss_from_hidden(hidden, weight, labels, None, torch.zeros(2, device=device),
                                         inplace_backward=True)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and ppo_ext.built_with_cuda()),
+                    reason="needs a GPU and ppo_ext's CUDA kernels")
+def test_cuda_no_host_synchronisation():
+    full, weight, b, labels = make_head(4, 64, 32, 500, seed=18, dtype=torch.bfloat16, device="cuda", extra_t=1)
+    old, adv, mask, w = loss_inputs(4, 64, seed=18, device="cuda")
+    h, wt, bb = leaves(full, weight, b)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ppo_ext.policy_loss_from_hidden(h[:, :-1], wt, labels, old, adv, mask, bias=bb, token_weights=w,
+                                              return_entropy=True, entropy_coef=0.01, chunk_tokens=50)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert h.grad is not None and wt.grad is not None
