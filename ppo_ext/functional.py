@@ -304,7 +304,9 @@ def log_probs_from_hidden(
     (float64 for float64), differentiable w.r.t. hidden, weight and bias (entropy None unless return_entropy). The
     backward recomputes each chunk's logits (one more GEMM) rather than keeping them. chunk_tokens: the rows per
     chunk (None: from V, a buffer of about 64 MiB within 256 to 384 rows). grad_weight is summed chunk after chunk
-    in the weight's dtype, in a fixed order (deterministic). check_labels: see log_probs_from_logits.
+    in the weight's dtype, in a fixed order (deterministic). check_labels: see log_probs_from_logits. Under
+    torch.autocast the three are cast to its dtype first (as the head's F.linear would be; the gradients flow back
+    to the originals' dtypes).
 
     process_group: the LM head split over the vocabulary across this tensor-parallel group (Megatron's / verl's
     vocabulary-parallel head): ``weight`` (and ``bias``) are this rank's rows ``[vocab_start, vocab_start + V_r)``
@@ -320,6 +322,10 @@ def log_probs_from_hidden(
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral)
                                      or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
+    if torch.is_autocast_enabled(hidden.device.type):  # as the LM head's F.linear would run under autocast
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     if check_labels and weight.dim() == 2 and process_group is None:
         _check_labels_in_range(labels, weight.shape[0], "the rows of weight")
     out_shape = labels.shape

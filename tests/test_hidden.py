@@ -219,6 +219,22 @@ def test_frozen_weight_and_hidden_only(device):
     assert torch.equal(grads[0], h.grad) and grads[1].shape == (0,) and grads[2].shape == (0,)
 
 
+def test_autocast(device):
+    """Under torch.autocast (bf16) a float32 head and float32 hidden states run as bf16, as F.linear would: the same
+    numbers as the bf16 inputs given directly; the gradients reach the float32 leaves in float32."""
+    hidden, weight, b, labels = make_head(2, 9, 16, 70, seed=19, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        lp, entropy = ppo_ext.log_probs_from_hidden(h, w, labels, bias=bb, return_entropy=True, chunk_tokens=5)
+    (lp.sum() + entropy.sum()).backward()
+    h16, w16, b16 = leaves(hidden.bfloat16(), weight.bfloat16(), b.bfloat16())
+    lp16, entropy16 = ppo_ext.log_probs_from_hidden(h16, w16, labels, bias=b16, return_entropy=True, chunk_tokens=5)
+    (lp16.sum() + entropy16.sum()).backward()
+    assert torch.equal(lp, lp16) and torch.equal(entropy, entropy16)
+    for leaf, leaf16 in ((h, h16), (w, w16), (bb, b16)):
+        assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, leaf16.grad.float())
+
+
 def test_saves_no_logits(device):
     """What autograd keeps between forward and backward: hidden, weight and bias themselves (no copies) and a few
     numbers a token, never anything of the (tokens x vocabulary) size."""
