@@ -7,25 +7,36 @@
 #include "hidden.h"
 
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sub.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "checks.h"
 
 namespace ppo_ext {
 namespace {
 
-// Rows [begin, end) of hidden as a (rows, H) matrix: a view where hidden's strides allow one, else a copy of the
-// (B, T, H) rows that hold them (e.g. for hidden[:, :-1] of a (B, T + 1, H) tensor), never a copy of all of hidden.
+// Rows [begin, end) of hidden (rows t of sequence b are row b * T + t) as a (rows, H) matrix: a view where hidden's
+// strides allow one (rows of one sequence; or sequences that follow each other in memory), else a copy of these
+// rows alone (e.g. a chunk across two sequences of hidden[:, :-1] of a (B, T + 1, H) tensor).
 at::Tensor hidden_rows(const at::Tensor& hidden, int64_t begin, int64_t end) {
   if (hidden.dim() == 2) return hidden.narrow(0, begin, end - begin);
   const int64_t T = hidden.size(1);
   const int64_t b0 = begin / T, b1 = (end + T - 1) / T;
-  return hidden.narrow(0, b0, b1 - b0).reshape({-1, hidden.size(2)}).narrow(0, begin - b0 * T, end - begin);
+  if (b1 - b0 == 1) return hidden.select(0, b0).narrow(0, begin - b0 * T, end - begin);
+  if (hidden.stride(0) == T * hidden.stride(1)) {
+    return hidden.narrow(0, b0, b1 - b0).view({-1, hidden.size(2)}).narrow(0, begin - b0 * T, end - begin);
+  }
+  std::vector<at::Tensor> pieces;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t t0 = std::max(begin - b * T, int64_t(0)), t1 = std::min(end - b * T, T);
+    pieces.push_back(hidden.select(0, b).narrow(0, t0, t1 - t0));
+  }
+  return at::cat(pieces);
 }
 
 // The logits of rows [begin, end), hidden @ weight^T + bias, written into the first rows of `buffer`.

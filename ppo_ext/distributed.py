@@ -146,6 +146,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         temperature, chunk_tokens, group = ctx.options
         if grad_log_probs is None and grad_entropy is None:
             return (None,) * 9
+        if torch.is_grad_enabled():
+            raise RuntimeError("ppo_ext.log_probs_from_hidden is differentiable once: backward with create_graph=True "
+                               "(double backward) is not supported")
         g = torch.zeros_like(lse) if grad_log_probs is None else grad_log_probs
         output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grad_hidden, grad_weight, grad_bias = torch.ops.ppo_ext.hidden_log_probs_backward(
@@ -157,10 +160,22 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 grad_bias if output_mask[2] else None) + (None,) * 6
 
 
+def _check_labels_in_shards(labels: torch.Tensor, vocab_start: int, rows: int, group) -> None:
+    """Raises ValueError naming the first label that lies in no rank's shard of the vocabulary (or in several)."""
+    owners = ((labels >= vocab_start) & (labels < vocab_start + rows)).to(torch.int32)
+    dist.all_reduce(owners, op=dist.ReduceOp.SUM, group=group)
+    bad = owners != 1
+    if bool(bad.any()):
+        first = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"labels must be token ids of the vocabulary split over the process group (each in "
+                         f"exactly one rank's rows of weight), got labels{list(first)} = {labels[first].item()} "
+                         f"(in {owners[first].item()} shards)")
+
+
 def vocab_parallel_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, group, *,
                              bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                              compute_entropy: bool = False, chunk_tokens: int = 0,
-                             vocab_start: Optional[int] = None):
+                             vocab_start: Optional[int] = None, check_labels: bool = False):
     """log_softmax(hidden @ W.T + b)[labels] (and the entropy) with the LM head W split over the vocabulary across
     ``group``, as Megatron's and verl's vocabulary-parallel head holds it: this rank's ``weight`` (V_r, H) and
     ``bias`` (V_r,) are rows ``[vocab_start, vocab_start + V_r)`` of the full head (default ``vocab_start``: rank *
@@ -168,8 +183,14 @@ def vocab_parallel_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     ``(log_probs, entropy)`` of the full vocabulary on every rank (entropy a (0,) tensor without
     ``compute_entropy``), differentiable: ``hidden``'s gradient is the full one on every rank (all-reduced), the
     head's gradients are this rank's shard's. Two all-reduces of (N,) rows forward, one of hidden's size backward;
-    the logits never exist whole, on any rank. Call it on every rank of the group."""
+    the logits never exist whole, on any rank. Call it on every rank of the group, with the same ``hidden`` (and
+    its requires_grad) and the same loss. Every label must lie in exactly one rank's shard: checked (one more
+    all-reduce of (N,) integers) for CPU tensors, as the unsplit op checks its labels there, and with
+    ``check_labels=True`` (which also synchronises with the host) for GPU ones; else a label outside every shard
+    gives the log-prob of a token of the shard it is clamped into."""
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * weight.shape[0]
+    if check_labels or labels.device.type == "cpu":
+        _check_labels_in_shards(labels, int(vocab_start), weight.shape[0], group)
     return _VocabParallelLogProbs.apply(hidden, weight, bias, labels, float(temperature), bool(compute_entropy),
                                         int(chunk_tokens), int(vocab_start), group)

@@ -281,6 +281,11 @@ def _check_labels_in_range(labels: torch.Tensor, vocab: int, what: str) -> None:
                          f"{labels[first].item()}")
 
 
+def _autocast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """What autocast does to an input of a lower-precision op: floating tensors but float64 cast to its dtype."""
+    return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+
 def log_probs_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -303,10 +308,11 @@ def log_probs_from_hidden(
     bfloat16, float16, float64); labels int64 of hidden's shape without H (or (B, T) for (B * T, H) hidden). Returns (log_probs, entropy), float32
     (float64 for float64), differentiable w.r.t. hidden, weight and bias (entropy None unless return_entropy). The
     backward recomputes each chunk's logits (one more GEMM) rather than keeping them. chunk_tokens: the rows per
-    chunk (None: from V, a buffer of about 64 MiB within 256 to 384 rows). grad_weight is summed chunk after chunk
-    in the weight's dtype, in a fixed order (deterministic). check_labels: see log_probs_from_logits. Under
-    torch.autocast the three are cast to its dtype first (as the head's F.linear would be; the gradients flow back
-    to the originals' dtypes).
+    chunk (None: from V, a buffer of about 64 MiB within 256 to 384 rows). grad_weight: float32 / float64 heads sum
+    it chunk after chunk; 16-bit heads compute it by a second pass over blocks of the vocabulary, one GEMM per
+    block over all tokens (rounded once); in a fixed order either way (deterministic). check_labels: see
+    log_probs_from_logits. Under torch.autocast the inputs are cast as the head's F.linear would be (float64 left
+    as it is; the gradients flow back to the originals' dtypes).
 
     process_group: the LM head split over the vocabulary across this tensor-parallel group (Megatron's / verl's
     vocabulary-parallel head): ``weight`` (and ``bias``) are this rank's rows ``[vocab_start, vocab_start + V_r)``
@@ -324,8 +330,7 @@ def log_probs_from_hidden(
         raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
     if torch.is_autocast_enabled(hidden.device.type):  # as the LM head's F.linear would run under autocast
         dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        hidden, weight, bias = (_autocast(t, dtype) for t in (hidden, weight, bias))
     if check_labels and weight.dim() == 2 and process_group is None:
         _check_labels_in_range(labels, weight.shape[0], "the rows of weight")
     out_shape = labels.shape
@@ -339,7 +344,8 @@ def log_probs_from_hidden(
 
         log_probs, entropy = vocab_parallel_log_probs(
             hidden, weight, labels, process_group, bias=bias, temperature=temperature,
-            compute_entropy=bool(return_entropy), chunk_tokens=int(chunk_tokens or 0), vocab_start=vocab_start)
+            compute_entropy=bool(return_entropy), chunk_tokens=int(chunk_tokens or 0), vocab_start=vocab_start,
+            check_labels=check_labels)
     else:
         log_probs, _, entropy = torch.ops.ppo_ext.hidden_log_probs(
             hidden, weight, labels, bias, temperature, bool(return_entropy), int(chunk_tokens or 0))

@@ -113,6 +113,15 @@ def _vocab_parallel_worker(rank):
         start, stop = SHARDS[shards][rank]
         tp = dict(process_group=dist.group.WORLD, vocab_start=start if shards == "uneven" else None)
         results[shards, dtype, chunk] = _head_run(hidden, weight[start:stop], bias[start:stop], *rest, chunk, **tp)
+    # a label in no rank's shard (-100, a common ignore index): the same error on every rank, no hang
+    hidden, weight, bias, labels, *_ = _head(torch.float32)
+    labels[1, 2] = -100
+    start, stop = SHARDS["equal"][rank]
+    try:
+        ppo_ext.log_probs_from_hidden(hidden, weight[start:stop], labels, process_group=dist.group.WORLD)
+        results["bad_label"] = None
+    except ValueError as exc:
+        results["bad_label"] = str(exc)
     return results
 
 
@@ -221,6 +230,12 @@ def test_vocab_parallel_head(rank_results, case):
         for i, name in ((1, "weight"), (2, "bias")):
             joined = torch.cat([r["vocab_parallel"][case][key][i] for r in rank_results])
             torch.testing.assert_close(joined, whole[key][i], **tol, msg=lambda m: f"{key} {name}\n{m}")
+
+
+def test_vocab_parallel_label_in_no_shard(rank_results):
+    for r in rank_results:
+        assert r["vocab_parallel"]["bad_label"] is not None
+        assert "labels[1, 2] = -100 (in 0 shards)" in r["vocab_parallel"]["bad_label"], r["vocab_parallel"]["bad_label"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -235,6 +235,29 @@ def test_autocast(device):
         assert leaf.grad.dtype == torch.float32 and torch.equal(leaf.grad, leaf16.grad.float())
 
 
+def test_autocast_leaves_float64(device):
+    """autocast does not cast float64 (F.linear runs in float64 there): neither does log_probs_from_hidden."""
+    hidden, weight, b, labels = make_head(2, 5, 8, 30, seed=20, dtype=torch.float64, device=device)
+    plain = ppo_ext.log_probs_from_hidden(hidden, weight, labels, bias=b)[0]
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        cast = ppo_ext.log_probs_from_hidden(hidden, weight, labels, bias=b)[0]
+    assert cast.dtype == torch.float64 and torch.equal(cast, plain)
+
+
+def test_strided_hidden_copies_only_a_chunk():
+    """hidden[:, :-1] of a (B, T + 1, H) tensor: a chunk across two sequences copies its own rows, not the two
+    sequences (the largest allocation stays far below one sequence's hidden states)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, H, V = 2, 8192, 64, 100
+    full, weight, _, labels = make_head(B, T, H, V, seed=21, bias=False, extra_t=1)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ppo_ext.log_probs_from_hidden(full[:, :-1], weight, labels, chunk_tokens=100)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    one_sequence = T * H * 4
+    assert largest < one_sequence / 8, (largest, one_sequence)
+
+
 def test_saves_no_logits(device):
     """What autograd keeps between forward and backward: hidden, weight and bias themselves (no copies) and a few
     numbers a token, never anything of the (tokens x vocabulary) size."""
