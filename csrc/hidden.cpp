@@ -39,16 +39,21 @@ at::Tensor hidden_rows(const at::Tensor& hidden, int64_t begin, int64_t end) {
   return at::cat(pieces);
 }
 
-// The logits of rows [begin, end), hidden @ weight^T + bias, written into the first rows of `buffer`.
-at::Tensor chunk_logits(at::Tensor& buffer, const at::Tensor& rows, const at::Tensor& weight,
-                        const OptionalTensor& bias) {
-  at::Tensor out = buffer.narrow(0, 0, rows.size(0));
+// rows @ weight^T + bias (weight and bias: rows of the head, a block of the vocabulary) written into `out`, a
+// contiguous (rows, weight rows) view of the reused buffer.
+at::Tensor write_logits(at::Tensor out, const at::Tensor& rows, const at::Tensor& weight, const OptionalTensor& bias) {
   if (bias.has_value()) {
     at::addmm_out(out, *bias, rows, weight.t());
   } else {
     at::mm_out(out, rows, weight.t());
   }
   return out;
+}
+
+// The logits of a chunk of rows (all of the vocabulary), written into the first rows of `buffer` (chunk, V).
+at::Tensor chunk_logits(const at::Tensor& buffer, const at::Tensor& rows, const at::Tensor& weight,
+                        const OptionalTensor& bias) {
+  return write_logits(buffer.narrow(0, 0, rows.size(0)), rows, weight, bias);
 }
 
 at::Tensor flat_rows(const at::Tensor& t) { return t.reshape({-1}); }
@@ -64,7 +69,7 @@ TokenLogProbsOutputs hidden_log_probs_chunked(const at::Tensor& hidden, const at
   at::Tensor log_probs = at::empty({l.N}, acc), logsumexp = at::empty({l.N}, acc);
   at::Tensor entropy = at::empty({compute_entropy ? l.N : 0}, acc);
   const at::Tensor flat_labels = flat_rows(labels);
-  at::Tensor buffer = at::empty({l.chunk, l.V}, hidden.options());
+  const at::Tensor buffer = at::empty({l.chunk, l.V}, hidden.options());
   for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
     const int64_t n = std::min(l.chunk, l.N - begin);
     const at::Tensor logits = chunk_logits(buffer, hidden_rows(hidden, begin, begin + n), weight, bias);
@@ -117,7 +122,7 @@ HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
   if (want_hidden || ((want_weight || want_bias) && !by_columns)) {
     if (want_weight) grad_weight.zero_();
     if (want_bias) grad_bias.zero_();
-    at::Tensor rows_buffer = buffer.narrow(0, 0, l.chunk * l.V).view({l.chunk, l.V});
+    const at::Tensor rows_buffer = buffer.narrow(0, 0, l.chunk * l.V).view({l.chunk, l.V});
     for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
       const int64_t n = std::min(l.chunk, l.N - begin);
       const at::Tensor rows = hidden_rows(hidden, begin, begin + n);
@@ -137,13 +142,9 @@ HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
     const at::Tensor all_rows = hidden_rows(hidden, 0, l.N);  // (a copy only where hidden's rows are not one matrix)
     for (int64_t start = 0; start < l.V; start += block) {
       const int64_t n = std::min(block, l.V - start);
-      const at::Tensor w = weight.narrow(0, start, n);
-      at::Tensor grad_logits = buffer.narrow(0, 0, l.N * n).view({l.N, n});
-      if (bias.has_value()) {
-        at::addmm_out(grad_logits, bias->narrow(0, start, n), all_rows, w.t());
-      } else {
-        at::mm_out(grad_logits, all_rows, w.t());
-      }
+      const at::Tensor grad_logits =
+          write_logits(buffer.narrow(0, 0, l.N * n).view({l.N, n}), all_rows, weight.narrow(0, start, n),
+                       bias ? OptionalTensor(bias->narrow(0, start, n)) : std::nullopt);
       backward_op.call(g, grad_logits, at::sub(flat_labels, start), lse, temperature, g_entropy, flat_entropy);
       if (want_weight) {
         at::Tensor grad_w = grad_weight.narrow(0, start, n);
