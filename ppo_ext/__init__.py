@@ -8,5 +8,6 @@ from ppo_ext.functional import (PolicyLoss, PolicyLossFromLogitsOutput, PolicyLo
                                 policy_loss_from_logits, value_loss)
 
 __all__ = ["policy_loss", "PolicyLoss", "PolicyLossOutput", "policy_loss_from_logits", "PolicyLossFromLogitsOutput",
-           "log_probs_from_logits", "log_probs_from_hidden", "policy_loss_from_hidden", "value_loss", "kl_loss", "ValueLossOutput", "COUNT_NAMES", "METRIC_NAMES", "LOSS_TYPES", "built_with_cuda"]
+           "log_probs_from_logits", "log_probs_from_hidden", "policy_loss_from_hidden", "value_loss", "kl_loss",
+           "ValueLossOutput", "COUNT_NAMES", "METRIC_NAMES", "LOSS_TYPES", "built_with_cuda"]
 __version__ = "0.1.0"

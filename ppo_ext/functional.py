@@ -303,10 +303,11 @@ def log_probs_from_hidden(
     chunk by chunk (README "From hidden states"). Peak extra memory: one (chunk_tokens, V) buffer, whatever the
     number of tokens.
 
-    hidden (B, T, H) or (N, H), any strides (e.g. ``last_hidden[:, :-1]``, not copied); weight (V, H), as
+    hidden (B, T, H) or (N, H), any strides (e.g. ``last_hidden[:, :-1]``: not copied whole, except once by a 16-bit head's backward); weight (V, H), as
     ``nn.Linear(H, V).weight`` (or a tied embedding) holds it; bias (V,) or None; all of one dtype (float32,
-    bfloat16, float16, float64); labels int64 of hidden's shape without H (or (B, T) for (B * T, H) hidden). Returns (log_probs, entropy), float32
-    (float64 for float64), differentiable w.r.t. hidden, weight and bias (entropy None unless return_entropy). The
+    bfloat16, float16, float64); labels int64 of hidden's shape without H (or (B, T) for (B * T, H) hidden).
+    Returns (log_probs, entropy), float32 (float64 for float64), differentiable w.r.t. hidden, weight and bias
+    (entropy None unless return_entropy). The
     backward recomputes each chunk's logits (one more GEMM) rather than keeping them. chunk_tokens: the rows per
     chunk (None: from V, a buffer of about 64 MiB within 256 to 384 rows). grad_weight: float32 / float64 heads sum
     it chunk after chunk; 16-bit heads compute it by a second pass over blocks of the vocabulary, one GEMM per

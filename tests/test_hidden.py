@@ -78,9 +78,9 @@ def check_log_probs(hidden, weight, bias, labels, *, temperature=1.0, chunk_toke
                                msg=lambda m: f"{what}: log_probs\n{m}")
     torch.testing.assert_close(entropy.double().cpu(), ref_entropy.detach().reshape(labels.shape), rtol=tol, atol=tol,
                                msg=lambda m: f"{what}: entropy\n{m}")
-    assert_grads((h.grad, w.grad, None if b is None else b.grad), (h64.grad, w64.grad, None if b64 is None else b64.grad),
-                 dtype, what)
-    return lp, entropy, (h.grad, w.grad, None if b is None else b.grad)
+    grads = (h.grad, w.grad, None if b is None else b.grad)
+    assert_grads(grads, (h64.grad, w64.grad, None if b64 is None else b64.grad), dtype, what)
+    return lp, entropy, grads
 
 
 # --------------------------------------------------------------------------------------------
