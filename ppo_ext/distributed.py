@@ -187,7 +187,7 @@ def vocab_parallel_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     its requires_grad) and the same loss. Every label must lie in exactly one rank's shard: checked (one more
     all-reduce of (N,) integers) for CPU tensors, as the unsplit op checks its labels there, and with
     ``check_labels=True`` (which also synchronises with the host) for GPU ones; else a label outside every shard
-    gives the log-prob of a token of the shard it is clamped into."""
+    gives -L, a finite but meaningless log-prob."""
     if vocab_start is None:
         vocab_start = dist.get_rank(group) * weight.shape[0]
     if check_labels or labels.device.type == "cpu":
