@@ -47,6 +47,7 @@ import ppo_ext  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.baselines import frameworks  # noqa: E402
 from benchmarks.bench_logits import OPTIONS, eager_log_probs, verl_vanilla  # noqa: E402
+from benchmarks.bench_logits import Case as LogitsCase  # noqa: E402
 from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
 CONTENDERS = ("eager", "compiled", "trl-chunked", "liger", "ppo_ext", "gemms")
@@ -157,37 +158,24 @@ def make_contenders(device):
 
 
 @dataclass
-class Case:
-    B: int
-    T: int
-    H: int
-    V: int
-    dtype: str = "bf16"
+class Case(LogitsCase):
+    """bench_logits' case (B, T, V, dtype: the logits it stands for, their size) with the hidden size H."""
 
-    @property
-    def tokens(self):
-        return self.B * self.T
+    H: int = 4096
 
     @property
     def name(self):
         return f"N={self.tokens} H={self.H} V={self.V} {self.dtype}"
 
-    @property
-    def torch_dtype(self):
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
-
-    def logits_bytes(self):
-        return self.tokens * self.V * self.torch_dtype.itemsize
-
 
 def all_cases(quick, device):
     if device == "cpu":
         if quick:
-            return [Case(2, 1024, 512, 32000)]
-        return [Case(8, 1024, 1024, 32000), Case(8, 1024, 512, 151936)]
+            return [Case(2, 1024, 32000, "bf16", H=512)]
+        return [Case(8, 1024, 32000, "bf16", H=1024), Case(8, 1024, 151936, "bf16", H=512)]
     if quick:
-        return [Case(8, 1024, 4096, 32000), Case(8, 1024, 4096, 151936)]
-    return [Case(N // 1024, 1024, 4096, V) for N in (8192, 32768) for V in (32000, 151936)]
+        return [Case(8, 1024, 32000, "bf16"), Case(8, 1024, 151936, "bf16")]
+    return [Case(N // 1024, 1024, V, "bf16") for N in (8192, 32768) for V in (32000, 151936)]
 
 
 @dataclass
