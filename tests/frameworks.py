@@ -87,6 +87,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -473,6 +474,7 @@ def trl() -> types.SimpleNamespace:
                                  module=grpo_trainer, version=version)
 
 
+@functools.lru_cache(maxsize=None)
 def trl_chunked_logprob() -> types.SimpleNamespace:
     """TRL 1.16.0's chunked LM-head log-probs, trl/kernels/chunked_logprob.py (``ChunkedLogProbFunction``: cuBLAS
     tiles of 4096 tokens x ``chunk_size`` vocabulary entries, Triton kernels on a GPU, torch ops elsewhere, gradients
@@ -481,9 +483,6 @@ def trl_chunked_logprob() -> types.SimpleNamespace:
     Stubbed: transformers.utils (``is_triton_available``: whether triton imports) and, for the backward's import at
     call time, trl.trainer.utils (``maybe_gather_lm_head_ctx``: ZeRO-3's gather, a null context without
     DeepSpeed), placed in sys.modules for the process."""
-    import contextlib
-    import re
-
     version = require("trl", TRL_VERSION)
     triton = importlib.util.find_spec("triton") is not None
     with stubbed_imports(("trl", "trl.kernels"), {"transformers": {}, "transformers.utils": {
