@@ -11,11 +11,13 @@ verl 0.9's vanilla PPO loss (clip 0.2 / 0.28, dual clip 3, token-mean), then the
   trl-chunked  TRL 1.16's own ChunkedLogProbFunction (trl/kernels/chunked_logprob.py: tiles of 4096 tokens x 32768
                vocabulary entries through cuBLAS/oneDNN, Triton kernels on a GPU and torch ops on the CPU, the backward
                recomputing each tile and accumulating both gradients in float32), then verl's loss
-  ppo_ext      ppo_ext.policy_loss_from_hidden (the same loss, ppo_ext's metrics, the default chunking)
-  gemms        the GEMMs ppo_ext runs, alone, with its chunking: the forward's logits chunk by chunk; backward
-               recomputing them and grad_hidden chunk by chunk; for 16-bit weights recomputing them block of columns
-               by block and grad_weight (float32 / float64 weights: grad_weight accumulated in the first pass). The
-               floor of ppo_ext's time: ppo_ext's target is at most 1.2x this.
+  ppo_ext      ppo_ext.policy_loss_from_hidden (the same loss, ppo_ext's metrics, the default chunking; its gradients
+               formed in the forward pass, grad_in_forward)
+  ppo_ext-recompute  the same with grad_in_forward=False: the backward pass recomputes each chunk's logits
+  gemms        the GEMMs ppo_ext runs, alone, with its chunking: chunk by chunk the logits and grad_hidden (and, for
+               float32 / float64 weights, grad_weight accumulated); for 16-bit weights then the logits again block
+               of columns by block for all tokens and grad_weight. The floor of ppo_ext's time: ppo_ext's target is
+               at most 1.2x this.
   liger        (GPU, when liger-kernel is installed) Liger-Kernel's LigerFusedLinearGRPOLoss
 
 Every contender is first checked against a float64 reference (the log-probs and the gradients built row chunk by row
@@ -48,17 +50,14 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.baselines import frameworks  # noqa: E402
 from benchmarks.bench_logits import OPTIONS, eager_log_probs, verl_vanilla  # noqa: E402
 from benchmarks.bench_logits import Case as LogitsCase  # noqa: E402
+from ppo_ext.hidden import chunk_ranges, default_chunk_tokens  # noqa: E402
 from ppo_ext.reference import policy_loss_reference  # noqa: E402
 
-CONTENDERS = ("eager", "compiled", "trl-chunked", "liger", "ppo_ext", "gemms")
+CONTENDERS = ("eager", "compiled", "trl-chunked", "liger", "ppo_ext", "ppo_ext-recompute", "gemms")
 TARGET_MEMORY_FRACTION, TARGET_GEMM_RATIO = 0.05, 1.2
-# ppo_ext's default chunking (csrc/checks.h: kHiddenChunkBytes, kHiddenMinChunk, kHiddenMaxChunk; csrc/hidden.cpp:
-# the column blocks of the 16-bit weights' pass), for the gemms contender.
-CHUNK_BYTES, MIN_CHUNK, MAX_CHUNK, MIN_COLUMNS = 64 << 20, 256, 384, 64
-
-
-def default_chunk(N, V, itemsize):
-    return max(1, min(N, min(MAX_CHUNK, max(MIN_CHUNK, CHUNK_BYTES // (V * itemsize)))))
+# The fewest columns of a block of the 16-bit weights' gradient pass (csrc/hidden.cpp kMinColumns), for the gemms
+# contender.
+MIN_COLUMNS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,15 +102,22 @@ def liger_loss():
     return loss
 
 
-def ppo_ext_loss(hidden, weight, labels, old, adv, mask):
-    return ppo_ext.policy_loss_from_hidden(hidden, weight, labels, old, adv, mask, **OPTIONS).loss
+def ppo_ext_loss(grad_in_forward):
+    def loss(hidden, weight, labels, old, adv, mask):
+        return ppo_ext.policy_loss_from_hidden(hidden, weight, labels, old, adv, mask, grad_in_forward=grad_in_forward,
+                                               **OPTIONS).loss
+
+    return loss
 
 
 def gemms_call(inp):
-    """The GEMMs of ppo_ext's forward and backward with its chunking, alone (into buffers as ppo_ext writes them)."""
-    hidden, weight = inp.hidden.detach().reshape(-1, inp.hidden.shape[-1]), inp.weight.detach()
+    """The GEMMs of ppo_ext's forward and backward with its chunking (ppo_ext.hidden), alone, into buffers as ppo_ext
+    writes them."""
+    B, T, H = inp.hidden.shape
+    hidden, weight = inp.hidden.detach().reshape(-1, H), inp.weight.detach()
     N, V = hidden.shape[0], weight.shape[0]
-    chunk = default_chunk(N, V, weight.element_size())
+    chunk = min(default_chunk_tokens(V, weight.dtype), N)
+    chunks = [(b0 * T + t0, (b1 - b0) * (t1 - t0)) for b0, b1, t0, t1 in chunk_ranges(B, T, chunk, False)]
     by_columns = weight.dtype in (torch.bfloat16, torch.float16) and N > chunk
     columns = min(V, max(min(MIN_COLUMNS, V), chunk * V // N))
 
@@ -122,10 +128,7 @@ def gemms_call(inp):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.empty_like(weight) if by_columns else torch.zeros_like(weight)
         with torch.no_grad():
-            for begin in range(0, N, chunk):  # forward
-                torch.mm(hidden[begin:begin + chunk], weight.T, out=rows_buffer[:min(chunk, N - begin)])
-            for begin in range(0, N, chunk):  # backward: recompute, grad_hidden (and grad_weight)
-                n = min(chunk, N - begin)
+            for begin, n in chunks:  # the logits, grad_hidden (and grad_weight) chunk by chunk
                 torch.mm(hidden[begin:begin + n], weight.T, out=rows_buffer[:n])
                 torch.mm(rows_buffer[:n], weight, out=grad_hidden[begin:begin + n])
                 if not by_columns:
@@ -148,7 +151,8 @@ def make_contenders(device):
         liger = liger_loss()
         if liger is not None:
             fns["liger"] = liger
-    fns["ppo_ext"] = ppo_ext_loss
+    fns["ppo_ext"] = ppo_ext_loss(None)
+    fns["ppo_ext-recompute"] = ppo_ext_loss(False)
     return fns
 
 
@@ -264,8 +268,7 @@ def check(fn, inp, ref):
 
 def run_case(case, device, threads, budget, rounds, flush, load):
     res = dict(case=case.name, B=case.B, T=case.T, H=case.H, V=case.V, dtype=case.dtype, tokens=case.tokens,
-               logits_bytes=case.logits_bytes(), chunk_tokens=default_chunk(case.tokens, case.V,
-                                                                            case.torch_dtype.itemsize))
+               logits_bytes=case.logits_bytes(), chunk_tokens=default_chunk_tokens(case.V, case.torch_dtype))
     fns = make_contenders(device)
     inp = make_inputs(case, device, seed=case.tokens + case.V)
     ref = reference(inp, max(1, (256 << 20) // (8 * case.V)))
@@ -279,7 +282,6 @@ def run_case(case, device, threads, budget, rounds, flush, load):
                 raise
             checks[name] = dict(ok=False, skipped=harness.out_of_memory(exc) if isinstance(
                 exc, harness.OUT_OF_MEMORY) else f"{type(exc).__name__}: {str(exc)[:100]}")
-            checks[name] = dict(ok=False, skipped=harness.out_of_memory(exc))
             inp.hidden.grad = inp.weight.grad = None
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -294,7 +296,7 @@ def run_case(case, device, threads, budget, rounds, flush, load):
     for n, xs in samples.items():
         row[n] = dict(median_s=harness.quantile(xs, 0.5), p25_s=harness.quantile(xs, 0.25),
                       p75_s=harness.quantile(xs, 0.75), n_samples=len(xs))
-    harness.add_speedups(row, ("eager", "compiled", "trl-chunked", "liger", "gemms"))
+    harness.add_speedups(row, ("eager", "compiled", "trl-chunked", "liger", "ppo_ext-recompute", "gemms"))
     res["timing"] = row
 
     grads_bytes = (inp.hidden.numel() + inp.weight.numel()) * inp.hidden.element_size()
@@ -348,11 +350,12 @@ def table(result):
         p = row.get("ppo_ext", {})
         cells = [fmt_time(row[n]["median_s"]) if n in row else "-" for n in CONTENDERS]
         ratios = [f"{p[k]:.2f}x" if k in p else "-" for k in ("speedup_vs_eager", "speedup_vs_compiled",
-                                                               "speedup_vs_trl-chunked")]
+                                                               "speedup_vs_trl-chunked",
+                                                               "speedup_vs_ppo_ext-recompute")]
         floor = f"{1 / p['speedup_vs_gemms']:.2f}x" if "speedup_vs_gemms" in p else "-"
         rows.append([res["case"], *cells, *ratios, floor])
     lines += harness.markdown_table(["case", *CONTENDERS, "vs eager", "vs compiled", "vs trl-chunked",
-                                     "ppo_ext / gemms"], rows)
+                                     "vs ppo_ext-recompute", "ppo_ext / gemms"], rows)
     lines.append("\n### fwd+bwd: peak extra memory beyond the returned gradients / logits size (allocator; "
                  "CPU: resident memory in brackets)\n")
     rows = []

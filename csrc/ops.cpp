@@ -2,6 +2,8 @@
 // arguments are checked in checks.cpp.
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace ppo_ext {
 
 TORCH_LIBRARY(ppo_ext, m) {
@@ -70,6 +72,9 @@ TORCH_LIBRARY(ppo_ext, m) {
       "Tensor logsumexp, Tensor? bias, float temperature, int chunk_tokens, Tensor? grad_entropy=None, "
       "Tensor? entropy=None, bool[3] output_mask=[True, True, True]) "
       "-> (Tensor grad_hidden, Tensor grad_weight, Tensor grad_bias)");
+  // The rows a chunk of the ops above holds by default (chunk_tokens=0) for a vocabulary of `vocab` entries of
+  // `element_size` bytes (checks.h: a buffer of about 64 MiB within 256 to 384 rows).
+  m.def("hidden_default_chunk_tokens(int vocab, int element_size) -> int", &default_chunk_tokens);
 }
 
 }  // namespace ppo_ext

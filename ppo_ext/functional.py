@@ -123,6 +123,13 @@ _POLICY_LOSS_KEYWORDS = {name: p.default for name, p in inspect.signature(policy
 def _policy_loss(log_probs, old_log_probs, advantages, mask, **o) -> Tuple[PolicyLossOutput, torch.Tensor]:
     """policy_loss (its keywords in ``o``), and the op's grad_scale: 1 / the denominator of the aggregation, by
     which policy_loss_from_logits aggregates the entropy as the loss."""
+    compute_grad = torch.is_grad_enabled() and getattr(log_probs, "requires_grad", False)  # (checked in the op call)
+    loss, metrics, counts, _, grad_scale = _policy_loss_op(log_probs, old_log_probs, advantages, mask, compute_grad, o)
+    return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts), grad_scale
+
+
+def _policy_loss_op(log_probs, old_log_probs, advantages, mask, compute_grad: bool, o) -> Tuple[torch.Tensor, ...]:
+    """The ppo_ext::policy_loss op's outputs for policy_loss's arguments (its keywords in ``o``), checked."""
     _check_tensor("log_probs", log_probs, optional=False)
     _check_tensor("old_log_probs", old_log_probs, optional=True)
     _check_tensor("advantages", advantages, optional=False)
@@ -134,12 +141,11 @@ def _policy_loss(log_probs, old_log_probs, advantages, mask, **o) -> Tuple[Polic
     num_tokens_tensor, num_tokens_value = _split_normaliser("num_tokens", o["num_tokens"])
     num_seqs_tensor, num_seqs_value = _split_normaliser("num_seqs", o["num_seqs"])
     scale_tensor, scale_value = _split_normaliser("loss_scale_factor", o["loss_scale_factor"])
-    compute_grad = torch.is_grad_enabled() and log_probs.requires_grad
 
     def number(name, optional=False):
         return _float_option(name, o[name], optional)
 
-    loss, metrics, counts, _, grad_scale = torch.ops.ppo_ext.policy_loss(
+    return torch.ops.ppo_ext.policy_loss(
         log_probs, old_log_probs, advantages, mask, o["token_weights"],
         num_tokens_tensor, num_seqs_tensor, scale_tensor, num_tokens_value, num_seqs_value, scale_value,
         clip_low, clip_high, number("dual_clip", True), number("ratio_cap", True), number("log_ratio_clamp", True),
@@ -153,7 +159,6 @@ def _policy_loss(log_probs, old_log_probs, advantages, mask, **o) -> Tuple[Polic
         _str_option("importance_sampling", o["importance_sampling"]), _str_option("loss_agg_mode", o["loss_agg_mode"]),
         compute_grad,
     )
-    return PolicyLossOutput(loss, dict(zip(METRIC_NAMES, metrics.unbind())), counts), grad_scale
 
 
 class ValueLossOutput(NamedTuple):
@@ -322,23 +327,17 @@ def log_probs_from_hidden(
     (``ppo_ext.distributed.vocab_parallel_log_probs``: two all-reduces of a few bytes a token forward, one of
     hidden's size backward).
     """
-    for name, t, optional in (("hidden", hidden, False), ("weight", weight, False), ("labels", labels, False),
-                              ("bias", bias, True)):
-        _check_tensor(name, t, optional)
-    temperature = _float_option("temperature", temperature)
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral)
-                                     or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
-    if torch.is_autocast_enabled(hidden.device.type):  # as the LM head's F.linear would run under autocast
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight, bias = (_autocast(t, dtype) for t in (hidden, weight, bias))
-    if check_labels and weight.dim() == 2 and process_group is None:
-        _check_labels_in_range(labels, weight.shape[0], "the rows of weight")
+    hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,
+                                                               check_labels and process_group is None)
+    return _log_probs_of_hidden(hidden, weight, labels, bias, temperature, return_entropy, chunk_tokens, check_labels,
+                                process_group, vocab_start)
+
+
+def _log_probs_of_hidden(hidden, weight, labels, bias, temperature, return_entropy, chunk_tokens, check_labels,
+                         process_group, vocab_start):
+    """log_probs_from_hidden of checked arguments (_hidden_inputs)."""
     out_shape = labels.shape
     if hidden.dim() == 2 and labels.dim() == 2:  # (N, H) hidden states of (B, T) labels
-        if labels.numel() != hidden.shape[0]:
-            raise ValueError(f"labels of shape {tuple(labels.shape)} do not match hidden of shape "
-                             f"{tuple(hidden.shape)}: expected N = B * T")
         labels = labels.reshape(-1)
     if process_group is not None:
         from ppo_ext.distributed import vocab_parallel_log_probs
@@ -351,6 +350,27 @@ def log_probs_from_hidden(
         log_probs, _, entropy = torch.ops.ppo_ext.hidden_log_probs(
             hidden, weight, labels, bias, temperature, bool(return_entropy), int(chunk_tokens or 0))
     return log_probs.view(out_shape), entropy.view(out_shape) if return_entropy else None
+
+
+def _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens, check_labels: bool):
+    """log_probs_from_hidden's arguments checked, and cast as under autocast; (hidden, weight, bias, labels,
+    temperature)."""
+    for name, t, optional in (("hidden", hidden, False), ("weight", weight, False), ("labels", labels, False),
+                              ("bias", bias, True)):
+        _check_tensor(name, t, optional)
+    temperature = _float_option("temperature", temperature)
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
+    if torch.is_autocast_enabled(hidden.device.type):  # as the LM head's F.linear would run under autocast
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (_autocast(t, dtype) for t in (hidden, weight, bias))
+    if check_labels and weight.dim() == 2:
+        _check_labels_in_range(labels, weight.shape[0], "the rows of weight")
+    if hidden.dim() == 2 and labels.dim() == 2 and labels.numel() != hidden.shape[0]:  # (N, H) hidden, (B, T) labels
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match hidden of shape "
+                         f"{tuple(hidden.shape)}: expected N = B * T")
+    return hidden, weight, bias, labels, temperature
 
 
 def policy_loss_from_logits(
@@ -386,7 +406,7 @@ def policy_loss_from_logits(
         logits, labels, temperature=temperature, return_entropy=bool(return_entropy) or entropy_coef != 0,
         inplace_backward=inplace_backward, check_labels=check_labels)
     return _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy, entropy_coef,
-                              options)
+                              options)[0]
 
 
 def policy_loss_from_hidden(
@@ -405,21 +425,54 @@ def policy_loss_from_hidden(
     check_labels: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
+    grad_in_forward: Optional[bool] = None,
     **loss_options,
 ) -> PolicyLossFromLogitsOutput:
     """policy_loss_from_logits from the hidden states and the LM head, without the logits: ``log_probs_from_hidden``
     then ``policy_loss`` (every keyword of policy_loss_from_logits but inplace_backward, which has no logits to
     overwrite). The loss is differentiable w.r.t. hidden, weight and bias; returns what policy_loss_from_logits
     returns. process_group, vocab_start: a vocabulary-parallel head (log_probs_from_hidden): every rank computes
-    the same loss."""
+    the same loss.
+
+    grad_in_forward: the loss's gradients w.r.t. hidden, weight and bias are formed in the forward pass, from each
+    chunk's logits while they are in their buffer, and handed over by the backward pass (times its upstream
+    gradient): one GEMM fewer than recomputing the logits in the backward pass (README "From hidden states"). None
+    (the default): where it applies: in eager mode (not under torch.compile), a gradient asked for, no
+    process_group, and chunks that hold whole rows where the loss reads a row statistic (importance_sampling "seq"
+    or "seq-token", geo_mean, vespo, a sequence-level rollout correction, seq-mean-token-mean). True: required (a
+    ValueError says why where it does not apply); False: never. Its loss backpropagates once (no retain_graph
+    reuse); the same numbers either way, but for rounding (the gradients are scaled by the upstream gradient and
+    1 / denominator after their GEMMs)."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)
-    log_probs, entropy = log_probs_from_hidden(
-        hidden, weight, labels, bias=bias, temperature=temperature,
-        return_entropy=bool(return_entropy) or entropy_coef != 0, chunk_tokens=chunk_tokens, check_labels=check_labels,
-        process_group=process_group, vocab_start=vocab_start)
+    hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,
+                                                               check_labels and process_group is None)
+    need_entropy = bool(return_entropy) or entropy_coef != 0
+    if grad_in_forward is not False:
+        from ppo_ext.hidden import plan, policy_loss_grad_in_forward
+
+        chunks, chunk, why_not = (None, 0, "not with a process_group") if process_group is not None else plan(
+            hidden, weight, bias, labels, (old_log_probs, advantages, mask), chunk_tokens, options)
+        if chunks is not None:
+            return policy_loss_grad_in_forward(
+                hidden, weight, bias, labels, old_log_probs, advantages, mask, temperature=temperature, chunks=chunks,
+                chunk=chunk, entropy_coef=entropy_coef, return_entropy=return_entropy, options=options)
+        if grad_in_forward:
+            _check_loss_options(options)  # an invalid option's own error first
+            raise ValueError(f"grad_in_forward=True does not apply here: {why_not}")
+    log_probs, entropy = _log_probs_of_hidden(hidden, weight, labels, bias, temperature, need_entropy, chunk_tokens,
+                                              check_labels, process_group, vocab_start)
     return _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy, entropy_coef,
-                              options)
+                              options)[0]
+
+
+def _check_loss_options(options) -> None:
+    """policy_loss's own error where its options are invalid (checked on an empty batch)."""
+    empty = torch.zeros(0, 0)
+    tensors = ("token_weights", "rollout_log_probs", "ref_log_probs", "num_tokens", "num_seqs", "loss_scale_factor")
+    _policy_loss_op(empty, None, torch.zeros(0), None, False, {
+        **options, **{k: empty if isinstance(options[k], torch.Tensor) and options[k].dim() == 2 else None
+                      for k in tensors}})
 
 
 def _loss_options(caller: str, loss_options) -> Dict:
@@ -430,9 +483,9 @@ def _loss_options(caller: str, loss_options) -> Dict:
 
 
 def _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, return_entropy: bool,
-                       entropy_coef: float, options) -> PolicyLossFromLogitsOutput:
+                       entropy_coef: float, options) -> Tuple[PolicyLossFromLogitsOutput, torch.Tensor]:
     """The policy loss of the log-probs (and entropy) of the from-logits and from-hidden paths, with the entropy
-    metrics and bonus."""
+    metrics and bonus; and the op's grad_scale."""
     out, grad_scale = _policy_loss(log_probs, old_log_probs, advantages, mask, **options)
     loss, metrics = out.loss, out.metrics
     if entropy is not None:
@@ -445,7 +498,7 @@ def _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, retu
             loss = loss - entropy_coef * entropy_loss
             metrics["entropy_loss"] = entropy_loss.detach().float()
     return PolicyLossFromLogitsOutput(loss, metrics, out.counts, log_probs.detach(),
-                                      entropy if return_entropy else None)
+                                      entropy if return_entropy else None), grad_scale
 
 
 def _aggregate_like_the_loss(x: torch.Tensor, valid: Optional[torch.Tensor], loss_agg_mode: str,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ppo_ext
-from helpers import options
+from helpers import AGG_MODES, family_is_modes, family_options, make_inputs, options
 from ppo_ext.reference import policy_loss_reference
 from test_logits import loss_inputs, reference_aggregate, reference_log_probs
 
@@ -34,13 +34,15 @@ def make_head(B, T, H, V, *, seed, dtype=torch.float32, device="cpu", bias=True,
     return cast(hidden), cast(weight), cast(b), labels.to(device)
 
 
-def reference(hidden, weight, bias, labels, temperature=1.0):
-    """float64 eager: the logits (rounded to the inputs' dtype, as its GEMM writes them), log_softmax, gather."""
+def reference(hidden, weight, bias, labels, temperature=1.0, dtype=None):
+    """float64 eager: the logits (rounded to `dtype`, default the inputs', as its GEMM writes them), log_softmax,
+    gather."""
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()
-    if hidden.dtype != torch.float64:
-        logits = logits + (logits.detach().to(hidden.dtype).double() - logits.detach())  # the value rounded
+    dtype = dtype or hidden.dtype
+    if dtype != torch.float64:
+        logits = logits + (logits.detach().to(dtype).double() - logits.detach())  # the value rounded
     return reference_log_probs(logits, labels.reshape(logits.shape[:-1]), temperature)
 
 
@@ -337,30 +339,35 @@ def test_gradcheck(device):
 
     assert torch.autograd.gradcheck(log_probs_and_entropy, args, eps=1e-6, atol=1e-7)
 
-    def loss(h, wt, bias):
-        return ppo_ext.policy_loss_from_hidden(h, wt, labels, old, adv, mask, bias=bias, token_weights=w,
-                                               entropy_coef=0.2, chunk_tokens=4, **kw).loss
+    for grad_in_forward in (False, True):
+        def loss(h, wt, bias):
+            return ppo_ext.policy_loss_from_hidden(h, wt, labels, old, adv, mask, bias=bias, token_weights=w,
+                                                   entropy_coef=0.2, chunk_tokens=4, grad_in_forward=grad_in_forward,
+                                                   **kw).loss
 
-    assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-7)
+        # (gradcheck's second backward through one graph recomputes what the first formed in the forward pass: the
+        # same to rounding)
+        assert torch.autograd.gradcheck(loss, args, eps=1e-6, atol=1e-7, nondet_tol=1e-13 if grad_in_forward else 0)
 
 
 def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
     kw = options("token", "token-mean", dual=True)
 
-    def step(hidden, weight, bias, labels, old, adv, mask):
+    def step(hidden, weight, bias, labels, old, adv, mask, grad_in_forward=None):
         out = ppo_ext.policy_loss_from_hidden(hidden[:, :-1], weight, labels, old, adv, mask, bias=bias,
                                               temperature=0.9, return_entropy=True, entropy_coef=0.02,
-                                              chunk_tokens=8, **kw)
+                                              chunk_tokens=8, grad_in_forward=grad_in_forward, **kw)
         return out.loss * 2, out.metrics["entropy"], out.log_probs, out.counts
 
+    # traced: the generic path (the gradients formed in the forward pass are eager-only), compared with it eager
     compiled = torch.compile(step, fullgraph=True)
     for seed in (14, 15):  # the second call re-uses the compiled graph
         full, weight, b, labels = make_head(3, 6, 16, 101, seed=seed, device=device, extra_t=1)
         old, adv, mask, _ = loss_inputs(3, 6, seed=seed, device=device)
         first, second = leaves(full, weight, b), leaves(full, weight, b)
         a = compiled(*first, labels, old, adv, mask)
-        c = step(*second, labels, old, adv, mask)
+        c = step(*second, labels, old, adv, mask, False)
         a[0].backward()
         c[0].backward()
         for u, v in zip(a, c):
@@ -425,3 +432,167 @@ def test_cuda_no_host_synchronisation():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert h.grad is not None and wt.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# The gradients formed in the forward pass (grad_in_forward): the generic path's numbers.
+
+# What makes a token's loss gradient read its whole row (docs/SPEC.md): the sequence-level ratio, GMPO, VESPO's row
+# weight, a sequence-level rollout correction, the row's token count of seq-mean-token-mean.
+def reads_its_row(loss_type, importance_sampling, loss_agg_mode, rollout_is):
+    return (importance_sampling != "token" or loss_type in ("geo_mean", "vespo") or rollout_is in ("seq", "seq-mean")
+            or loss_agg_mode == "seq-mean-token-mean")
+
+
+def run_both(hidden, weight, bias, labels, old, adv, mask, *, upstream=1.0, entropy_weight=0.0,
+             requires_grad=(True, True, True), **kw):
+    """policy_loss_from_hidden with grad_in_forward True and False: (output, grads) of each, or the ValueError each
+    raised; backward of upstream * loss (+ entropy_weight * the returned entropy's sum) w.r.t. hidden, weight and bias
+    where requires_grad says."""
+    runs = []
+    for grad_in_forward in (True, False):
+        h, w, b = (None if t is None else t.detach().clone().requires_grad_(r)
+                   for t, r in zip((hidden, weight, bias), requires_grad))
+        try:
+            out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, grad_in_forward=grad_in_forward,
+                                                  **kw)
+        except ValueError as exc:
+            runs.append(exc)
+            continue
+        total = out.loss * upstream
+        if entropy_weight:
+            total = total + entropy_weight * out.entropy.sum()
+        total.backward()
+        runs.append((out, (h.grad, w.grad, None if b is None else b.grad)))
+    return runs
+
+
+def assert_same(fused, generic, grad_rtol, value_tol=0.0, what=""):
+    """The same outputs (bitwise with value_tol=0: where both paths run the same GEMMs, whole rows a chunk; else to
+    value_tol) and gradients to grad_rtol of the largest."""
+    (a, grads_a), (c, grads_c) = fused, generic
+    assert a.metrics.keys() == c.metrics.keys()
+    close = dict(rtol=value_tol, atol=value_tol)
+    for name, u, v in (("loss", a.loss, c.loss), ("log_probs", a.log_probs, c.log_probs),
+                       *((k, a.metrics[k], c.metrics[k]) for k in a.metrics)):
+        torch.testing.assert_close(u, v, **close, msg=lambda m: f"{what}: {name}\n{m}")
+    assert torch.equal(a.counts, c.counts), what
+    for name, u, v in zip(("hidden", "weight", "bias"), grads_a, grads_c):
+        assert (u is None) == (v is None), (what, name)
+        if v is not None:
+            assert u.dtype == v.dtype and u.shape == v.shape, (what, name)
+            torch.testing.assert_close(u.double(), v.double(), rtol=0, atol=grad_rtol * v.double().abs().max().item(),
+                                       msg=lambda m: f"{what}: grad {name}\n{m}")
+
+
+FAMILY_LEVELS = [(t, level) for t in ppo_ext.LOSS_TYPES for level in family_is_modes(t)]
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+@pytest.mark.parametrize("loss_type,level", FAMILY_LEVELS, ids=[f"{t}-{s}" for t, s in FAMILY_LEVELS])
+@pytest.mark.parametrize("extra", ["plain", "rollout-token", "rollout-seq", "rollout-seq-mean", "kl-entropy"])
+def test_grad_in_forward_every_loss(loss_type, level, agg, extra):
+    """Every family, level, aggregation, rollout correction, KL and entropy bonus, float64: the gradients formed in
+    the forward pass are the generic path's (to rounding), the loss, metrics and counts bitwise, over chunks that
+    split rows (where the loss does not read its row; else grad_in_forward=True refuses them) and whole rows."""
+    B, T, H, V = 4, 6, 8, 40
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=21, dtype=torch.float64)
+    inp = make_inputs(B, T, seed=21, dtype=torch.float64)
+    kw = family_options(loss_type, level, agg)
+    g = torch.Generator().manual_seed(22)
+    if extra.startswith("rollout"):
+        kw.update(rollout_is=extra[len("rollout-"):], rollout_log_probs=inp.old + 0.2 * torch.randn(B, T, generator=g,
+                                                                                                  dtype=torch.float64),
+                  rollout_is_high=1.5)
+    if extra == "kl-entropy":
+        kw.update(ref_log_probs=inp.old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64), kl_coef=0.05,
+                  entropy_coef=0.02, return_entropy=True)
+    rollout_is = kw.get("rollout_is", "none")
+    for chunk_tokens in (4, 12):  # pieces of rows; two whole rows a chunk
+        runs = run_both(hidden, weight, b, labels, inp.old, inp.adv, inp.mask, token_weights=inp.weights,
+                        chunk_tokens=chunk_tokens, upstream=1.7, **kw)
+        what = f"{loss_type} {level} {agg} {extra} chunk {chunk_tokens}"
+        if isinstance(runs[1], ValueError):  # an option set the loss refuses: refused either way
+            assert isinstance(runs[0], ValueError) and str(runs[0]) == str(runs[1]), what
+            continue
+        if chunk_tokens < T and reads_its_row(loss_type, level, agg, rollout_is):
+            assert isinstance(runs[0], ValueError) and "whole row" in str(runs[0]), what
+            continue
+        assert not isinstance(runs[0], ValueError), (what, runs[0])
+        assert_same(*runs, grad_rtol=1e-12, value_tol=1e-6 if chunk_tokens < T else 0.0, what=what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "flat"])
+def test_grad_in_forward_dtypes_and_layouts(device, dtype, layout):
+    """The gradients formed in the forward pass against the float64 reference and the generic path, at each dtype's
+    tolerance: strided and flat hidden, bias, an upstream gradient != 1, the returned entropy in the caller's loss."""
+    B, T, H, V = 3, 10, 16, 150
+    full, weight, b, labels = make_head(B, T, H, V, seed=23, dtype=dtype, device=device, extra_t=1)
+    hidden = {"contiguous": full[:, :-1].contiguous(), "strided": full[:, :-1],
+              "flat": full[:, :-1].reshape(-1, H)}[layout]
+    old, adv, mask, weights = loss_inputs(B, T, seed=23, device=device)
+    kw = dict(options("token", "token-mean", dual=True, clamp=True), token_weights=weights, temperature=0.8,
+              entropy_coef=0.03, return_entropy=True, chunk_tokens=2 * T)
+    fused, generic = run_both(hidden, weight, b, labels, old, adv, mask, upstream=2.5, entropy_weight=0.1, **kw)
+    assert_same(fused, generic, grad_rtol=GRAD_TOL[dtype], what=str(dtype))
+    h64, w64, b64 = leaves(*(t.detach().double().cpu() for t in (hidden, weight, b)))
+    ref_lp, ref_entropy = reference(h64, w64, b64, labels.cpu(), 0.8, dtype=dtype)
+    f = lambda t: t.detach().double().cpu()  # noqa: E731
+    kw.pop("chunk_tokens"), kw.pop("return_entropy"), kw.pop("temperature"), kw.pop("entropy_coef")
+    kw["token_weights"] = f(weights)
+    ref = policy_loss_reference(ref_lp.view(B, T), f(old), f(adv), mask.cpu(), **kw)
+    ref_loss = ref.loss - 0.03 * reference_aggregate(ref_entropy.view(B, T), mask.cpu(), **kw)
+    (2.5 * ref_loss + 0.1 * ref_entropy.sum()).backward()
+    assert_grads(fused[1], (h64.grad, w64.grad, b64.grad), dtype, f"{dtype} {layout}")
+
+
+def test_grad_in_forward_retain_graph_and_frozen_head(device):
+    """A second backward through the same graph recomputes (the same gradients); a frozen head or hidden without
+    grad: only the gradients asked for."""
+    hidden, weight, b, labels = make_head(2, 8, 8, 30, seed=24, device=device)
+    old, adv, mask, _ = loss_inputs(2, 8, seed=24, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=bb, chunk_tokens=3, entropy_coef=0.1,
+                                          grad_in_forward=True)
+    first = torch.autograd.grad(out.loss, (h, w, bb), retain_graph=True)
+    second = torch.autograd.grad(out.loss * 3, (h, w, bb))
+    for u, v in zip(first, second):
+        torch.testing.assert_close(3 * u, v, rtol=1e-5, atol=1e-7)
+    for requires_grad in ((True, False, False), (False, True, True), (False, True, False)):
+        fused, generic = run_both(hidden, weight, b, labels, old, adv, mask, chunk_tokens=3,
+                                  requires_grad=requires_grad)
+        assert_same(fused, generic, grad_rtol=1e-6, value_tol=1e-6)
+        assert [g is not None for g in fused[1]] == list(requires_grad)
+
+
+def test_grad_in_forward_when_it_applies(device):
+    """None: the forward forms the gradients where it applies (allocating nothing of the logits' size), else the
+    generic path; True: a ValueError saying why; no-grad: no gradient work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, H, V = 2, 16, 8, 2000
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=25, device=device)
+    old, adv, mask, _ = loss_inputs(B, T, seed=25, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=bb, chunk_tokens=8)
+        out.loss.backward()
+    assert type(out.loss.grad_fn).__name__ == "_GradInForwardBackward"
+    largest, logits = max(e.cpu_memory_usage for e in prof.events()), B * T * V * 4
+    if device == "cpu":
+        assert largest < logits / 3, (largest, logits)  # the chunk's buffer (and what an op allocates within)
+    with torch.no_grad():
+        out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=8)
+    assert out.loss.grad_fn is None
+    cases = [(dict(importance_sampling="seq"), "reads its whole row"),
+             (dict(loss_agg_mode="seq-mean-token-mean"), "reads its whole row")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=8, grad_in_forward=True, **kw)
+        out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=8, **kw)
+        assert type(out.loss.grad_fn).__name__ != "_GradInForwardBackward"
+        out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=16, grad_in_forward=True,
+                                              **kw)
+    with torch.no_grad(), pytest.raises(ValueError, match="no gradient is asked for"):
+        ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, grad_in_forward=True)
