@@ -53,9 +53,9 @@ def _row_statistic(o) -> Optional[str]:
 
 def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Optional[List[Chunk]], int, str]:
     """(chunks, chunk, "") where the gradients can be formed in the forward pass, else (None, chunk, why not)."""
-    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], weight.dtype))
     if torch.compiler.is_compiling():
-        return None, chunk, "under torch.compile, which traces the generic path"
+        return None, 0, "under torch.compile, which traces the generic path"
+    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], weight.dtype))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return None, chunk, "no gradient is asked for"
     if labels.dim() != 2 or not labels.numel():

@@ -89,7 +89,8 @@ def log_probs_cases():
 
 def hidden_cases():
     """hidden_log_probs: the chunked GEMMs and the log-probs kernels on chunks of rows and, for a bf16 head, the
-    backward on blocks of the vocabulary's columns (labels outside the block: no onehot term, no read there)."""
+    backward on blocks of the vocabulary's columns (labels outside the block: no onehot term, no read there); and
+    policy_loss_from_hidden's gradients formed in the forward pass."""
     g = torch.Generator().manual_seed(2)
     for dtype, V in ((torch.bfloat16, 1000), (torch.float32, 333)):
         hidden = torch.randn(2, 301, 64, generator=g).to(dtype)
@@ -108,6 +109,19 @@ def hidden_cases():
         for name, c, d in zip(("log_probs", "entropy", "grad_hidden", "grad_weight", "grad_bias"), *results):
             tol = 2e-2 if dtype == torch.bfloat16 and name.startswith("grad") else 1e-4
             close(d.float(), c.float(), f"hidden_log_probs {dtype} {name}", rtol=tol, atol=tol)
+        # policy_loss_from_hidden with its gradients formed in the forward pass (pieces of rows)
+        old, adv, mask = -3 + grad.abs(), grad.flip(1), grad != 0
+        results = []
+        for device in ("cpu", "cuda"):
+            h, w, b = (t.to(device).requires_grad_(True) for t in (hidden, weight, bias))
+            out = ppo_ext.policy_loss_from_hidden(h[:, :-1], w, labels.to(device), old.to(device), adv.to(device),
+                                                  mask.to(device), bias=b, entropy_coef=0.01, chunk_tokens=64,
+                                                  grad_in_forward=True)
+            (3 * out.loss).backward()
+            results.append((out.loss, out.log_probs, h.grad, w.grad, b.grad))
+        for name, c, d in zip(("loss", "log_probs", "grad_hidden", "grad_weight", "grad_bias"), *results):
+            tol = 2e-2 if dtype == torch.bfloat16 and name.startswith("grad") else 1e-4
+            close(d.float(), c.float(), f"policy_loss_from_hidden {dtype} {name}", rtol=tol, atol=tol)
 
 
 if __name__ == "__main__":

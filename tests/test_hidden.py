@@ -9,6 +9,7 @@ import torch
 
 import ppo_ext
 from helpers import AGG_MODES, family_is_modes, family_options, make_inputs, options
+from ppo_ext.hidden import default_chunk_tokens
 from ppo_ext.reference import policy_loss_reference
 from test_logits import loss_inputs, reference_aggregate, reference_log_probs
 
@@ -596,3 +597,12 @@ def test_grad_in_forward_when_it_applies(device):
                                               **kw)
     with torch.no_grad(), pytest.raises(ValueError, match="no gradient is asked for"):
         ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, grad_in_forward=True)
+
+
+def test_default_chunk_tokens():
+    """The default chunk (README, docs/SPEC.md): a (chunk, V) buffer of about 64 MiB within 256 to 384 rows."""
+    for V, dtype, rows in ((32000, torch.bfloat16, 384), (151936, torch.bfloat16, 256), (100000, torch.float32, 256),
+                           (60000, torch.bfloat16, 384), (100, torch.float64, 384)):
+        assert min(384, max(256, (64 << 20) // (V * dtype.itemsize))) == rows
+        assert torch.ops.ppo_ext.hidden_default_chunk_tokens(V, dtype.itemsize) == rows
+        assert default_chunk_tokens(V, dtype) == rows
