@@ -606,3 +606,19 @@ def test_default_chunk_tokens():
         assert min(384, max(256, (64 << 20) // (V * dtype.itemsize))) == rows
         assert torch.ops.ppo_ext.hidden_default_chunk_tokens(V, dtype.itemsize) == rows
         assert default_chunk_tokens(V, dtype) == rows
+
+
+@pytest.mark.parametrize("adv_shape", ["BT", "B1", "B"])
+def test_grad_in_forward_optional_inputs_and_normalisers(adv_shape):
+    """No mask, no old log-probs (on-policy), advantages (B, T) / (B, 1) / (B,), the global normalisers (a tensor, a
+    number): the gradients formed in the forward pass are the generic path's."""
+    B, T, H, V = 3, 8, 8, 50
+    hidden, weight, b, labels = make_head(B, T, H, V, seed=27, dtype=torch.float64)
+    inp = make_inputs(B, T, seed=27, dtype=torch.float64, adv_shape=adv_shape)
+    for agg, extra in (("token-mean", dict(num_tokens=torch.tensor(40.0, dtype=torch.float64))),
+                       ("seq-mean-token-sum-norm", dict(num_seqs=5, loss_scale_factor=torch.tensor(16.0))),
+                       ("token-sum", {})):
+        for old, mask in ((inp.old, None), (None, inp.mask)):
+            fused, generic = run_both(hidden, weight, b, labels, old, inp.adv, mask, chunk_tokens=3, upstream=0.7,
+                                      entropy_coef=0.05, loss_agg_mode=agg, **extra)
+            assert_same(fused, generic, grad_rtol=1e-12, value_tol=1e-6, what=f"{adv_shape} {agg} {old is None}")
