@@ -203,7 +203,8 @@ def make_inputs(case, device, seed):
     with torch.no_grad():
         lp = ppo_ext.log_probs_from_hidden(hidden, weight, labels)[0]
     old = lp + 0.1 * torch.randn(lp.shape, generator=g, device=device)
-    adv = torch.randn(lp.shape, generator=g, device=device)
+    # one advantage a sequence (GRPO's), as Liger's GRPO loss takes them
+    adv = torch.randn(lp.shape[0], 1, generator=g, device=device).expand(lp.shape)
     mask = torch.rand(lp.shape, generator=g, device=device) < 0.9
     return Inputs(hidden.requires_grad_(True), weight.requires_grad_(True), labels, old, adv, mask)
 
