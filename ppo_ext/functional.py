@@ -439,7 +439,7 @@ def policy_loss_from_hidden(
     gradient): one GEMM fewer than recomputing the logits in the backward pass (README "From hidden states"). None
     (the default): where it applies: in eager mode (not under torch.compile), a gradient asked for, no
     process_group, and chunks that hold whole rows where the loss reads a row statistic (importance_sampling "seq"
-    or "seq-token", geo_mean, vespo, a sequence-level rollout correction, seq-mean-token-mean). True: required (a
+    or "seq-token", geo_mean, vespo, a sequence-level rollout correction). True: required (a
     ValueError says why where it does not apply); False: never. Its loss backpropagates once (no retain_graph
     reuse); the same numbers either way, but for rounding (the gradients are scaled by the upstream gradient and
     1 / denominator after their GEMMs)."""

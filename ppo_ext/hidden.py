@@ -46,9 +46,7 @@ def _row_statistic(o) -> Optional[str]:
         return f'loss_type="{o["loss_type"]}"'
     if o["rollout_is"] in ("seq", "seq-mean"):
         return f'rollout_is="{o["rollout_is"]}"'
-    if o["loss_agg_mode"] == "seq-mean-token-mean":
-        return 'loss_agg_mode="seq-mean-token-mean"'
-    return None
+    return None  # (seq-mean-token-mean's 1 / the row's valid tokens is applied per token: _GradInForward)
 
 
 def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Optional[List[Chunk]], int, str]:
@@ -93,13 +91,17 @@ def _rows(hidden: torch.Tensor, T: int, c: Chunk) -> torch.Tensor:
 def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, need_entropy, per_token, grads):
     """Chunk by chunk: the logits into one reused buffer, their log-probs (logsumexp, entropy), the loss's per-token
     gradient (un-normalised), the logits turned into their gradient in place and multiplied out into grad_hidden
-    (and grad_weight, grad_bias where given). per_token: the (N,) outputs and the entropy's gradient (or None)."""
+    (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the entropy's gradient (or None) and the
+    tokens' aggregation weights (or None: 1)."""
     old, adv, mask, o = loss_args
-    log_probs, logsumexp, entropy, token_grad, grad_entropy = per_token
+    log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights = per_token
     grad_hidden, grad_weight, grad_bias = grads
     T = labels.shape[1]
     flat_labels = labels.reshape(-1)
+    # the normalisers are not in token_grad; a row's 1 / valid tokens (seq-mean-token-mean) is agg_weights'
     chunk_options = {**o, "num_tokens": None, "num_seqs": None, "loss_scale_factor": None}
+    if agg_weights is not None:
+        chunk_options["loss_agg_mode"] = "token-mean"
     buffer = hidden.new_empty(max((b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in chunks), weight.shape[0])
     for c in chunks:
         b0, b1, t0, t1 = c
@@ -119,6 +121,8 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
             lp.view(b1 - b0, t1 - t0), _part(old, c), _part(adv, c), _part(mask, c), True,
             {**chunk_options, **{k: _part(o[k], c) for k in ("token_weights", "rollout_log_probs", "ref_log_probs")}},
         )[3].view(-1)
+        if agg_weights is not None:
+            token_grad[tokens] *= agg_weights[tokens]
         with_entropy = grad_entropy is not None
         torch.ops.ppo_ext.token_log_probs_backward_inplace(
             token_grad[tokens], logits, flat_labels[tokens], lse, temperature,
@@ -151,20 +155,24 @@ class _GradInForward(torch.autograd.Function):
         like = dict(dtype=acc, device=hidden.device)
         log_probs, logsumexp, token_grad = (torch.empty(N, **like) for _ in range(3))
         entropy = torch.empty(N, **like) if need_entropy else None
-        # The entropy bonus's gradient per token, before the 1 / denominator: -coef where valid (over the row's
-        # valid tokens for seq-mean-token-mean), as _aggregate_like_the_loss aggregates it.
-        grad_entropy = None
-        if entropy_coef != 0:
-            valid = torch.ones(B, T, **like) if mask is None else (mask != 0).to(acc)
+        # The aggregation's weight of each token before the 1 / denominator (docs/SPEC.md "Aggregation"): 1 where
+        # valid, over the row's valid tokens for seq-mean-token-mean (there: agg_weights); the entropy bonus's
+        # gradient is -coef times it, as _aggregate_like_the_loss aggregates the entropy.
+        agg_weights = grad_entropy = None
+        if entropy_coef != 0 or o["loss_agg_mode"] == "seq-mean-token-mean":
+            weights = torch.ones(B, T, **like) if mask is None else (mask != 0).to(acc)
             if o["loss_agg_mode"] == "seq-mean-token-mean":
-                valid = valid / valid.sum(1, keepdim=True).clamp(min=1)
-            grad_entropy = (valid * -entropy_coef).reshape(-1)
+                weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
+                agg_weights = weights.reshape(-1)
+            if entropy_coef != 0:
+                grad_entropy = (weights * -entropy_coef).reshape(-1)
         grad_hidden = hidden.new_empty(N, hidden.shape[-1]) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) \
             if want_weight and sum_head else None
         grad_bias = torch.zeros(V, **like) if want_bias and sum_head else None
         _chunk_pass(hidden, weight, bias, labels, temperature, chunks, (old, adv, mask, o), need_entropy,
-                    (log_probs, logsumexp, entropy, token_grad, grad_entropy), (grad_hidden, grad_weight, grad_bias))
+                    (log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights),
+                    (grad_hidden, grad_weight, grad_bias))
         out, grad_scale = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T),
                                              old, adv, mask, return_entropy, entropy_coef, o)
         op_labels = labels if hidden.dim() == 3 else labels.reshape(-1)  # the hidden_log_probs ops' labels

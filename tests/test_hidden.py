@@ -439,10 +439,9 @@ def test_cuda_no_host_synchronisation():
 # The gradients formed in the forward pass (grad_in_forward): the generic path's numbers.
 
 # What makes a token's loss gradient read its whole row (docs/SPEC.md): the sequence-level ratio, GMPO, VESPO's row
-# weight, a sequence-level rollout correction, the row's token count of seq-mean-token-mean.
-def reads_its_row(loss_type, importance_sampling, loss_agg_mode, rollout_is):
-    return (importance_sampling != "token" or loss_type in ("geo_mean", "vespo") or rollout_is in ("seq", "seq-mean")
-            or loss_agg_mode == "seq-mean-token-mean")
+# weight, a sequence-level rollout correction (seq-mean-token-mean's row token count is known from the mask).
+def reads_its_row(loss_type, importance_sampling, rollout_is):
+    return importance_sampling != "token" or loss_type in ("geo_mean", "vespo") or rollout_is in ("seq", "seq-mean")
 
 
 def run_both(hidden, weight, bias, labels, old, adv, mask, *, upstream=1.0, entropy_weight=0.0,
@@ -516,7 +515,7 @@ def test_grad_in_forward_every_loss(loss_type, level, agg, extra):
         if isinstance(runs[1], ValueError):  # an option set the loss refuses: refused either way
             assert isinstance(runs[0], ValueError) and str(runs[0]) == str(runs[1]), what
             continue
-        if chunk_tokens < T and reads_its_row(loss_type, level, agg, rollout_is):
+        if chunk_tokens < T and reads_its_row(loss_type, level, rollout_is):
             assert isinstance(runs[0], ValueError) and "whole row" in str(runs[0]), what
             continue
         assert not isinstance(runs[0], ValueError), (what, runs[0])
@@ -587,7 +586,7 @@ def test_grad_in_forward_when_it_applies(device):
         out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=8)
     assert out.loss.grad_fn is None
     cases = [(dict(importance_sampling="seq"), "reads its whole row"),
-             (dict(loss_agg_mode="seq-mean-token-mean"), "reads its whole row")]
+             (dict(importance_sampling="seq-token", loss_agg_mode="seq-mean-token-mean"), "reads its whole row")]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
             ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=8, grad_in_forward=True, **kw)
@@ -595,6 +594,8 @@ def test_grad_in_forward_when_it_applies(device):
         assert type(out.loss.grad_fn).__name__ != "_GradInForwardBackward"
         out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=16, grad_in_forward=True,
                                               **kw)
+    out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=8, grad_in_forward=True,
+                                          loss_agg_mode="seq-mean-token-mean")  # pieces of rows
     with torch.no_grad(), pytest.raises(ValueError, match="no gradient is asked for"):
         ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, grad_in_forward=True)
 
