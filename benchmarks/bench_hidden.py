@@ -117,7 +117,7 @@ def gemms_call(inp):
     hidden, weight = inp.hidden.detach().reshape(-1, H), inp.weight.detach()
     N, V = hidden.shape[0], weight.shape[0]
     chunk = min(default_chunk_tokens(V, weight.dtype), N)
-    chunks = [(b0 * T + t0, (b1 - b0) * (t1 - t0)) for b0, b1, t0, t1 in chunk_ranges(B, T, chunk, False)]
+    chunks = [(start, n) for start, n, _ in chunk_ranges(B, T, chunk, False)]
     by_columns = weight.dtype in (torch.bfloat16, torch.float16) and N > chunk
     columns = min(V, max(min(MIN_COLUMNS, V), chunk * V // N))
 

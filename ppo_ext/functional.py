@@ -440,14 +440,17 @@ def policy_loss_from_hidden(
     (the default): where it applies: in eager mode (not under torch.compile), a gradient asked for, no
     process_group, and chunks that hold whole rows where the loss reads a row statistic (importance_sampling "seq"
     or "seq-token", geo_mean, vespo, a sequence-level rollout correction). True: required (a
-    ValueError says why where it does not apply); False: never. Its loss backpropagates once (no retain_graph
-    reuse); the same numbers either way, but for rounding (the gradients are scaled by the upstream gradient and
+    ValueError says why where it does not apply); False: never. The gradients exist from the forward pass on; a
+    second backward through the same graph (retain_graph=True) recomputes. The same numbers either way, but for
+    rounding (grad_hidden, and a float32 / float64 head's gradient, are scaled by the upstream gradient and
     1 / denominator after their GEMMs)."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)
     hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,
                                                                check_labels and process_group is None)
     need_entropy = bool(return_entropy) or entropy_coef != 0
+    if grad_in_forward is not None and not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward must be True, False or None, got {type(grad_in_forward).__name__}")
     if grad_in_forward is not False:
         from ppo_ext.hidden import plan, policy_loss_grad_in_forward
 
@@ -457,7 +460,7 @@ def policy_loss_from_hidden(
             return policy_loss_grad_in_forward(
                 hidden, weight, bias, labels, old_log_probs, advantages, mask, temperature=temperature, chunks=chunks,
                 chunk=chunk, entropy_coef=entropy_coef, return_entropy=return_entropy, options=options)
-        if grad_in_forward:
+        if grad_in_forward and why_not is not None:  # (None: arguments the generic path's checks reject)
             _check_loss_options(options)  # an invalid option's own error first
             raise ValueError(f"grad_in_forward=True does not apply here: {why_not}")
     log_probs, entropy = _log_probs_of_hidden(hidden, weight, labels, bias, temperature, need_entropy, chunk_tokens,

@@ -4,10 +4,10 @@ The loss is known in the forward pass, so is its gradient w.r.t. each token's lo
 their buffer, are turned into their gradient there and multiplied out (grad_hidden, and grad_weight for a
 float32 / float64 head), instead of being recomputed in the backward pass. A chunk's per-token gradient is the
 policy_loss op's own on the chunk (its `token_grad`: the un-normalised sum's, which needs nothing of the other
-chunks where the loss reads no row statistic), scaled by the whole batch's 1 / denominator once that is known. The
-backward pass then multiplies the gradients by the upstream gradient, in place. GEMMs: 2 a step (3 with a float32 /
-float64 head's gradient, 4 with a 16-bit head's, whose gradient is still one GEMM per block of columns over all
-tokens, rounded once), against 3 / 4 / 5 when the backward recomputes the logits.
+chunks where the loss reads no row statistic). The backward pass multiplies the gradients in place by the upstream
+gradient and the whole batch's 1 / denominator. GEMMs: 2 a step (3 with a float32 / float64 head's gradient, 4 with
+a 16-bit head's, which backward still computes by one GEMM per block of columns over all tokens, rounded once),
+against 3 / 4 / 5 when the backward recomputes the logits.
 """
 
 from typing import List, Optional, Tuple
@@ -16,7 +16,8 @@ import torch
 
 from ppo_ext.functional import _loss_of_log_probs, _policy_loss_op
 
-Chunk = Tuple[int, int, int, int]  # rows [b0, b1) and columns [t0, t1) of the (B, T) tokens
+Rows = Tuple[int, int, int, int]  # rows [b0, b1) and columns [t0, t1) of the (B, T) tokens
+Chunk = Tuple[int, int, Tuple[Rows, ...]]  # tokens [start, start + n) of the flat (B, T) order, as rectangles
 
 
 def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
@@ -24,18 +25,35 @@ def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     return torch.ops.ppo_ext.hidden_default_chunk_tokens(vocab, dtype.itemsize)
 
 
+def _rectangles(start: int, end: int, T: int) -> Tuple[Rows, ...]:
+    """Tokens [start, end) of the flat (B, T) order as at most three rectangles: a row's tail (or a piece of one row),
+    whole rows, a row's head."""
+    out = []
+    b, t = divmod(start, T)
+    if t:
+        t1 = min(T, t + end - start)
+        out.append((b, b + 1, t, t1))
+        start = b * T + t1
+    rows = (end - start) // T
+    if rows:
+        b = start // T
+        out.append((b, b + rows, 0, T))
+        start += rows * T
+    if start < end:
+        b = start // T
+        out.append((b, b + 1, 0, end - start))
+    return tuple(out)
+
+
 def chunk_ranges(B: int, T: int, chunk: int, whole_rows: bool) -> Optional[List[Chunk]]:
-    """The (B, T) tokens in chunks of at most `chunk` tokens, each a rectangle (b0, b1, t0, t1), that is a range of
-    the flat tokens: as many whole rows as fit (at least one), or, for rows longer than `chunk`, near-equal pieces
-    of one row. None where rows are longer than `chunk` and whole_rows are needed."""
-    if T <= chunk:
-        rows = chunk // T
-        return [(b, min(B, b + rows), 0, T) for b in range(0, B, rows)]
-    if whole_rows:
+    """The (B, T) tokens in chunks of at most `chunk` tokens: `chunk` tokens at a time in the flat order (as
+    hidden_log_probs takes them), or with whole_rows as many whole rows as fit (None where a row is longer)."""
+    if not whole_rows:
+        return [(s, min(chunk, B * T - s), _rectangles(s, min(s + chunk, B * T), T)) for s in range(0, B * T, chunk)]
+    if T > chunk:
         return None
-    pieces = -(-T // chunk)
-    width = -(-T // pieces)
-    return [(b, b + 1, t0, min(T, t0 + width)) for b in range(B) for t0 in range(0, T, width)]
+    rows = chunk // T
+    return [(b * T, (min(B, b + rows) - b) * T, ((b, min(B, b + rows), 0, T),)) for b in range(0, B, rows)]
 
 
 def _row_statistic(o) -> Optional[str]:
@@ -49,20 +67,39 @@ def _row_statistic(o) -> Optional[str]:
     return None  # (seq-mean-token-mean's 1 / the row's valid tokens is applied per token: _GradInForward)
 
 
-def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Optional[List[Chunk]], int, str]:
-    """(chunks, chunk, "") where the gradients can be formed in the forward pass, else (None, chunk, why not)."""
+def _well_formed(hidden, weight, bias, labels, loss_inputs, o) -> bool:
+    """Whether the arguments are of the shapes, dtypes and devices the ops take (else the generic path, whose checks
+    name what is wrong)."""
+    old, adv, mask = loss_inputs
+    optional = (bias, old, mask, o["token_weights"], o["rollout_log_probs"], o["ref_log_probs"])
+    if not (all(isinstance(t, torch.Tensor) for t in (hidden, weight, labels, adv))
+            and all(t is None or isinstance(t, torch.Tensor) for t in optional)):
+        return False
+    if not (hidden.dim() in (2, 3) and hidden.is_floating_point() and weight.dim() == 2 and labels.dim() == 2
+            and labels.dtype == torch.int64 and labels.numel() > 0):
+        return False
+    B, T = labels.shape
+    H, V = hidden.shape[-1], weight.shape[0]
+    head_ok = weight.shape[1] == H and weight.dtype == hidden.dtype and (
+        bias is None or (bias.shape == (V,) and bias.dtype == hidden.dtype))
+    rows_ok = hidden.shape[:-1] == labels.shape if hidden.dim() == 3 else hidden.shape[0] == B * T
+    same_device = all(t.device == hidden.device for t in (weight, labels, adv, *optional) if t is not None)
+    shapes_ok = all(t is None or t.shape == labels.shape for t in optional[1:]) and adv.shape in ((B, T), (B, 1), (B,))
+    return head_ok and rows_ok and same_device and shapes_ok
+
+
+def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Optional[List[Chunk]], int,
+                                                                              Optional[str]]:
+    """(chunks, chunk, "") where the gradients can be formed in the forward pass, else (None, chunk, why not), or
+    (None, chunk, None) for arguments the generic path is to check."""
     if torch.compiler.is_compiling():
         return None, 0, "under torch.compile, which traces the generic path"
+    if not _well_formed(hidden, weight, bias, labels, loss_inputs, o):
+        return None, 0, None
     chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], weight.dtype))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return None, chunk, "no gradient is asked for"
-    if labels.dim() != 2 or not labels.numel():
-        return None, chunk, "labels must be a non-empty (B, T) tensor"
     B, T = labels.shape
-    old, adv, mask = loss_inputs
-    per_token = (old, mask, o["token_weights"], o["rollout_log_probs"], o["ref_log_probs"])
-    if any(t is not None and t.shape != labels.shape for t in per_token) or adv.shape not in ((B, T), (B, 1), (B,)):
-        return None, chunk, "the loss's inputs must have the labels' shape (B, T) (advantages: or (B, 1), (B,))"
     row_statistic = _row_statistic(o)
     chunks = chunk_ranges(B, T, min(chunk, B * T), row_statistic is not None)
     if chunks is None:
@@ -71,9 +108,9 @@ def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Op
     return chunks, chunk, ""
 
 
-def _part(t: Optional[torch.Tensor], c: Chunk) -> Optional[torch.Tensor]:
-    """The chunk's part of a (B, T), (B, 1) or (B,) input of the loss."""
-    b0, b1, t0, t1 = c
+def _part(t: Optional[torch.Tensor], r: Rows) -> Optional[torch.Tensor]:
+    """The rectangle's part of a (B, T), (B, 1) or (B,) input of the loss."""
+    b0, b1, t0, t1 = r
     if t is None:
         return None
     return t[b0:b1] if t.dim() == 1 or t.shape[1] == 1 else t[b0:b1, t0:t1]
@@ -82,17 +119,20 @@ def _part(t: Optional[torch.Tensor], c: Chunk) -> Optional[torch.Tensor]:
 def _rows(hidden: torch.Tensor, T: int, c: Chunk) -> torch.Tensor:
     """The chunk's hidden states as a (tokens, H) matrix: a view where the strides allow one, else a copy of these
     rows alone."""
-    b0, b1, t0, t1 = c
-    if hidden.dim() == 3:
-        return hidden[b0:b1, t0:t1].reshape(-1, hidden.shape[-1])
-    return hidden[b0 * T + t0:(b1 - 1) * T + t1]
+    start, n, rectangles = c
+    if hidden.dim() == 2:
+        return hidden[start:start + n]
+    if hidden.stride(0) == T * hidden.stride(1):
+        return hidden.flatten(0, 1)[start:start + n]
+    pieces = [hidden[b0:b1, t0:t1].reshape(-1, hidden.shape[-1]) for b0, b1, t0, t1 in rectangles]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, need_entropy, per_token, grads):
     """Chunk by chunk: the logits into one reused buffer, their log-probs (logsumexp, entropy), the loss's per-token
-    gradient (un-normalised), the logits turned into their gradient in place and multiplied out into grad_hidden
-    (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the entropy's gradient (or None) and the
-    tokens' aggregation weights (or None: 1)."""
+    gradient (un-normalised), and where a gradient is asked for, the logits turned into their gradient in place and
+    multiplied out into grad_hidden (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the
+    entropy's gradient (or None) and the tokens' aggregation weights (or None: 1)."""
     old, adv, mask, o = loss_args
     log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights = per_token
     grad_hidden, grad_weight, grad_bias = grads
@@ -102,10 +142,10 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
     chunk_options = {**o, "num_tokens": None, "num_seqs": None, "loss_scale_factor": None}
     if agg_weights is not None:
         chunk_options["loss_agg_mode"] = "token-mean"
-    buffer = hidden.new_empty(max((b1 - b0) * (t1 - t0) for b0, b1, t0, t1 in chunks), weight.shape[0])
+    multiply_out = any(g is not None for g in grads)
+    buffer = hidden.new_empty(max(n for _, n, _ in chunks), weight.shape[0])
     for c in chunks:
-        b0, b1, t0, t1 = c
-        start, n = b0 * T + t0, (b1 - b0) * (t1 - t0)
+        start, n, rectangles = c
         tokens = slice(start, start + n)
         rows = _rows(hidden, T, c)
         logits = buffer[:n]
@@ -117,12 +157,18 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
         log_probs[tokens], logsumexp[tokens] = lp, lse
         if need_entropy:
             entropy[tokens] = h
-        token_grad[tokens] = _policy_loss_op(
-            lp.view(b1 - b0, t1 - t0), _part(old, c), _part(adv, c), _part(mask, c), True,
-            {**chunk_options, **{k: _part(o[k], c) for k in ("token_weights", "rollout_log_probs", "ref_log_probs")}},
-        )[3].view(-1)
+        for r in rectangles:  # the policy_loss op's own per-token gradient on each rectangle's tokens
+            b0, b1, t0, t1 = r
+            begin, count = b0 * T + t0 - start, (b1 - b0) * (t1 - t0)
+            token_grad[start + begin:start + begin + count] = _policy_loss_op(
+                lp[begin:begin + count].view(b1 - b0, t1 - t0), _part(old, r), _part(adv, r), _part(mask, r), True,
+                {**chunk_options,
+                 **{k: _part(o[k], r) for k in ("token_weights", "rollout_log_probs", "ref_log_probs")}},
+            )[3].view(-1)
         if agg_weights is not None:
             token_grad[tokens] *= agg_weights[tokens]
+        if not multiply_out:
+            continue
         with_entropy = grad_entropy is not None
         torch.ops.ppo_ext.token_log_probs_backward_inplace(
             token_grad[tokens], logits, flat_labels[tokens], lse, temperature,
@@ -137,7 +183,7 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
 
 class _GradInForward(torch.autograd.Function):
     """The loss (and with return_entropy the entropy) of hidden, weight and bias; the loss's gradients computed in
-    forward, handed over (scaled by the upstream gradient, in place) by backward, once."""
+    forward, handed over (scaled by the upstream gradient, in place) by backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunks, chunk, entropy_coef, return_entropy,
@@ -148,8 +194,9 @@ class _GradInForward(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = bias is not None and ctx.needs_input_grad[2]
-        # float32 / float64 heads sum grad_weight chunk after chunk; 16-bit heads take it from one GEMM per block
-        # of columns over all tokens, after this pass (hidden_log_probs_backward: rounded once).
+        # float32 / float64 heads sum grad_weight chunk after chunk here; 16-bit heads take it in backward from one
+        # GEMM per block of columns over all tokens (hidden_log_probs_backward: rounded once, with the upstream
+        # gradient in it, as a loss scaler needs for float16)
         sum_head = weight.dtype == acc
         need_entropy = return_entropy or entropy_coef != 0
         like = dict(dtype=acc, device=hidden.device)
@@ -167,28 +214,21 @@ class _GradInForward(torch.autograd.Function):
             if entropy_coef != 0:
                 grad_entropy = (weights * -entropy_coef).reshape(-1)
         grad_hidden = hidden.new_empty(N, hidden.shape[-1]) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device) \
-            if want_weight and sum_head else None
+        grad_weight = torch.zeros(weight.shape, **{**like, "dtype": weight.dtype}) if want_weight and sum_head else None
         grad_bias = torch.zeros(V, **like) if want_bias and sum_head else None
         _chunk_pass(hidden, weight, bias, labels, temperature, chunks, (old, adv, mask, o), need_entropy,
                     (log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights),
                     (grad_hidden, grad_weight, grad_bias))
         out, grad_scale = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T),
                                              old, adv, mask, return_entropy, entropy_coef, o)
-        op_labels = labels if hidden.dim() == 3 else labels.reshape(-1)  # the hidden_log_probs ops' labels
-        if (want_weight or want_bias) and not sum_head:
-            with_entropy = grad_entropy is not None
-            _, grad_weight, grad_bias = torch.ops.ppo_ext.hidden_log_probs_backward(
-                (token_grad * grad_scale).view(op_labels.shape), hidden, weight, op_labels,
-                logsumexp.view(op_labels.shape), bias, temperature, chunk,
-                (grad_entropy * grad_scale).view(op_labels.shape) if with_entropy else None,
-                entropy.view(op_labels.shape) if with_entropy else None, [False, want_weight, want_bias])
-        # (gradient, whether 1 / denominator is in it yet); and what a later backward (retain_graph) recomputes from
-        ctx.grads = [(None if grad_hidden is None else grad_hidden.view(hidden.shape), False),
-                     (grad_weight if want_weight else None, not sum_head),
-                     (grad_bias.to(weight.dtype) if want_bias else None, not sum_head)]
+        # the gradients formed here (before the upstream gradient and 1 / denominator), handed over by the first
+        # backward; the head's of a 16-bit one are left to it (column_pass); and what a later backward
+        # (retain_graph) recomputes from
+        ctx.grads = [None if grad_hidden is None else grad_hidden.view(hidden.shape), grad_weight, grad_bias]
+        ctx.column_pass = not sum_head and (want_weight or want_bias)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias)
+        op_labels = labels if hidden.dim() == 3 else labels.reshape(-1)  # the hidden_log_probs ops' labels
         view = (lambda t: None if t is None else t.view(op_labels.shape))  # noqa: E731
         ctx.per_token = (view(logsumexp), view(entropy), view(token_grad), view(grad_entropy), grad_scale)
         ctx.hidden_args = (op_labels, temperature, chunk)
@@ -208,28 +248,30 @@ class _GradInForward(torch.autograd.Function):
         logsumexp, entropy, token_grad, loss_grad_entropy, grad_scale = ctx.per_token
         want = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grads = [None, None, None]
-        g = g_entropy = None  # what the hidden_log_probs_backward op is left to compute
+        recompute = []  # (per-token gradient, entropy's gradient, output_mask) for hidden_log_probs_backward
         if grad_loss is not None:
             scale = grad_loss * grad_scale
-            if ctx.grads is not None:  # the gradients formed in forward, scaled in place: handed over once
-                for k, (grad, scaled) in enumerate(ctx.grads):
-                    if grad is not None:
-                        grads[k] = grad.mul_(grad_loss if scaled else scale)
+            loss_g = token_grad * scale
+            loss_g_entropy = None if loss_grad_entropy is None else loss_grad_entropy * scale
+            if ctx.grads is not None:  # the first backward: the gradients formed in forward, scaled in place
+                grads = [None if g is None else g.mul_(scale) for g in ctx.grads]
                 ctx.grads = None
+                if ctx.column_pass:
+                    recompute.append((loss_g, loss_g_entropy, [False, want[1], want[2]]))
             else:  # a later backward through the same graph (retain_graph=True): the logits recomputed
-                g = token_grad * scale
-                g_entropy = None if loss_grad_entropy is None else loss_grad_entropy * scale
+                recompute.append((loss_g, loss_g_entropy, want))
         if grad_entropy is not None:  # the returned entropy in the caller's own loss
-            g_entropy = grad_entropy.view(logsumexp.shape) if g_entropy is None else g_entropy + grad_entropy.view(
-                logsumexp.shape)
-        if g is not None or g_entropy is not None:
-            labels, temperature, chunk = ctx.hidden_args
+            recompute.append((torch.zeros_like(logsumexp), grad_entropy.reshape(logsumexp.shape), want))
+        labels, temperature, chunk = ctx.hidden_args
+        for g, g_entropy, mask in recompute:
             extra = torch.ops.ppo_ext.hidden_log_probs_backward(
-                torch.zeros_like(logsumexp) if g is None else g, hidden, weight, labels, logsumexp, bias, temperature,
-                chunk, g_entropy, None if g_entropy is None else entropy, want)
+                g, hidden, weight, labels, logsumexp, bias, temperature, chunk, g_entropy,
+                None if g_entropy is None else entropy, mask)
             for k in range(3):
-                if want[k]:
+                if mask[k]:
                     grads[k] = extra[k] if grads[k] is None else grads[k].add_(extra[k])
+        if grads[2] is not None:
+            grads[2] = grads[2].to(weight.dtype)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
