@@ -441,9 +441,9 @@ def policy_loss_from_hidden(
     process_group, and chunks that hold whole rows where the loss reads a row statistic (importance_sampling "seq"
     or "seq-token", geo_mean, vespo, a sequence-level rollout correction). True: required (a
     ValueError says why where it does not apply); False: never. The gradients exist from the forward pass on; a
-    second backward through the same graph (retain_graph=True) recomputes. The same numbers either way, but for
-    rounding (grad_hidden, and a float32 / float64 head's gradient, are scaled by the upstream gradient and
-    1 / denominator after their GEMMs)."""
+    second backward through the same graph (retain_graph=True) recomputes. The same numbers either way (bitwise
+    under an upstream gradient of 1 with token-level options; else to rounding: the upstream gradient is applied
+    after the GEMMs of grad_hidden and of a float32 / float64 head's gradient)."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)
     hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,

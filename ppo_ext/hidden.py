@@ -4,8 +4,8 @@ The loss is known in the forward pass, so is its gradient w.r.t. each token's lo
 their buffer, are turned into their gradient there and multiplied out (grad_hidden, and grad_weight for a
 float32 / float64 head), instead of being recomputed in the backward pass. A chunk's per-token gradient is the
 policy_loss op's own on the chunk (its `token_grad`: the un-normalised sum's, which needs nothing of the other
-chunks where the loss reads no row statistic). The backward pass multiplies the gradients in place by the upstream
-gradient and the whole batch's 1 / denominator. GEMMs: 2 a step (3 with a float32 / float64 head's gradient, 4 with
+chunks where the loss reads no row statistic), times the whole batch's 1 / denominator. The backward pass multiplies
+the gradients in place by the upstream gradient. GEMMs: 2 a step (3 with a float32 / float64 head's gradient, 4 with
 a 16-bit head's, which backward still computes by one GEMM per block of columns over all tokens, rounded once),
 against 3 / 4 / 5 when the backward recomputes the logits.
 """
@@ -132,9 +132,10 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
     """Chunk by chunk: the logits into one reused buffer, their log-probs (logsumexp, entropy), the loss's per-token
     gradient (un-normalised), and where a gradient is asked for, the logits turned into their gradient in place and
     multiplied out into grad_hidden (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the
-    entropy's gradient (or None) and the tokens' aggregation weights (or None: 1)."""
+    entropy's gradient (or None), the tokens' aggregation weights (or None: 1) and the factor of every token's
+    gradient (1 / denominator, or None)."""
     old, adv, mask, o = loss_args
-    log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights = per_token
+    log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale = per_token
     grad_hidden, grad_weight, grad_bias = grads
     T = labels.shape[1]
     flat_labels = labels.reshape(-1)
@@ -167,6 +168,8 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
             )[3].view(-1)
         if agg_weights is not None:
             token_grad[tokens] *= agg_weights[tokens]
+        if grad_scale is not None:
+            token_grad[tokens] *= grad_scale
         if not multiply_out:
             continue
         with_entropy = grad_entropy is not None
@@ -213,15 +216,24 @@ class _GradInForward(torch.autograd.Function):
                 agg_weights = weights.reshape(-1)
             if entropy_coef != 0:
                 grad_entropy = (weights * -entropy_coef).reshape(-1)
+        # 1 / denominator in the per-token gradients before their GEMMs, as the generic path has it (the op's
+        # grad_scale depends on the mask and the normalisers alone: known before the log-probs), so that grad_hidden
+        # is rounded once (bitwise the generic path's under an upstream gradient of 1); not for float16, where it
+        # would underflow without a loss scaler's factor, which only backward knows
+        grad_scale = None
+        if hidden.dtype != torch.float16:
+            grad_scale = _policy_loss_op(torch.zeros(B, T, **like), old, adv, mask, False, o)[4]
+            if grad_entropy is not None:
+                grad_entropy *= grad_scale
         grad_hidden = hidden.new_empty(N, hidden.shape[-1]) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, **{**like, "dtype": weight.dtype}) if want_weight and sum_head else None
         grad_bias = torch.zeros(V, **like) if want_bias and sum_head else None
         _chunk_pass(hidden, weight, bias, labels, temperature, chunks, (old, adv, mask, o), need_entropy,
-                    (log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights),
+                    (log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale),
                     (grad_hidden, grad_weight, grad_bias))
-        out, grad_scale = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T),
-                                             old, adv, mask, return_entropy, entropy_coef, o)
-        # the gradients formed here (before the upstream gradient and 1 / denominator), handed over by the first
+        out, loss_grad_scale = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T),
+                                                  old, adv, mask, return_entropy, entropy_coef, o)
+        # the gradients formed here (before the upstream gradient), handed over by the first
         # backward; the head's of a 16-bit one are left to it (column_pass); and what a later backward
         # (retain_graph) recomputes from
         ctx.grads = [None if grad_hidden is None else grad_hidden.view(hidden.shape), grad_weight, grad_bias]
@@ -230,7 +242,9 @@ class _GradInForward(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias)
         op_labels = labels if hidden.dim() == 3 else labels.reshape(-1)  # the hidden_log_probs ops' labels
         view = (lambda t: None if t is None else t.view(op_labels.shape))  # noqa: E731
-        ctx.per_token = (view(logsumexp), view(entropy), view(token_grad), view(grad_entropy), grad_scale)
+        # (and the factor the per-token gradients still need besides the upstream gradient, or None)
+        ctx.per_token = (view(logsumexp), view(entropy), view(token_grad), view(grad_entropy),
+                         loss_grad_scale if grad_scale is None else None)
         ctx.hidden_args = (op_labels, temperature, chunk)
         result["out"] = out
         if return_entropy:
@@ -250,7 +264,7 @@ class _GradInForward(torch.autograd.Function):
         grads = [None, None, None]
         recompute = []  # (per-token gradient, entropy's gradient, output_mask) for hidden_log_probs_backward
         if grad_loss is not None:
-            scale = grad_loss * grad_scale
+            scale = grad_loss if grad_scale is None else grad_loss * grad_scale
             loss_g = token_grad * scale
             loss_g_entropy = None if loss_grad_entropy is None else loss_grad_entropy * scale
             if ctx.grads is not None:  # the first backward: the gradients formed in forward, scaled in place

@@ -654,3 +654,15 @@ def test_grad_in_forward_argument_errors(device):
         assert raised[0] == raised[1] == raised[2], (change, raised)
     with pytest.raises(TypeError, match="grad_in_forward must be True, False or None"):
         ppo_ext.policy_loss_from_hidden(h, weight, labels, old, adv, mask, grad_in_forward=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_in_forward_bitwise(device, dtype):
+    """Under an upstream gradient of 1, token-level options and no entropy bonus, the gradients formed in the forward
+    pass are bitwise the recomputing path's (1 / denominator is in the per-token gradients before the GEMMs)."""
+    hidden, weight, b, labels = make_head(3, 7, 16, 90, seed=30, dtype=dtype, device=device)
+    old, adv, mask, weights = loss_inputs(3, 7, seed=30, device=device)
+    fused, generic = run_both(hidden, weight, b, labels, old, adv, mask, chunk_tokens=5, token_weights=weights,
+                              **options("token", "token-mean", dual=True, clamp=True))
+    for name, u, v in zip(("hidden", "weight", "bias"), fused[1], generic[1]):
+        assert torch.equal(u, v), name
