@@ -438,12 +438,15 @@ def policy_loss_from_hidden(
     chunk's logits while they are in their buffer, and handed over by the backward pass (times its upstream
     gradient): one GEMM fewer than recomputing the logits in the backward pass (README "From hidden states"). None
     (the default): where it applies: in eager mode (not under torch.compile), a gradient asked for, no
-    process_group, and chunks that hold whole rows where the loss reads a row statistic (importance_sampling "seq"
+    process_group, not float16 (a loss scaler's factor is needed before the float16 logits' gradient exists, and
+    comes with the upstream gradient), and chunks that hold whole rows where the loss reads a row statistic
+    (importance_sampling "seq"
     or "seq-token", geo_mean, vespo, a sequence-level rollout correction). True: required (a
     ValueError says why where it does not apply); False: never. The gradients exist from the forward pass on; a
     second backward through the same graph (retain_graph=True) recomputes. The same numbers either way (bitwise
-    under an upstream gradient of 1 with token-level options; else to rounding: the upstream gradient is applied
-    after the GEMMs of grad_hidden and of a float32 / float64 head's gradient)."""
+    under an upstream gradient of 1 with token-level options, no seq-mean-token-mean, no entropy bonus; else to
+    rounding: the upstream gradient is applied after the GEMMs of grad_hidden and of a float32 / float64 head's
+    gradient)."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)
     hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,

@@ -6,7 +6,7 @@ float32 / float64 head), instead of being recomputed in the backward pass. A chu
 policy_loss op's own on the chunk (its `token_grad`: the un-normalised sum's, which needs nothing of the other
 chunks where the loss reads no row statistic), times the whole batch's 1 / denominator. The backward pass multiplies
 the gradients in place by the upstream gradient. GEMMs: 2 a step (3 with a float32 / float64 head's gradient, 4 with
-a 16-bit head's, which backward still computes by one GEMM per block of columns over all tokens, rounded once),
+a bfloat16 head's, which backward still computes by one GEMM per block of columns over all tokens, rounded once),
 against 3 / 4 / 5 when the backward recomputes the logits.
 """
 
@@ -99,6 +99,9 @@ def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Op
     chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], weight.dtype))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return None, chunk, "no gradient is asked for"
+    if hidden.dtype == torch.float16:
+        return None, chunk, ("float16: the upstream gradient, which holds a loss scaler's factor, is known in "
+                             "backward only, and the logits' gradient in float16 would under- or overflow without it")
     B, T = labels.shape
     row_statistic = _row_statistic(o)
     chunks = chunk_ranges(B, T, min(chunk, B * T), row_statistic is not None)
@@ -132,8 +135,7 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
     """Chunk by chunk: the logits into one reused buffer, their log-probs (logsumexp, entropy), the loss's per-token
     gradient (un-normalised), and where a gradient is asked for, the logits turned into their gradient in place and
     multiplied out into grad_hidden (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the
-    entropy's gradient (or None), the tokens' aggregation weights (or None: 1) and the factor of every token's
-    gradient (1 / denominator, or None)."""
+    entropy's gradient (or None), the tokens' aggregation weights (or None: 1) and 1 / denominator."""
     old, adv, mask, o = loss_args
     log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale = per_token
     grad_hidden, grad_weight, grad_bias = grads
@@ -168,8 +170,7 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
             )[3].view(-1)
         if agg_weights is not None:
             token_grad[tokens] *= agg_weights[tokens]
-        if grad_scale is not None:
-            token_grad[tokens] *= grad_scale
+        token_grad[tokens] *= grad_scale
         if not multiply_out:
             continue
         with_entropy = grad_entropy is not None
@@ -197,9 +198,9 @@ class _GradInForward(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_bias = bias is not None and ctx.needs_input_grad[2]
-        # float32 / float64 heads sum grad_weight chunk after chunk here; 16-bit heads take it in backward from one
-        # GEMM per block of columns over all tokens (hidden_log_probs_backward: rounded once, with the upstream
-        # gradient in it, as a loss scaler needs for float16)
+        # float32 / float64 heads sum grad_weight chunk after chunk here; bfloat16 heads take it in backward from
+        # one GEMM per block of columns over all tokens (hidden_log_probs_backward: rounded once, the upstream
+        # gradient in it)
         sum_head = weight.dtype == acc
         need_entropy = return_entropy or entropy_coef != 0
         like = dict(dtype=acc, device=hidden.device)
@@ -218,23 +219,20 @@ class _GradInForward(torch.autograd.Function):
                 grad_entropy = (weights * -entropy_coef).reshape(-1)
         # 1 / denominator in the per-token gradients before their GEMMs, as the generic path has it (the op's
         # grad_scale depends on the mask and the normalisers alone: known before the log-probs), so that grad_hidden
-        # is rounded once (bitwise the generic path's under an upstream gradient of 1); not for float16, where it
-        # would underflow without a loss scaler's factor, which only backward knows
-        grad_scale = None
-        if hidden.dtype != torch.float16:
-            grad_scale = _policy_loss_op(torch.zeros(B, T, **like), old, adv, mask, False, o)[4]
-            if grad_entropy is not None:
-                grad_entropy *= grad_scale
+        # is rounded once (bitwise the generic path's under an upstream gradient of 1)
+        grad_scale = _policy_loss_op(torch.zeros(B, T, **like), old, adv, mask, False, o)[4]
+        if grad_entropy is not None:
+            grad_entropy *= grad_scale
         grad_hidden = hidden.new_empty(N, hidden.shape[-1]) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, **{**like, "dtype": weight.dtype}) if want_weight and sum_head else None
         grad_bias = torch.zeros(V, **like) if want_bias and sum_head else None
         _chunk_pass(hidden, weight, bias, labels, temperature, chunks, (old, adv, mask, o), need_entropy,
                     (log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale),
                     (grad_hidden, grad_weight, grad_bias))
-        out, loss_grad_scale = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T),
-                                                  old, adv, mask, return_entropy, entropy_coef, o)
+        out, _ = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T), old, adv,
+                                    mask, return_entropy, entropy_coef, o)
         # the gradients formed here (before the upstream gradient), handed over by the first
-        # backward; the head's of a 16-bit one are left to it (column_pass); and what a later backward
+        # backward; the head's of a bfloat16 one are left to it (column_pass); and what a later backward
         # (retain_graph) recomputes from
         ctx.grads = [None if grad_hidden is None else grad_hidden.view(hidden.shape), grad_weight, grad_bias]
         ctx.column_pass = not sum_head and (want_weight or want_bias)
@@ -242,9 +240,7 @@ class _GradInForward(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias)
         op_labels = labels if hidden.dim() == 3 else labels.reshape(-1)  # the hidden_log_probs ops' labels
         view = (lambda t: None if t is None else t.view(op_labels.shape))  # noqa: E731
-        # (and the factor the per-token gradients still need besides the upstream gradient, or None)
-        ctx.per_token = (view(logsumexp), view(entropy), view(token_grad), view(grad_entropy),
-                         loss_grad_scale if grad_scale is None else None)
+        ctx.per_token = (view(logsumexp), view(entropy), view(token_grad), view(grad_entropy))
         ctx.hidden_args = (op_labels, temperature, chunk)
         result["out"] = out
         if return_entropy:
@@ -259,16 +255,15 @@ class _GradInForward(torch.autograd.Function):
             raise RuntimeError("ppo_ext.policy_loss_from_hidden is differentiable once: backward with "
                                "create_graph=True (double backward) is not supported")
         hidden, weight, bias = ctx.saved_tensors
-        logsumexp, entropy, token_grad, loss_grad_entropy, grad_scale = ctx.per_token
+        logsumexp, entropy, token_grad, loss_grad_entropy = ctx.per_token  # (1 / denominator in them)
         want = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grads = [None, None, None]
         recompute = []  # (per-token gradient, entropy's gradient, output_mask) for hidden_log_probs_backward
         if grad_loss is not None:
-            scale = grad_loss if grad_scale is None else grad_loss * grad_scale
-            loss_g = token_grad * scale
-            loss_g_entropy = None if loss_grad_entropy is None else loss_grad_entropy * scale
+            loss_g = token_grad * grad_loss
+            loss_g_entropy = None if loss_grad_entropy is None else loss_grad_entropy * grad_loss
             if ctx.grads is not None:  # the first backward: the gradients formed in forward, scaled in place
-                grads = [None if g is None else g.mul_(scale) for g in ctx.grads]
+                grads = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
                 ctx.grads = None
                 if ctx.column_pass:
                     recompute.append((loss_g, loss_g_entropy, [False, want[1], want[2]]))

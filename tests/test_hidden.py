@@ -521,7 +521,7 @@ def test_grad_in_forward_every_loss(loss_type, level, agg, extra):
         assert_same(*runs, grad_rtol=1e-12, what=what)  # the same chunks as the generic path: bitwise
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "flat"])
 def test_grad_in_forward_dtypes_and_layouts(device, dtype, layout):
     """The gradients formed in the forward pass against the float64 reference and the generic path, at each dtype's
@@ -624,15 +624,23 @@ def test_grad_in_forward_optional_inputs_and_normalisers(adv_shape):
             assert_same(fused, generic, grad_rtol=1e-12, what=f"{adv_shape} {agg} {old is None}")
 
 
-def test_grad_in_forward_float16_loss_scaling(device):
-    """A float16 head under a loss scaler (upstream gradient 2^16) with a large global normaliser: the head's gradient
-    has the upstream gradient in it before its float16 rounding (no underflow), as the generic path's has."""
+def test_grad_in_forward_not_for_float16(device):
+    """float16 (also under autocast): the recomputing path, whose logits' gradient has the upstream gradient (a loss
+    scaler's factor) in it; grad_in_forward=True says why not. Its gradients under a loss scaler (2^16) with a large
+    normaliser: no underflow."""
     hidden, weight, b, labels = make_head(2, 8, 8, 50, seed=28, dtype=torch.float16, device=device)
     old, adv, mask, _ = loss_inputs(2, 8, seed=28, device=device)
-    fused, generic = run_both(hidden, weight, b, labels, old, adv, mask, chunk_tokens=5, upstream=65536.0,
-                              num_tokens=1e8)
-    assert_same(fused, generic, grad_rtol=GRAD_TOL[torch.float16])
-    assert all(torch.count_nonzero(g) > 0 for g in fused[1])
+    h, w, bb = leaves(hidden, weight, b)
+    out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=bb, chunk_tokens=5, num_tokens=1e8)
+    assert type(out.loss.grad_fn).__name__ != "_GradInForwardBackward"
+    (out.loss * 65536.0).backward()
+    assert all(torch.count_nonzero(g) > 0 for g in (h.grad, w.grad, bb.grad))
+    with pytest.raises(ValueError, match="float16"):
+        ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=bb, grad_in_forward=True)
+    if device == "cpu":
+        h32, w32 = leaves(hidden.float(), weight.float())
+        with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="float16"):
+            ppo_ext.policy_loss_from_hidden(h32, w32, labels, old, adv, mask, grad_in_forward=True)
 
 
 def test_grad_in_forward_argument_errors(device):
