@@ -33,27 +33,35 @@ namespace log_probs {
 constexpr int64_t kTile = 2048;        // vocabulary entries per tile: 8 KiB of float32, in L1
 constexpr int64_t kGrainElems = 1 << 16;  // logits per at::parallel_for grain (whole rows)
 
-// n entries of a row as acc_t: in place for float32 / float64, else converted into buf.
-template <typename acc_t, typename scalar_t>
-const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
+// n entries of a row as acc_t: in place for float32 / float64, else converted into buf. With `max`, also their
+// per-lane max (in the same loop as the conversion).
+template <typename acc_t, typename scalar_t, typename Vec = at::vec::Vectorized<acc_t>>
+const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf, Vec* max = nullptr) {
+  const acc_t* out = buf;
+  Vec m(-INFINITY);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
+    out = src;
+    if (max != nullptr) {
+      for (int64_t j = 0; j + Vec::size() <= n; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(src + j));
+    }
   } else {
-    using Vf = at::vec::Vectorized<float>;
     int64_t j = 0;
-    for (; j + Vf::size() <= n; j += Vf::size()) {
-      Vf v;
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      Vec v;
       at::vec::load_to_float<scalar_t>(src + j, v);
       v.store(buf + j);
+      if (max != nullptr) m = at::vec::maximum(m, v);
     }
     for (; j < n; ++j) buf[j] = static_cast<float>(src[j]);
-    return buf;
   }
+  if (max != nullptr) *max = m;
+  return out;
 }
 
 template <typename scalar_t, typename acc_t>
 class LogProbsKernel {
-  using Ops = VecOps<acc_t>;  // SLEEF's 1-ulp exp, as eager's log_softmax
+  // SLEEF's 1-ulp exp, as eager's log_softmax, for float32 / float64 logits; a faster one for 16-bit logits
+  using Ops = std::conditional_t<std::is_same_v<scalar_t, acc_t>, VecOps<acc_t>, FastExpVecOps>;
   using Vec = typename Ops::V;
   using ScalarOps = math::ScalarOps<acc_t>;
   static constexpr int64_t kVec = Vec::size();
@@ -86,9 +94,8 @@ class LogProbsKernel {
     softmax::Stats<Vec> lanes = softmax::empty_stats<Vec>();
     for (int64_t v0 = 0; v0 < v_vec; v0 += kTile) {
       const int64_t n = std::min(kTile, v_vec - v0);
-      const acc_t* tile = as_acc<acc_t>(x + v0, n, buf);
-      Vec m(-INFINITY);
-      for (int64_t j = 0; j < n; j += kVec) m = Ops::maximum(m, Vec::loadu(tile + j));
+      Vec m;
+      const acc_t* tile = as_acc<acc_t>(x + v0, n, buf, &m);
       softmax::Stats<Vec> tile_stats{m, Vec(0), Vec(0)};
       const Vec shift = softmax::shift_of<Ops>(m);
       for (int64_t j = 0; j < n; j += kVec) {
