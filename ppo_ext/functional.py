@@ -507,13 +507,23 @@ def _loss_of_log_probs(log_probs, entropy, old_log_probs, advantages, mask, retu
                                       entropy if return_entropy else None), grad_scale
 
 
+def _aggregation_weights(valid: Optional[torch.Tensor], shape, loss_agg_mode: str, dtype: torch.dtype,
+                        device) -> torch.Tensor:
+    """Each token's weight in the aggregation's sum, before the kernel's 1 / denominator (docs/SPEC.md
+    "Aggregation"): 1 where valid (valid None: everywhere), 0 where not; divided by the row's valid tokens for
+    seq-mean-token-mean."""
+    w = torch.ones(shape, dtype=dtype, device=device) if valid is None else valid.to(dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        w = w / w.sum(1, keepdim=True).clamp(min=1)
+    return w
+
+
 def _aggregate_like_the_loss(x: torch.Tensor, valid: Optional[torch.Tensor], loss_agg_mode: str,
                              grad_scale: torch.Tensor) -> torch.Tensor:
-    """x (B, T), 0 at masked positions, aggregated as the policy loss is (docs/SPEC.md "Aggregation"): its sum,
-    each row's divided by its valid tokens for seq-mean-token-mean, times the kernel's 1 / denominator."""
+    """x (B, T), 0 at masked positions, aggregated as the policy loss is: its sum with the aggregation's weights,
+    times the kernel's 1 / denominator."""
     if loss_agg_mode == "seq-mean-token-mean":
-        n = torch.full_like(x[:, :1], x.shape[1]) if valid is None else valid.sum(1, keepdim=True).to(x.dtype)
-        x = x / n.clamp(min=1)
+        x = x * _aggregation_weights(valid, x.shape, loss_agg_mode, x.dtype, x.device)
     return x.sum() * grad_scale
 
 

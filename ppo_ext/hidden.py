@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ppo_ext.functional import _loss_of_log_probs, _policy_loss_op
+from ppo_ext.functional import _aggregation_weights, _loss_of_log_probs, _policy_loss_op
 
 Rows = Tuple[int, int, int, int]  # rows [b0, b1) and columns [t0, t1) of the (B, T) tokens
 Chunk = Tuple[int, int, Tuple[Rows, ...]]  # tokens [start, start + n) of the flat (B, T) order, as rectangles
@@ -206,17 +206,16 @@ class _GradInForward(torch.autograd.Function):
         like = dict(dtype=acc, device=hidden.device)
         log_probs, logsumexp, token_grad = (torch.empty(N, **like) for _ in range(3))
         entropy = torch.empty(N, **like) if need_entropy else None
-        # The aggregation's weight of each token before the 1 / denominator (docs/SPEC.md "Aggregation"): 1 where
-        # valid, over the row's valid tokens for seq-mean-token-mean (there: agg_weights); the entropy bonus's
-        # gradient is -coef times it, as _aggregate_like_the_loss aggregates the entropy.
+        # The entropy bonus's gradient is -coef times each token's aggregation weight, as _aggregate_like_the_loss
+        # aggregates the entropy; seq-mean-token-mean's weights (1 / the row's valid tokens) go into token_grad too.
         agg_weights = grad_entropy = None
         if entropy_coef != 0 or o["loss_agg_mode"] == "seq-mean-token-mean":
-            weights = torch.ones(B, T, **like) if mask is None else (mask != 0).to(acc)
+            weights = _aggregation_weights(None if mask is None else mask != 0, (B, T), o["loss_agg_mode"], acc,
+                                          hidden.device).reshape(-1)
             if o["loss_agg_mode"] == "seq-mean-token-mean":
-                weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
-                agg_weights = weights.reshape(-1)
+                agg_weights = weights
             if entropy_coef != 0:
-                grad_entropy = (weights * -entropy_coef).reshape(-1)
+                grad_entropy = weights * -entropy_coef
         # 1 / denominator in the per-token gradients before their GEMMs, as the generic path has it (the op's
         # grad_scale depends on the mask and the normalisers alone: known before the log-probs), so that grad_hidden
         # is rounded once (bitwise the generic path's under an upstream gradient of 1)
@@ -260,15 +259,17 @@ class _GradInForward(torch.autograd.Function):
         grads = [None, None, None]
         recompute = []  # (per-token gradient, entropy's gradient, output_mask) for hidden_log_probs_backward
         if grad_loss is not None:
-            loss_g = token_grad * grad_loss
-            loss_g_entropy = None if loss_grad_entropy is None else loss_grad_entropy * grad_loss
+            def scaled(output_mask):  # a recompute pass of the loss's gradients: the upstream gradient in them
+                return (token_grad * grad_loss, None if loss_grad_entropy is None else loss_grad_entropy * grad_loss,
+                        output_mask)
+
             if ctx.grads is not None:  # the first backward: the gradients formed in forward, scaled in place
                 grads = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
                 ctx.grads = None
                 if ctx.column_pass:
-                    recompute.append((loss_g, loss_g_entropy, [False, want[1], want[2]]))
+                    recompute.append(scaled([False, want[1], want[2]]))
             else:  # a later backward through the same graph (retain_graph=True): the logits recomputed
-                recompute.append((loss_g, loss_g_entropy, want))
+                recompute.append(scaled(want))
         if grad_entropy is not None:  # the returned entropy in the caller's own loss
             recompute.append((torch.zeros_like(logsumexp), grad_entropy.reshape(logsumexp.shape), want))
         labels, temperature, chunk = ctx.hidden_args
