@@ -108,31 +108,39 @@ def clip_fractions(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
 # Tensor parallel: the LM head split over the vocabulary
 
 
+def _combine_vocab_shards(log_probs: torch.Tensor, logsumexp: torch.Tensor, entropy: Optional[torch.Tensor],
+                         in_shard: torch.Tensor, group):
+    """The full vocabulary's (log_probs, logsumexp, entropy) of each token from each rank's of its shard of the
+    vocabulary (the label's log-prob within the shard, valid where in_shard: the rank holding the label; the
+    shard's log-sum-exp; the shard's entropy, or None): L = log sum_r exp(L_r) (an all-reduce MAX, then one SUM of
+    the shares exp(L_r - max), the label's logit and sum_r exp(L_r - max) (L_r - H_r)), log_prob = x_label / T - L,
+    H = L - sum_r exp(L_r - L) (L_r - H_r). The entropy is None without the shards' entropies."""
+    top = logsumexp.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    share = torch.exp(logsumexp - top)
+    parts = [share, torch.where(in_shard, log_probs + logsumexp, 0)]
+    if entropy is not None:
+        parts.append(share * (logsumexp - entropy))
+    sums = torch.stack(parts)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    total_lse = top + torch.log(sums[0])
+    return sums[1] - total_lse, total_lse, None if entropy is None else total_lse - sums[2] / sums[0]
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
-    """Each rank runs ppo_ext::hidden_log_probs on its shard of the vocabulary (its labels shifted by the shard's
-    start and clamped into it), which gives per row the shard's log-sum-exp L_r, the label's log-prob within the
-    shard (valid on the rank that holds the label) and the shard's entropy H_r; two all-reduces of (N,) rows combine
-    them: L = log sum_r exp(L_r) (a MAX, then a SUM with the label's logit and the entropy's sum_r exp(L_r - L)
-    (L_r - H_r) in the same tensor), log_prob = x_label / T - L, H = L - sum_r exp(L_r - L) (L_r - H_r). Backward:
+    """Each rank runs ppo_ext::hidden_log_probs on its shard of the vocabulary (_shard_labels, clamped into it); two all-reduces of (N,) rows combine the shards' (_combine_vocab_shards). Backward:
     ppo_ext::hidden_log_probs_backward on the shard with the global L and H (labels outside the shard add no onehot
     term), its grad_hidden all-reduced (the head's input is replicated over the group), grad_weight and grad_bias
     the shard's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, compute_entropy, chunk_tokens, vocab_start, group):
-        local = labels - vocab_start
-        in_shard = (local >= 0) & (local < weight.shape[0])
+    def forward(ctx, hidden, weight, bias, local, in_shard, temperature, compute_entropy, chunk_tokens, group):
         lp, lse, entropy = torch.ops.ppo_ext.hidden_log_probs(
             hidden, weight, local.clamp(0, weight.shape[0] - 1), bias, temperature, compute_entropy, chunk_tokens)
-        top = lse.clone()
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-        share = torch.exp(lse - top)
-        parts = [share, torch.where(in_shard, lp + lse, 0)] + ([share * (lse - entropy)] if compute_entropy else [])
-        sums = torch.stack(parts)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        total_lse = top + torch.log(sums[0])
-        log_probs = sums[1] - total_lse
-        total_entropy = total_lse - sums[2] / sums[0] if compute_entropy else entropy
+        log_probs, total_lse, total_entropy = _combine_vocab_shards(lp, lse, entropy if compute_entropy else None,
+                                                                   in_shard, group)
+        if total_entropy is None:
+            total_entropy = entropy
         ctx.save_for_backward(hidden, weight, bias, local, total_lse, total_entropy)
         ctx.options = (temperature, chunk_tokens, group)
         ctx.set_materialize_grads(False)
@@ -158,6 +166,18 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
         return (grad_hidden if output_mask[0] else None, grad_weight if output_mask[1] else None,
                 grad_bias if output_mask[2] else None) + (None,) * 6
+
+
+def _shard_labels(labels: torch.Tensor, rows: int, vocab_start: Optional[int], group, check_labels: bool):
+    """The labels as rows of this rank's shard [vocab_start, vocab_start + rows) of the vocabulary (default
+    vocab_start: rank * rows), outside [0, rows) where another rank's, and where they are in it; checked to lie in
+    exactly one rank's shard for CPU tensors and with check_labels."""
+    if vocab_start is None:
+        vocab_start = dist.get_rank(group) * rows
+    if check_labels or labels.device.type == "cpu":
+        _check_labels_in_shards(labels, int(vocab_start), rows, group)
+    local = labels - int(vocab_start)
+    return local, (local >= 0) & (local < rows)
 
 
 def _check_labels_in_shards(labels: torch.Tensor, vocab_start: int, rows: int, group) -> None:
@@ -188,9 +208,6 @@ def vocab_parallel_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     all-reduce of (N,) integers) for CPU tensors, as the unsplit op checks its labels there, and with
     ``check_labels=True`` (which also synchronises with the host) for GPU ones; else a label outside every shard
     gives -L, a finite but meaningless log-prob."""
-    if vocab_start is None:
-        vocab_start = dist.get_rank(group) * weight.shape[0]
-    if check_labels or labels.device.type == "cpu":
-        _check_labels_in_shards(labels, int(vocab_start), weight.shape[0], group)
-    return _VocabParallelLogProbs.apply(hidden, weight, bias, labels, float(temperature), bool(compute_entropy),
-                                        int(chunk_tokens), int(vocab_start), group)
+    local, in_shard = _shard_labels(labels, weight.shape[0], vocab_start, group, check_labels)
+    return _VocabParallelLogProbs.apply(hidden, weight, bias, local, in_shard, float(temperature),
+                                        bool(compute_entropy), int(chunk_tokens), group)

@@ -437,16 +437,17 @@ def policy_loss_from_hidden(
     grad_in_forward: the loss's gradients w.r.t. hidden, weight and bias are formed in the forward pass, from each
     chunk's logits while they are in their buffer, and handed over by the backward pass (times its upstream
     gradient): one GEMM fewer than recomputing the logits in the backward pass (README "From hidden states"). None
-    (the default): where it applies: in eager mode (not under torch.compile), a gradient asked for, no
-    process_group, not float16 (a loss scaler's factor is needed before the float16 logits' gradient exists, and
-    comes with the upstream gradient), and chunks that hold whole rows where the loss reads a row statistic
+    (the default): where it applies: in eager mode (not under torch.compile), a gradient asked for, not float16 (a
+    loss scaler's factor is needed before the float16 logits' gradient exists, and comes with the upstream
+    gradient), and chunks that hold whole rows where the loss reads a row statistic
     (importance_sampling "seq"
     or "seq-token", geo_mean, vespo, a sequence-level rollout correction). True: required (a
     ValueError says why where it does not apply); False: never. The gradients exist from the forward pass on; a
     second backward through the same graph (retain_graph=True) recomputes. The same numbers either way (bitwise
     under an upstream gradient of 1 with token-level options, no seq-mean-token-mean, no entropy bonus; else to
     rounding: the upstream gradient is applied after the GEMMs of grad_hidden and of a float32 / float64 head's
-    gradient)."""
+    gradient). With a process_group each chunk's log-probs are combined over the ranks (two all-reduces of the
+    chunk's rows) and grad_hidden is all-reduced in the forward pass."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)
     hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,
@@ -457,12 +458,13 @@ def policy_loss_from_hidden(
     if grad_in_forward is not False:
         from ppo_ext.hidden import plan, policy_loss_grad_in_forward
 
-        chunks, chunk, why_not = (None, 0, "not with a process_group") if process_group is not None else plan(
-            hidden, weight, bias, labels, (old_log_probs, advantages, mask), chunk_tokens, options)
+        chunks, chunk, why_not = plan(hidden, weight, bias, labels, (old_log_probs, advantages, mask), chunk_tokens,
+                                      options)
         if chunks is not None:
             return policy_loss_grad_in_forward(
                 hidden, weight, bias, labels, old_log_probs, advantages, mask, temperature=temperature, chunks=chunks,
-                chunk=chunk, entropy_coef=entropy_coef, return_entropy=return_entropy, options=options)
+                chunk=chunk, entropy_coef=entropy_coef, return_entropy=return_entropy, options=options,
+                process_group=process_group, vocab_start=vocab_start, check_labels=check_labels)
         if grad_in_forward and why_not is not None:  # (None: arguments the generic path's checks reject)
             _check_loss_options(options)  # an invalid option's own error first
             raise ValueError(f"grad_in_forward=True does not apply here: {why_not}")

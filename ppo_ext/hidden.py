@@ -10,11 +10,23 @@ a bfloat16 head's, which backward still computes by one GEMM per block of column
 against 3 / 4 / 5 when the backward recomputes the logits.
 """
 
-from typing import List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
+from ppo_ext.distributed import _combine_vocab_shards, _shard_labels
 from ppo_ext.functional import _aggregation_weights, _loss_of_log_probs, _policy_loss_op
+
+
+class Shard(NamedTuple):
+    """This rank's part of a head split over the vocabulary (process_group): the labels as rows of its weight
+    (outside [0, V_r) where another rank's), where they are in it, the group."""
+
+    local_labels: torch.Tensor
+    in_shard: torch.Tensor
+    group: Any
+
 
 Rows = Tuple[int, int, int, int]  # rows [b0, b1) and columns [t0, t1) of the (B, T) tokens
 Chunk = Tuple[int, int, Tuple[Rows, ...]]  # tokens [start, start + n) of the flat (B, T) order, as rectangles
@@ -131,16 +143,22 @@ def _rows(hidden: torch.Tensor, T: int, c: Chunk) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, need_entropy, per_token, grads):
+def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, need_entropy, per_token, grads,
+                shard: Optional[Shard]):
     """Chunk by chunk: the logits into one reused buffer, their log-probs (logsumexp, entropy), the loss's per-token
     gradient (un-normalised), and where a gradient is asked for, the logits turned into their gradient in place and
     multiplied out into grad_hidden (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the
-    entropy's gradient (or None), the tokens' aggregation weights (or None: 1) and 1 / denominator."""
+    entropy's gradient (or None), the tokens' aggregation weights (or None: 1) and 1 / denominator. With a shard:
+    its columns of the logits, each chunk's log-probs the full vocabulary's (two all-reduces of the chunk's rows),
+    grad_hidden this shard's part of the sum."""
     old, adv, mask, o = loss_args
     log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale = per_token
     grad_hidden, grad_weight, grad_bias = grads
     T = labels.shape[1]
-    flat_labels = labels.reshape(-1)
+    # the labels as columns of the buffer: the backward's onehot term is in no rank's but the label's; the forward
+    # op's log-prob is read on that rank only, and the op takes labels in range
+    flat_labels = (labels if shard is None else shard.local_labels).reshape(-1)
+    forward_labels = flat_labels if shard is None else flat_labels.clamp(0, weight.shape[0] - 1)
     # the normalisers are not in token_grad; a row's 1 / valid tokens (seq-mean-token-mean) is agg_weights'
     chunk_options = {**o, "num_tokens": None, "num_seqs": None, "loss_scale_factor": None}
     if agg_weights is not None:
@@ -156,7 +174,11 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
             torch.mm(rows, weight.T, out=logits)
         else:
             torch.addmm(bias, rows, weight.T, out=logits)
-        lp, lse, h = torch.ops.ppo_ext.token_log_probs(logits, flat_labels[tokens], temperature, need_entropy, False)
+        lp, lse, h = torch.ops.ppo_ext.token_log_probs(logits, forward_labels[tokens], temperature, need_entropy,
+                                                       False)
+        if shard is not None:
+            lp, lse, h = _combine_vocab_shards(lp, lse, h if need_entropy else None,
+                                               shard.in_shard.reshape(-1)[tokens], shard.group)
         log_probs[tokens], logsumexp[tokens] = lp, lse
         if need_entropy:
             entropy[tokens] = h
@@ -191,7 +213,7 @@ class _GradInForward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunks, chunk, entropy_coef, return_entropy,
-                loss_args, result):
+                loss_args, shard, result):
         old, adv, mask, o = loss_args
         B, T = labels.shape
         N, V = B * T, weight.shape[0]
@@ -227,7 +249,9 @@ class _GradInForward(torch.autograd.Function):
         grad_bias = torch.zeros(V, **like) if want_bias and sum_head else None
         _chunk_pass(hidden, weight, bias, labels, temperature, chunks, (old, adv, mask, o), need_entropy,
                     (log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale),
-                    (grad_hidden, grad_weight, grad_bias))
+                    (grad_hidden, grad_weight, grad_bias), shard)
+        if shard is not None and grad_hidden is not None:  # the head's input is replicated over the group
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=shard.group)
         out, _ = _loss_of_log_probs(log_probs.view(B, T), None if entropy is None else entropy.view(B, T), old, adv,
                                     mask, return_entropy, entropy_coef, o)
         # the gradients formed here (before the upstream gradient), handed over by the first
@@ -237,7 +261,9 @@ class _GradInForward(torch.autograd.Function):
         ctx.column_pass = not sum_head and (want_weight or want_bias)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias)
-        op_labels = labels if hidden.dim() == 3 else labels.reshape(-1)  # the hidden_log_probs ops' labels
+        op_labels = labels if shard is None else shard.local_labels  # the hidden_log_probs ops' labels
+        op_labels = op_labels if hidden.dim() == 3 else op_labels.reshape(-1)
+        ctx.group = None if shard is None else shard.group
         view = (lambda t: None if t is None else t.view(op_labels.shape))  # noqa: E731
         ctx.per_token = (view(logsumexp), view(entropy), view(token_grad), view(grad_entropy))
         ctx.hidden_args = (op_labels, temperature, chunk)
@@ -277,18 +303,25 @@ class _GradInForward(torch.autograd.Function):
             extra = torch.ops.ppo_ext.hidden_log_probs_backward(
                 g, hidden, weight, labels, logsumexp, bias, temperature, chunk, g_entropy,
                 None if g_entropy is None else entropy, mask)
+            if mask[0] and ctx.group is not None:
+                dist.all_reduce(extra[0], op=dist.ReduceOp.SUM, group=ctx.group)
             for k in range(3):
                 if mask[k]:
                     grads[k] = extra[k] if grads[k] is None else grads[k].add_(extra[k])
         if grads[2] is not None:
             grads[2] = grads[2].to(weight.dtype)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def policy_loss_grad_in_forward(hidden, weight, bias, labels, old_log_probs, advantages, mask, *, temperature, chunks,
-                                chunk, entropy_coef, return_entropy, options):
+                                chunk, entropy_coef, return_entropy, options, process_group=None, vocab_start=None,
+                                check_labels=False):
     """policy_loss_from_hidden's output, the gradients formed in the forward pass (plan() gave the chunks)."""
+    shard = None
+    if process_group is not None:
+        shard = Shard(*_shard_labels(labels, weight.shape[0], vocab_start, process_group, check_labels), process_group)
     result = {}
     loss, entropy = _GradInForward.apply(hidden, weight, bias, labels, temperature, chunks, chunk, entropy_coef,
-                                         bool(return_entropy), (old_log_probs, advantages, mask, options), result)
+                                         bool(return_entropy), (old_log_probs, advantages, mask, options), shard,
+                                         result)
     return result["out"]._replace(loss=loss, entropy=entropy if return_entropy else None)

@@ -100,10 +100,47 @@ def _head_run(hidden, weight, bias, labels, c, old, adv, mask, chunk, **tp):
     out = {"lp": lp.detach(), "entropy": entropy.detach(), "grads": [h.grad, w.grad, b.grad]}
     h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
     loss = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk,
-                                           entropy_coef=0.05, **tp).loss
+                                           entropy_coef=0.05, grad_in_forward=False, **tp).loss
     loss.backward()
     out.update(loss=loss.detach(), loss_grads=[h.grad, w.grad, b.grad])
+    # the gradients formed in the forward pass: a row statistic (chunks of whole rows) where rows fit a chunk; then a
+    # second backward through the same graph (recomputed), with the returned entropy in the caller's loss (its
+    # gradient by a recompute pass)
+    h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+    fused = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk,
+                                            entropy_coef=0.05, return_entropy=True, grad_in_forward=True,
+                                            **_row_statistic(chunk), **tp)
+    fused.loss.backward(retain_graph=True)
+    out.update(fused_loss=fused.loss.detach(), fused_grads=[g.clone() for g in (h.grad, w.grad, b.grad)])
+    (fused.loss + (fused.entropy * c[1]).sum()).backward()
+    out.update(fused_twice_grads=[h.grad, w.grad, b.grad])
     return out
+
+
+def _row_statistic(chunk):
+    return {"importance_sampling": "seq"} if chunk >= HEAD_T else {}
+
+
+def _fused_reference(hidden, weight, bias, labels, c, old, adv, mask, chunk):
+    """_head_run's fused loss through the recomputing path of the unsplit head: its loss, and the gradients of
+    _head_run's two backward passes."""
+    grads = []
+    for with_entropy in (False, True):
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk,
+                                              entropy_coef=0.05, return_entropy=True, grad_in_forward=False,
+                                              **_row_statistic(chunk))
+        (out.loss + (out.entropy * c[1]).sum() if with_entropy else out.loss).backward()
+        grads.append([h.grad, w.grad, b.grad])
+    return out.loss.detach(), grads[0], [a + b for a, b in zip(*grads)]
+
+
+def _assert_close(actual, expected, dtype, what):
+    """float32: 1e-5; bfloat16: 2e-2 relative to the largest entry (a gradient's wrong part as small as 1 / 100 of
+    it shows)."""
+    atol = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}\n{m}")
 
 
 def _vocab_parallel_worker(rank):
@@ -122,6 +159,13 @@ def _vocab_parallel_worker(rank):
         results["bad_label"] = None
     except ValueError as exc:
         results["bad_label"] = str(exc)
+    old, adv, mask = _head(torch.float32)[5:]
+    try:  # the gradients formed in the forward pass check the labels too
+        ppo_ext.policy_loss_from_hidden(hidden.requires_grad_(True), weight[start:stop], labels, old, adv, mask,
+                                        process_group=dist.group.WORLD, grad_in_forward=True)
+        results["bad_label_fused"] = None
+    except ValueError as exc:
+        results["bad_label_fused"] = str(exc)
     return results
 
 
@@ -219,23 +263,41 @@ def test_vocab_parallel_head(rank_results, case):
     gradient are the unsplit head's, and the ranks' weight and bias gradients are its gradients' rows."""
     shards, dtype, chunk = case
     whole = _head_run(*_head(dtype), chunk)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for rank, r in enumerate(rank_results):
         part = r["vocab_parallel"][case]
         for k in ("lp", "entropy", "loss"):
-            torch.testing.assert_close(part[k], whole[k], **tol, msg=lambda m: f"rank {rank} {k}\n{m}")
+            _assert_close(part[k], whole[k], dtype, f"rank {rank} {k}")
         for key in ("grads", "loss_grads"):
-            torch.testing.assert_close(part[key][0], whole[key][0], **tol, msg=lambda m: f"rank {rank} {key}\n{m}")
+            _assert_close(part[key][0], whole[key][0], dtype, f"rank {rank} {key}")
     for key in ("grads", "loss_grads"):
         for i, name in ((1, "weight"), (2, "bias")):
             joined = torch.cat([r["vocab_parallel"][case][key][i] for r in rank_results])
-            torch.testing.assert_close(joined, whole[key][i], **tol, msg=lambda m: f"{key} {name}\n{m}")
+            _assert_close(joined, whole[key][i], dtype, f"{key} {name}")
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: str(c))
+def test_vocab_parallel_grad_in_forward(rank_results, case):
+    """policy_loss_from_hidden's gradients formed in the forward pass with the head split over two ranks (each
+    chunk's log-probs combined over the ranks, grad_hidden all-reduced): the unsplit head's loss and gradients on
+    the recomputing path, with a row statistic; then a second backward with the returned entropy in the loss."""
+    shards, dtype, chunk = case
+    loss, grads, twice = _fused_reference(*_head(dtype), chunk)
+    for rank, r in enumerate(rank_results):
+        part = r["vocab_parallel"][case]
+        _assert_close(part["fused_loss"], loss, dtype, f"rank {rank} loss")
+        for key, expected in (("fused_grads", grads), ("fused_twice_grads", twice)):
+            _assert_close(part[key][0], expected[0], dtype, f"rank {rank} {key} hidden")
+    for key, expected in (("fused_grads", grads), ("fused_twice_grads", twice)):
+        for i, name in ((1, "weight"), (2, "bias")):
+            joined = torch.cat([r["vocab_parallel"][case][key][i] for r in rank_results])
+            _assert_close(joined, expected[i], dtype, f"{key} {name}")
 
 
 def test_vocab_parallel_label_in_no_shard(rank_results):
     for r in rank_results:
-        assert r["vocab_parallel"]["bad_label"] is not None
-        assert "labels[1, 2] = -100 (in 0 shards)" in r["vocab_parallel"]["bad_label"], r["vocab_parallel"]["bad_label"]
+        for key in ("bad_label", "bad_label_fused"):
+            assert r["vocab_parallel"][key] is not None
+            assert "labels[1, 2] = -100 (in 0 shards)" in r["vocab_parallel"][key], r["vocab_parallel"][key]
 
 
 # ----------------------------------------------------------------------------------------------------
