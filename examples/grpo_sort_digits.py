@@ -9,7 +9,8 @@ epochs over minibatches with ``ppo_ext.policy_loss`` (clip-higher, token-mean, m
 as long as its prompt, so the shorter rows are padded). ``--loss eager`` runs the same training with
 the eager float-for-float reference of the loss (``ppo_ext.reference``): same seed, same samples,
 the same numbers within float rounding for the first steps; ``--loss both`` runs the two and plots
-them together.
+them together. ``--loss hidden`` computes the loss from the transformer's last hidden states and its
+LM head with ``ppo_ext.policy_loss_from_hidden`` (no logits built): the same training again.
 
     python examples/grpo_sort_digits.py                   # 200 steps, ~20-30 s on 2 CPU cores
     python examples/grpo_sort_digits.py --loss both       # ppo_ext and the eager reference, one plot
@@ -45,7 +46,7 @@ VOCAB = 13
 class Config:
     steps: int = 200
     seed: int = 0
-    loss: str = "ppo_ext"  # "ppo_ext" | "eager"
+    loss: str = "ppo_ext"  # "ppo_ext" | "eager" | "hidden"
     min_digits: int = 3
     max_digits: int = 5
     prompts_per_step: int = 32
@@ -85,11 +86,15 @@ class TinyCausalLM(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, DIGITS)  # the answer is made of digits only
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The last hidden states (B, L, d_model), the LM head's input."""
         L = tokens.shape[1]
         x = self.tok(tokens) + self.pos(torch.arange(L, device=tokens.device))
         causal = torch.triu(torch.full((L, L), float("-inf"), device=tokens.device), diagonal=1)
-        return self.head(self.norm(self.body(x, mask=causal, is_causal=True)))  # (B, L, DIGITS) logits
+        return self.norm(self.body(x, mask=causal, is_causal=True))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(tokens))  # (B, L, DIGITS) logits
 
 
 def make_prompts(cfg: Config, g: torch.Generator):
@@ -125,9 +130,15 @@ def sample(model: nn.Module, prompts: torch.Tensor, length: int, g: torch.Genera
     return tokens[:, prompts.shape[1]:]
 
 
-def policy_loss(cfg: Config, log_probs, old_log_probs, advantages, mask):
+def policy_loss(cfg: Config, model: nn.Module, prompts, responses, old_log_probs, advantages, mask):
+    """The PPO loss of the responses under the model (its output's loss, metrics)."""
     options = dict(clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_agg_mode=cfg.loss_agg_mode,
                    importance_sampling=cfg.importance_sampling)
+    if cfg.loss == "hidden":  # from the hidden states at the positions that predict the responses, and the head
+        hidden = model.hidden(torch.cat([prompts, responses], dim=1)[:, :-1])[:, prompts.shape[1] - 1:]
+        return ppo_ext.policy_loss_from_hidden(hidden, model.head.weight, responses, old_log_probs, advantages,
+                                               mask, bias=model.head.bias, **options)
+    log_probs = response_log_probs(model, prompts, responses)
     fn = ppo_ext.policy_loss if cfg.loss == "ppo_ext" else policy_loss_reference
     return fn(log_probs, old_log_probs, advantages, mask, **options)
 
@@ -185,8 +196,8 @@ def train(cfg: Config, quiet: bool = False) -> History:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(B, generator=g)
             for idx in order.chunk(cfg.minibatches):
-                log_probs = response_log_probs(model, prompts[idx], responses[idx])
-                out = policy_loss(cfg, log_probs, old_log_probs[idx], advantages[idx], mask[idx])
+                out = policy_loss(cfg, model, prompts[idx], responses[idx], old_log_probs[idx], advantages[idx],
+                                  mask[idx])
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 opt.step()
@@ -259,7 +270,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=Config.steps)
     p.add_argument("--seed", type=int, default=Config.seed)
-    p.add_argument("--loss", choices=["ppo_ext", "eager", "both"], default="ppo_ext")
+    p.add_argument("--loss", choices=["ppo_ext", "eager", "hidden", "both"], default="ppo_ext",
+                   help="both: ppo_ext and eager")
     p.add_argument("--loss-agg-mode", default=Config.loss_agg_mode)
     p.add_argument("--importance-sampling", default=Config.importance_sampling, choices=["token", "seq", "seq-token"])
     p.add_argument("--threads", type=int, default=Config.threads)

@@ -1,5 +1,5 @@
 """The end-to-end example (examples/grpo_sort_digits.py) runs, learns, and gives the same numbers with
-ppo_ext and with the eager reference for its first steps (same seed, same samples)."""
+ppo_ext, with the eager reference and from the hidden states for its first steps (same seed, same samples)."""
 
 import importlib.util
 import json
@@ -24,6 +24,17 @@ def test_ppo_ext_and_eager_reference_agree():
         assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5, abs=1e-7), key
     diff = example.compare(a, b)
     assert diff["reward"] == 0 and diff["loss"] < 1e-6
+
+
+def test_loss_from_hidden_states_agrees():
+    """--loss hidden (ppo_ext.policy_loss_from_hidden on the transformer's hidden states and its head, no logits)
+    trains as --loss ppo_ext does: the same samples, the same losses within float32 rounding."""
+    runs = {loss: example.train(example.Config(steps=3, loss=loss), quiet=True) for loss in ("ppo_ext", "hidden")}
+    a, b = runs["ppo_ext"], runs["hidden"]
+    assert a.reward == b.reward and a.clipfrac == b.clipfrac
+    assert a.clipfrac[1] > 0
+    for key in ("loss", "approx_kl"):
+        assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-5, abs=1e-7), key
 
 
 def test_it_learns():
