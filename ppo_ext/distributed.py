@@ -110,8 +110,8 @@ def clip_fractions(counts: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 def _combine_vocab_shards(log_probs: torch.Tensor, logsumexp: torch.Tensor, entropy: Optional[torch.Tensor],
                          in_shard: torch.Tensor, group):
-    """The full vocabulary's (log_probs, logsumexp, entropy) of each token from each rank's of its shard of the
-    vocabulary (the label's log-prob within the shard, valid where in_shard: the rank holding the label; the
+    """The full vocabulary's (log_probs, logsumexp, entropy) of each token from those of this rank's shard of the
+    vocabulary (the label's log-prob within the shard, valid where in_shard: on the rank holding the label; the
     shard's log-sum-exp; the shard's entropy, or None): L = log sum_r exp(L_r) (an all-reduce MAX, then one SUM of
     the shares exp(L_r - max), the label's logit and sum_r exp(L_r - max) (L_r - H_r)), log_prob = x_label / T - L,
     H = L - sum_r exp(L_r - L) (L_r - H_r). The entropy is None without the shards' entropies."""
@@ -128,7 +128,8 @@ def _combine_vocab_shards(log_probs: torch.Tensor, logsumexp: torch.Tensor, entr
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
-    """Each rank runs ppo_ext::hidden_log_probs on its shard of the vocabulary (_shard_labels, clamped into it); two all-reduces of (N,) rows combine the shards' (_combine_vocab_shards). Backward:
+    """Each rank runs ppo_ext::hidden_log_probs on its shard of the vocabulary (the labels of _shard_labels, clamped
+    into it); two all-reduces of (N,) rows combine the shards' results (_combine_vocab_shards). Backward:
     ppo_ext::hidden_log_probs_backward on the shard with the global L and H (labels outside the shard add no onehot
     term), its grad_hidden all-reduced (the head's input is replicated over the group), grad_weight and grad_bias
     the shard's."""
