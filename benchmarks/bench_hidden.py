@@ -29,12 +29,15 @@ a GPU the caching allocator's statistics) and, on the CPU, the process's peak re
     python benchmarks/bench_hidden.py --quick           # ~2 minutes on 2 CPU cores
     python benchmarks/bench_hidden.py                   # CPU: N = 8192 at V = 32000 (H 1024) and 151936 (H 512)
     python benchmarks/bench_hidden.py --device cuda     # GPU: N = 8192, 32768 at V = 32000, 151936, H = 4096
+    python benchmarks/bench_hidden.py --device cpu --shape 8192,896,151936 --contenders ppo_ext,ppo_ext-recompute
+                                                        # one shape (Qwen2.5-0.5B's head), those contenders and gemms
 
-Writes <out-dir>/hidden-<device>-<date>[-quick].{json,md} (out-dir: benchmarks/results) unless --no-write, and exits
-with 2 if a contender does not match the reference.
+Writes <out-dir>/hidden-<device>-<date>[-quick].{json,md} (with --shape: hidden-N<N>-H<H>-V<V>-<device>-<date>...;
+out-dir: benchmarks/results) unless --no-write, and exits with 2 if a contender does not match the reference.
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -144,16 +147,19 @@ def gemms_call(inp):
     return call
 
 
-def make_contenders(device):
-    eager = eager_loss()
-    fns = {"eager": eager, "compiled": torch.compile(eager, dynamic=False), "trl-chunked": trl_chunked_loss()}
+def make_contenders(device, only=None):
+    """The contenders (only: those named, None: all) but gemms."""
+    fns = {}
+    if only is None or {"eager", "compiled", "trl-chunked"} & set(only):
+        eager = eager_loss()
+        fns = {"eager": eager, "compiled": torch.compile(eager, dynamic=False), "trl-chunked": trl_chunked_loss()}
     if device == "cuda":
         liger = liger_loss()
         if liger is not None:
             fns["liger"] = liger
     fns["ppo_ext"] = ppo_ext_loss(None)
     fns["ppo_ext-recompute"] = ppo_ext_loss(False)
-    return fns
+    return {name: fn for name, fn in fns.items() if only is None or name in only}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,10 +273,10 @@ def check(fn, inp, ref):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_case(case, device, threads, budget, rounds, flush, load):
+def run_case(case, device, threads, budget, rounds, flush, load, only=None):
     res = dict(case=case.name, B=case.B, T=case.T, H=case.H, V=case.V, dtype=case.dtype, tokens=case.tokens,
                logits_bytes=case.logits_bytes(), chunk_tokens=default_chunk_tokens(case.V, case.torch_dtype))
-    fns = make_contenders(device)
+    fns = make_contenders(device, only)
     inp = make_inputs(case, device, seed=case.tokens + case.V)
     ref = reference(inp, max(1, (256 << 20) // (8 * case.V)))
     checks = {}
@@ -389,8 +395,26 @@ def main():
     p = harness.parser(__doc__, "one case per device, short timings", "hidden-<device>-<date>[-quick].{json,md}",
                        argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-write", action="store_true", help="print the tables only")
+    p.add_argument("--shape", help="one bf16 case N,H,V (N a multiple of 1024: rows of 1024 tokens) instead of the "
+                                   "default ones, e.g. 8192,896,151936")
+    p.add_argument("--contenders", help="only these (comma-separated, of " + ", ".join(
+        c for c in CONTENDERS if c != "gemms") + "); gemms always runs")
     args = p.parse_args()
     devices = harness.devices(p, args)
+    cases_of, name = all_cases, "hidden-"
+    if args.shape:
+        try:
+            N, H, V = (int(x) for x in args.shape.split(","))
+            assert N > 0 and N % 1024 == 0 and H > 0 and V > 0
+        except (ValueError, AssertionError):
+            p.error(f"--shape takes N,H,V (N a positive multiple of 1024), got {args.shape!r}")
+        cases_of, name = (lambda quick, device: [Case(N // 1024, 1024, V, "bf16", H=H)]), f"hidden-N{N}-H{H}-V{V}-"
+    only = None
+    if args.contenders:
+        only = args.contenders.split(",")
+        unknown = [c for c in only if c not in CONTENDERS or c == "gemms"]
+        if unknown:
+            p.error(f"--contenders: unknown {unknown}")
     torch._dynamo.config.capture_scalar_outputs = True  # verl's .item() calls inside the compiled graph
     try:
         frameworks().verl()
@@ -400,7 +424,7 @@ def main():
     harness.configure_torch(args.threads)
 
     return harness.run_cases_per_device(
-        args, devices, all_cases, run_case, table, "hidden-", "ppo_ext.policy_loss_from_hidden",
+        args, devices, cases_of, functools.partial(run_case, only=only), table, name, "ppo_ext.policy_loss_from_hidden",
         extra_meta=lambda device: dict(liger_kernel="installed" if device == "cuda" and liger_loss() is not None
                                        else "not run"))
 
