@@ -119,8 +119,8 @@ def _combine_vocab_shards(log_probs: torch.Tensor, logsumexp: torch.Tensor, entr
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     share = torch.exp(logsumexp - top)
     parts = [share, torch.where(in_shard, log_probs + logsumexp, 0)]
-    if entropy is not None:
-        parts.append(share * (logsumexp - entropy))
+    if entropy is not None:  # a shard whose logits are all -inf for a token (share 0, entropy NaN) adds nothing
+        parts.append(torch.where(share > 0, share * (logsumexp - entropy), 0))
     sums = torch.stack(parts)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     total_lse = top + torch.log(sums[0])

@@ -459,7 +459,7 @@ def policy_loss_from_hidden(
         from ppo_ext.hidden import plan, policy_loss_grad_in_forward
 
         chunks, chunk, why_not = plan(hidden, weight, bias, labels, (old_log_probs, advantages, mask), chunk_tokens,
-                                      options)
+                                      options, vocab_parallel=process_group is not None)
         if chunks is not None:
             return policy_loss_grad_in_forward(
                 hidden, weight, bias, labels, old_log_probs, advantages, mask, temperature=temperature, chunks=chunks,

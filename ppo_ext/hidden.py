@@ -32,9 +32,11 @@ Rows = Tuple[int, int, int, int]  # rows [b0, b1) and columns [t0, t1) of the (B
 Chunk = Tuple[int, int, Tuple[Rows, ...]]  # tokens [start, start + n) of the flat (B, T) order, as rectangles
 
 
-def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
-    """The tokens a chunk holds by default (chunk_tokens=None) for this vocabulary size and dtype."""
-    return torch.ops.ppo_ext.hidden_default_chunk_tokens(vocab, dtype.itemsize)
+def default_chunk_tokens(vocab: Optional[int], dtype: torch.dtype) -> int:
+    """The tokens a chunk holds by default (chunk_tokens=None) for this vocabulary size and dtype; vocab None: the
+    fewest the default takes (that of a vocabulary too large for the buffer's bytes), which does not depend on a
+    rank's shard of a vocabulary-parallel head (whose ranks must cut the same chunks: a collective a chunk)."""
+    return torch.ops.ppo_ext.hidden_default_chunk_tokens(vocab or 1 << 40, dtype.itemsize)
 
 
 def _rectangles(start: int, end: int, T: int) -> Tuple[Rows, ...]:
@@ -100,15 +102,16 @@ def _well_formed(hidden, weight, bias, labels, loss_inputs, o) -> bool:
     return head_ok and rows_ok and same_device and shapes_ok
 
 
-def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o) -> Tuple[Optional[List[Chunk]], int,
-                                                                              Optional[str]]:
+def plan(hidden, weight, bias, labels, loss_inputs, chunk_tokens, o, vocab_parallel=False) -> Tuple[
+        Optional[List[Chunk]], int, Optional[str]]:
     """(chunks, chunk, "") where the gradients can be formed in the forward pass, else (None, chunk, why not), or
-    (None, chunk, None) for arguments the generic path is to check."""
+    (None, chunk, None) for arguments the generic path is to check. vocab_parallel: weight is a rank's shard (the
+    default chunk the same on every rank)."""
     if torch.compiler.is_compiling():
         return None, 0, "under torch.compile, which traces the generic path"
     if not _well_formed(hidden, weight, bias, labels, loss_inputs, o):
         return None, 0, None
-    chunk = int(chunk_tokens or default_chunk_tokens(weight.shape[0], weight.dtype))
+    chunk = int(chunk_tokens or default_chunk_tokens(None if vocab_parallel else weight.shape[0], weight.dtype))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
         return None, chunk, "no gradient is asked for"
     if hidden.dtype == torch.float16:

@@ -159,6 +159,7 @@ def _vocab_parallel_worker(rank):
         results["bad_label"] = None
     except ValueError as exc:
         results["bad_label"] = str(exc)
+    results.update(_shards_edge_worker(rank))
     old, adv, mask = _head(torch.float32)[5:]
     try:  # the gradients formed in the forward pass check the labels too
         ppo_ext.policy_loss_from_hidden(hidden.requires_grad_(True), weight[start:stop], labels, old, adv, mask,
@@ -166,6 +167,49 @@ def _vocab_parallel_worker(rank):
         results["bad_label_fused"] = None
     except ValueError as exc:
         results["bad_label_fused"] = str(exc)
+    return results
+
+
+# Shards whose default chunks differ (float32: 335 rows for 50000 columns, 279 for 60000): the ranks must still cut
+# the same chunks (a collective a chunk). And a shard whose logits are all -inf (a bias masking it): it adds nothing.
+BIG_B, BIG_T, BIG_V, BIG_SPLIT = 4, 128, 110000, 50000
+
+
+def _big_head():
+    g = torch.Generator().manual_seed(SEED)
+    return (torch.randn(BIG_B, BIG_T, HEAD_H, generator=g), torch.randn(BIG_V, HEAD_H, generator=g),
+            torch.randint(0, BIG_V, (BIG_B, BIG_T), generator=g), torch.randn(BIG_B, BIG_T, generator=g))
+
+
+def _masked_shard_head():
+    hidden, weight, bias, labels, c, old, adv, mask = _head(torch.float32)
+    bias[SHARDS["equal"][1][0]:] = -torch.inf  # rank 1's shard
+    return hidden, weight, bias, labels % SHARDS["equal"][1][0], c[1], old, adv, mask
+
+
+def _loss_run(hidden, weight, bias, labels, c, old, adv, mask, chunk=None, **kw):
+    """policy_loss_from_hidden with the entropy bonus and the returned entropy in the loss: loss, gradients."""
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    b = None if bias is None else bias.clone().requires_grad_(True)
+    out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk, entropy_coef=0.05,
+                                          return_entropy=True, **kw)
+    (out.loss + (out.entropy * c).sum()).backward()
+    return out.loss.detach(), [t.grad for t in (h, w, b) if t is not None]
+
+
+def _shards_edge_worker(rank):
+    results = {}
+    hidden, weight, labels, c = _big_head()
+    start, stop = (0, BIG_SPLIT) if rank == 0 else (BIG_SPLIT, BIG_V)
+    for rows in ({}, {"importance_sampling": "seq"}):
+        results["uneven_default_chunks", bool(rows)] = _loss_run(
+            hidden, weight[start:stop], None, labels, c, None, torch.ones(BIG_B), None, grad_in_forward=True,
+            process_group=dist.group.WORLD, vocab_start=start, **rows)
+    hidden, weight, bias, *rest = _masked_shard_head()
+    start, stop = SHARDS["equal"][rank]
+    for fused in (False, True):
+        results["masked_shard", fused] = _loss_run(hidden, weight[start:stop], bias[start:stop], *rest, chunk=4,
+                                                   grad_in_forward=fused, process_group=dist.group.WORLD)
     return results
 
 
@@ -291,6 +335,35 @@ def test_vocab_parallel_grad_in_forward(rank_results, case):
         for i, name in ((1, "weight"), (2, "bias")):
             joined = torch.cat([r["vocab_parallel"][case][key][i] for r in rank_results])
             _assert_close(joined, expected[i], dtype, f"{key} {name}")
+
+
+@pytest.mark.parametrize("row_statistic", [False, True])
+def test_vocab_parallel_uneven_default_chunks(rank_results, row_statistic):
+    """Shards whose own default chunks differ (chunk_tokens=None): the same chunks on both ranks (else the
+    collectives mismatch and gloo aborts), the unsplit head's loss and gradients."""
+    hidden, weight, labels, c = _big_head()
+    rows = {"importance_sampling": "seq"} if row_statistic else {}
+    loss, grads = _loss_run(hidden, weight, None, labels, c, None, torch.ones(BIG_B), None, grad_in_forward=False,
+                            **rows)
+    parts = [r["vocab_parallel"]["uneven_default_chunks", row_statistic] for r in rank_results]
+    for rank, (part_loss, part_grads) in enumerate(parts):
+        _assert_close(part_loss, loss, torch.float32, f"rank {rank} loss")
+        _assert_close(part_grads[0], grads[0], torch.float32, f"rank {rank} grad hidden")
+    _assert_close(torch.cat([p[1][1] for p in parts]), grads[1], torch.float32, "grad weight")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_vocab_parallel_masked_shard(rank_results, fused):
+    """A shard whose logits are all -inf for every token (its bias -inf): finite loss and gradients, the unsplit
+    head's (its entropy term used to be 0 * (-inf - NaN) = NaN)."""
+    loss, grads = _loss_run(*_masked_shard_head(), chunk=4, grad_in_forward=False)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    parts = [r["vocab_parallel"]["masked_shard", fused] for r in rank_results]
+    for rank, (part_loss, part_grads) in enumerate(parts):
+        _assert_close(part_loss, loss, torch.float32, f"rank {rank} loss")
+        _assert_close(part_grads[0], grads[0], torch.float32, f"rank {rank} grad hidden")
+    for i, name in ((1, "weight"), (2, "bias")):
+        _assert_close(torch.cat([p[1][i] for p in parts]), grads[i], torch.float32, f"grad {name}")
 
 
 def test_vocab_parallel_label_in_no_shard(rank_results):
