@@ -124,15 +124,11 @@ def _row_statistic(chunk):
 def _fused_reference(hidden, weight, bias, labels, c, old, adv, mask, chunk):
     """_head_run's fused loss through the recomputing path of the unsplit head: its loss, and the gradients of
     _head_run's two backward passes."""
-    grads = []
-    for with_entropy in (False, True):
-        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
-        out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk,
-                                              entropy_coef=0.05, return_entropy=True, grad_in_forward=False,
-                                              **_row_statistic(chunk))
-        (out.loss + (out.entropy * c[1]).sum() if with_entropy else out.loss).backward()
-        grads.append([h.grad, w.grad, b.grad])
-    return out.loss.detach(), grads[0], [a + b for a, b in zip(*grads)]
+    args = (hidden, weight, bias, labels, c[1], old, adv, mask)
+    kw = dict(chunk=chunk, grad_in_forward=False, **_row_statistic(chunk))
+    loss, grads = _loss_run(*args, entropy_in_loss=False, **kw)
+    _, with_entropy = _loss_run(*args, **kw)
+    return loss, grads, [a + b for a, b in zip(grads, with_entropy)]
 
 
 def _assert_close(actual, expected, dtype, what):
@@ -187,13 +183,14 @@ def _masked_shard_head():
     return hidden, weight, bias, labels % SHARDS["equal"][1][0], c[1], old, adv, mask
 
 
-def _loss_run(hidden, weight, bias, labels, c, old, adv, mask, chunk=None, **kw):
-    """policy_loss_from_hidden with the entropy bonus and the returned entropy in the loss: loss, gradients."""
+def _loss_run(hidden, weight, bias, labels, c, old, adv, mask, chunk=None, entropy_in_loss=True, **kw):
+    """policy_loss_from_hidden with the entropy bonus (and the returned entropy, weighted by c, in the loss):
+    loss, gradients."""
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     b = None if bias is None else bias.clone().requires_grad_(True)
     out = ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, bias=b, chunk_tokens=chunk, entropy_coef=0.05,
                                           return_entropy=True, **kw)
-    (out.loss + (out.entropy * c).sum()).backward()
+    (out.loss + (out.entropy * c).sum() if entropy_in_loss else out.loss).backward()
     return out.loss.detach(), [t.grad for t in (h, w, b) if t is not None]
 
 
