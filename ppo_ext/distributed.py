@@ -112,24 +112,37 @@ def _combine_vocab_shards(log_probs: torch.Tensor, logsumexp: torch.Tensor, entr
                          in_shard: torch.Tensor, group):
     """The full vocabulary's (log_probs, logsumexp, entropy) of each token from those of this rank's shard of the
     vocabulary (the label's log-prob within the shard, valid where in_shard: on the rank holding the label; the
-    shard's log-sum-exp; the shard's entropy, or None): L = log sum_r exp(L_r) (an all-reduce MAX, then one SUM of
-    the shares exp(L_r - max), the label's logit and sum_r exp(L_r - max) (L_r - H_r)), log_prob = x_label / T - L,
-    H = L - sum_r exp(L_r - L) (L_r - H_r). The entropy is None without the shards' entropies."""
-    top = logsumexp.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    share = torch.exp(logsumexp - top)
-    parts = [share, torch.where(in_shard, log_probs + logsumexp, 0)]
-    if entropy is not None:  # a shard whose logits are all -inf for a token (share 0, entropy NaN) adds nothing
-        parts.append(torch.where(share > 0, share * (logsumexp - entropy), 0))
-    sums = torch.stack(parts)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    total_lse = top + torch.log(sums[0])
-    return sums[1] - total_lse, total_lse, None if entropy is None else total_lse - sums[2] / sums[0]
+    shard's log-sum-exp L_r; the shard's entropy H_r, or None), in one collective: an all-gather of each shard's
+    L_r, label logit (0 off the label's rank) and L_r - H_r, then on every rank, from the same gathered rows in rank
+    order (the same bits on every rank): L = m + log sum_r exp(L_r - m) with m = max_r L_r, log_prob = x_label / T - L,
+    H = L - sum_r exp(L_r - m) (L_r - H_r) / sum_r exp(L_r - m). The entropy is None without the shards' entropies."""
+    parts = [logsumexp, torch.where(in_shard, log_probs + logsumexp, 0)]
+    if entropy is not None:
+        parts.append(logsumexp - entropy)
+    local = torch.stack(parts).view(len(parts), -1)
+    world = dist.get_world_size(group)
+    gathered = local.new_empty(world * len(parts), local.shape[1])
+    _all_gather_rows(gathered, local, group)
+    shards = gathered.view(world, len(parts), *logsumexp.shape)
+    top = shards[:, 0].amax(0)
+    share = torch.exp(shards[:, 0] - top)
+    total_share = share.sum(0)
+    total_lse = top + torch.log(total_share)
+    log_probs = shards[:, 1].sum(0) - total_lse
+    if entropy is None:
+        return log_probs, total_lse, None
+    # a shard whose logits are all -inf for a token (share 0, L_r - H_r NaN) adds nothing
+    spread = torch.where(share > 0, share * shards[:, 2], 0).sum(0)
+    return log_probs, total_lse, total_lse - spread / total_share
+
+
+# torch 2.14 renamed all_gather_into_tensor (a FutureWarning since); the GPU machines' 2.11 has the old name only
+_all_gather_rows = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     """Each rank runs ppo_ext::hidden_log_probs on its shard of the vocabulary (the labels of _shard_labels, clamped
-    into it); two all-reduces of (N,) rows combine the shards' results (_combine_vocab_shards). Backward:
+    into it); one all-gather of (N,) rows combines the shards' results (_combine_vocab_shards). Backward:
     ppo_ext::hidden_log_probs_backward on the shard with the global L and H (labels outside the shard add no onehot
     term), its grad_hidden all-reduced (the head's input is replicated over the group), grad_weight and grad_bias
     the shard's."""
@@ -203,12 +216,12 @@ def vocab_parallel_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels:
     V_r, equal shards in rank order); ``hidden`` and the global ``labels`` are the same on every rank. Returns
     ``(log_probs, entropy)`` of the full vocabulary on every rank (entropy a (0,) tensor without
     ``compute_entropy``), differentiable: ``hidden``'s gradient is the full one on every rank (all-reduced), the
-    head's gradients are this rank's shard's. Two all-reduces of (N,) rows forward, one of hidden's size backward;
-    the logits never exist whole, on any rank. Call it on every rank of the group, with the same ``hidden`` (and
-    its requires_grad) and the same loss. Every label must lie in exactly one rank's shard: checked (one more
-    all-reduce of (N,) integers) for CPU tensors, as the unsplit op checks its labels there, and with
-    ``check_labels=True`` (which also synchronises with the host) for GPU ones; else a label outside every shard
-    gives -L, a finite but meaningless log-prob."""
+    head's gradients are this rank's shard's. One all-gather of (N,) rows forward (three floats a token and rank),
+    one all-reduce of hidden's size backward; the logits never exist whole, on any rank. Call it on every rank of
+    the group, with the same ``hidden`` (and its requires_grad) and the same loss. Every label must lie in exactly
+    one rank's shard: checked (one more all-reduce of (N,) integers) for CPU tensors, as the unsplit op checks its
+    labels there, and with ``check_labels=True`` (which also synchronises with the host) for GPU ones; else a label
+    outside every shard gives -L, a finite but meaningless log-prob."""
     local, in_shard = _shard_labels(labels, weight.shape[0], vocab_start, group, check_labels)
     return _VocabParallelLogProbs.apply(hidden, weight, bias, local, in_shard, float(temperature),
                                         bool(compute_entropy), int(chunk_tokens), group)

@@ -324,8 +324,8 @@ def log_probs_from_hidden(
     vocabulary-parallel head): ``weight`` (and ``bias``) are this rank's rows ``[vocab_start, vocab_start + V_r)``
     of the head (default: rank * V_r), ``hidden`` and ``labels`` (global token ids) the same on every rank; the
     log-probs and entropy are the full vocabulary's, on every rank, and hidden's gradient the full one
-    (``ppo_ext.distributed.vocab_parallel_log_probs``: two all-reduces of a few bytes a token forward, one of
-    hidden's size backward).
+    (``ppo_ext.distributed.vocab_parallel_log_probs``: one all-gather of a few bytes a token forward, one
+    all-reduce of hidden's size backward).
     """
     hidden, weight, bias, labels, temperature = _hidden_inputs(hidden, weight, labels, bias, temperature, chunk_tokens,
                                                                check_labels and process_group is None)
@@ -446,7 +446,7 @@ def policy_loss_from_hidden(
     second backward through the same graph (retain_graph=True) recomputes. The same numbers either way (bitwise
     under an upstream gradient of 1 with token-level options, no seq-mean-token-mean, no entropy bonus; else to
     rounding: the upstream gradient is applied after the GEMMs of grad_hidden and of a float32 / float64 head's
-    gradient). With a process_group each chunk's log-probs are combined over the ranks (two all-reduces of the
+    gradient). With a process_group each chunk's log-probs are combined over the ranks (one all-gather of the
     chunk's rows) and grad_hidden is all-reduced in the forward pass."""
     entropy_coef = _float_option("entropy_coef", entropy_coef)
     options = _loss_options("policy_loss_from_hidden", loss_options)

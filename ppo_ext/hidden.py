@@ -152,7 +152,7 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
     gradient (un-normalised), and where a gradient is asked for, the logits turned into their gradient in place and
     multiplied out into grad_hidden (and grad_weight, grad_bias where given). per_token: the (N,) outputs, the
     entropy's gradient (or None), the tokens' aggregation weights (or None: 1) and 1 / denominator. With a shard:
-    its columns of the logits, each chunk's log-probs the full vocabulary's (two all-reduces of the chunk's rows),
+    its columns of the logits, each chunk's log-probs the full vocabulary's (one all-gather of the chunk's rows),
     grad_hidden this shard's part of the sum."""
     old, adv, mask, o = loss_args
     log_probs, logsumexp, entropy, token_grad, grad_entropy, agg_weights, grad_scale = per_token

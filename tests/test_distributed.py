@@ -314,6 +314,13 @@ def test_vocab_parallel_head(rank_results, case):
         for i, name in ((1, "weight"), (2, "bias")):
             joined = torch.cat([r["vocab_parallel"][case][key][i] for r in rank_results])
             _assert_close(joined, whole[key][i], dtype, f"{key} {name}")
+    # what is replicated over the group is the same bits on every rank (each combines the same gathered rows in the
+    # same order), so the replicas of the model cannot drift apart
+    first, second = (r["vocab_parallel"][case] for r in rank_results)
+    for k in ("lp", "entropy", "loss", "fused_loss"):
+        assert torch.equal(first[k], second[k]), k
+    for key in ("grads", "loss_grads", "fused_grads", "fused_twice_grads"):
+        assert torch.equal(first[key][0], second[key][0]), key
 
 
 @pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: str(c))
