@@ -18,7 +18,11 @@ verl 0.9's vanilla PPO loss (clip 0.2 / 0.28, dual clip 3, token-mean), then the
                float32 / float64 weights, grad_weight accumulated); for 16-bit weights then the logits again block
                of columns by block for all tokens and grad_weight. The floor of ppo_ext's time: ppo_ext's target is
                at most 1.2x this.
-  liger        (GPU, when liger-kernel is installed) Liger-Kernel's LigerFusedLinearGRPOLoss
+  liger        Liger-Kernel 0.8.5's own LigerFusedLinearGRPOLoss (liger_kernel/chunked_loss: the log-probs by tiles of
+               tokens x vocabulary through ATen's matmul in an autograd function, its backward recomputing them; the
+               loss's math under torch.compile; no Triton kernel, so it runs on the CPU too), DAPO's token-level
+               normalisation (verl's token-mean here), no dual clip (never reached by these inputs' ratios); skipped
+               when liger-kernel is not installed (./scripts/bench.sh installs it: scripts/frameworks.txt)
 
 Every contender is first checked against a float64 reference (the log-probs and the gradients built row chunk by row
 chunk: no float64 logits whole): the loss, grad_hidden and grad_weight. Then timed, interleaved, forward+backward.
@@ -38,6 +42,7 @@ out-dir: benchmarks/results) unless --no-write, and exits with 2 if a contender 
 
 import argparse
 import functools
+import importlib.metadata
 import os
 import sys
 import time
@@ -105,6 +110,13 @@ def liger_loss():
     return loss
 
 
+def liger_version():
+    try:
+        return importlib.metadata.version("liger-kernel") if liger_loss() is not None else "not installed"
+    except importlib.metadata.PackageNotFoundError:  # importable from a path, not installed as a distribution
+        return "unknown version"
+
+
 def ppo_ext_loss(grad_in_forward):
     def loss(hidden, weight, labels, old, adv, mask):
         return ppo_ext.policy_loss_from_hidden(hidden, weight, labels, old, adv, mask, grad_in_forward=grad_in_forward,
@@ -153,10 +165,9 @@ def make_contenders(device, only=None):
     if only is None or {"eager", "compiled", "trl-chunked"} & set(only):
         eager = eager_loss()
         fns = {"eager": eager, "compiled": torch.compile(eager, dynamic=False), "trl-chunked": trl_chunked_loss()}
-    if device == "cuda":
-        liger = liger_loss()
-        if liger is not None:
-            fns["liger"] = liger
+    liger = liger_loss()
+    if liger is not None:
+        fns["liger"] = liger
     fns["ppo_ext"] = ppo_ext_loss(None)
     fns["ppo_ext-recompute"] = ppo_ext_loss(False)
     return {name: fn for name, fn in fns.items() if only is None or name in only}
@@ -284,7 +295,7 @@ def run_case(case, device, threads, budget, rounds, flush, load, only=None):
         t0 = time.time()
         try:
             checks[name] = check(fn, inp, ref)
-        except Exception as exc:  # noqa: BLE001  (Liger's API is not checked on a CPU machine: report, go on)
+        except Exception as exc:  # noqa: BLE001  (a third party's code failing on a case: report, go on)
             if name != "liger" and not isinstance(exc, harness.OUT_OF_MEMORY):
                 raise
             checks[name] = dict(ok=False, skipped=harness.out_of_memory(exc) if isinstance(
@@ -425,8 +436,7 @@ def main():
 
     return harness.run_cases_per_device(
         args, devices, cases_of, functools.partial(run_case, only=only), table, name, "ppo_ext.policy_loss_from_hidden",
-        extra_meta=lambda device: dict(liger_kernel="installed" if device == "cuda" and liger_loss() is not None
-                                       else "not run"))
+        extra_meta=lambda device: dict(liger_kernel=liger_version()))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@
 # 3. runs compute-sanitizer memcheck, racecheck, synccheck and initcheck over scripts/gpu_sanitizer_cases.py,
 # 4. runs the benchmarks' GPU quick runs (results into OUTDIR),
 # then the rest of the suite if time is left. The frameworks the adapter tests and the benchmarks' baselines
-# run (scripts/frameworks.txt, and Liger-Kernel for bench_hidden's `liger`, which needs only torch and Triton)
-# cannot be downloaded there: carry their wheels as .wheels/ (5 MB: `carry: [".wheels"]`), made here with
+# run (scripts/frameworks.txt, Liger-Kernel for bench_hidden's `liger` among them) cannot be downloaded there:
+# carry their wheels as .wheels/ (5 MB: `carry: [".wheels"]`), made here with
 #   pip download --no-deps --only-binary :all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 \
-#     -d .wheels $(cat scripts/frameworks.txt) liger-kernel==0.8.5
-# and they are installed without dependencies into build/frameworks (without them those tests and Liger skip). Every log and result goes into OUTDIR, with summary.txt
+#     -d .wheels $(cat scripts/frameworks.txt)
+# and they are installed without dependencies into build/frameworks (without them those tests and Liger skip).
+# Every log and result goes into OUTDIR, with summary.txt
 # (step, exit status, seconds) and env.txt (GPU, driver, versions). The whole run stays within
 # PPO_EXT_GPU_BUDGET_S seconds (default 540): each step gets what is left, and a step that would overrun is
 # stopped (status 124) and the script goes on to write what it has. Exit status: 0 when every step passed.
