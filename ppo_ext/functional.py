@@ -112,7 +112,18 @@ def policy_loss(
     kl_coef times it is added to the loss. metrics["kl"] is its mean over valid tokens, metrics["kl_loss"] its
     aggregated value (without kl_coef). Same kernel pass.
     """
-    return _policy_loss(**locals())[0]
+    # every argument by name: the torch.compile of torch 2.11 (the GPU machines') cannot trace locals()
+    return _policy_loss(
+        log_probs, old_log_probs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        ratio_cap=ratio_cap, importance_sampling=importance_sampling, loss_agg_mode=loss_agg_mode,
+        log_ratio_clamp=log_ratio_clamp, loss_type=loss_type, tau_pos=tau_pos, tau_neg=tau_neg, dro_beta=dro_beta,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg, rollout_log_probs=rollout_log_probs, rollout_is=rollout_is,
+        rollout_is_mode=rollout_is_mode, rollout_is_low=rollout_is_low, rollout_is_high=rollout_is_high,
+        rollout_is_mask_weight=rollout_is_mask_weight, ref_log_probs=ref_log_probs, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, kl_clamp=kl_clamp, kl_bias_correction=kl_bias_correction,
+        token_weights=token_weights, num_tokens=num_tokens, num_seqs=num_seqs,
+        loss_scale_factor=loss_scale_factor)[0]
 
 
 # policy_loss's keyword options and their defaults (what _policy_loss reads).

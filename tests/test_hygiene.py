@@ -10,6 +10,8 @@
 - No input is modified in place (values and version counters unchanged).
 - One list of names (ppo_ext.names): the reference's own copy is the same, the C++ op refuses an unknown mode
   with an error listing exactly those names, and returns one metric and one count per name.
+- policy_loss hands each of its keywords on under its own name (spelled out: torch.compile of torch 2.11 cannot
+  trace locals()).
 """
 
 import gc
@@ -379,3 +381,23 @@ def test_op_returns_a_metric_and_a_count_per_name(device):
     assert counts.shape == (len(ppo_ext.names.COUNT_NAMES),) and counts.dtype == torch.int64
     out = ppo_ext.policy_loss(inp.lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights)
     assert tuple(out.metrics) == ppo_ext.names.METRIC_NAMES
+
+
+def test_policy_loss_passes_every_keyword_on(monkeypatch):
+    """policy_loss names each of its keywords in its call (torch.compile of torch 2.11 cannot trace locals()): each
+    reaches _policy_loss under its own name, none dropped or swapped."""
+    import ppo_ext.functional as functional
+
+    seen = {}
+
+    def record(log_probs, old_log_probs, advantages, mask, **o):
+        seen.update(o, positional=(log_probs, old_log_probs, advantages, mask))
+        return None, None
+
+    monkeypatch.setattr(functional, "_policy_loss", record)
+    sentinels = {name: object() for name in functional._POLICY_LOSS_KEYWORDS}
+    ppo_ext.policy_loss("lp", "old", "adv", "mask", **sentinels)
+    assert seen.pop("positional") == ("lp", "old", "adv", "mask")
+    assert seen.keys() == sentinels.keys()
+    for name, value in sentinels.items():
+        assert seen[name] is value, name
