@@ -134,7 +134,8 @@ def gemms_call(inp):
     chunk = min(default_chunk_tokens(V, weight.dtype), N)
     chunks = [(start, n) for start, n, _ in chunk_ranges(B, T, chunk, False)]
     by_columns = weight.dtype in (torch.bfloat16, torch.float16) and N > chunk
-    columns = min(V, max(min(MIN_COLUMNS, V), chunk * V // N))
+    fit = chunk * V // N
+    columns = V if fit >= V else min(V, max(MIN_COLUMNS, fit // MIN_COLUMNS * MIN_COLUMNS))
 
     def call():
         buffer = torch.empty(max(chunk * V, N * columns if by_columns else 0), dtype=weight.dtype,

@@ -113,11 +113,15 @@ HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
   // rows at once, each block's gradient one GEMM (float32 accumulation inside, rounded once), instead of a sum of
   // per-chunk GEMMs rounded to 16 bits after each chunk, which biases training (TRL's chunked_logprob measured the
   // entropy drifting down) unless a float32 (V, H) accumulator is kept. float32 / float64 weights accumulate
-  // exactly enough in the first pass.
+  // exactly enough in the first pass. (On a GPU cuBLAS may reduce split-K partials in bf16 where
+  // torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is True, as for any bf16 nn.Linear.)
   const bool by_columns = (want_weight || want_bias) && weight.scalar_type() != acc && l.N > l.chunk;
-  // The columns of a block: as many as fit the chunk's buffer, at least kMinColumns (or V) for the GEMMs' sake.
+  // The columns of a block: as many as fit the chunk's buffer, at least kMinColumns (or V) for the GEMMs' sake, and
+  // a multiple of kMinColumns, so that each row of a block's (N, block) logits starts 16-byte aligned (the kernels'
+  // and the GEMMs' vector paths; 4748 columns at N = 8192, V = 151936 left every other row misaligned).
   constexpr int64_t kMinColumns = 64;
-  const int64_t block = std::clamp<int64_t>(l.chunk * l.V / std::max<int64_t>(l.N, 1), std::min(kMinColumns, l.V), l.V);
+  const int64_t fit = l.chunk * l.V / std::max<int64_t>(l.N, 1);
+  const int64_t block = fit >= l.V ? l.V : std::min(l.V, std::max(kMinColumns, fit / kMinColumns * kMinColumns));
   at::Tensor buffer = at::empty({std::max(l.chunk * l.V, by_columns ? l.N * block : 0)}, hidden.options());
   if (want_hidden || ((want_weight || want_bias) && !by_columns)) {
     if (want_weight) grad_weight.zero_();

@@ -40,8 +40,8 @@ MUTATIONS = {
     ),
     "ticket_off_by_one": (
         "cuda/policy_loss_kernels.cuh",
-        "is_last_block = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;",
-        "is_last_block = atomicAdd(a.blocks_done, 1u) == gridDim.x - 2;",
+        "const bool last = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;",
+        "const bool last = atomicAdd(a.blocks_done, 1u) == gridDim.x - 2;",
         "the last-block ticket compared off by one: the finalize runs early, or never",
     ),
     "grid_stride_step": (
@@ -85,6 +85,12 @@ MUTATIONS = {
         "ref_kl_agg += agg_weight * kl.value;",
         "ref_kl_agg += agg_weight * weight * kl.value;",
         "the KL to the reference weighted by the token weights (verl and TRL add it unweighted)",
+    ),
+    "zero_row_alignment_ignored": (
+        "cuda/log_probs_kernels.cuh",
+        "const int64_t v_vec = out_aligned ? V / P::kSize * P::kSize : 0;",
+        "const int64_t v_vec = V / P::kSize * P::kSize;",
+        "a masked row's zeros stored 16 bytes at a time whatever the row's alignment (a fault on the GPU)",
     ),
     "entropy_row_skipped": (
         "cuda/log_probs_kernels.cuh",

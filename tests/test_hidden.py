@@ -106,6 +106,13 @@ def test_16bit_head_gradient_rounded_once(device, dtype):
     check_log_probs(hidden, weight, b, labels, chunk_tokens=8, what=f"{dtype} 250 chunks")
 
 
+def test_16bit_head_gradient_column_blocks(device):
+    """The 16-bit head's second pass over blocks of columns with a partial last block: 150 columns fit the buffer,
+    rounded down to a multiple of 64 (rows 16-byte aligned): blocks of 128, 128 and 45."""
+    hidden, weight, b, labels = make_head(2, 6, 16, 301, seed=4, dtype=torch.bfloat16, device=device, bias=True)
+    check_log_probs(hidden, weight, b, labels, chunk_tokens=6, what="bf16 column blocks")
+
+
 @pytest.mark.parametrize("chunk_tokens", [None, 1, 5, 21, 1000])
 def test_chunk_sizes(device, chunk_tokens):
     """Every chunking gives the reference's numbers, including a last, partial chunk and one chunk of all rows."""

@@ -8,16 +8,17 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <utility>
 
 namespace ppo_ext::cuda {
 
 inline int sm_count(int device) {
-  static int counts[64] = {};  // read once per device
-  int n = device < 64 ? counts[device] : 0;
+  static std::atomic<int> counts[64];  // read once per device (host threads may launch concurrently)
+  int n = device < 64 ? counts[device].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    if (device < 64) counts[device] = n;
+    if (device < 64) counts[device].store(n, std::memory_order_relaxed);
   }
   return n;
 }

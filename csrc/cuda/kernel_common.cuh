@@ -64,4 +64,14 @@ struct alignas(16) Pack {
   scalar_t v[kSize];
 };
 
+// A pack into 16-byte-aligned memory in one store instruction: nvcc 13 splits the assignment of a Pack (and of
+// a uint4 assembled from one) into per-element stores (the PTX of the backward had 7 stores a pack of bf16);
+// __stwb is one st.global.wb.v4.u32, the default caching of a plain store.
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* dst, const Pack<scalar_t>& p) {
+  uint4 bits;
+  memcpy(&bits, &p, sizeof(bits));
+  __stwb(reinterpret_cast<uint4*>(dst), bits);
+}
+
 }  // namespace ppo_ext::cuda

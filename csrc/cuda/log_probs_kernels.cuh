@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
 #pragma unroll
       for (int j = 0; j < P::kSize; ++j) zero.v[j] = narrow<scalar_t>(acc_t(0));
       for (int64_t v = static_cast<int64_t>(threadIdx.x) * P::kSize; v < v_vec; v += blockDim.x * P::kSize) {
-        *reinterpret_cast<P*>(out + v) = zero;
+        store_pack(out + v, zero);
       }
       for (int64_t v = v_vec + threadIdx.x; v < V; v += blockDim.x) out[v] = narrow<scalar_t>(acc_t(0));
       continue;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
         if (v + j == label) grad += coefficient;
         q.v[j] = narrow<scalar_t>(grad);
       }
-      *reinterpret_cast<P*>(out + v) = q;
+      store_pack(out + v, q);
     }
     for (int64_t v = v_vec + threadIdx.x; v < V; v += blockDim.x) {
       const acc_t scaled = softmax::scaled<Ops>(static_cast<acc_t>(widen(x[v])), inv_t);
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_log_probs_backward_kernel(c
   }
 }
 
-// Launch configuration, shared by the host code (log_probs_host.h) and the simulator's tests.
+// Launch configuration, shared by the host code (ops_host.h) and the simulator's tests.
 
 // Threads per row: about 4+ packs per thread, a whole number of warps, at most kMaxThreads.
 inline int log_probs_threads(int64_t V, int pack) {

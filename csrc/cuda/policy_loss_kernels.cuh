@@ -324,12 +324,15 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   p.counts[kRolloutFilteredSeqs] = block_sum<long long>(n_filtered_seqs, scratch_i);
 
   // Publish this block's partials, then take a ticket; the block with the last ticket sees every
-  // block's partials (each was fenced before its ticket) and finalizes.
+  // block's partials (each was fenced before its ticket: release; the last block fences after it: acquire,
+  // which the barrier below extends to its other threads) and finalizes.
   __shared__ bool is_last_block;
   if (threadIdx.x == 0) {
     a.partials[blockIdx.x] = p;
     __threadfence();
-    is_last_block = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;
+    const bool last = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;
+    if (last) __threadfence();
+    is_last_block = last;
   }
   __syncthreads();
   if (is_last_block && threadIdx.x < 32) finalize_warp<acc_t>(a, gridDim.x);
@@ -346,7 +349,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
   }
 }
 
-// Launch configuration, shared by the host code (policy_loss_host.h) and the simulator's tests.
+// Launch configuration, shared by the host code (ops_host.h) and the simulator's tests.
 
 // Blocks of the forward: one per row up to 4 per multiprocessor (grid-stride beyond), and at least one,
 // which finalizes even when B = 0.

@@ -125,7 +125,7 @@ struct Stack {
   }
 };
 
-enum class Wait { None, Barrier, Warp, Exited };
+enum class Wait { None, Barrier, Warp, Exited, Fault };
 
 struct Site {
   const char* file = "";
@@ -176,6 +176,7 @@ struct Thread {
   Context context;
   Wait wait = Wait::None;
   Site site;
+  const char* fault = "";  // what a faulted thread did
   // At a warp collective:
   WarpOp op = WarpOp::Sync;
   unsigned mask = 0;
@@ -310,6 +311,7 @@ struct Simulator {
       case Wait::Exited: s << " exited"; break;
       case Wait::Barrier: s << " at __syncthreads " << where(t.site); break;
       case Wait::Warp: s << " at " << op_name(t.op) << "(mask " << hex(t.mask) << ") " << where(t.site); break;
+      case Wait::Fault: s << " at " << where(t.site); break;
     }
     return s.str();
   }
@@ -511,6 +513,7 @@ struct Simulator {
           break;
         case Wait::Warp: arrive_warp(t); break;
         case Wait::Exited: exited(t); break;
+        case Wait::Fault: fail(std::string(t.fault) + ": " + describe(t));
       }
     }
   }
@@ -616,6 +619,15 @@ void yield() {
   Thread& t = sim().self();
   t.wait = Wait::None;
   sim().suspend(t);
+}
+
+void fault(const char* what, const char* file, int line) {
+  Thread& t = sim().self();
+  t.wait = Wait::Fault;
+  t.site = {file, line};
+  t.fault = what;
+  sim().suspend(t);
+  __builtin_trap();  // a faulted thread is never resumed: its launch fails
 }
 
 void run(dim3 grid, dim3 block, size_t param_bytes, const void* kernel, const std::function<void()>& body) {

@@ -33,9 +33,10 @@
 // exit while others will still reach a __syncthreads.
 //
 // The device functions are the host's (libm's expf, logf, exp, fma), except __expf, emulated as the GPU
-// computes it: exp2f of the float32 product x * log2(e) with subnormal inputs and results flushed to zero
-// (the GPU's ex2.approx.ftz adds up to 2 ulp more), and __half / __nv_bfloat16 with round-to-nearest-even
-// conversions.
+// computes it under nvcc's default -ftz=false (the PTX: mul.f32, then ex2.approx.f32, without .ftz): exp2f
+// of the float32 product x * log2(e), subnormals kept (the GPU's ex2.approx adds up to 2 ulp more), and
+// __half / __nv_bfloat16 with round-to-nearest-even conversions. A vector store (__stwb) to an address not
+// aligned to its size fails the launch, as it faults on the GPU (plain loads and stores are not checked).
 #pragma once
 
 #define PPO_EXT_CUDA_SIM 1
@@ -98,6 +99,7 @@ const dim3& grid_dim();
 void sync_block(const char* file, int line);
 uint64_t warp_collective(WarpOp op, unsigned mask, int param, int width, uint64_t value, const char* file, int line);
 void yield();  // a global-memory event: another thread may run
+[[noreturn]] void fault(const char* what, const char* file, int line);  // the launch fails, naming the thread
 void run(dim3 grid, dim3 block, size_t param_bytes, const void* kernel, const std::function<void()>& body);
 
 template <typename T>
@@ -171,15 +173,23 @@ template <typename T>
 T __ldcg(const T* p) {
   return *p;
 }
+// A vector store: the address must be aligned to its size, as the GPU requires (a misaligned one faults).
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+template <typename T>
+void __stwb(T* p, T value, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) {
+    cuda_sim::detail::fault("misaligned address: a vector store (__stwb) to an address not aligned to its size", file,
+                            line);
+  }
+  *p = value;
+}
 
 // ---- Float intrinsics.
-inline bool cuda_sim_is_subnormal(float x) { return x != 0.0f && std::fabs(x) < 1.17549435e-38f; }
 inline float __expf(float x) {
-  if (cuda_sim_is_subnormal(x)) x = 0.0f;
-  float y = x * 1.44269504088896341f;  // rounded to float32, as the GPU's multiply
-  if (cuda_sim_is_subnormal(y)) y = 0.0f;
-  const float r = std::exp2(y);
-  return cuda_sim_is_subnormal(r) ? std::copysign(0.0f, r) : r;
+  const float y = x * 1.44269504088896341f;  // rounded to float32, as the GPU's mul.f32
+  return std::exp2(y);
 }
 
 // ---- 16-bit floats: the bits, and round-to-nearest-even conversions (NaN becomes the canonical 0x7fff).

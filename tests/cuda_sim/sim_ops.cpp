@@ -152,6 +152,16 @@ __global__ void spin_forever_kernel(int* out) {  // a flag nobody raises
   }
 }
 
+__global__ void vector_store_kernel(int* out) {  // correct: 16-byte stores to 16-byte-aligned addresses
+  const unsigned v = threadIdx.x;
+  __stwb(reinterpret_cast<uint4*>(out + threadIdx.x * 4), uint4{v, v + 1, v + 2, v + 3});
+}
+
+__global__ void misaligned_store_kernel(int* out) {  // thread 3 stores 16 bytes to an address 4 bytes off
+  const unsigned v = threadIdx.x;
+  __stwb(reinterpret_cast<uint4*>(out + threadIdx.x * 4 + (threadIdx.x == 3 ? 1 : 0)), uint4{v, v, v, v});
+}
+
 __global__ void warp_sum_kernel(int* out) {  // correct: a reduction with every shuffle kind
   const int lane = static_cast<int>(threadIdx.x % 32);
   int v = lane;
@@ -194,6 +204,8 @@ void run_example(const std::string& name, at::Tensor out, int64_t blocks, int64_
       {"disjoint_syncwarp", &disjoint_syncwarp_kernel},
       {"spin_on_flag", &spin_on_flag_kernel},
       {"spin_forever", &spin_forever_kernel},
+      {"vector_store", &vector_store_kernel},
+      {"misaligned_store", &misaligned_store_kernel},
   };
   for (const auto& [kernel_name, kernel] : kernels) {
     if (name == kernel_name) return cuda_sim::launch(grid, block, kernel, p);
