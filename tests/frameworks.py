@@ -76,6 +76,9 @@ verl's ``__post_init__`` insists on filled in) and ``version``.
 
 ``openrlhf()`` -> namespace with ``loss`` (the module openrlhf.models.loss: ``PolicyLoss``,
 ``aggregate_loss``), ``utils`` (openrlhf.models.utils: ``masked_mean``) and ``version``.
+
+``liger_grpo()`` -> namespace with ``LigerFusedLinearGRPOLoss`` (Liger-Kernel's liger_kernel/chunked_loss: ATen
+matmuls and torch ops, no Triton, so it runs on the CPU) and ``version``.
 """
 
 import ast
@@ -95,11 +98,12 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 __all__ = ["FrameworkMissing", "StubUsed", "require", "package_dir", "stub_class", "stub_function",
            "stubbed_imports", "load_module", "load_functions", "load_or_skip", "verl", "verl_actor", "openrlhf",
-           "trl", "VERL_VERSION", "OPENRLHF_VERSION", "TRL_VERSION"]
+           "trl", "liger_grpo", "VERL_VERSION", "OPENRLHF_VERSION", "TRL_VERSION", "LIGER_VERSION"]
 
 VERL_VERSION = "0.9.1"
 OPENRLHF_VERSION = "0.11.2"
 TRL_VERSION = "1.16.0"
+LIGER_VERSION = "0.8.5"
 REQUIRE_ENV = "PPO_EXT_REQUIRE_FRAMEWORKS"
 
 
@@ -495,3 +499,12 @@ def trl_chunked_logprob() -> types.SimpleNamespace:
     chunk_size = int(re.search(r"^_CHUNKED_LOGPROB_CHUNK_SIZE = (\d+)$", source, re.M).group(1))
     return types.SimpleNamespace(ChunkedLogProbFunction=module.ChunkedLogProbFunction, chunk_size=chunk_size,
                                  token_chunk_size=module.TOKEN_CHUNK_SIZE, version=version)
+
+
+@functools.lru_cache(maxsize=None)
+def liger_grpo() -> types.SimpleNamespace:
+    """Liger-Kernel 0.8.5's fused linear GRPO loss, liger_kernel/chunked_loss/grpo_loss.py, as installed (nothing
+    stubbed: the chunked losses import torch alone)."""
+    version = require("liger-kernel", LIGER_VERSION)
+    module = importlib.import_module("liger_kernel.chunked_loss.grpo_loss")
+    return types.SimpleNamespace(LigerFusedLinearGRPOLoss=module.LigerFusedLinearGRPOLoss, version=version)

@@ -40,6 +40,7 @@ SPEC = ROOT / "docs" / "SPEC.md"
 ALLOWED = (
     ("verl/*", "a file of verl's source tree (what the verl adapter reproduces), not of this repository"),
     ("trl/*", "a file of TRL's source tree (the eager baseline a benchmark cites)"),
+    ("liger_kernel/*", "a file of Liger-Kernel's source tree (the fused linear GRPO loss a parity test runs)"),
     ("ppo_ext/_C*.so", "the compiled extension, a build output (setup.py; *.so is ignored)"),
     ("ppo_ext/.build-stamp", "written by scripts/setup_env.sh after a build, ignored"),
     ("examples/output/", "written by examples/grpo_sort_digits.py, ignored by examples/.gitignore"),
