@@ -42,7 +42,6 @@ out-dir: benchmarks/results) unless --no-write, and exits with 2 if a contender 
 
 import argparse
 import functools
-import importlib.metadata
 import os
 import sys
 import time
@@ -95,26 +94,25 @@ def trl_chunked_loss():
     return loss
 
 
+def liger():
+    """tests/frameworks.py's Liger-Kernel (the version pinned in scripts/frameworks.txt), or None."""
+    try:
+        return frameworks().liger_grpo()
+    except frameworks().FrameworkMissing:
+        return None
+
+
 def liger_loss():
     """Liger-Kernel's fused linear GRPO loss (PPO's clipped loss, token-level, its default aggregation), or None."""
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-    except ImportError:
+    if liger() is None:
         return None
-    fn = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo",
-                                  use_ref_model=False)
+    fn = liger().LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo",
+                                          use_ref_model=False)
 
     def loss(hidden, weight, labels, old, adv, mask):
         return fn(hidden, weight, labels, mask, adv[:, 0] if adv.dim() == 2 else adv, old_per_token_logps=old)[0]
 
     return loss
-
-
-def liger_version():
-    try:
-        return importlib.metadata.version("liger-kernel") if liger_loss() is not None else "not installed"
-    except importlib.metadata.PackageNotFoundError:  # importable from a path, not installed as a distribution
-        return "unknown version"
 
 
 def ppo_ext_loss(grad_in_forward):
@@ -437,7 +435,7 @@ def main():
 
     return harness.run_cases_per_device(
         args, devices, cases_of, functools.partial(run_case, only=only), table, name, "ppo_ext.policy_loss_from_hidden",
-        extra_meta=lambda device: dict(liger_kernel=liger_version()))
+        extra_meta=lambda device: dict(liger_kernel="not installed" if liger() is None else liger().version))
 
 
 if __name__ == "__main__":
