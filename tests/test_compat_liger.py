@@ -1,7 +1,7 @@
 """ppo_ext.policy_loss_from_hidden against Liger-Kernel 0.8.5's own LigerFusedLinearGRPOLoss (the fused LM head and
 GRPO loss that TRL's GRPOTrainer runs with use_liger_kernel=True): a user who moves from Liger to ppo_ext gets the
-same loss and gradients with the options the TRL adapter's table (ppo_ext/compat/trl.py) maps TRL's, and so Liger's,
-onto.
+same loss and gradients with the options the TRL adapter (ppo_ext/compat/trl.py) maps TRL's, and so Liger's, onto:
+the test takes them from the adapter's own mapping.
 
 Liger's module comes from the installed package (tests/frameworks.liger_grpo; its chunked losses are torch code, no
 Triton, so they run on the CPU), built with compiled=False (the same math without torch.compile, which would compile
@@ -15,13 +15,12 @@ counts, unlike TRL's); with and without the KL to a reference (beta, and TRL's b
 and with two-sided clipping (delta).
 """
 
-import math
-
 import pytest
 import torch
 
 import frameworks
 import ppo_ext
+from ppo_ext.compat import trl
 
 B, T, H, V = 4, 9, 16, 50
 EPS_LOW, EPS_HIGH, CISPO_EPS_HIGH, MAX_LEN = 0.2, 0.28, 1.3, 12
@@ -60,29 +59,17 @@ def _inputs(dtype):
     return hidden, weight, labels, mask, adv, old, ref
 
 
-def _ppo_ext_options(loss_type, level, beta, extra, ref):
-    """The README's TRL table: Liger's GRPO loss types are TRL's."""
-    o = dict(clip_low=EPS_LOW, clip_high=EPS_HIGH, importance_sampling="seq" if level == "sequence" else "token")
-    if loss_type in ("grpo", "sapo"):
-        o.update(loss_agg_mode="seq-mean-token-mean", num_seqs=B)
-    elif loss_type == "luspo":
-        o.update(loss_agg_mode="seq-mean-token-sum", num_seqs=B)
-    elif loss_type == "dr_grpo":
-        o.update(loss_agg_mode="seq-mean-token-sum-norm", num_seqs=B, loss_scale_factor=MAX_LEN)
-    else:  # bnpo, dapo, cispo, vespo: the valid tokens of the batch
-        o.update(loss_agg_mode="token-mean")
-    if loss_type == "cispo":  # clamp(coef, max=epsilon_high), no lower bound
-        o.update(loss_type="cispo", clip_low=1.0, clip_high=CISPO_EPS_HIGH - 1)
-    elif loss_type == "sapo":
-        o.update(loss_type="sapo", tau_pos=TAU_POS, tau_neg=TAU_NEG)
-    elif loss_type == "vespo":  # Liger's and ppo_ext's defaults of k and lambda are TRL's
-        o.update(loss_type="vespo")
-    if "delta" in extra:
-        o.update(ratio_cap=extra["delta"])
-    if beta:
-        o.update(ref_log_probs=ref, kl_coef=beta, kl_estimator="k3", kl_clamp=math.inf,
-                 kl_bias_correction=extra.get("use_bias_correction_kl", False))
-    return o
+def _ppo_ext_options(loss_type, level, beta, extra, ref, mask):
+    """The TRL adapter's own mapping (ppo_ext/compat/trl.py) of the TRL options Liger shares: Liger's GRPO loss types
+    are TRL's (one process, no gradient accumulation, no vLLM correction)."""
+    opts = trl._options({
+        "loss_type": loss_type, "importance_sampling_level": level, "beta": beta, "epsilon": EPS_LOW,
+        "epsilon_high": CISPO_EPS_HIGH if loss_type == "cispo" else EPS_HIGH, "delta": extra.get("delta"),
+        "use_bias_correction_kl": extra.get("use_bias_correction_kl", False), "sapo_temperature_pos": TAU_POS,
+        "sapo_temperature_neg": TAU_NEG, "max_completion_length": MAX_LEN, "use_vllm": False})
+    importance_sampling = "token" if loss_type == "vespo" else trl._LEVELS[level]
+    return dict(importance_sampling=importance_sampling, **trl._family(opts), **trl._kl(opts, ref),
+                **trl._aggregation(opts, B, mask, None, 1, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -105,7 +92,7 @@ def test_policy_loss_from_hidden_matches_liger(case, dtype):
 
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     out = ppo_ext.policy_loss_from_hidden(h2, w2, labels, old, adv, mask, temperature=temperature,
-                                          **_ppo_ext_options(loss_type, level, beta, extra, ref))
+                                          **_ppo_ext_options(loss_type, level, beta, extra, ref, mask))
     out.loss.backward()
 
     def close(actual, wanted, what):
