@@ -135,10 +135,13 @@ def gemms_call(inp):
     fit = chunk * V // N
     columns = V if fit >= V else min(V, max(MIN_COLUMNS, fit // MIN_COLUMNS * MIN_COLUMNS))
 
+    def row_stride(cols):
+        return torch.ops.ppo_ext.hidden_logits_row_stride(cols, weight.element_size())
+
     def call():
-        buffer = torch.empty(max(chunk * V, N * columns if by_columns else 0), dtype=weight.dtype,
-                             device=weight.device)
-        rows_buffer = buffer[:chunk * V].view(chunk, V)
+        buffer = torch.empty(max(chunk * row_stride(V), N * row_stride(columns) if by_columns else 0),
+                             dtype=weight.dtype, device=weight.device)
+        rows_buffer = buffer[:chunk * row_stride(V)].view(chunk, row_stride(V))[:, :V]
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.empty_like(weight) if by_columns else torch.zeros_like(weight)
         with torch.no_grad():
@@ -150,7 +153,7 @@ def gemms_call(inp):
             if by_columns:
                 for start in range(0, V, columns):
                     n = min(columns, V - start)
-                    block = buffer[:N * n].view(N, n)
+                    block = buffer[:N * row_stride(n)].view(N, row_stride(n))[:, :n]
                     torch.mm(hidden, weight[start:start + n].T, out=block)
                     torch.mm(block.T, hidden, out=grad_weight[start:start + n])
         return grad_hidden, grad_weight

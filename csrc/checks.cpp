@@ -385,6 +385,11 @@ int64_t default_chunk_tokens(int64_t V, int64_t element_size) {
   return std::clamp(rows, kHiddenMinChunk, kHiddenMaxChunk);
 }
 
+int64_t logits_row_stride(int64_t cols, int64_t element_size) {
+  const int64_t per_16_bytes = std::max<int64_t>(1, 16 / std::max<int64_t>(1, element_size));
+  return (cols + per_16_bytes - 1) / per_16_bytes * per_16_bytes;
+}
+
 HiddenLayout check_hidden_log_probs_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                                          const OptionalTensor& bias, double temperature, int64_t chunk_tokens) {
   TORCH_CHECK_VALUE(hidden.dim() == 2 || hidden.dim() == 3, "hidden must have shape (B, T, H) or (N, H), got ",

@@ -153,6 +153,11 @@ HiddenLayout check_hidden_log_probs_args(const at::Tensor& hidden, const at::Ten
 constexpr int64_t kHiddenChunkBytes = int64_t(64) << 20, kHiddenMinChunk = 256, kHiddenMaxChunk = 384;
 int64_t default_chunk_tokens(int64_t V, int64_t element_size);
 
+// The row stride, in elements, of a buffer of logits rows `cols` long: cols rounded up to a multiple of 16 bytes, so
+// that every row starts 16-byte aligned (the kernels' 16-byte loads and stores, the GEMMs' vector paths) whatever
+// the vocabulary: at V = 50257 (GPT-2's), rows V apart leave 7 rows in 8 of a 16-bit buffer misaligned.
+int64_t logits_row_stride(int64_t cols, int64_t element_size);
+
 // float32 arithmetic, float64 for float64 log-probs.
 inline at::ScalarType acc_type_for(at::ScalarType log_probs_dtype) {
   return log_probs_dtype == at::kDouble ? at::kDouble : at::kFloat;

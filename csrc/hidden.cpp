@@ -39,8 +39,15 @@ at::Tensor hidden_rows(const at::Tensor& hidden, int64_t begin, int64_t end) {
   return at::cat(pieces);
 }
 
+// The first `rows` rows of `cols` logits of the reused (flat) buffer, each row starting 16-byte aligned
+// (logits_row_stride): a (rows, cols) view.
+at::Tensor buffer_rows(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  const int64_t stride = logits_row_stride(cols, buffer.element_size());
+  return buffer.narrow(0, 0, rows * stride).view({rows, stride}).narrow(1, 0, cols);
+}
+
 // rows @ weight^T + bias (weight and bias: rows of the head, a block of the vocabulary) written into `out`, a
-// contiguous (rows, weight rows) view of the reused buffer.
+// (rows, weight rows) view of the reused buffer (buffer_rows).
 at::Tensor write_logits(at::Tensor out, const at::Tensor& rows, const at::Tensor& weight, const OptionalTensor& bias) {
   if (bias.has_value()) {
     at::addmm_out(out, *bias, rows, weight.t());
@@ -50,10 +57,10 @@ at::Tensor write_logits(at::Tensor out, const at::Tensor& rows, const at::Tensor
   return out;
 }
 
-// The logits of a chunk of rows (all of the vocabulary), written into the first rows of `buffer` (chunk, V).
+// The logits of a chunk of rows (all of the vocabulary), written into the first rows of the flat `buffer`.
 at::Tensor chunk_logits(const at::Tensor& buffer, const at::Tensor& rows, const at::Tensor& weight,
                         const OptionalTensor& bias) {
-  return write_logits(buffer.narrow(0, 0, rows.size(0)), rows, weight, bias);
+  return write_logits(buffer_rows(buffer, rows.size(0), weight.size(0)), rows, weight, bias);
 }
 
 at::Tensor flat_rows(const at::Tensor& t) { return t.reshape({-1}); }
@@ -69,7 +76,7 @@ TokenLogProbsOutputs hidden_log_probs_chunked(const at::Tensor& hidden, const at
   at::Tensor log_probs = at::empty({l.N}, acc), logsumexp = at::empty({l.N}, acc);
   at::Tensor entropy = at::empty({compute_entropy ? l.N : 0}, acc);
   const at::Tensor flat_labels = flat_rows(labels);
-  const at::Tensor buffer = at::empty({l.chunk, l.V}, hidden.options());
+  const at::Tensor buffer = at::empty({l.chunk * logits_row_stride(l.V, hidden.element_size())}, hidden.options());
   for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
     const int64_t n = std::min(l.chunk, l.N - begin);
     const at::Tensor logits = chunk_logits(buffer, hidden_rows(hidden, begin, begin + n), weight, bias);
@@ -117,20 +124,21 @@ HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
   // torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is True, as for any bf16 nn.Linear.)
   const bool by_columns = (want_weight || want_bias) && weight.scalar_type() != acc && l.N > l.chunk;
   // The columns of a block: as many as fit the chunk's buffer, at least kMinColumns (or V) for the GEMMs' sake, and
-  // a multiple of kMinColumns, so that each row of a block's (N, block) logits starts 16-byte aligned (the kernels'
-  // and the GEMMs' vector paths; 4748 columns at N = 8192, V = 151936 left every other row misaligned).
+  // a multiple of kMinColumns (4748 columns at N = 8192, V = 151936 made slower GEMMs than 4736); rows of a block's
+  // (N, block) logits are 16-byte aligned whatever its width (buffer_rows: the last block's, or V's).
   constexpr int64_t kMinColumns = 64;
   const int64_t fit = l.chunk * l.V / std::max<int64_t>(l.N, 1);
   const int64_t block = fit >= l.V ? l.V : std::min(l.V, std::max(kMinColumns, fit / kMinColumns * kMinColumns));
-  at::Tensor buffer = at::empty({std::max(l.chunk * l.V, by_columns ? l.N * block : 0)}, hidden.options());
+  const auto row_stride = [&](int64_t cols) { return logits_row_stride(cols, hidden.element_size()); };
+  at::Tensor buffer =
+      at::empty({std::max(l.chunk * row_stride(l.V), by_columns ? l.N * row_stride(block) : 0)}, hidden.options());
   if (want_hidden || ((want_weight || want_bias) && !by_columns)) {
     if (want_weight) grad_weight.zero_();
     if (want_bias) grad_bias.zero_();
-    const at::Tensor rows_buffer = buffer.narrow(0, 0, l.chunk * l.V).view({l.chunk, l.V});
     for (int64_t begin = 0; begin < l.N; begin += l.chunk) {
       const int64_t n = std::min(l.chunk, l.N - begin);
       const at::Tensor rows = hidden_rows(hidden, begin, begin + n);
-      const at::Tensor grad_logits = chunk_logits(rows_buffer, rows, weight, bias);
+      const at::Tensor grad_logits = chunk_logits(buffer, rows, weight, bias);
       backward_op.call(g.narrow(0, begin, n), grad_logits, flat_labels.narrow(0, begin, n), lse.narrow(0, begin, n),
                        temperature, rows_of(g_entropy, begin, n), rows_of(flat_entropy, begin, n));
       if (want_hidden) {
@@ -147,7 +155,7 @@ HiddenLogProbsBackwardOutputs hidden_log_probs_backward_chunked(
     for (int64_t start = 0; start < l.V; start += block) {
       const int64_t n = std::min(block, l.V - start);
       const at::Tensor grad_logits =
-          write_logits(buffer.narrow(0, 0, l.N * n).view({l.N, n}), all_rows, weight.narrow(0, start, n),
+          write_logits(buffer_rows(buffer, l.N, n), all_rows, weight.narrow(0, start, n),
                        bias ? OptionalTensor(bias->narrow(0, start, n)) : std::nullopt);
       backward_op.call(g, grad_logits, at::sub(flat_labels, start), lse, temperature, g_entropy, flat_entropy);
       if (want_weight) {

@@ -75,6 +75,8 @@ TORCH_LIBRARY(ppo_ext, m) {
   // The rows a chunk of the ops above holds by default (chunk_tokens=0) for a vocabulary of `vocab` entries of
   // `element_size` bytes (checks.h: a buffer of about 64 MiB within 256 to 384 rows).
   m.def("hidden_default_chunk_tokens(int vocab, int element_size) -> int", &default_chunk_tokens);
+  // The row stride of their buffer's (rows, cols) logits: cols rounded up to 16 bytes (checks.h).
+  m.def("hidden_logits_row_stride(int cols, int element_size) -> int", &logits_row_stride);
 }
 
 }  // namespace ppo_ext

@@ -167,12 +167,15 @@ def _chunk_pass(hidden, weight, bias, labels, temperature, chunks, loss_args, ne
     if agg_weights is not None:
         chunk_options["loss_agg_mode"] = "token-mean"
     multiply_out = any(g is not None for g in grads)
-    buffer = hidden.new_empty(max(n for _, n, _ in chunks), weight.shape[0])
+    V = weight.shape[0]
+    # rows 16-byte aligned whatever V, as the ops' own buffer's (csrc/checks.h: logits_row_stride)
+    buffer = hidden.new_empty(max(n for _, n, _ in chunks),
+                              torch.ops.ppo_ext.hidden_logits_row_stride(V, hidden.element_size()))
     for c in chunks:
         start, n, rectangles = c
         tokens = slice(start, start + n)
         rows = _rows(hidden, T, c)
-        logits = buffer[:n]
+        logits = buffer[:n, :V]
         if bias is None:
             torch.mm(rows, weight.T, out=logits)
         else:

@@ -615,6 +615,33 @@ def test_default_chunk_tokens():
         assert default_chunk_tokens(V, dtype) == rows
 
 
+def test_logits_buffer_rows_aligned(monkeypatch):
+    """The chunk buffer's rows start 16-byte aligned whatever V (csrc/checks.h logits_row_stride: V rounded up to
+    16 bytes), so that the kernels take their vector path on every row: rows V apart left 7 in 8 of a 16-bit buffer
+    misaligned at V = 50257. The rule, and the logits that policy_loss_from_hidden's grad_in_forward hands to the
+    from-logits kernel (recorded), at V = 301."""
+    for cols, size, stride in ((50257, 2, 50264), (50257, 4, 50260), (50257, 8, 50258), (32000, 2, 32000),
+                               (301, 2, 304), (1, 2, 8), (64, 4, 64)):
+        assert torch.ops.ppo_ext.hidden_logits_row_stride(cols, size) == stride
+    seen = []
+    kernel = torch.ops.ppo_ext.token_log_probs
+
+    def recording(logits, *args):
+        seen.append((logits.shape, logits.stride(), logits.data_ptr() % 16))
+        return kernel(logits, *args)
+
+    monkeypatch.setattr(torch.ops.ppo_ext, "token_log_probs", recording)
+    for dtype in (torch.bfloat16, torch.float32):
+        hidden, weight, b, labels = make_head(2, 5, 16, 301, seed=30, dtype=dtype)
+        old, adv, mask, _ = loss_inputs(2, 5, seed=30, device="cpu")
+        h, w = leaves(hidden, weight)
+        seen.clear()
+        ppo_ext.policy_loss_from_hidden(h, w, labels, old, adv, mask, chunk_tokens=4, grad_in_forward=True)
+        step = 16 // dtype.itemsize
+        assert [shape[1] for shape, _, _ in seen] == [301] * 3, seen
+        assert all(stride == (-(-301 // step) * step, 1) and address == 0 for _, stride, address in seen), seen
+
+
 @pytest.mark.parametrize("adv_shape", ["BT", "B1", "B"])
 def test_grad_in_forward_optional_inputs_and_normalisers(adv_shape):
     """No mask, no old log-probs (on-policy), advantages (B, T) / (B, 1) / (B,), the global normalisers (a tensor, a
