@@ -253,10 +253,10 @@ def test_extreme_logits(device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_logits_exp(device, dtype):
-    """16-bit logits take a faster exp on the CPU (csrc/cpu/vec_ops.h, FastExpVecOps: within 7 ulp of float32's):
-    at a 152K vocabulary the log-probs and entropies are still float32-accurate (a 1e-4 exp would be 20x off
-    here) and the gradient within a 16-bit rounding of the float64 one; a NaN logit gives NaN log-prob, entropy
-    and gradient (the polynomial alone gives inf for NaN)."""
+    """16-bit logits take a faster exp on the CPU (csrc/cpu/vec_ops.h, FastExpVecOps: within 1.63e-7 of float32's
+    exp with AVX-512, 4e-7 without): at a 152K vocabulary the log-probs and entropies are still float32-accurate
+    (a 1e-4 exp would be 20x off here) and the gradient within a 16-bit rounding of the float64 one; a NaN logit
+    gives NaN log-prob, entropy and gradient (ATen's exp_u20 alone gives inf for NaN)."""
     logits, labels = make_logits(2, 3, 151936, seed=31, dtype=dtype, device=device)
     x = logits.clone().requires_grad_(True)
     lp, entropy = ppo_ext.log_probs_from_logits(x, labels, return_entropy=True)
@@ -279,9 +279,10 @@ def test_16bit_logits_exp(device, dtype):
 
 
 def check_16bit_exp(device):
-    """The exp of the 16-bit logits' kernels, through rows [0, x] whose log-prob at 0 is -log(1 + exp(x)): every
-    bfloat16 / float16 x in [-4, 1.5] (the polynomial's whole reduced range, 2^n for n in -6..2), x in the vector
-    lane of the 0 (on the CPU the lanes' stats are combined by the scalar exp). Measured |error| 1.23e-7 on the
+    """The exp of the 16-bit logits' kernels, through rows [0, x] whose log-prob at 0 is -log(1 + exp(x)):
+    bfloat16 / float16 x in [-4, 1.5] on a grid of 2^-9 (the exp sees -|x|: the polynomial's whole reduced range,
+    2^n for n in -6..0), x in the vector lane of the 0 (on the CPU the lanes' stats are combined by the scalar exp).
+    Float32's roundings dominate (a correctly rounded exp gives 1.22e-7): exps within ~1.5e-7 all pass. Measured |error| 1.23e-7 on the
     CPU (the float32 roundings of 1 + exp(x) and its log), whichever instruction set; an exp 3.7e-7 off at the
     ends of its reduced range (its last coefficient 1.3% off) gives 3.4e-7. On CUDA the exp is ex2.approx of the
     float32 product x log2(e) (2 ulp, and that product's rounding): within 4.5e-7 by its error bounds."""
