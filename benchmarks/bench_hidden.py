@@ -104,10 +104,11 @@ def liger():
 
 def liger_loss():
     """Liger-Kernel's fused linear GRPO loss (PPO's clipped loss, token-level, its default aggregation), or None."""
-    if liger() is None:
+    lib = liger()
+    if lib is None:
         return None
-    fn = liger().LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo",
-                                          use_ref_model=False)
+    fn = lib.LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, loss_type="dapo",
+                                      use_ref_model=False)
 
     def loss(hidden, weight, labels, old, adv, mask):
         return fn(hidden, weight, labels, mask, adv[:, 0] if adv.dim() == 2 else adv, old_per_token_logps=old)[0]
@@ -141,7 +142,7 @@ def gemms_call(inp):
     def call():
         buffer = torch.empty(max(chunk * row_stride(V), N * row_stride(columns) if by_columns else 0),
                              dtype=weight.dtype, device=weight.device)
-        rows_buffer = buffer[:chunk * row_stride(V)].view(chunk, row_stride(V))[:, :V]
+        rows_buffer = buffer[:chunk * row_stride(V)].view(chunk, -1)[:, :V]
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.empty_like(weight) if by_columns else torch.zeros_like(weight)
         with torch.no_grad():
@@ -153,7 +154,7 @@ def gemms_call(inp):
             if by_columns:
                 for start in range(0, V, columns):
                     n = min(columns, V - start)
-                    block = buffer[:N * row_stride(n)].view(N, row_stride(n))[:, :n]
+                    block = buffer[:N * row_stride(n)].view(N, -1)[:, :n]
                     torch.mm(hidden, weight[start:start + n].T, out=block)
                     torch.mm(block.T, hidden, out=grad_weight[start:start + n])
         return grad_hidden, grad_weight

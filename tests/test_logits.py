@@ -282,8 +282,8 @@ def check_16bit_exp(device):
     """The exp of the 16-bit logits' kernels, through rows [0, x] whose log-prob at 0 is -log(1 + exp(x)):
     bfloat16 / float16 x in [-4, 1.5] on a grid of 2^-9 (the exp sees -|x|: the polynomial's whole reduced range,
     2^n for n in -6..0), x in the vector lane of the 0 (on the CPU the lanes' stats are combined by the scalar exp).
-    Float32's roundings dominate (a correctly rounded exp gives 1.22e-7): exps within ~1.5e-7 all pass. Measured |error| 1.23e-7 on the
-    CPU (the float32 roundings of 1 + exp(x) and its log), whichever instruction set; an exp 3.7e-7 off at the
+    Measured |error| 1.23e-7 on the CPU, whichever instruction set: float32's roundings of 1 + exp(x) and its log
+    dominate (a correctly rounded exp gives 1.22e-7), so exps within ~1.5e-7 all pass; an exp 3.7e-7 off at the
     ends of its reduced range (its last coefficient 1.3% off) gives 3.4e-7. On CUDA the exp is ex2.approx of the
     float32 product x log2(e) (2 ulp, and that product's rounding): within 4.5e-7 by its error bounds."""
     for dtype in (torch.bfloat16, torch.float16):
