@@ -284,10 +284,15 @@ struct Ratio {
   V dratio;  // d ratio / d log-ratio: the ratio, or 0 where the clamp is active
 };
 
+// The ratio of a clamped log-ratio, given its exp r = exp(c.value) (computed apart by the CPU kernel).
+template <typename Ops, typename V, typename Mask>
+PPO_HD Ratio<V> ratio_with_exp(const ClampedLogRatio<V, Mask>& c, V r) {
+  return {r, c.clamped ? Ops::select(c.passes, r, V(0)) : r};
+}
+
 template <typename Ops, typename V, typename Mask>
 PPO_HD Ratio<V> ratio_of(const ClampedLogRatio<V, Mask>& c) {
-  const V r = Ops::exp(c.value);
-  return {r, c.clamped ? Ops::select(c.passes, r, V(0)) : r};
+  return ratio_with_exp<Ops>(c, Ops::exp(c.value));
 }
 
 // What the per-token loss of every family reads: the ratio (token or sequence level, after the log-ratio

@@ -152,6 +152,35 @@ def test_many_rows_and_chunks(device):
         check_against_reference(inp, **options(is_mode, "seq-mean-token-mean", dual=True, clamp=True))
 
 
+def test_row_longer_than_the_lane_counters(device):
+    """A row of 8.4M tokens: the CPU kernel keeps its extremes and counts in per-lane registers and reduces them
+    every 2^19 tokens a lane (every F = 2^23 tokens for float32 with AVX-512, 2^22 with AVX2) and at the row's end.
+    Log-ratios d and rollout log-ratios e far from every bound: before F in {0, -1}, and one d = -2 (the smallest
+    ratio); from F on in {0, 1}, and d = 2 at the last token (the largest). So a reduction that dropped or
+    double-counted the lanes on either side of F changes a count or an extreme."""
+    F, T = 2 ** 23, 2 ** 23 + 11_000
+    g = torch.Generator().manual_seed(_seed("long row"))
+    before = torch.arange(T) < F
+    d = torch.randint(0, 2, (1, T), generator=g).float() * torch.where(before, -1.0, 1.0)
+    e = torch.randint(0, 2, (1, T), generator=g).float() * torch.where(before, -1.0, 1.0)
+    d[0, 5], d[0, -1] = -2, 2
+    mask = torch.rand(1, T, generator=g) < 0.9
+    mask[0, 5] = mask[0, -1] = True
+    old = -torch.rand(1, T, generator=g)
+    out = ppo_ext.policy_loss((old + d).to(device), old.to(device), torch.ones(1, device=device), mask.to(device),
+                              rollout_log_probs=(old - e).to(device), rollout_is="token", rollout_is_low=0.5,
+                              rollout_is_high=2.0)
+    counts = counts_by_name(out.counts.cpu())
+    assert counts["valid_tokens"] == mask.sum().item()
+    assert counts["clipped_low"] == (mask & (d < 0)).sum().item()
+    assert counts["clipped_high"] == (mask & (d > 0)).sum().item()
+    assert counts["rollout_filtered_tokens"] == (mask & (e != 0)).sum().item()
+    metrics = {k: v.item() for k, v in out.metrics.items()}
+    assert metrics["ratio_min"] == pytest.approx(math.exp(-2), rel=1e-6)
+    assert metrics["ratio_max"] == pytest.approx(math.exp(2), rel=1e-6)
+    assert (metrics["rollout_weight_min"], metrics["rollout_weight_max"]) == (0.5, 2.0)
+
+
 def _noncontiguous(inp: Inputs, device):
     """The same values in non-contiguous layouts: transposed storage, strided slices, expanded advantages."""
     B, T = inp.lp.shape

@@ -62,6 +62,37 @@ class PolicyLossKernel {
     alignas(64) acc_t weights[kTile];
     alignas(64) acc_t rollout_log_probs[kTile];
     alignas(64) acc_t ref_log_probs[kTile];
+    alignas(64) acc_t ratios[kTile];  // exp of the clamped token log-ratios
+  };
+
+  // The exact per-lane statistics of a row's tokens: extremes, and counts (whole numbers, exact in float lanes up
+  // to 2^24: kFlushTiles tiles hold at most 2^19 tokens a lane). Accumulated over up to kFlushTiles tiles and then
+  // reduced (flush), rather than after every tile as the rounded sums are.
+  static constexpr int64_t kFlushTiles = (int64_t{1} << 19) * kVec / kTile;
+  struct LaneStats {
+    V ratio_min{INFINITY}, ratio_max{-INFINITY}, rollout_min{INFINITY}, rollout_max{-INFINITY};
+    V n_valid{0}, n_low{0}, n_high{0}, n_active{0}, n_dual{0}, n_filtered{0};
+
+    void flush(Partials& p, int64_t& row_valid, bool rollout_on) {
+      alignas(64) acc_t lanes[kVec];
+      ratio_min.store(lanes);
+      for (int64_t k = 0; k < kVec; ++k) p.ratio_min = math::nan_minimum<double>(p.ratio_min, lanes[k]);
+      ratio_max.store(lanes);
+      for (int64_t k = 0; k < kVec; ++k) p.ratio_max = math::nan_maximum<double>(p.ratio_max, lanes[k]);
+      if (rollout_on) {
+        rollout_min.store(lanes);
+        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_min = math::nan_minimum<double>(p.rollout_weight_min, lanes[k]);
+        rollout_max.store(lanes);
+        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_max = math::nan_maximum<double>(p.rollout_weight_max, lanes[k]);
+        p.counts[kRolloutFilteredTokens] += count_lanes(n_filtered);
+      }
+      row_valid += count_lanes(n_valid);
+      p.counts[kClippedLow] += count_lanes(n_low);
+      p.counts[kClippedHigh] += count_lanes(n_high);
+      p.counts[kClippedActive] += count_lanes(n_active);
+      p.counts[kDualClipped] += count_lanes(n_dual);
+      *this = LaneStats{};
+    }
   };
 
   // The tile's pointers: n values of row i from t0 on, as acc_t, readable in whole vectors.
@@ -229,10 +260,11 @@ class PolicyLossKernel {
         static_cast<acc_t>(math::row_mean_log_ratio(log_ratio_sum, valid)), o_));
     const V agg_weight(static_cast<acc_t>(math::row_agg_weight(o_.loss_agg_mode, valid)));
     acc_t* grad_row = a_.token_grad ? static_cast<acc_t*>(a_.token_grad) + i * a_.T : nullptr;
-    const V zero(0), one(1), inf(INFINITY), minus_inf(-INFINITY);
+    const V zero(0), one(1);
 
-    int64_t row_valid = 0;
+    int64_t row_valid = 0, tiles = 0;
     double row_dloss_sum = 0;  // sum of m * agg_weight * dl/dr, for the "seq" gradient
+    LaneStats s;
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
       TileView v = log_ratio_view(t, i, t0, n);
@@ -240,10 +272,16 @@ class PolicyLossKernel {
       v.weights = view(a_.token_weights, i, t0, n, t.weights);
       if (rollout_on) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
       if (kRefKl) v.ref_log_probs = view(a_.ref_log_probs, i, t0, n, t.ref_log_probs);
-      V loss(0), ratio_sum(0), kl_sum(0), ratio_min(inf), ratio_max(minus_inf), dloss_sum(0);
-      V ref_kl_sum(0), ref_kl_agg(0);
-      V n_valid(0), n_low(0), n_high(0), n_active(0), n_dual(0);
-      V rollout_sum(0), rollout_min(inf), rollout_max(minus_inf), n_filtered(0);
+      // The token ratios' exps first, in a loop of their own: SLEEF's exp is a call, which in the loop below
+      // would spill and reload its accumulators (every vector register is caller-saved).
+      if (!seq_level) {
+        for (int64_t j = 0; j < n; j += kVec) {
+          const V d = V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j);
+          Ops::exp(math::clamp_log_ratio<Ops>(d, o_).value).store(t.ratios + j);
+        }
+      }
+      V loss(0), ratio_sum(0), kl_sum(0), dloss_sum(0);
+      V ref_kl_sum(0), ref_kl_agg(0), rollout_sum(0);
       for (int64_t j = 0; j < n; j += kVec) {
         const V is_valid = V::loadu(v.mask + j) != zero;
         const V valid_one = is_valid & one;  // a mask lane is all ones or all zeros
@@ -251,7 +289,8 @@ class PolicyLossKernel {
         const V raw_log_ratio = lp - old;
         const auto log_ratio = math::clamp_log_ratio<Ops>(raw_log_ratio, o_);
         const math::Ratio<V> r =
-            seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)} : math::ratio_of<Ops>(log_ratio);
+            seq_level ? math::Ratio<V>{V(row_ratio.ratio), V(row_ratio.dratio)}
+                      : math::ratio_with_exp<Ops>(log_ratio, V::loadu(t.ratios + j));
         const V adv = V::loadu(v.advantages + j);
         V weight = V::loadu(v.weights + j);
         if (rollout_on) {  // the correction's weight, a constant of the loss, times the given weight
@@ -259,9 +298,9 @@ class PolicyLossKernel {
           const auto rw = math::rollout_weight<Ops>(rollout_log_ratio, rollout_seq ? row_rollout : rollout_log_ratio, o_);
           if (weighting) weight = weight * rw.weight;
           rollout_sum += Ops::select(is_valid, rw.weight, zero);
-          rollout_min = Ops::select(is_valid, Ops::minimum(rollout_min, rw.weight), rollout_min);
-          rollout_max = Ops::select(is_valid, Ops::maximum(rollout_max, rw.weight), rollout_max);
-          n_filtered += rw.filtered & valid_one;
+          s.rollout_min = Ops::select(is_valid, Ops::minimum(s.rollout_min, rw.weight), s.rollout_min);
+          s.rollout_max = Ops::select(is_valid, Ops::maximum(s.rollout_max, rw.weight), s.rollout_max);
+          s.n_filtered += rw.filtered & valid_one;
         }
         const math::TokenInputs<V> x{r.ratio, lp, old, raw_log_ratio, adv, weight, row_weight_pos, row_weight_neg};
         const auto terms = math::token_terms<Ops>(x, o_);
@@ -282,13 +321,13 @@ class PolicyLossKernel {
         loss += Ops::select(is_valid, agg_weight * terms.loss, zero);
         ratio_sum += Ops::select(is_valid, r.ratio, zero);
         kl_sum -= Ops::select(is_valid, log_ratio.value, zero);
-        ratio_min = Ops::select(is_valid, Ops::minimum(ratio_min, r.ratio), ratio_min);
-        ratio_max = Ops::select(is_valid, Ops::maximum(ratio_max, r.ratio), ratio_max);
-        n_valid += valid_one;
-        n_low += terms.clipped_low & valid_one;
-        n_high += terms.clipped_high & valid_one;
-        n_active += terms.clip_active & valid_one;
-        n_dual += terms.dual_clipped & valid_one;
+        s.ratio_min = Ops::select(is_valid, Ops::minimum(s.ratio_min, r.ratio), s.ratio_min);
+        s.ratio_max = Ops::select(is_valid, Ops::maximum(s.ratio_max, r.ratio), s.ratio_max);
+        s.n_valid += valid_one;
+        s.n_low += terms.clipped_low & valid_one;
+        s.n_high += terms.clipped_high & valid_one;
+        s.n_active += terms.clip_active & valid_one;
+        s.n_dual += terms.dual_clipped & valid_one;
         if (seq_grad) {
           // The direct term now; pass 3 adds the gradient through the row's ratio.
           dloss_sum += Ops::select(is_valid, weighted_dloss, zero);
@@ -305,25 +344,9 @@ class PolicyLossKernel {
         p.ref_kl_sum += sum_lanes(ref_kl_sum);
         p.ref_kl_agg += sum_lanes(ref_kl_agg);
       }
-      alignas(64) acc_t lanes[kVec];
-      ratio_min.store(lanes);
-      for (int64_t k = 0; k < kVec; ++k) p.ratio_min = math::nan_minimum<double>(p.ratio_min, lanes[k]);
-      ratio_max.store(lanes);
-      for (int64_t k = 0; k < kVec; ++k) p.ratio_max = math::nan_maximum<double>(p.ratio_max, lanes[k]);
-      if (rollout_on) {
-        p.rollout_weight_sum += sum_lanes(rollout_sum);
-        rollout_min.store(lanes);
-        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_min = math::nan_minimum<double>(p.rollout_weight_min, lanes[k]);
-        rollout_max.store(lanes);
-        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_max = math::nan_maximum<double>(p.rollout_weight_max, lanes[k]);
-        p.counts[kRolloutFilteredTokens] += count_lanes(n_filtered);
-      }
-      row_valid += count_lanes(n_valid);
-      p.counts[kClippedLow] += count_lanes(n_low);
-      p.counts[kClippedHigh] += count_lanes(n_high);
-      p.counts[kClippedActive] += count_lanes(n_active);
-      p.counts[kDualClipped] += count_lanes(n_dual);
+      if (rollout_on) p.rollout_weight_sum += sum_lanes(rollout_sum);
       row_dloss_sum += sum_lanes(dloss_sum);
+      if (++tiles % kFlushTiles == 0 || t0 + n == a_.T) s.flush(p, row_valid, rollout_on);
     }
     p.counts[kValidTokens] += row_valid;
     p.counts[kValidSeqs] += row_valid > 0 ? 1 : 0;
