@@ -6,7 +6,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ppo_ext.names import COUNT_INDEX, COUNT_NAMES, METRIC_NAMES
+from ppo_ext.names import COUNT_INDEX, METRIC_NAMES
 
 Normaliser = Union[None, int, float, torch.Tensor]
 

@@ -11,7 +11,6 @@ compared bitwise; sums are compared to the float32 (float64) rounding of a diffe
 the float32 log-probs to the GPU's approximate exp (__expf, emulated) against the CPU's 1-ulp exp.
 """
 
-import math
 import zlib
 
 import pytest
@@ -280,6 +279,7 @@ def log_probs_tol(dtype):
 
 def compare_log_probs(sim, logits, labels, temperature=1.0, what="", grad_zero_rows=True):
     tol = log_probs_tol(logits.dtype)
+    first = None  # the outputs without the entropy
     for entropy in (False, True):
         cpu = torch.ops.ppo_ext.token_log_probs(logits, labels, temperature, entropy, False)
         gpu = sim.token_log_probs(logits, labels, temperature, entropy, False)

@@ -12,7 +12,7 @@ import torch
 import ppo_ext
 from helpers import (ADV_SHAPES, AGG_MODES, CPU_CAPABILITIES, IS_MODES, MASK_KINDS, NO_TOKEN_METRICS, Inputs,
                      bitwise_equal_outputs, check_against_reference, counts_by_name, make_inputs, op_args, options,
-                     run_ext, run_ref, run_with_cpu_capability, same_bits)
+                     run_ext, run_with_cpu_capability, same_bits)
 from ppo_ext.names import COUNT_NAMES, METRIC_NAMES
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ppo_ext
-from helpers import (AGG_MODES, CPU_CAPABILITIES, check_against_reference, counts_by_name, family_is_modes,
+from helpers import (CPU_CAPABILITIES, check_against_reference, counts_by_name, family_is_modes,
                      family_options, make_inputs, op_args, options, run_ext, run_with_cpu_capability, same_bits)
 from ppo_ext.names import ROLLOUT_IS_LEVELS
 
