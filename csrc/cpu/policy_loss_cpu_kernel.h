@@ -37,7 +37,7 @@ double sum_lanes(const V& v) {
 
 template <typename V>
 int64_t count_lanes(const V& v) {
-  return static_cast<int64_t>(sum_lanes(v));  // per-lane counts of one tile are exact small integers
+  return static_cast<int64_t>(sum_lanes(v));  // per-lane counts are whole numbers below 2^19 (LaneStats): exact
 }
 
 template <typename acc_t>
@@ -65,9 +65,9 @@ class PolicyLossKernel {
     alignas(64) acc_t ratios[kTile];  // exp of the clamped token log-ratios
   };
 
-  // The exact per-lane statistics of a row's tokens: extremes, and counts (whole numbers, exact in float lanes up
-  // to 2^24: kFlushTiles tiles hold at most 2^19 tokens a lane). Accumulated over up to kFlushTiles tiles and then
-  // reduced (flush), rather than after every tile as the rounded sums are.
+  // The exact per-lane statistics of a row's tokens: extremes, and counts. Accumulated over up to kFlushTiles tiles
+  // and then reduced (flush), rather than after every tile as the rounded sums are. kFlushTiles tiles hold 2^19
+  // tokens a lane, so a count stays far below 2^24, where float lanes would stop counting exactly.
   static constexpr int64_t kFlushTiles = (int64_t{1} << 19) * kVec / kTile;
   struct LaneStats {
     V ratio_min{INFINITY}, ratio_max{-INFINITY}, rollout_min{INFINITY}, rollout_max{-INFINITY};
@@ -273,7 +273,8 @@ class PolicyLossKernel {
       if (rollout_on) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
       if (kRefKl) v.ref_log_probs = view(a_.ref_log_probs, i, t0, n, t.ref_log_probs);
       // The token ratios' exps first, in a loop of their own: SLEEF's exp is a call, which in the loop below
-      // would spill and reload its accumulators (every vector register is caller-saved).
+      // would spill and reload its accumulators (every vector register is caller-saved). (The exps of sapo, dppo,
+      // the rollout weight and the KL are still called there.)
       if (!seq_level) {
         for (int64_t j = 0; j < n; j += kVec) {
           const V d = V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j);
