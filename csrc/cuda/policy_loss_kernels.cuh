@@ -176,20 +176,22 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
   const bool needs_prepass = row_log_ratio || row_rollout_sum ||
                              (o.loss_agg_mode == LossAggMode::SeqMeanTokenMean && a.mask.data != nullptr);
 
-  // This thread's sums over all the rows of this block.
+  // This thread's sums over all the rows of this block. Its counts are 32-bit (summed as 64-bit over the block):
+  // a thread sees at most ceil(B / grid) ceil(T / kThreads) tokens, below 2^28 for any batch whose log-probs fit
+  // in a GPU's memory; 64-bit ones made the float32 kernel spill 276 bytes instead of 64 (ptxas, sm_90).
   acc_t loss = 0, ratio_sum = 0, kl_sum = 0;
   acc_t ratio_min = INFINITY, ratio_max = -INFINITY;
   acc_t ref_kl_sum = 0, ref_kl_agg = 0;
-  long long n_valid_seqs = 0, n_valid = 0, n_low = 0, n_high = 0, n_active = 0, n_dual = 0;
+  int n_valid_seqs = 0, n_valid = 0, n_low = 0, n_high = 0, n_active = 0, n_dual = 0;
   acc_t rollout_sum = 0, rollout_min = INFINITY, rollout_max = -INFINITY;
-  long long n_filtered = 0, n_filtered_seqs = 0;
+  int n_filtered = 0, n_filtered_seqs = 0;
 
   for (int64_t i = blockIdx.x; i < a.B; i += gridDim.x) {
     // Pass 1: the row's valid tokens and, for a row statistic, the masked sums of its log-ratio and rollout terms.
     long long row_valid = a.T;
     double log_ratio_sum = 0, row_rollout_sum_value = 0;
     if (needs_prepass) {
-      long long count = 0;
+      int count = 0;
       acc_t sum = 0, rollout = 0;
       for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
         if (!is_valid(a.mask, i, t)) continue;
@@ -222,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
     acc_t* grad_row = a.token_grad ? static_cast<acc_t*>(a.token_grad) + i * a.T : nullptr;
 
     // Pass 2: the per-token loss, metrics, counters and (but for "seq") gradient.
-    long long row_count = 0;
+    int row_count = 0;
     acc_t dloss_sum = 0;
     for (int64_t t = threadIdx.x; t < a.T; t += kThreads) {
       const bool valid = is_valid(a.mask, i, t);
