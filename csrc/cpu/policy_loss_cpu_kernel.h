@@ -35,6 +35,16 @@ double sum_lanes(const V& v) {
   return s;
 }
 
+// into = the torch.minimum (kMax: torch.maximum) of into and v's lanes, in lane order: NaN propagates.
+template <bool kMax, typename V>
+void fold_lanes(const V& v, double& into) {
+  alignas(64) typename V::value_type lanes[V::size()];
+  v.store(lanes);
+  for (int64_t k = 0; k < V::size(); ++k) {
+    into = kMax ? math::nan_maximum<double>(into, lanes[k]) : math::nan_minimum<double>(into, lanes[k]);
+  }
+}
+
 template <typename V>
 int64_t count_lanes(const V& v) {
   return static_cast<int64_t>(sum_lanes(v));  // per-lane counts are whole numbers below 2^19 (LaneStats): exact
@@ -74,16 +84,11 @@ class PolicyLossKernel {
     V n_valid{0}, n_low{0}, n_high{0}, n_active{0}, n_dual{0}, n_filtered{0};
 
     void flush(Partials& p, int64_t& row_valid, bool rollout_on) {
-      alignas(64) acc_t lanes[kVec];
-      ratio_min.store(lanes);
-      for (int64_t k = 0; k < kVec; ++k) p.ratio_min = math::nan_minimum<double>(p.ratio_min, lanes[k]);
-      ratio_max.store(lanes);
-      for (int64_t k = 0; k < kVec; ++k) p.ratio_max = math::nan_maximum<double>(p.ratio_max, lanes[k]);
+      fold_lanes<false>(ratio_min, p.ratio_min);
+      fold_lanes<true>(ratio_max, p.ratio_max);
       if (rollout_on) {
-        rollout_min.store(lanes);
-        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_min = math::nan_minimum<double>(p.rollout_weight_min, lanes[k]);
-        rollout_max.store(lanes);
-        for (int64_t k = 0; k < kVec; ++k) p.rollout_weight_max = math::nan_maximum<double>(p.rollout_weight_max, lanes[k]);
+        fold_lanes<false>(rollout_min, p.rollout_weight_min);
+        fold_lanes<true>(rollout_max, p.rollout_weight_max);
         p.counts[kRolloutFilteredTokens] += count_lanes(n_filtered);
       }
       row_valid += count_lanes(n_valid);
