@@ -152,40 +152,41 @@ def test_many_rows_and_chunks(device):
         check_against_reference(inp, **options(is_mode, "seq-mean-token-mean", dual=True, clamp=True))
 
 
-def check_long_row(device, dtype=torch.float32):
-    """A row of 8.4M tokens: the CPU kernel keeps its extremes and counts in per-lane registers and reduces them
-    every 2^19 tokens a lane (every F = 2^23 tokens with 16 lanes, 2^22 with 8, 2^21 with 4) and at the row's end.
-    Log-ratios d and rollout log-ratios e far from every bound: before F in {0, -1}, and one d = -2 (the smallest
-    ratio); from F on in {0, 1}, and d = 2 at the last token (the largest). So a reduction that dropped or
-    double-counted the lanes on either side of F changes a count or an extreme. (The bound itself, counts exact in
+def check_long_row(device):
+    """A row of 8.4M tokens, float32 and float64: the CPU kernel keeps its extremes and counts in per-lane registers
+    and reduces them every 2^19 tokens a lane (every F = 2^23 tokens with 16 lanes, 2^22 with 8, 2^21 with 4) and at
+    the row's end. Log-ratios d and rollout log-ratios e far from every bound: before F in {0, -1}, and one d = -2
+    (the smallest ratio); from F on in {0, 1}, and d = 2 at the last token (the largest). So a reduction that dropped
+    or double-counted the lanes on either side of F changes a count or an extreme. (The bound itself, counts exact in
     float lanes below 2^24 a lane, is not reachable at this size.)"""
     F, T = 2 ** 23, 2 ** 23 + 11_000
     g = torch.Generator().manual_seed(_seed("long row"))
-    before = torch.arange(T) < F
-    d = torch.randint(0, 2, (1, T), generator=g).to(dtype) * torch.where(before, -1.0, 1.0).to(dtype)
-    e = torch.randint(0, 2, (1, T), generator=g).to(dtype) * torch.where(before, -1.0, 1.0).to(dtype)
+    sign = torch.where(torch.arange(T) < F, -1.0, 1.0)
+    d = torch.randint(0, 2, (1, T), generator=g) * sign
+    e = torch.randint(0, 2, (1, T), generator=g) * sign
     d[0, 5], d[0, -1] = -2, 2
     mask = torch.rand(1, T, generator=g) < 0.9
     mask[0, 5] = mask[0, -1] = True
-    old = -torch.rand(1, T, generator=g, dtype=dtype)
-    out = ppo_ext.policy_loss((old + d).to(device), old.to(device), torch.ones(1, device=device), mask.to(device),
-                              rollout_log_probs=(old - e).to(device), rollout_is="token", rollout_is_low=0.5,
-                              rollout_is_high=2.0)
-    counts = counts_by_name(out.counts.cpu())
+    old = -torch.rand(1, T, generator=g)
     expected = {"valid_tokens": mask.sum().item(), "valid_seqs": 1, "clipped_low": (mask & (d < 0)).sum().item(),
                 "clipped_high": (mask & (d > 0)).sum().item(), "dual_clipped": 0,
                 "clipped_active": (mask & (d > 0)).sum().item(),  # A = 1: the clip is in force above the range
                 "rollout_filtered_tokens": (mask & (e != 0)).sum().item(), "rollout_filtered_seqs": 0}
-    assert counts == expected, (dtype, counts, expected)
-    metrics = {k: v.item() for k, v in out.metrics.items()}
-    assert metrics["ratio_min"] == pytest.approx(math.exp(-2), rel=1e-6)
-    assert metrics["ratio_max"] == pytest.approx(math.exp(2), rel=1e-6)
-    assert (metrics["rollout_weight_min"], metrics["rollout_weight_max"]) == (0.5, 2.0)
+    for dtype in (torch.float32, torch.float64):
+        o = old.to(dtype)
+        out = ppo_ext.policy_loss((o + d.to(dtype)).to(device), o.to(device), torch.ones(1, device=device),
+                                  mask.to(device), rollout_log_probs=(o - e.to(dtype)).to(device), rollout_is="token",
+                                  rollout_is_low=0.5, rollout_is_high=2.0)
+        counts = counts_by_name(out.counts.cpu())
+        assert counts == expected, (dtype, counts, expected)
+        metrics = {k: v.item() for k, v in out.metrics.items()}
+        assert metrics["ratio_min"] == pytest.approx(math.exp(-2), rel=1e-6)
+        assert metrics["ratio_max"] == pytest.approx(math.exp(2), rel=1e-6)
+        assert (metrics["rollout_weight_min"], metrics["rollout_weight_max"]) == (0.5, 2.0)
 
 
 def test_long_row_counts_and_extremes(device):
-    for dtype in (torch.float32, torch.float64):
-        check_long_row(device, dtype)
+    check_long_row(device)
 
 
 def _noncontiguous(inp: Inputs, device):
@@ -466,8 +467,7 @@ for i, (dtype, is_mode, agg) in enumerate(itertools.product(
         inp = make_inputs(B, T, seed=1000 + i, dtype=dtype)
         check_against_reference(inp, **options(is_mode, agg, dual=True, clamp=True))
 from test_policy_loss import check_long_row
-for dtype in (torch.float32, torch.float64):
-    check_long_row("cpu", dtype)
+check_long_row("cpu")
 print("ok")
 """
 
