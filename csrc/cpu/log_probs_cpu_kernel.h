@@ -45,32 +45,51 @@ void prefetch_ahead(const T* p) {
 }
 
 // n entries of a row as acc_t: in place for float32 / float64, else converted into buf. With `max`, also their
-// per-lane max (in the same loop as the conversion).
+// per-lane max (in the same loop as the conversion), in kMaxChains independent chains: a NaN-propagating maximum
+// has ~6 cycles of latency, and in one chain it was a third of the forward's time (bf16, in cache: 0.22 ns a logit).
+constexpr int kMaxChains = 4;
 template <typename acc_t, typename scalar_t, typename Vec = at::vec::Vectorized<acc_t>>
 const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf, Vec* max = nullptr) {
-  const acc_t* out = buf;
-  Vec m(-INFINITY);
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    out = src;
-    if (max != nullptr) {
-      for (int64_t j = 0; j + Vec::size() <= n; j += Vec::size()) {
-        prefetch_ahead(src + j);
-        m = at::vec::maximum(m, Vec::loadu(src + j));
-      }
-    }
-  } else {
-    int64_t j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      prefetch_ahead(src + j);
-      Vec v;
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+  constexpr int64_t kVec = Vec::size();
+  if constexpr (kInPlace) {
+    if (max == nullptr) return src;
+  }
+  const auto load = [&](int64_t j) {  // entries [j, j + kVec) as acc_t, converted into buf
+    prefetch_ahead(src + j);
+    Vec v;
+    if constexpr (kInPlace) {
+      v = Vec::loadu(src + j);
+    } else {
       at::vec::load_to_float<scalar_t>(src + j, v);
       v.store(buf + j);
-      if (max != nullptr) m = at::vec::maximum(m, v);
     }
-    for (; j < n; ++j) buf[j] = static_cast<float>(src[j]);
+    return v;
+  };
+  Vec m[kMaxChains];
+  for (Vec& c : m) c = Vec(-INFINITY);
+  int64_t j = 0;
+  if (max != nullptr) {
+    for (; j + kMaxChains * kVec <= n; j += kMaxChains * kVec) {
+      for (int c = 0; c < kMaxChains; ++c) m[c] = at::vec::maximum(m[c], load(j + c * kVec));
+    }
   }
-  if (max != nullptr) *max = m;
-  return out;
+  for (; j + kVec <= n; j += kVec) {
+    const Vec v = load(j);
+    if (max != nullptr) m[0] = at::vec::maximum(m[0], v);
+  }
+  if constexpr (!kInPlace) {
+    for (; j < n; ++j) buf[j] = static_cast<acc_t>(src[j]);
+  }
+  if (max != nullptr) {
+    for (int c = 1; c < kMaxChains; ++c) m[0] = at::vec::maximum(m[0], m[c]);
+    *max = m[0];
+  }
+  if constexpr (kInPlace) {
+    return src;
+  } else {
+    return buf;
+  }
 }
 
 template <typename scalar_t, typename acc_t>
