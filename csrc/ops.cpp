@@ -31,6 +31,8 @@ TORCH_LIBRARY(ppo_ext, m) {
       "-> (Tensor loss, Tensor metrics, Tensor counts, Tensor token_grad, Tensor grad_scale)");
   // Backward: grad_log_probs = grad_loss * grad_scale * token_grad, in `dtype` (that of log_probs).
   m.def("policy_loss_backward(Tensor grad_loss, Tensor token_grad, Tensor grad_scale, ScalarType dtype) -> Tensor");
+  // The same gradient written over token_grad, in its dtype (the autograd formula's, where nothing else reads it).
+  m.def("policy_loss_backward_inplace(Tensor grad_loss, Tensor(a!) token_grad, Tensor grad_scale) -> ()");
 
   // From logits (B, T, V) or (N, V) (V contiguous) and int64 labels of their shape without V: per row of
   // x = logits / temperature, log_probs = log_softmax(x)[label], logsumexp = logsumexp(x) (saved for the

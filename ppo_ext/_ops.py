@@ -63,6 +63,11 @@ def _policy_loss_backward_fake(a):
     return a.token_grad.new_empty(a.token_grad.shape, dtype=a.dtype)
 
 
+@_fake("policy_loss_backward_inplace", device_of="token_grad")
+def _policy_loss_backward_inplace_fake(a):
+    return None
+
+
 def _check_logits(logits, labels):
     torch._check(logits.dim() in (2, 3),
                  lambda: f"logits must have shape (B, T, V) or (N, V), got {tuple(logits.shape)}")

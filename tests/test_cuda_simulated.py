@@ -89,6 +89,10 @@ def compare_policy_loss(sim, args, what="", grad_loss=None):
         tol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}.get(dtype, rtol)
         torch.testing.assert_close(back_g, back_c, rtol=tol, atol=atol * 1e-3, equal_nan=True,
                                    msg=lambda m: f"{what}: backward\n{m}")
+        if dtype == acc:  # the in-place backward: the same kernel, its output over its input
+            in_place = token_grad_g.clone()
+            sim.policy_loss_backward_inplace(g, in_place, scale_g)
+            assert same_bits(in_place, back_g), f"{what}: in-place backward"
     return gpu
 
 
@@ -256,8 +260,9 @@ def test_policy_loss_block_count(sim, schedule):
         back = sim.policy_loss_backward_blocks(B * 9, sm) if B else 0
         assert back == (min((B * 9 + 255) // 256, 8 * sm) if B else 0)
         stats = sim.stats()
-        assert stats["launches"] == 1 + (B > 0) and stats["blocks"] == blocks + back, stats
-        assert stats["threads"] == blocks * sim.policy_loss_threads + back * 256, stats
+        # the forward, then the backward and the in-place backward (compare_policy_loss runs both)
+        assert stats["launches"] == 1 + 2 * (B > 0) and stats["blocks"] == blocks + 2 * back, stats
+        assert stats["threads"] == blocks * sim.policy_loss_threads + 2 * back * 256, stats
     assert sim.policy_loss_blocks(10 ** 9, 132) == 528
 
 

@@ -272,7 +272,7 @@ def test_errors_leave_no_state_behind(device):
 
 # The raw ops are reachable as torch.ops.ppo_ext.*; they must not crash or return garbage either.
 def test_raw_backward_op_bad_arguments(device):
-    bw = torch.ops.ppo_ext.policy_loss_backward
+    bw, inplace = torch.ops.ppo_ext.policy_loss_backward, torch.ops.ppo_ext.policy_loss_backward_inplace
     one = torch.tensor(1.0, device=device)
     tg = torch.ones(4, 3, device=device)
     cases = [
@@ -286,6 +286,12 @@ def test_raw_backward_op_bad_arguments(device):
         ("dtype", lambda: bw(one, tg, one, torch.complex64)),
         ("grad_loss", lambda: bw(torch.tensor(1.0, device=_other_device(device)), tg, one, torch.float32)),
         ("grad_scale", lambda: bw(one, tg, torch.tensor(1.0, device=_other_device(device)), torch.float32)),
+        # the in-place backward: the same checks, token_grad's dtype its own
+        ("token_grad", lambda: inplace(one, torch.ones(5, device=device), one)),
+        ("token_grad", lambda: inplace(one, torch.ones(3, 4, device=device).t(), one)),
+        ("token_grad", lambda: inplace(one, tg.bfloat16(), one.bfloat16())),
+        ("grad_scale", lambda: inplace(one, tg, one.double())),
+        ("grad_loss", lambda: inplace(torch.tensor(1.0, device=_other_device(device)), tg, one)),
     ]
     failures = []
     for name, fn in cases:

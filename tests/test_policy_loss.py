@@ -369,6 +369,79 @@ def test_opcheck_policy_loss_backward(device, dtype):
     torch.testing.assert_close(out, (token_grad * 0.5).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_policy_loss_backward_inplace(device, dtype):
+    token_grad = torch.randn(6, 13, dtype=dtype, device=device)
+    grad_scale = torch.tensor(0.25, dtype=dtype, device=device)
+    grad_loss = torch.tensor(-3.0, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.ppo_ext.policy_loss_backward_inplace.default,
+                          (grad_loss, token_grad.clone(), grad_scale))
+    expected = torch.ops.ppo_ext.policy_loss_backward(grad_loss, token_grad, grad_scale, dtype)
+    torch.ops.ppo_ext.policy_loss_backward_inplace(grad_loss, token_grad, grad_scale)
+    assert same_bits(token_grad, expected)
+    with pytest.raises(ValueError, match="token_grad must be contiguous"):
+        torch.ops.ppo_ext.policy_loss_backward_inplace(grad_loss, token_grad.t(), grad_scale)
+
+
+def _backward_ops(fn):
+    """The ppo_ext backward ops that fn() ran (the profiler's record of dispatcher calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("ppo_ext::policy_loss_backward")]
+
+
+def test_backward_takes_saved_gradient_only_when_no_one_else_can_read_it(device):
+    """The autograd backward scales the saved per-token gradient in place and hands it over as log_probs' gradient
+    (no new (B, T) tensor) only where nothing else can read it; the gradient is bitwise the same either way."""
+    inp = make_inputs(5, 33, seed=16, device=device)
+    kw = options(dual=True, loss_agg_mode="seq-mean-token-mean")
+    raw = torch.ops.ppo_ext.policy_loss(*op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    upstream = torch.tensor(2.5, device=device)
+    expected = torch.ops.ppo_ext.policy_loss_backward(upstream, raw[3], raw[4], torch.float32)
+
+    def loss(lp):
+        return ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **kw).loss * 2.5
+
+    # ppo_ext.policy_loss drops the op's token_grad output: the saved gradient is taken, scaled in place
+    lp = inp.lp.clone().requires_grad_(True)
+    out = loss(lp)
+    assert _backward_ops(out.backward) == ["ppo_ext::policy_loss_backward_inplace"]
+    assert same_bits(lp.grad, expected)
+    # retain_graph: every backward but the last leaves the saved gradient as it is; all give the same gradient
+    lp = inp.lp.clone().requires_grad_(True)
+    out = loss(lp)
+    grads = []
+    for retain in (True, True, False):
+        assert _backward_ops(lambda: grads.append(torch.autograd.grad(out, lp, retain_graph=retain)[0])) == [
+            "ppo_ext::policy_loss_backward" + ("" if retain else "_inplace")]
+    for g in grads:
+        assert same_bits(g, expected)
+    # a caller that holds the op's token_grad output: it is not overwritten
+    lp = inp.lp.clone().requires_grad_(True)
+    outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    token_grad = outputs[3]
+    held = token_grad.clone()
+    assert _backward_ops(lambda: (outputs[0] * 2.5).backward()) == ["ppo_ext::policy_loss_backward"]
+    assert same_bits(token_grad, held) and same_bits(lp.grad, expected)
+    # ... nor a view of it (its storage is shared)
+    lp = inp.lp.clone().requires_grad_(True)
+    outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    row = outputs[3][1]
+    held = row.clone()
+    outputs = outputs[0]
+    assert _backward_ops(lambda: (outputs * 2.5).backward()) == ["ppo_ext::policy_loss_backward"]
+    assert same_bits(row, held) and same_bits(lp.grad, expected)
+    # a gradient of another dtype than the saved one's (bf16 log-probs): a new tensor
+    lp = inp.lp.to(torch.bfloat16).requires_grad_(True)
+    out = loss(lp)
+    assert _backward_ops(out.backward) == ["ppo_ext::policy_loss_backward"]
+    assert lp.grad.dtype == torch.bfloat16
+    # log_probs used by two losses: their gradients add up
+    lp = inp.lp.clone().requires_grad_(True)
+    (loss(lp) + loss(lp)).backward()
+    assert same_bits(lp.grad, expected * 2)
+
+
 def test_fake_kernel_matches_real_kernel(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

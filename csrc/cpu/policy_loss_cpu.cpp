@@ -43,23 +43,35 @@ PolicyLossOutputs policy_loss_cpu(const PolicyLossArgs& a) {
   return {loss, metrics, counts, token_grad, grad_scale};
 }
 
-at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& token_grad,
-                                    const at::Tensor& grad_scale, at::ScalarType dtype) {
-  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, dtype);
-  at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
+// out = grad_loss * grad_scale * token_grad in out's dtype; out may be token_grad itself.
+void scale_token_grad(const at::Tensor& grad_loss, const at::Tensor& token_grad, const at::Tensor& grad_scale,
+                      const at::Tensor& out) {
   const double scale = grad_loss.item<double>() * grad_scale.item<double>();
   AT_DISPATCH_V2(token_grad.scalar_type(), "ppo_ext_cpu_backward", AT_WRAP([&] {
     using acc_t = scalar_t;
     const acc_t* src = token_grad.const_data_ptr<acc_t>();
     const acc_t s = static_cast<acc_t>(scale);
-    AT_DISPATCH_V2(dtype, "ppo_ext_cpu_backward_out", AT_WRAP([&] {
-      scalar_t* dst = grad_log_probs.mutable_data_ptr<scalar_t>();
+    AT_DISPATCH_V2(out.scalar_type(), "ppo_ext_cpu_backward_out", AT_WRAP([&] {
+      scalar_t* dst = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, token_grad.numel(), 32768, [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) dst[k] = static_cast<scalar_t>(src[k] * s);
       });
     }), at::kFloat, at::kDouble, at::kHalf, at::kBFloat16);
   }), at::kFloat, at::kDouble);
+}
+
+at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                    const at::Tensor& grad_scale, at::ScalarType dtype) {
+  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, dtype);
+  at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
+  scale_token_grad(grad_loss, token_grad, grad_scale, grad_log_probs);
   return grad_log_probs;
+}
+
+void policy_loss_backward_inplace_cpu(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                      const at::Tensor& grad_scale) {
+  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, token_grad.scalar_type());
+  scale_token_grad(grad_loss, token_grad, grad_scale, token_grad);
 }
 
 }  // namespace
@@ -67,6 +79,7 @@ at::Tensor policy_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tenso
 TORCH_LIBRARY_IMPL(ppo_ext, CPU, m) {
   m.impl("policy_loss", checked_policy_loss<&policy_loss_cpu>);
   m.impl("policy_loss_backward", &policy_loss_backward_cpu);
+  m.impl("policy_loss_backward_inplace", &policy_loss_backward_inplace_cpu);
 }
 
 }  // namespace ppo_ext::cpu

@@ -89,26 +89,42 @@ PolicyLossOutputs policy_loss_device(const PolicyLossArgs& a) {
   return {loss, metrics, counts, token_grad, grad_scale};
 }
 
+// out = grad_loss * grad_scale * token_grad in out's dtype; out may be token_grad itself (each element is read
+// before it is written, by the same thread).
+template <typename Launcher>
+void scale_token_grad(const Launcher& launcher, const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                      const at::Tensor& grad_scale, const at::Tensor& out) {
+  const int64_t numel = token_grad.numel();
+  if (numel == 0) return;
+  const int blocks = policy_loss_backward_blocks(numel, launcher.sm_count());
+  AT_DISPATCH_FLOATING_TYPES(token_grad.scalar_type(), "ppo_ext_policy_loss_backward_cuda", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ppo_ext_policy_loss_backward_cuda_out",
+                                    [&] {
+      using out_t = kernel_scalar_t<scalar_t>;
+      launcher.launch(&policy_loss_backward_kernel<acc_t, out_t>, blocks, kBackwardThreads,
+                      grad_loss.const_data_ptr(), dtype_code(grad_loss.scalar_type()),
+                      grad_scale.const_data_ptr<acc_t>(), token_grad.const_data_ptr<acc_t>(),
+                      static_cast<out_t*>(out.mutable_data_ptr()), numel);
+    });
+  });
+}
+
 template <typename Launcher>
 at::Tensor policy_loss_backward_device(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                        const at::Tensor& grad_scale, at::ScalarType dtype) {
   check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, dtype);
   const Launcher launcher(token_grad);
   at::Tensor grad_log_probs = at::empty(token_grad.sizes(), token_grad.options().dtype(dtype));
-  const int64_t numel = token_grad.numel();
-  if (numel == 0) return grad_log_probs;
-  const int blocks = policy_loss_backward_blocks(numel, launcher.sm_count());
-  AT_DISPATCH_FLOATING_TYPES(token_grad.scalar_type(), "ppo_ext_policy_loss_backward_cuda", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ppo_ext_policy_loss_backward_cuda_out", [&] {
-      using out_t = kernel_scalar_t<scalar_t>;
-      launcher.launch(&policy_loss_backward_kernel<acc_t, out_t>, blocks, kBackwardThreads,
-                      grad_loss.const_data_ptr(), dtype_code(grad_loss.scalar_type()),
-                      grad_scale.const_data_ptr<acc_t>(), token_grad.const_data_ptr<acc_t>(),
-                      static_cast<out_t*>(grad_log_probs.mutable_data_ptr()), numel);
-    });
-  });
+  scale_token_grad(launcher, grad_loss, token_grad, grad_scale, grad_log_probs);
   return grad_log_probs;
+}
+
+template <typename Launcher>
+void policy_loss_backward_inplace_device(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                         const at::Tensor& grad_scale) {
+  check_policy_loss_backward_args(grad_loss, token_grad, grad_scale, token_grad.scalar_type());
+  scale_token_grad(Launcher(token_grad), grad_loss, token_grad, grad_scale, token_grad);
 }
 
 inline LogitRows logit_rows(const at::Tensor& logits, const at::Tensor& labels, const LogitsLayout& l,

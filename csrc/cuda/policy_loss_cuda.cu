@@ -11,6 +11,7 @@ namespace ppo_ext::cuda {
 TORCH_LIBRARY_IMPL(ppo_ext, CUDA, m) {
   m.impl("policy_loss", checked_policy_loss<&policy_loss_device<CudaLauncher>>);
   m.impl("policy_loss_backward", &policy_loss_backward_device<CudaLauncher>);
+  m.impl("policy_loss_backward_inplace", &policy_loss_backward_inplace_device<CudaLauncher>);
 }
 
 }  // namespace ppo_ext::cuda

@@ -39,6 +39,8 @@ using PolicyLossSignature = PolicyLossOutputs(
     c10::string_view importance_sampling, c10::string_view loss_agg_mode, bool compute_grad);
 using PolicyLossBackwardSignature = at::Tensor(const at::Tensor& grad_loss, const at::Tensor& token_grad,
                                                const at::Tensor& grad_scale, at::ScalarType dtype);
+using PolicyLossBackwardInplaceSignature = void(const at::Tensor& grad_loss, const at::Tensor& token_grad,
+                                                const at::Tensor& grad_scale);
 using TokenLogProbsSignature = TokenLogProbsOutputs(const at::Tensor& logits, const at::Tensor& labels,
                                                     double temperature, bool compute_entropy,
                                                     bool inplace_backward);

@@ -220,6 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ppo_ext's CUDA host code and kernels, run on the CPU by tests/cuda_sim";
   m.def("policy_loss", ppo_ext::checked_policy_loss<&policy_loss_device<SimLauncher>>);
   m.def("policy_loss_backward", &policy_loss_backward_device<SimLauncher>);
+  m.def("policy_loss_backward_inplace", &policy_loss_backward_inplace_device<SimLauncher>);
   m.def("token_log_probs", &token_log_probs_device<SimLauncher>);
   namespace py = pybind11;
   // (the entropy's gradient optional, as in the ops' schemas)
