@@ -75,16 +75,17 @@ class PolicyLossFunction<PolicyLossOutputs(const at::Tensor&, Rest...)>
     variable_list grad_inputs(1 + sizeof...(Rest));
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return grad_inputs;
-    auto [token_grad, in_place] = take_token_grad(ctx);
-    TORCH_CHECK(token_grad.dim() == 2,
-                "ppo_ext::policy_loss was called with compute_grad=False, so it saved no gradient to go backward "
-                "through; call it with compute_grad=True (ppo_ext.policy_loss does so when log_probs requires grad)");
+    // (first: a second backward through a graph that was not retained raises autograd's own error here)
+    const at::Tensor grad_scale = ctx->get_saved_variables()[0];
     // create_graph=True would ask for a gradient that is differentiable again; it is not (the saved
     // gradient is a constant), so say so now rather than return a silently constant gradient.
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "ppo_ext.policy_loss is differentiable once: backward with create_graph=True (double backward) "
                 "is not supported");
-    const at::Tensor grad_scale = ctx->get_saved_variables()[0];
+    auto [token_grad, in_place] = take_token_grad(ctx);
+    TORCH_CHECK(token_grad.dim() == 2,
+                "ppo_ext::policy_loss was called with compute_grad=False, so it saved no gradient to go backward "
+                "through; call it with compute_grad=True (ppo_ext.policy_loss does so when log_probs requires grad)");
     if (in_place) {
       policy_loss_backward_inplace_op().call(grad_loss, token_grad, grad_scale);
       grad_inputs[0] = std::move(token_grad);

@@ -416,6 +416,8 @@ def test_backward_takes_saved_gradient_only_when_no_one_else_can_read_it(device)
             "ppo_ext::policy_loss_backward" + ("" if retain else "_inplace")]
     for g in grads:
         assert same_bits(g, expected)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.backward()
     # a caller that holds the op's token_grad output: it is not overwritten
     lp = inp.lp.clone().requires_grad_(True)
     outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
