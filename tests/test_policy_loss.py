@@ -433,6 +433,17 @@ def test_backward_takes_saved_gradient_only_when_no_one_else_can_read_it(device)
     outputs = outputs[0]
     assert _backward_ops(lambda: (outputs * 2.5).backward()) == ["ppo_ext::policy_loss_backward"]
     assert same_bits(row, held) and same_bits(lp.grad, expected)
+    # ... and one that changes it in place before the backward gets autograd's error, not a wrong gradient
+    lp = inp.lp.clone().requires_grad_(True)
+    outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    outputs[3][0].zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation: the token_grad output"):
+        outputs[0].backward()
+    # batched upstream gradients (vmap over the backward): a new, batched tensor
+    lp = inp.lp.clone().requires_grad_(True)
+    out = loss(lp)
+    (batched,) = torch.autograd.grad(out, lp, torch.tensor([1.0, -2.0], device=device), is_grads_batched=True)
+    assert same_bits(batched[0], expected) and same_bits(batched[1], expected * -2)
     # a gradient of another dtype than the saved one's (bf16 log-probs): a new tensor
     lp = inp.lp.to(torch.bfloat16).requires_grad_(True)
     out = loss(lp)
