@@ -46,7 +46,7 @@ class PolicyLossFunction<PolicyLossOutputs(const at::Tensor&, Rest...)>
     // The caller's token_grad is a tensor of its own over the saved one's storage (and version counter), so that
     // the backward can tell whether the caller still holds it (may_take). The saved one is in saved_data, not
     // save_for_backward, for the same reason: a saved-tensor hook (offloading, checkpointing) does not see it
-    // (4 or 8 bytes a token); its version is checked here instead.
+    // (4 or 8 bytes a token); the backward checks its version instead.
     const at::Tensor caller_token_grad = token_grad.tensor_data();
     // Only the loss is differentiable; no zero gradients are materialised for the other outputs
     // (token_grad is (B, T)).
