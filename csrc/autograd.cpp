@@ -25,7 +25,7 @@ T constant(T value) {
 }
 
 // The dispatcher handle of ppo_ext::policy_loss_backward_inplace, looked up once (used by the autograd backward and
-// by the ADInplaceOrView kernel below).
+// by its ADInplaceOrView kernel, InplaceBackwardKernel).
 const auto& policy_loss_backward_inplace_op() {
   static const auto op = typed_op<PolicyLossBackwardInplaceSignature>("ppo_ext::policy_loss_backward_inplace");
   return op;
@@ -124,7 +124,7 @@ class PolicyLossFunction<PolicyLossOutputs(const at::Tensor&, Rest...)>
 // saved the logits then fails autograd's version check). An entropy with no upstream gradient adds nothing to the
 // backward (its term is not computed).
 // The dispatcher handle of ppo_ext::token_log_probs_backward_inplace, looked up once (used by the
-// autograd backward and by the ADInplaceOrView kernel below).
+// autograd backward and by its ADInplaceOrView kernel, InplaceBackwardKernel).
 const auto& token_log_probs_backward_inplace_op() {
   static const auto op = typed_op<TokenLogProbsBackwardInplaceSignature>("ppo_ext::token_log_probs_backward_inplace");
   return op;
@@ -241,28 +241,22 @@ TokenLogProbsOutputs hidden_log_probs_autograd(const at::Tensor& hidden, const a
   return {out[0], out[1], out[2]};
 }
 
-// The in-place backward mutates its `logits`: bump their version counter, as PyTorch's own in-place ops do,
-// so that autograd notices any other use of the overwritten values.
-void token_log_probs_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_log_probs, const at::Tensor& logits,
-                                                        const at::Tensor& labels, const at::Tensor& logsumexp,
-                                                        double temperature, const OptionalTensor& grad_entropy,
-                                                        const OptionalTensor& entropy) {
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    token_log_probs_backward_inplace_op().call(grad_log_probs, logits, labels, logsumexp, temperature, grad_entropy,
-                                               entropy);
+// The ADInplaceOrView kernel of an in-place backward op, which writes over its second argument (the logits, the
+// saved token_grad): the op below this key, then that argument's version counter bumped, as PyTorch's own in-place
+// ops do, so that autograd notices any other use of the overwritten values. Spelled over the op's signature.
+template <typename Signature, const c10::TypedOperatorHandle<Signature>& (*Op)()>
+struct InplaceBackwardKernel;
+template <typename First, typename... Rest,
+          const c10::TypedOperatorHandle<void(First, const at::Tensor&, Rest...)>& (*Op)()>
+struct InplaceBackwardKernel<void(First, const at::Tensor&, Rest...), Op> {
+  static void call(First first, const at::Tensor& overwritten, Rest... rest) {
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      Op().call(first, overwritten, rest...);
+    }
+    torch::autograd::impl::bump_version(overwritten);
   }
-  torch::autograd::impl::bump_version(logits);
-}
-
-void policy_loss_backward_inplace_ad_inplace_or_view(const at::Tensor& grad_loss, const at::Tensor& token_grad,
-                                                     const at::Tensor& grad_scale) {
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    policy_loss_backward_inplace_op().call(grad_loss, token_grad, grad_scale);
-  }
-  torch::autograd::impl::bump_version(token_grad);
-}
+};
 
 }  // namespace
 
@@ -273,8 +267,10 @@ TORCH_LIBRARY_IMPL(ppo_ext, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ppo_ext, ADInplaceOrView, m) {
-  m.impl("token_log_probs_backward_inplace", &token_log_probs_backward_inplace_ad_inplace_or_view);
-  m.impl("policy_loss_backward_inplace", &policy_loss_backward_inplace_ad_inplace_or_view);
+  m.impl("token_log_probs_backward_inplace",
+         &InplaceBackwardKernel<TokenLogProbsBackwardInplaceSignature, &token_log_probs_backward_inplace_op>::call);
+  m.impl("policy_loss_backward_inplace",
+         &InplaceBackwardKernel<PolicyLossBackwardInplaceSignature, &policy_loss_backward_inplace_op>::call);
 }
 
 }  // namespace ppo_ext

@@ -395,9 +395,13 @@ def test_backward_takes_saved_gradient_only_when_no_one_else_can_read_it(device)
     (no new (B, T) tensor) only where nothing else can read it; the gradient is bitwise the same either way."""
     inp = make_inputs(5, 33, seed=16, device=device)
     kw = options(dual=True, loss_agg_mode="seq-mean-token-mean")
-    raw = torch.ops.ppo_ext.policy_loss(*op_args(inp.lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
-    upstream = torch.tensor(2.5, device=device)
-    expected = torch.ops.ppo_ext.policy_loss_backward(upstream, raw[3], raw[4], torch.float32)
+
+    def raw(lp):  # the op's outputs, token_grad among them
+        return torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+
+    outputs = raw(inp.lp)
+    expected = torch.ops.ppo_ext.policy_loss_backward(torch.tensor(2.5, device=device), outputs[3], outputs[4],
+                                                      torch.float32)
 
     def loss(lp):
         return ppo_ext.policy_loss(lp, inp.old, inp.adv, inp.mask, token_weights=inp.weights, **kw).loss * 2.5
@@ -420,14 +424,14 @@ def test_backward_takes_saved_gradient_only_when_no_one_else_can_read_it(device)
         out.backward()
     # a caller that holds the op's token_grad output: it is not overwritten
     lp = inp.lp.clone().requires_grad_(True)
-    outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    outputs = raw(lp)
     token_grad = outputs[3]
     held = token_grad.clone()
     assert _backward_ops(lambda: (outputs[0] * 2.5).backward()) == ["ppo_ext::policy_loss_backward"]
     assert same_bits(token_grad, held) and same_bits(lp.grad, expected)
     # ... nor a view of it (its storage is shared)
     lp = inp.lp.clone().requires_grad_(True)
-    outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    outputs = raw(lp)
     row = outputs[3][1]
     held = row.clone()
     outputs = outputs[0]
@@ -435,7 +439,7 @@ def test_backward_takes_saved_gradient_only_when_no_one_else_can_read_it(device)
     assert same_bits(row, held) and same_bits(lp.grad, expected)
     # ... and one that changes it in place before the backward gets autograd's error, not a wrong gradient
     lp = inp.lp.clone().requires_grad_(True)
-    outputs = torch.ops.ppo_ext.policy_loss(*op_args(lp, inp.old, inp.adv, inp.mask, inp.weights, **kw))
+    outputs = raw(lp)
     outputs[3][0].zero_()
     with pytest.raises(RuntimeError, match="modified by an inplace operation: the token_grad output"):
         outputs[0].backward()
