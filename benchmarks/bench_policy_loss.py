@@ -3,8 +3,8 @@
 
 The eager contender is verl 0.9.1's compute_policy_loss_vanilla / compute_policy_loss_gspo (and, for the
 sequence-level ratio with the gradient through the mean, OpenRLHF 0.11.2's GSPO PolicyLoss; for the other loss
-families, verl's compute_policy_loss_cispo / _sapo / _gpg / _dro / _dppo_tv / _dppo_kl and TRL 1.16's VESPO
-(GRPOTrainer.get_gamma_weights and its loss lines)), loaded from the
+families, verl's compute_policy_loss_cispo / _sapo / _gpg / _dro / _dppo_tv / _dppo_kl / _geo_mean, the critic's
+compute_value_loss and TRL 1.16's VESPO (GRPOTrainer.get_gamma_weights and its loss lines)), loaded from the
 installed packages by tests/frameworks.py and called as the frameworks' actors call them. Every contender is
 first checked against the float64 reference (ppo_ext.reference): loss, metrics, clip counters and gradient,
 with and without autograd. Then forward alone and forward + backward are timed, contenders interleaved in one
@@ -130,8 +130,26 @@ KINDS = {
         metrics={}, spread=(0.01, 0.01),
         options=dict(loss_type="vespo", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
                      loss_agg_mode="token-mean")),
+    # geo_mean (GMPO): verl averages -A exp(mean of the sign-aware clipped log-ratios) over all rows whatever
+    # loss_agg_mode says (seq-mean-token-mean over the B rows here, none empty), GMPO's clip range (-0.4, 0.4) on the
+    # unclamped log-ratio; its pg_clipfrac / pg_clipfrac_lower count log-ratios outside it with A > 0 / A < 0.
+    "geo_mean": dict(
+        label="geo_mean", framework="verl", function="compute_policy_loss_geo_mean",
+        config=dict(clip_ratio=0.4, clip_ratio_low=0.4, clip_ratio_high=0.4, loss_agg_mode="token-mean"),
+        metrics={"actor/pg_clipfrac": "clipfrac_high", "actor/ppo_kl": "approx_kl",
+                 "actor/pg_clipfrac_lower": "clipfrac_low"},
+        options=dict(loss_type="geo_mean", importance_sampling="seq", loss_agg_mode="seq-mean-token-mean",
+                     clip_low=0.4, clip_high=0.4)),
+    # value: the critic's clipped value loss, verl's compute_value_loss with verl's default cliprange_value 0.5 (the
+    # values in log_probs' place, the old values in old_log_probs', the returns, one per token, in the advantages');
+    # its vf_clipfrac is where the clipped term is the larger (ppo_ext's clipfrac_active).
+    "value": dict(
+        label="value", framework="verl", function="compute_value_loss", adv="BT",
+        config=dict(cliprange_value=0.5, loss_agg_mode="token-mean"), metrics={"vf_clipfrac": "clipfrac_active"},
+        options=dict(loss_type="value", clip_low=0.5, clip_high=0.5, loss_agg_mode="token-mean")),
 }
-FAMILIES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo")  # the kinds with a loss_type but vanilla
+# the kinds with a loss_type but vanilla
+FAMILIES = ("cispo", "sapo", "gpg", "dro", "dppo_tv", "dppo_kl", "geo_mean", "vespo", "value")
 
 
 def verl_config(verl, spec):
@@ -154,6 +172,14 @@ def framework_loss(kind):
     Raises frameworks().FrameworkMissing when the package is not installed."""
     spec = KINDS[kind]
     names = spec["metrics"]
+    if spec["framework"] == "verl" and spec["function"] == "compute_value_loss":
+        fn = frameworks().verl().core_algos.compute_value_loss
+
+        def verl_value_loss(lp, old, adv, mask):  # as verl's critic calls it
+            vf_loss, vf_clipfrac = fn(vpreds=lp, returns=adv, values=old, response_mask=mask, **spec["config"])
+            return vf_loss, {names["vf_clipfrac"]: vf_clipfrac}
+
+        return verl_value_loss
     if spec["framework"] == "verl":
         verl = frameworks().verl()
         config = verl_config(verl, spec)
@@ -262,8 +288,8 @@ VARIANTS = [
     Case(16, 8192, kind="seq"),
 ]
 # the other loss families at 1M tokens, with advantages (B,): they are the critic-free (GRPO-style) losses, whose
-# advantage is one number per sequence
-FAMILY_CASES = [Case(128, 8192, kind=kind, adv="B") for kind in FAMILIES]
+# advantage is one number per sequence (the value loss: returns (B, T))
+FAMILY_CASES = [Case(128, 8192, kind=kind, adv=KINDS[kind].get("adv", "B")) for kind in FAMILIES]
 
 
 def all_cases(quick, device):
@@ -347,8 +373,9 @@ def boundary_tokens(case, inp):
     whole row's). They are left out of the gradient comparison and allowed for in the counters. The thresholds
     are the family's: the ratio's clip bounds (and the dual clip) for vanilla and cispo (within 2e-6 relative);
     for dppo_* the divergence thresholds (tv: p - p_old within 2e-6; kl: the binary KL within 2e-6 (1 + |(1 - p_old
-    + 1e-8) / (1 - p + 1e-8)|), float32's error of its log term) and the truncation C (the counter only). sapo, gpg
-    and dro have none."""
+    + 1e-8) / (1 - p + 1e-8)|), float32's error of its log term) and the truncation C (the counter only); for
+    geo_mean the log-ratio's clip range; for the value loss the value's clip range and a tie of the two squared
+    errors (its clipfrac_active). sapo, gpg, dro and vespo have none."""
     opts = KINDS[case.kind]["options"]
     loss_type = opts.get("loss_type", "vanilla")
     lp, old, m = inp.lp.detach().double(), inp.old.double(), inp.mask
@@ -377,6 +404,17 @@ def boundary_tokens(case, inp):
             near |= (divergence - b).abs() <= tol  # NaN (p > 1 in kl): False, as on both sides
         if opts.get("ratio_cap") is not None:
             near |= (r - opts["ratio_cap"]).abs() <= 2e-6 * opts["ratio_cap"]
+    elif loss_type == "geo_mean":  # float32's lp - old within an ulp or two of the clip range's ends
+        for b in (opts["clip_high"], -opts["clip_low"]):
+            near |= (d - b).abs() <= 2e-6 * (1 + old.abs())
+    elif loss_type == "value":  # v at the clip range's ends, or the two squared errors within float32's rounding
+        adv = inp.adv.double()
+        R = (adv if adv.dim() == 2 else adv[:, None]).expand_as(d)
+        lo, hi = old - opts["clip_low"], old + opts["clip_high"]
+        for b in (lo, hi):
+            near |= (lp - b).abs() <= 2e-6 * (1 + b.abs())
+        err, clipped_err = (lp - R) ** 2, (torch.minimum(torch.maximum(lp, lo), hi) - R) ** 2
+        near |= (err - clipped_err).abs() <= 1e-5 * (1 + err + clipped_err)
     return near & m
 
 
@@ -516,7 +554,7 @@ def run_case(case, seed, device, threads, budget, rounds, flush, load, res, prog
     # 3. memory (forward+backward), ops or kernels and host synchronisations (forward+backward, and forward)
     resources = {}
     for n in runnable:
-        r = dict(saved_bytes=harness.saved_bytes(fns[n], first.tensors()), peak_extra_bytes=harness.peak_extra_bytes(
+        r = dict(saved_bytes=harness.saved_bytes(fns[n], first.tensors(), device), peak_extra_bytes=harness.peak_extra_bytes(
             make_call(fns[n], sets[:1], True), device))
         r["saved_bytes_per_token"] = r["saved_bytes"] / case.tokens
         r["peak_extra_bytes_per_token"] = r["peak_extra_bytes"] / case.tokens

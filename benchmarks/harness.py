@@ -263,22 +263,36 @@ def quiet_stderr():
         os.close(saved)
 
 
-def saved_bytes(fn, tensors):
-    """Bytes autograd keeps for the backward of fn(*tensors) beyond the inputs (distinct storages, via
-    saved_tensors_hooks)."""
-    inputs = {t.untyped_storage().data_ptr() for t in tensors}
-    seen = {}
+def tensors_in(x):
+    """The tensors of a (nested) tuple, list, dict or NamedTuple."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in tensors_in(item)]
+    return []
 
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in inputs:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def saved_bytes(fn, tensors, device):
+    """Bytes the forward fn(*tensors) leaves allocated for its backward: what it allocated and did not free, less the
+    storages of what it returns. Counted from the allocator (CUDA: memory_allocated; CPU: the profiler's allocation and
+    free events), not from saved_tensors_hooks, which do not see what a custom autograd function keeps in its context
+    (ppo_ext's per-token gradient, handed over to the backward in place)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
         out = fn(*tensors)
+        torch.cuda.synchronize()
+        left = torch.cuda.memory_allocated() - base
+    else:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn(*tensors)
+        left = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    inputs = {t.untyped_storage().data_ptr() for t in tensors}
+    returned = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(out)}
     del out
-    return sum(seen.values())
+    return max(0, left - sum(n for ptr, n in returned.items() if ptr not in inputs))
 
 
 def peak_extra_bytes(call, device):

@@ -29,6 +29,10 @@ PPO_HD bool has_ratio_gradient(LossType t) {
   return t == LossType::Vanilla || t == LossType::Sapo || t == LossType::GeoMean;
 }
 
+// Whether the family has a ratio exp(lp - old): every family but the critic's value loss, where exp(v - v_old) would
+// mean nothing; its ratio is 1 (not computed) and so are its ratio statistics.
+PPO_HD bool has_ratio(LossType t) { return t != LossType::Value; }
+
 enum class ImportanceSampling : int32_t { Token, Seq, SeqToken };
 
 // The rollout correction (docs/SPEC.md "Rollout correction"): the unit whose ratio pi_old / pi_rollout is

@@ -169,7 +169,9 @@ def policy_loss_reference(
     # Importance ratio.
     d = lp - old  # 0 at masked positions
     d_tok = d if K is None else _clamp(d, -K, K)
-    if importance_sampling == "token":
+    if loss_type == "value":  # the values' exp(v - v_old) would mean nothing: no ratio, 1
+        r = torch.ones_like(d_tok)
+    elif importance_sampling == "token":
         r = torch.exp(d_tok)
     else:
         # q: the token's term of the sequence log-ratio: d, or geo_mean's (GMPO's) sign-aware clip of it, and

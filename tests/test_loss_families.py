@@ -396,6 +396,20 @@ def test_value_loss_api(device):
         ppo_ext.policy_loss(v, old, R, mask, loss_type="value", log_ratio_clamp=1.0)
 
 
+def test_value_has_no_ratio(device):
+    # the values' exp(v - v_old) would mean nothing (and overflows float32 here): no ratio, its statistics 1;
+    # approx_kl is the mean of v_old - v over the valid tokens
+    v = torch.tensor([[120.0, 3.0, -50.0]], device=device, requires_grad=True)
+    old = torch.tensor([[10.0, 2.0, 1.0]], device=device)
+    mask = torch.tensor([[True, True, False]], device=device)
+    out = ppo_ext.policy_loss(v, old, torch.zeros(1, 3, device=device), mask, loss_type="value", clip_low=0.5,
+                              clip_high=0.5)
+    assert [out.metrics[k].item() for k in ("ratio_mean", "ratio_min", "ratio_max")] == [1.0, 1.0, 1.0]
+    assert out.metrics["approx_kl"].item() == pytest.approx(((10 - 120) + (2 - 3)) / 2, rel=1e-6)
+    # clamp(120, 9.5, 10.5) = 10.5: 120^2 > 10.5^2, the unclipped term; clamp(3, 1.5, 2.5) = 2.5: 9 > 6.25, too
+    assert out.loss.item() == pytest.approx(0.5 * (120.0 ** 2 + 3.0 ** 2) / 2, rel=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", ["cispo", "gpg", "dro", "dppo_tv", "dppo_kl", "vespo", "value"])
 def test_direct_gradient_ignores_an_overflowing_ratio(device, loss_type):
     """A family whose gradient does not go through the ratio has a finite gradient where the ratio is inf (lp -

@@ -58,11 +58,12 @@ class PolicyLossKernel {
   static_assert(kTile % kVec == 0, "a tile must hold whole vectors");
 
   // Per-thread buffers for the inputs of one tile, converted to acc_t. Absent weights keep their
-  // constant 1 from the start; an absent mask reads all_valid.
+  // constant 1 from the start, and so do the ratios of a family without one; an absent mask reads all_valid.
   struct Tile {
     explicit Tile(const PolicyLossKernelArgs& a) {
       std::fill(all_valid, all_valid + kTile, acc_t(1));
       if (a.token_weights.data == nullptr) std::fill(weights, weights + kTile, acc_t(1));
+      if (!has_ratio(a.options.loss_type)) std::fill(ratios, ratios + kTile, acc_t(1));
     }
     alignas(64) acc_t all_valid[kTile];
     alignas(64) acc_t log_probs[kTile];
@@ -280,7 +281,7 @@ class PolicyLossKernel {
       // The token ratios' exps first, in a loop of their own: SLEEF's exp is a call, which in the loop below
       // would spill and reload its accumulators (every vector register is caller-saved). (The exps of sapo, dppo,
       // the rollout weight and the KL are still called there.)
-      if (!seq_level) {
+      if (!seq_level && has_ratio(o_.loss_type)) {
         for (int64_t j = 0; j < n; j += kVec) {
           const V d = V::loadu(v.log_probs + j) - V::loadu(v.old_log_probs + j);
           Ops::exp(math::clamp_log_ratio<Ops>(d, o_).value).store(t.ratios + j);

@@ -235,7 +235,9 @@ __global__ void __launch_bounds__(kThreads) policy_loss_kernel(const PolicyLossK
       const acc_t lp = load<acc_t>(a.log_probs, i, t, 0);
       const acc_t old = load<acc_t>(a.old_log_probs, i, t, lp);
       const auto log_ratio = math::clamp_log_ratio<Ops>(lp - old, o);
-      const math::Ratio<acc_t> r = seq_level ? row_ratio : math::ratio_of<Ops>(log_ratio);
+      const math::Ratio<acc_t> r = seq_level                   ? row_ratio
+                                   : has_ratio(o.loss_type) ? math::ratio_of<Ops>(log_ratio)
+                                                             : math::Ratio<acc_t>{1, 0};
       const acc_t adv = load<acc_t>(a.advantages, i, t, 0);
       acc_t weight = load<acc_t>(a.token_weights, i, t, 1);
       if (rollout_on) {  // the correction's weight, a constant of the loss, times the given weight
