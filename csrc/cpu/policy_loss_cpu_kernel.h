@@ -101,6 +101,46 @@ class PolicyLossKernel {
     }
   };
 
+  // The inputs' bytes of the next tile, asked for while this tile computes: its loads would otherwise wait on memory
+  // one after another (rows out of cache). One prefetch per input and vector, at the same element offset; past a
+  // row's end they ask for bytes the next tile will not read (a prefetch never faults; the address is formed as an
+  // integer, not as a pointer beyond the array).
+  class NextTile {
+   public:
+    explicit NextTile(const PolicyLossKernelArgs& a) {
+      for (const StridedInput* in : {&a.log_probs, &a.old_log_probs, &a.advantages, &a.mask, &a.token_weights,
+                                     &a.rollout_log_probs, &a.ref_log_probs}) {
+        if (in->data == nullptr || in->col_stride == 0) continue;  // absent, or one value a row
+        const int64_t size = static_cast<int64_t>(c10::elementSize(in->dtype));
+        streams_[count_++] = {reinterpret_cast<uintptr_t>(in->data), in->row_stride * size, in->col_stride * size};
+      }
+    }
+    // Where the tile after (i, t0) starts: (i, t0 + kTile), or the next row's start.
+    void at(int64_t i, int64_t t0, int64_t T) {
+      const bool same_row = t0 + kTile < T;
+      for (int k = 0; k < count_; ++k) {
+        const Stream& s = streams_[k];
+        next_[k] = s.base + static_cast<uintptr_t>((same_row ? i : i + 1) * s.row_bytes +
+                                                   (same_row ? t0 + kTile : 0) * s.col_bytes);
+      }
+    }
+    // Its elements [j, j + kVec).
+    void prefetch(int64_t j) const {
+      for (int k = 0; k < count_; ++k) {
+        __builtin_prefetch(reinterpret_cast<const void*>(next_[k] + static_cast<uintptr_t>(j * streams_[k].col_bytes)));
+      }
+    }
+
+   private:
+    struct Stream {
+      uintptr_t base;
+      int64_t row_bytes, col_bytes;
+    };
+    Stream streams_[7];
+    uintptr_t next_[7];
+    int count_ = 0;
+  };
+
   // The tile's pointers: n values of row i from t0 on, as acc_t, readable in whole vectors.
   struct TileView {
     const acc_t *log_probs, *old_log_probs, *advantages, *mask, *weights, *rollout_log_probs, *ref_log_probs;
@@ -211,12 +251,15 @@ class PolicyLossKernel {
     valid = 0;
     log_ratio_sum = rollout_sum = 0;
     const V zero(0), one(1);
+    NextTile next(a_);
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
+      next.at(i, t0, a_.T);
       TileView v = seq_view(t, i, t0, n, sum_log_ratio || sum_rollout);
       if (sum_rollout) v.rollout_log_probs = view(a_.rollout_log_probs, i, t0, n, t.rollout_log_probs);
       V count(0), sum(0), rollout(0);
       for (int64_t j = 0; j < n; j += kVec) {
+        next.prefetch(j);
         const V is_valid = V::loadu(v.mask + j) != zero;
         count += is_valid & one;
         if (sum_log_ratio) sum += Ops::select(is_valid, seq_term(v, j).value, zero);
@@ -271,8 +314,10 @@ class PolicyLossKernel {
     int64_t row_valid = 0, tiles = 0;
     double row_dloss_sum = 0;  // sum of m * agg_weight * dl/dr, for the "seq" gradient
     LaneStats s;
+    NextTile next(a_);
     for (int64_t t0 = 0; t0 < a_.T; t0 += kTile) {
       const int64_t n = std::min(kTile, a_.T - t0);
+      next.at(i, t0, a_.T);
       TileView v = log_ratio_view(t, i, t0, n);
       v.advantages = view(a_.advantages, i, t0, n, t.advantages);
       v.weights = view(a_.token_weights, i, t0, n, t.weights);
@@ -290,6 +335,7 @@ class PolicyLossKernel {
       V loss(0), ratio_sum(0), kl_sum(0), dloss_sum(0);
       V ref_kl_sum(0), ref_kl_agg(0), rollout_sum(0);
       for (int64_t j = 0; j < n; j += kVec) {
+        next.prefetch(j);
         const V is_valid = V::loadu(v.mask + j) != zero;
         const V valid_one = is_valid & one;  // a mask lane is all ones or all zeros
         const V lp = V::loadu(v.log_probs + j), old = V::loadu(v.old_log_probs + j);
