@@ -1,8 +1,9 @@
 // The autograd formula of ppo_ext::policy_loss (TORCH_LIBRARY_IMPL(ppo_ext, Autograd)), for every
 // device: the forward saves the per-token gradient it computed and the scale 1/denominator, the
-// backward is the ppo_ext::policy_loss_backward op. Registered in C++ rather than with
+// backward is the ppo_ext::policy_loss_backward op, or policy_loss_backward_inplace where nothing else can read
+// the saved gradient (PolicyLossFunction::backward). Registered in C++ rather than with
 // torch.library.register_autograd, whose Python wrapper costs ~60 us a call; torch.compile traces
-// through it all the same (both ops have fake kernels, see ppo_ext/_ops.py).
+// through it all the same (the ops have fake kernels, see ppo_ext/_ops.py).
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>

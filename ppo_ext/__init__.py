@@ -1,6 +1,6 @@
-"""ppo_ext: the policy losses of LLM RL (PPO, GRPO, DAPO, GSPO, CISPO, SAPO, GPG, DRO, DPPO), forward and
-backward in fused CPU and CUDA kernels, with their clip counters, from log-probs, logits or hidden states and the LM
-head. See README.md and docs/SPEC.md."""
+"""ppo_ext: the policy losses of LLM RL (PPO, GRPO, DAPO, GSPO, CISPO, SAPO, GPG, DRO, DPPO, GMPO, VESPO) and the
+critic's value loss, forward and backward in fused CPU and CUDA kernels, with their clip counters, from log-probs,
+logits or hidden states and the LM head. See README.md and docs/SPEC.md."""
 
 from ppo_ext._ops import COUNT_NAMES, METRIC_NAMES, built_with_cuda
 from ppo_ext.names import LOSS_TYPES

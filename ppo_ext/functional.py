@@ -1,4 +1,5 @@
-"""The public API: ppo_ext.policy_loss and the PolicyLoss module (see docs/SPEC.md)."""
+"""The public API: ppo_ext.policy_loss and the PolicyLoss module, value_loss, kl_loss, and the losses and log-probs
+from logits and from hidden states (see docs/SPEC.md)."""
 
 import inspect
 import numbers
