@@ -367,6 +367,12 @@ def make_call(fn, sets: List[Inputs], backward: bool):
 FRACTIONS = ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_active", "dual_clipfrac")
 
 
+def per_token_advantages(inp):
+    """The inputs' advantages as a float64 (B, T) tensor (a (B,) one broadcast along each row)."""
+    adv = inp.adv.double()
+    return (adv if adv.dim() == 2 else adv[:, None]).expand(inp.lp.shape)
+
+
 def boundary_tokens(case, inp):
     """Valid tokens that float32 may put on the other side of a threshold than float64, which flips their clip
     counters and, where the threshold is a discontinuity of the loss, their gradient (with a sequence ratio, the
@@ -408,8 +414,7 @@ def boundary_tokens(case, inp):
         for b in (opts["clip_high"], -opts["clip_low"]):
             near |= (d - b).abs() <= 2e-6 * (1 + old.abs())
     elif loss_type == "value":  # v at the clip range's ends, or the two squared errors within float32's rounding
-        adv = inp.adv.double()
-        R = (adv if adv.dim() == 2 else adv[:, None]).expand_as(d)
+        R = per_token_advantages(inp)
         lo, hi = old - opts["clip_low"], old + opts["clip_high"]
         for b in (lo, hi):
             near |= (lp - b).abs() <= 2e-6 * (1 + b.abs())
@@ -429,9 +434,7 @@ def grad_rtol(case, inp):
     d = (inp.lp.detach().double() - inp.old.double())
     K = opts.get("log_ratio_clamp")
     r = torch.exp(d if K is None else d.clamp(-K, K))
-    adv = inp.adv.double()
-    adv = (adv if adv.dim() == 2 else adv[:, None]).expand_as(d)
-    tau = torch.where(adv > 0, opts["tau_pos"], opts["tau_neg"]).double()
+    tau = torch.where(per_token_advantages(inp) > 0, opts["tau_pos"], opts["tau_neg"]).double()
     return 1e-4 + 4 * 2.0 ** -23 / torch.sigmoid(-tau * (r - 1))  # 1 - gate, in float64
 
 
@@ -442,7 +445,7 @@ def reference_result(case, inp):
     (grad,) = torch.autograd.grad(out.loss, lp)
     n = max(int(inp.mask.sum()), 1)
     # the size of one token's loss, for an absolute tolerance on a loss that may sum to ~0
-    scale = float((adv.abs() if adv.dim() == 2 else adv.abs()[:, None]).expand_as(lp)[inp.mask].sum()) / n
+    scale = float(per_token_advantages(inp).abs()[inp.mask].sum()) / n
     return dict(loss=float(out.loss.detach()), metrics={k: float(v) for k, v in out.metrics.items()},
                 counts=out.counts.tolist(), grad=grad, grad_rtol=grad_rtol(case, inp), scale=scale, n=n)
 
@@ -554,8 +557,8 @@ def run_case(case, seed, device, threads, budget, rounds, flush, load, res, prog
     # 3. memory (forward+backward), ops or kernels and host synchronisations (forward+backward, and forward)
     resources = {}
     for n in runnable:
-        r = dict(saved_bytes=harness.saved_bytes(fns[n], first.tensors(), device), peak_extra_bytes=harness.peak_extra_bytes(
-            make_call(fns[n], sets[:1], True), device))
+        r = dict(saved_bytes=harness.saved_bytes(fns[n], first.tensors(), device),
+                 peak_extra_bytes=harness.peak_extra_bytes(make_call(fns[n], sets[:1], True), device))
         r["saved_bytes_per_token"] = r["saved_bytes"] / case.tokens
         r["peak_extra_bytes_per_token"] = r["peak_extra_bytes"] / case.tokens
         r.update(harness.count_launches(make_call(fns[n], sets[:1], True), device))

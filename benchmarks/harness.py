@@ -263,17 +263,6 @@ def quiet_stderr():
         os.close(saved)
 
 
-def tensors_in(x):
-    """The tensors of a (nested) tuple, list, dict or NamedTuple."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (tuple, list)):
-        return [t for item in x for t in tensors_in(item)]
-    return []
-
-
 def saved_bytes(fn, tensors, device):
     """Bytes the forward fn(*tensors) leaves allocated for its backward: what it allocated and did not free, less the
     storages of what it returns. Counted from the allocator (CUDA: memory_allocated; CPU: the profiler's allocation and
@@ -290,7 +279,8 @@ def saved_bytes(fn, tensors, device):
             out = fn(*tensors)
         left = sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     inputs = {t.untyped_storage().data_ptr() for t in tensors}
-    returned = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(out)}
+    returned = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
     del out
     return max(0, left - sum(n for ptr, n in returned.items() if ptr not in inputs))
 

@@ -2,8 +2,9 @@
 
 It is written for reading, not for speed: every line is a formula of docs/SPEC.md, with the usual eager
 ops (torch.maximum, torch.minimum, torch.where, and a clamp whose gradient passes at its bounds), so
-that ties, NaN and autograd behave as they do in eager PyTorch. The tests compare ppo_ext's kernels with it (on float64 copies of the
-inputs) and the benchmarks check every contender against it (their eager baselines are the frameworks' own code). It imports nothing but torch.
+that ties, NaN and autograd behave as they do in eager PyTorch. The tests compare ppo_ext's kernels with it (on
+float64 copies of the inputs) and the benchmarks check every contender against it (their eager baselines are the
+frameworks' own code). It imports nothing but torch.
 
 Arithmetic is done in float32 for float32/bfloat16/float16 log_probs and in float64 for float64 ones,
 like the kernels. The gradient w.r.t. log_probs comes from ordinary autograd.
